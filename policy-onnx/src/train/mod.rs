@@ -1,0 +1,426 @@
+//! The offline trainer: the TMO paper's simulator ([`sim`]), a budget-constrained planner over
+//! its response model ([`planner`]), the planner distilled into a contract MLP ([`distill`]),
+//! and the evaluation of any contract policy against the paper's baselines ([`eval`]).
+//!
+//! [`train`] is the whole pipeline: fit the simulator on the training dialogues, roll out
+//! dialogues with the planner (with some exploration, and partly spent budgets, so that the
+//! network also sees states the daemon may reach), regress the planner's action values into an
+//! MLP, and describe the result in a manifest. Deterministic for a given seed: the rollouts run
+//! on fixed streams whatever the thread count, and every sum has a fixed order.
+
+pub mod distill;
+pub mod eval;
+pub mod knn;
+pub mod planner;
+pub mod sim;
+
+use std::collections::HashSet;
+
+use device_profiles::DeviceProfile;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::Serialize;
+use sha2::Digest;
+
+use crate::export::{ExportOptions, MANIFEST_KEY, mlp_to_onnx};
+use crate::m4a1::Dialogue;
+use crate::mlp::Mlp;
+use crate::schema::{SCHEMA_V1, Schema, TaskCategory, Turn};
+use distill::{DistillConfig, DistillReport, Sample};
+use planner::{DialogueModel, Planner, PlannerAgent, PlannerConfig};
+use sim::{Episode, MlpAgent, SimError, Simulator};
+
+/// Why training failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error(transparent)]
+    Simulator(#[from] SimError),
+    #[error("invalid training setting: {0}")]
+    Config(String),
+    #[error("evaluation failed: {0}")]
+    Agent(#[from] sim::AgentError),
+}
+
+/// Settings of [`train`]. The defaults are what `tmoctl policy train` runs.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TrainConfig {
+    pub seed: u64,
+    /// Simulated turns rolled out with the planner to build the regression set.
+    pub steps: usize,
+    /// Probability of a uniformly drawn allowed action instead of the planner's in the rollouts.
+    pub exploration: f64,
+    /// Probability that a rolled-out dialogue starts with budgets drawn uniformly below the
+    /// profile's, instead of the full budgets.
+    pub partial_budgets: f64,
+    /// Target of a disallowed action: this much below the worst allowed action's value.
+    pub disallowed_margin: f32,
+    pub planner: PlannerConfig,
+    pub distill: DistillConfig,
+    /// Rollout streams (each on its own thread); part of the result, not only of its speed.
+    pub streams: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            seed: 1,
+            steps: 12_000,
+            exploration: 0.25,
+            partial_budgets: 0.5,
+            disallowed_margin: 1.0,
+            planner: PlannerConfig::default(),
+            distill: DistillConfig::default(),
+            streams: 2,
+        }
+    }
+}
+
+impl TrainConfig {
+    fn validate(&self) -> Result<(), TrainError> {
+        let bad = |m: String| Err(TrainError::Config(m));
+        if self.steps == 0 {
+            return bad("steps must be at least 1".into());
+        }
+        if !(0.0..=1.0).contains(&self.exploration) || !(0.0..=1.0).contains(&self.partial_budgets) {
+            return bad("exploration and partial_budgets are probabilities in [0, 1]".into());
+        }
+        if self.streams == 0 || self.distill.epochs == 0 || self.distill.batch_size == 0 {
+            return bad("streams, epochs and batch size must be at least 1".into());
+        }
+        if self.distill.hidden.contains(&0) {
+            return bad("hidden layers must have at least one unit".into());
+        }
+        if !(self.distill.learning_rate.is_finite() && self.distill.learning_rate > 0.0) {
+            return bad(format!("learning rate {} is not > 0", self.distill.learning_rate));
+        }
+        Ok(())
+    }
+}
+
+/// Where training is, for progress bars.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Progress {
+    /// Planned turns so far, of `total`.
+    Planning { done: usize, total: usize },
+    /// Finished regression epochs, of `total`, and the epoch's mean squared error.
+    Fitting { done: usize, total: usize, mse: f64 },
+}
+
+/// Figures of a training run that go into the manifest (all deterministic).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TrainMetrics {
+    pub dialogues: usize,
+    pub turns: usize,
+    pub planned_turns: usize,
+    pub distill: DistillReport,
+    /// The exported network on the training dialogues, with the paper's evaluation.
+    pub train_mean_reward: f64,
+    pub train_over_budget: usize,
+    /// The planner itself on the training dialogues.
+    pub planner_train_mean_reward: f64,
+}
+
+/// A trained policy and its manifest.
+#[derive(Debug, Clone)]
+pub struct TrainedPolicy {
+    pub mlp: Mlp,
+    pub metrics: TrainMetrics,
+    pub manifest: serde_json::Value,
+}
+
+impl TrainedPolicy {
+    /// The policy as contract ONNX, the manifest under [`MANIFEST_KEY`].
+    pub fn to_onnx(&self) -> Vec<u8> {
+        let options = ExportOptions {
+            metadata: vec![(MANIFEST_KEY.to_owned(), self.manifest.to_string())],
+            ..ExportOptions::default()
+        };
+        mlp_to_onnx(&self.mlp, &options)
+    }
+}
+
+/// What the manifest says about the inputs of a run.
+#[derive(Debug, Clone, Copy)]
+pub struct Provenance<'a> {
+    /// sha256 of the dataset file ([`crate::m4a1::data_hash`]).
+    pub data_hash: &'a str,
+    pub profile: &'a DeviceProfile,
+}
+
+/// Trains a policy on `dialogues` for the device `provenance.profile`.
+pub fn train(
+    dialogues: &[Dialogue],
+    provenance: Provenance<'_>,
+    config: &TrainConfig,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<TrainedPolicy, TrainError> {
+    config.validate()?;
+    let profile = provenance.profile;
+    let schema = Schema::new(profile.modality_count(), Schema::default().history());
+    let episodes = sim::episodes(dialogues, &schema)?;
+    let sim = Simulator::new(&episodes, profile, schema)?;
+    let model = DialogueModel::fit(&episodes, &sim);
+
+    let samples = plan_samples(&sim, &model, &episodes, config, progress);
+    let planned_turns = samples.len();
+    let samples = dedupe(samples, config.disallowed_margin);
+    let mut rng = ChaCha8Rng::seed_from_u64(config.seed ^ 0x6469_7374_696c_6c00);
+    let epochs = config.distill.epochs;
+    let (mlp, report) = distill::fit(&samples, &config.distill, &mut rng, &mut |epoch, mse| {
+        progress(Progress::Fitting { done: epoch + 1, total: epochs, mse });
+    });
+
+    let (train_mean_reward, train_over_budget) = mean_reward(&sim, &episodes, &mut MlpAgent(&mlp))?;
+    let (planner_train_mean_reward, _) =
+        mean_reward(&sim, &episodes, &mut PlannerAgent(Planner::new(&sim, &model, config.planner)))?;
+    let metrics = TrainMetrics {
+        dialogues: episodes.len(),
+        turns: episodes.iter().map(Episode::len).sum(),
+        planned_turns,
+        distill: report,
+        train_mean_reward,
+        train_over_budget,
+        planner_train_mean_reward,
+    };
+    let manifest = manifest(&mlp, &metrics, provenance, config);
+    Ok(TrainedPolicy { mlp, metrics, manifest })
+}
+
+/// Mean reward and dialogues over budget of `agent` on `episodes`.
+pub fn mean_reward(sim: &Simulator, episodes: &[Episode], agent: &mut dyn sim::Agent) -> Result<(f64, usize), TrainError> {
+    let mut total = 0.0;
+    let mut over = 0;
+    for e in episodes {
+        let out = sim::rollout(sim, agent, e)?;
+        total += out.mean_reward;
+        over += usize::from(out.over_latency_budget || out.over_usage_budget);
+    }
+    Ok((total / episodes.len().max(1) as f64, over))
+}
+
+fn manifest(mlp: &Mlp, metrics: &TrainMetrics, provenance: Provenance<'_>, config: &TrainConfig) -> serde_json::Value {
+    let weights: Vec<u8> =
+        mlp.layers().iter().flat_map(|l| l.weights.iter().chain(&l.bias)).flat_map(|v| v.to_le_bytes()).collect();
+    let digest = hex::encode(sha2::Sha256::digest(&weights));
+    let profile = provenance.profile;
+    serde_json::json!({
+        "schema": SCHEMA_V1,
+        "version": format!("tmo-plan-{}", &digest[..12]),
+        "trainer": "planner-distill",
+        "profile": profile.board.name,
+        "budgets": { "latency_secs": profile.budgets.latency_secs, "cost_usd": profile.budgets.cost_usd },
+        "seed": config.seed,
+        "data_hash": provenance.data_hash,
+        "config": config,
+        "metrics": metrics,
+    })
+}
+
+/// One planned observation: what the planner values there, before de-duplication.
+struct Planned {
+    observation: Vec<f32>,
+    values: planner::ActionValues,
+}
+
+/// Rolls out `config.steps` turns on `config.streams` threads; stream i's turns come before
+/// stream i + 1's, whatever finishes first.
+fn plan_samples(
+    sim: &Simulator,
+    model: &DialogueModel,
+    episodes: &[Episode],
+    config: &TrainConfig,
+    progress: &mut dyn FnMut(Progress),
+) -> Vec<Planned> {
+    let streams = config.streams;
+    let per_stream = |s: usize| config.steps / streams + usize::from(s < config.steps % streams);
+    let total = config.steps;
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (1..streams)
+            .map(|s| {
+                scope.spawn(move || rollout_stream(sim, model, episodes, config, s, per_stream(s), &mut |_| {}))
+            })
+            .collect();
+        let mut all = rollout_stream(sim, model, episodes, config, 0, per_stream(0), &mut |done| {
+            progress(Progress::Planning { done: (done * streams).min(total), total });
+        });
+        for h in handles {
+            // A worker only panics on a bug; re-raise it on this thread.
+            all.extend(h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)));
+        }
+        progress(Progress::Planning { done: total, total });
+        all
+    })
+}
+
+fn rollout_stream(
+    sim: &Simulator,
+    model: &DialogueModel,
+    episodes: &[Episode],
+    config: &TrainConfig,
+    stream: usize,
+    steps: usize,
+    progress: &mut dyn FnMut(usize),
+) -> Vec<Planned> {
+    let schema = &sim.schema;
+    let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
+    rng.set_stream(stream as u64 + 1);
+    let mut planner = Planner::new(sim, model, config.planner);
+    let mut out = Vec::with_capacity(steps);
+    while out.len() < steps {
+        let tasks = draw_tasks(&mut rng, model, episodes);
+        let (full_latency, full_usage) = (sim.costs.budget_latency_secs, sim.costs.budget_usage_usd);
+        let (mut latency, mut usage) = if rng.random_bool(config.partial_budgets) {
+            (rng.random_range(0.0..=full_latency), rng.random_range(0.0..=full_usage))
+        } else {
+            (full_latency, full_usage)
+        };
+        let mut turns: Vec<Turn> = Vec::with_capacity(tasks.len());
+        for &task in &tasks {
+            if out.len() >= steps {
+                break;
+            }
+            let observation = schema.observation(&turns, task, latency, usage);
+            let values = planner.action_values(&observation);
+            let action = if rng.random_bool(config.exploration) {
+                let allowed: Vec<usize> = (0..values.allowed.len()).filter(|&a| values.allowed[a]).collect();
+                allowed[rng.random_range(0..allowed.len())]
+            } else {
+                values.best()
+            };
+            latency -= sim.costs.latency_secs[action];
+            usage -= sim.costs.usage_usd[action];
+            turns.push(Turn { task, action: schema.action(action).unwrap_or(crate::schema::Action::Local) });
+            out.push(Planned { observation, values });
+            if out.len() % 256 == 0 {
+                progress(out.len());
+            }
+        }
+    }
+    out
+}
+
+/// A task sequence: half the time a training dialogue's, else drawn from the dialogue model.
+fn draw_tasks(rng: &mut ChaCha8Rng, model: &DialogueModel, episodes: &[Episode]) -> Vec<TaskCategory> {
+    if !episodes.is_empty() && rng.random_bool(0.5) {
+        return episodes[rng.random_range(0..episodes.len())].tasks.clone();
+    }
+    let draw = |rng: &mut ChaCha8Rng, p: &[f64]| {
+        let mut u = rng.random::<f64>();
+        for (i, pi) in p.iter().enumerate() {
+            u -= pi;
+            if u < 0.0 {
+                return i;
+            }
+        }
+        p.len() - 1
+    };
+    let mut task = draw(rng, &model.first_task);
+    let mut tasks = vec![TaskCategory::ALL[task]];
+    while tasks.len() < model.max_turns && rng.random_bool(model.continuation[tasks.len() - 1].clamp(0.0, 1.0)) {
+        task = draw(rng, &model.next_task[task]);
+        tasks.push(TaskCategory::ALL[task]);
+    }
+    tasks
+}
+
+/// Keeps the first of identical observations and turns values into regression targets.
+fn dedupe(planned: Vec<Planned>, margin: f32) -> Vec<Sample> {
+    let mut seen = HashSet::new();
+    let mut samples = Vec::new();
+    for p in planned {
+        let key: Vec<u32> = p.observation.iter().map(|v| v.to_bits()).collect();
+        if !seen.insert(key) {
+            continue;
+        }
+        let worst = (0..p.values.values.len())
+            .filter(|&a| p.values.allowed[a])
+            .map(|a| p.values.values[a])
+            .fold(f64::INFINITY, f64::min);
+        let targets = (0..p.values.values.len())
+            .map(|a| if p.values.allowed[a] { p.values.values[a] as f32 } else { worst as f32 - margin })
+            .collect();
+        samples.push(Sample { best: p.values.best(), observation: p.observation, targets });
+    }
+    samples
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::{LoadOptions, Policy};
+    use crate::train::sim::tests::{train_dialogues, tx2};
+
+    fn small() -> TrainConfig {
+        TrainConfig {
+            steps: 600,
+            distill: DistillConfig { hidden: vec![16], epochs: 4, ..DistillConfig::default() },
+            ..TrainConfig::default()
+        }
+    }
+
+    fn run(config: &TrainConfig) -> TrainedPolicy {
+        let profile = tx2();
+        let provenance = Provenance { data_hash: "abc", profile: &profile };
+        train(&train_dialogues(), provenance, config, &mut |_| {}).unwrap()
+    }
+
+    #[test]
+    fn training_is_deterministic_per_seed() {
+        let a = run(&small());
+        let b = run(&small());
+        assert_eq!(a.to_onnx(), b.to_onnx());
+        let c = run(&TrainConfig { seed: 2, ..small() });
+        assert_ne!(a.mlp, c.mlp);
+        // The stream count is part of the result's definition, and one stream also works.
+        let one = run(&TrainConfig { streams: 1, ..small() });
+        assert_eq!(one.metrics.planned_turns, 600);
+    }
+
+    #[test]
+    fn exported_policy_loads_carries_its_manifest_and_agrees_with_the_rust_forward_pass() {
+        let trained = run(&small());
+        let bytes = trained.to_onnx();
+        let policy = Policy::from_bytes(&bytes, &LoadOptions::default()).unwrap();
+        let manifest = policy.info().manifest.clone().unwrap();
+        assert_eq!(manifest["schema"], SCHEMA_V1);
+        assert_eq!(manifest["profile"], "jetson-tx2");
+        assert_eq!(manifest["seed"], 1);
+        assert_eq!(manifest["data_hash"], "abc");
+        assert!(manifest["metrics"]["train_mean_reward"].is_f64());
+        assert!(policy.info().version().starts_with("tmo-plan-"));
+        let schema = Schema::default();
+        let mut session = policy.session().unwrap();
+        let mut scores = vec![0.0; 9];
+        let episodes = sim::episodes(&train_dialogues(), &schema).unwrap();
+        for e in episodes.iter().take(20) {
+            for t in 0..e.len() {
+                for (latency, usage) in [(30.0, 0.05), (9.5, 0.012), (0.0, 0.0)] {
+                    let obs = schema.observation(&e.logged[..t], e.tasks[t], latency, usage);
+                    session.scores_into(&obs, &mut scores).unwrap();
+                    let rust = trained.mlp.forward(&obs);
+                    for (a, b) in scores.iter().zip(&rust) {
+                        assert!((a - b).abs() < 1e-4, "{scores:?} vs {rust:?}");
+                    }
+                    assert_eq!(sim::argmax(&scores), sim::argmax(&rust));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bad_settings_are_typed_errors() {
+        let profile = tx2();
+        let provenance = Provenance { data_hash: "abc", profile: &profile };
+        for config in [
+            TrainConfig { steps: 0, ..small() },
+            TrainConfig { exploration: 1.5, ..small() },
+            TrainConfig { streams: 0, ..small() },
+            TrainConfig { distill: DistillConfig { hidden: vec![0], ..DistillConfig::default() }, ..small() },
+        ] {
+            let err = train(&train_dialogues(), provenance, &config, &mut |_| {}).unwrap_err();
+            assert!(matches!(err, TrainError::Config(_)), "{err}");
+        }
+        let err = train(&[], provenance, &small(), &mut |_| {}).unwrap_err();
+        assert!(matches!(err, TrainError::Simulator(SimError::NoTrainingData)), "{err}");
+    }
+}
