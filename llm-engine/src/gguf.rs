@@ -1,0 +1,200 @@
+//! Opening and validating GGUF files: magic, header, tensor extents, architecture.
+
+use std::fs::File;
+use std::io::Cursor;
+use std::path::Path;
+
+use candle_core::quantized::gguf_file;
+use memmap2::Mmap;
+
+use crate::error::{EngineError, Result};
+
+/// The model families the engine runs, from `general.architecture`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Architecture {
+    /// Llama and its derivatives (SmolLM2, TinyLlama, Llama 3.x, Mistral).
+    Llama,
+    /// Qwen2 and Qwen2.5.
+    Qwen2,
+    /// Gemma 3.
+    Gemma3,
+}
+
+impl Architecture {
+    /// Parses the `general.architecture` string.
+    pub fn from_gguf_name(name: &str) -> Result<Self> {
+        match name {
+            "llama" => Ok(Self::Llama),
+            "qwen2" => Ok(Self::Qwen2),
+            "gemma3" => Ok(Self::Gemma3),
+            other => Err(EngineError::UnsupportedArchitecture { architecture: other.to_string() }),
+        }
+    }
+
+    /// The metadata key prefix of the family.
+    pub fn key_prefix(self) -> &'static str {
+        match self {
+            Self::Llama => "llama",
+            Self::Qwen2 => "qwen2",
+            Self::Gemma3 => "gemma3",
+        }
+    }
+}
+
+/// A GGUF file mapped into memory with its parsed header. Dropping it unmaps the file.
+#[derive(Debug)]
+pub struct MappedGguf {
+    /// The parsed header (metadata and tensor table).
+    pub content: gguf_file::Content,
+    /// The architecture named in the metadata.
+    pub architecture: Architecture,
+    /// The file size in bytes.
+    pub file_bytes: u64,
+    pub(crate) map: Mmap,
+}
+
+const GGUF_MAGIC: &[u8; 4] = b"GGUF";
+
+impl MappedGguf {
+    /// Maps `path`, checks the magic bytes, parses the header, checks that every tensor lies
+    /// inside the file and that the architecture is supported.
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = File::open(path).map_err(|e| EngineError::io(path, e))?;
+        let file_bytes = file.metadata().map_err(|e| EngineError::io(path, e))?.len();
+        let map = map_file(&file).map_err(|e| EngineError::io(path, e))?;
+        if map.len() < GGUF_MAGIC.len() || &map[..4] != GGUF_MAGIC {
+            if GGUF_MAGIC.starts_with(&map[..map.len().min(4)]) && map.len() < 4 {
+                return Err(EngineError::Truncated {
+                    path: path.to_path_buf(),
+                    detail: format!("only {} bytes", map.len()),
+                });
+            }
+            return Err(EngineError::NotGguf {
+                path: path.to_path_buf(),
+                magic: map[..map.len().min(4)].to_vec(),
+            });
+        }
+        let mut cursor = Cursor::new(&map[..]);
+        let content = gguf_file::Content::read(&mut cursor).map_err(|e| {
+            let detail = e.to_string();
+            if is_eof(&e) {
+                EngineError::Truncated {
+                    path: path.to_path_buf(),
+                    detail: format!("header ends early ({detail})"),
+                }
+            } else {
+                EngineError::InvalidGguf { path: path.to_path_buf(), detail }
+            }
+        })?;
+        check_tensor_extents(path, &content, file_bytes)?;
+        let architecture = match content.metadata.get("general.architecture") {
+            Some(value) => {
+                let name = value.to_string().map_err(|e| EngineError::Metadata {
+                    key: "general.architecture".into(),
+                    detail: e.to_string(),
+                })?;
+                Architecture::from_gguf_name(name)?
+            }
+            None => {
+                return Err(EngineError::Metadata {
+                    key: "general.architecture".into(),
+                    detail: "absent".into(),
+                });
+            }
+        };
+        Ok(Self { content, architecture, file_bytes, map })
+    }
+
+    /// A metadata value as a string, if present.
+    pub fn metadata_str(&self, key: &str) -> Option<&str> {
+        self.content.metadata.get(key).and_then(|v| v.to_string().ok()).map(String::as_str)
+    }
+
+    /// A metadata value as an unsigned integer, if present.
+    pub fn metadata_u32(&self, key: &str) -> Option<u32> {
+        self.content.metadata.get(key).and_then(|v| match v {
+            gguf_file::Value::U8(x) => Some(u32::from(*x)),
+            gguf_file::Value::U16(x) => Some(u32::from(*x)),
+            gguf_file::Value::U32(x) => Some(*x),
+            gguf_file::Value::U64(x) => u32::try_from(*x).ok(),
+            gguf_file::Value::I32(x) => u32::try_from(*x).ok(),
+            gguf_file::Value::I64(x) => u32::try_from(*x).ok(),
+            _ => None,
+        })
+    }
+}
+
+#[allow(unsafe_code)]
+fn map_file(file: &File) -> std::io::Result<Mmap> {
+    // SAFETY: the file is opened read-only and the map lives only while the model loads (the
+    // weights are copied into candle's own buffers). A concurrent truncation of the model file
+    // by another process during those few hundred milliseconds is the one hazard, as for every
+    // memory-mapped model loader.
+    unsafe { Mmap::map(file) }
+}
+
+fn is_eof(error: &candle_core::Error) -> bool {
+    let mut text = error.to_string();
+    if let candle_core::Error::Io(io) = error {
+        if io.kind() == std::io::ErrorKind::UnexpectedEof {
+            return true;
+        }
+        text = io.to_string();
+    }
+    text.contains("failed to fill whole buffer") || text.contains("unexpected end of file")
+}
+
+fn check_tensor_extents(path: &Path, content: &gguf_file::Content, file_bytes: u64) -> Result<()> {
+    for (name, info) in &content.tensor_infos {
+        let elems = info.shape.elem_count();
+        let block = info.ggml_dtype.block_size();
+        let bytes = (elems / block.max(1)) * info.ggml_dtype.type_size();
+        let end = content.tensor_data_offset.saturating_add(info.offset).saturating_add(bytes as u64);
+        if end > file_bytes {
+            return Err(EngineError::Truncated {
+                path: path.to_path_buf(),
+                detail: format!("tensor `{name}` ends at byte {end} but the file has {file_bytes} bytes"),
+            });
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn architecture_names() {
+        assert_eq!(Architecture::from_gguf_name("llama").ok(), Some(Architecture::Llama));
+        assert_eq!(Architecture::from_gguf_name("gemma3").ok(), Some(Architecture::Gemma3));
+        assert!(matches!(
+            Architecture::from_gguf_name("rwkv"),
+            Err(EngineError::UnsupportedArchitecture { .. })
+        ));
+    }
+
+    #[test]
+    fn text_file_is_not_gguf() {
+        let mut file = tempfile::NamedTempFile::new().expect("temp file");
+        file.write_all(b"hello, this is text").expect("write");
+        let error = MappedGguf::open(file.path()).expect_err("must fail");
+        assert!(matches!(error, EngineError::NotGguf { .. }), "{error}");
+    }
+
+    #[test]
+    fn header_cut_short_is_truncated() {
+        let mut file = tempfile::NamedTempFile::new().expect("temp file");
+        // Magic, version 3, then a tensor count cut in the middle.
+        file.write_all(b"GGUF\x03\x00\x00\x00\x01\x00").expect("write");
+        let error = MappedGguf::open(file.path()).expect_err("must fail");
+        assert!(matches!(error, EngineError::Truncated { .. }), "{error}");
+    }
+
+    #[test]
+    fn missing_file_is_io_error() {
+        let error = MappedGguf::open(Path::new("/nonexistent/model.gguf")).expect_err("must fail");
+        assert!(matches!(error, EngineError::Io { .. }), "{error}");
+    }
+}
