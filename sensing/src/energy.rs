@@ -178,8 +178,8 @@ impl RaplMeter {
 enum Rail {
     /// Bus voltage (mV) and current (mA) files.
     VoltsAmps { label: String, volts: PathBuf, amps: PathBuf },
-    /// A power file in microwatts.
-    Power { label: String, power: PathBuf },
+    /// A power file and its unit in watts (1e-6 for hwmon microwatts, 1e-3 for iio milliwatts).
+    Power { label: String, power: PathBuf, unit: f64 },
 }
 
 impl Rail {
@@ -191,14 +191,16 @@ impl Rail {
     fn watts(&self) -> Result<f64, EnergyError> {
         match self {
             Rail::VoltsAmps { volts, amps, .. } => Ok(read_f64(volts)? / 1e3 * read_f64(amps)? / 1e3),
-            Rail::Power { power, .. } => Ok(read_f64(power)? / 1e6),
+            Rail::Power { power, unit, .. } => Ok(read_f64(power)? * unit),
         }
     }
 }
 
 /// hwmon power monitors: INA3221 (three channels, each bus voltage x current) and INA219/INA226
-/// (`power1_input`, else voltage x current). When one rail carries the board's total input
-/// (`hwmon_total_rail`, `VDD_IN` on Jetson), only that rail counts: the others are inside it.
+/// (`power1_input`, else voltage x current), plus the older Jetson kernels' (L4T 32, TX2) iio
+/// driver `ina3221x` (`in_powerN_input` in milliwatts, `rail_name_N`). When one rail carries the
+/// board's total input (`hwmon_total_rail`, `VDD_IN` on Jetson), only that rail counts: the
+/// others are inside it.
 #[derive(Debug)]
 pub struct HwmonMeter {
     rails: Vec<Rail>,
@@ -226,7 +228,7 @@ impl HwmonMeter {
                 let label = read_text(&dir.join("in1_label")).unwrap_or_else(|_| format!("{hw}/{chip}"));
                 let power = dir.join("power1_input");
                 if power.exists() {
-                    rails.push(Rail::Power { label, power });
+                    rails.push(Rail::Power { label, power, unit: 1e-6 });
                 } else if dir.join("in1_input").exists() && dir.join("curr1_input").exists() {
                     rails.push(Rail::VoltsAmps {
                         label,
@@ -236,11 +238,23 @@ impl HwmonMeter {
                 }
             }
         }
+        for dir in sorted_entries(&sysfs.join("bus/iio/devices")) {
+            if read_text(&dir.join("name")).is_ok_and(|n| n == "ina3221x") {
+                for ch in 0..3 {
+                    let power = dir.join(format!("in_power{ch}_input"));
+                    if power.exists() {
+                        let label = read_text(&dir.join(format!("rail_name_{ch}")))
+                            .unwrap_or_else(|_| format!("{}/ch{ch}", file_name(&dir)));
+                        rails.push(Rail::Power { label, power, unit: 1e-3 });
+                    }
+                }
+            }
+        }
         if let Some(total) = rails.iter().find(|r| r.label() == total_rail).cloned() {
             rails = vec![total];
         }
         if rails.is_empty() {
-            return Err(EnergyError::NotFound("hwmon INA3221/INA219"));
+            return Err(EnergyError::NotFound("hwmon INA3221/INA219 or iio ina3221x"));
         }
         Ok(HwmonMeter { rails })
     }
@@ -624,6 +638,17 @@ mod tests {
         assert_eq!(all.rails().len(), 3);
         let Reading::Watts(w) = all.read().unwrap() else { panic!() };
         assert!((w - (5.08 * 1.32 + 5.072 * 0.408 + 5.076 * 0.536)).abs() < 1e-9, "{w}");
+    }
+
+    #[test]
+    fn tx2_iio_ina3221x_counts_only_the_total_rail() {
+        let tree = copy_tree("jetson-tx2-iio");
+        let mut m = HwmonMeter::open(tree.path(), "VDD_IN").unwrap();
+        assert_eq!(m.rails(), ["VDD_IN"]);
+        let Reading::Watts(w) = m.read().unwrap() else { panic!() };
+        assert!((w - 4.312).abs() < 1e-9, "{w}");
+        let all = HwmonMeter::open(tree.path(), "NO_SUCH_RAIL").unwrap();
+        assert_eq!(all.rails(), ["VDD_IN", "VDD_GPU", "VDD_SOC", "VDD_CPU", "VDD_DDR", "VDD_WIFI"]);
     }
 
     #[test]
