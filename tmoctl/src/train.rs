@@ -97,8 +97,11 @@ pub fn run_train(args: TrainArgs) -> anyhow::Result<()> {
     );
     bar.set_message("planning");
     let started = Instant::now();
-    let trained = train(&dialogues, Provenance { data_hash: &data_hash, profile: &profile }, &config, &mut |p| {
-        match p {
+    let trained = train(
+        &dialogues,
+        Provenance { data_hash: &data_hash, profile: &profile },
+        &config,
+        &mut |p| match p {
             Progress::Planning { done, total } => {
                 bar.set_length(total as u64);
                 bar.set_position(done as u64);
@@ -111,18 +114,25 @@ pub fn run_train(args: TrainArgs) -> anyhow::Result<()> {
                 bar.set_message(format!("mse {mse:.4}"));
                 bar.set_position(done as u64);
             }
-        }
-    })
+        },
+    )
     .context("training")?;
     let elapsed = started.elapsed();
     bar.finish_and_clear();
 
     let bytes = trained.to_onnx();
-    let policy = Policy::from_bytes(&bytes, &LoadOptions::default()).context("the trained policy does not load")?;
+    let policy =
+        Policy::from_bytes(&bytes, &LoadOptions::default()).context("the trained policy does not load")?;
     std::fs::write(&args.out, &bytes).with_context(|| format!("writing {}", args.out.display()))?;
     let m = &trained.metrics;
     println!("wrote {} ({} bytes, sha256 {})", args.out.display(), bytes.len(), policy.info().sha256);
-    println!("version {}, profile {}, seed {}, data {}", policy.info().version(), profile.board.name, args.seed, data_hash);
+    println!(
+        "version {}, profile {}, seed {}, data {}",
+        policy.info().version(),
+        profile.board.name,
+        args.seed,
+        data_hash
+    );
     println!(
         "{} dialogues, {} turns; {} planned turns, {} distinct observations; {} parameters",
         m.dialogues, m.turns, m.planned_turns, m.distill.samples, m.distill.parameters
@@ -154,7 +164,8 @@ pub fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
         .map(|p| {
             let policy = Policy::from_file(p, &LoadOptions::default())
                 .with_context(|| format!("loading policy {}", p.display()))?;
-            let name = p.file_name().map_or_else(|| p.display().to_string(), |n| n.to_string_lossy().into_owned());
+            let name =
+                p.file_name().map_or_else(|| p.display().to_string(), |n| n.to_string_lossy().into_owned());
             Ok((name, policy))
         })
         .collect::<anyhow::Result<_>>()?;

@@ -18,6 +18,8 @@ pub struct Sample {
     pub targets: Vec<f32>,
     /// The action the planner takes there (for the agreement metric).
     pub best: usize,
+    /// Weight of the example in the loss (how often the rollouts visited the observation).
+    pub weight: f32,
 }
 
 /// Settings of the regression.
@@ -32,7 +34,7 @@ pub struct DistillConfig {
 
 impl Default for DistillConfig {
     fn default() -> Self {
-        DistillConfig { hidden: vec![64, 64], epochs: 150, batch_size: 32, learning_rate: 3e-3 }
+        DistillConfig { hidden: vec![64, 64], epochs: 300, batch_size: 32, learning_rate: 3e-3 }
     }
 }
 
@@ -87,9 +89,11 @@ pub fn fit(
                 w.fill(0.0);
                 b.fill(0.0);
             });
-            let scale_loss = 1.0 / (batch.len() * outputs) as f32;
+            let batch_weight: f32 = batch.iter().map(|&i| samples[i].weight).sum();
+            let scale_loss = 1.0 / (batch_weight.max(f32::MIN_POSITIVE) * outputs as f32);
             for &i in batch {
-                epoch_loss += work.accumulate(&mlp, &normalised[i], &samples[i].targets, scale_loss, &mut grads);
+                let scale = scale_loss * samples[i].weight;
+                epoch_loss += work.accumulate(&mlp, &normalised[i], &samples[i].targets, scale, &mut grads);
             }
             step += 1;
             b1t *= BETA1;
@@ -173,7 +177,14 @@ impl Workspace {
     }
 
     /// Adds the gradient of `scale * |f(x) - target|^2` to `grads`; returns the squared error.
-    fn accumulate(&mut self, mlp: &Mlp, x: &[f32], target: &[f32], scale: f32, grads: &mut [(Vec<f32>, Vec<f32>)]) -> f64 {
+    fn accumulate(
+        &mut self,
+        mlp: &Mlp,
+        x: &[f32],
+        target: &[f32],
+        scale: f32,
+        grads: &mut [(Vec<f32>, Vec<f32>)],
+    ) -> f64 {
         self.activations[0].copy_from_slice(x);
         for (l, layer) in mlp.layers().iter().enumerate() {
             let (before, after) = self.activations.split_at_mut(l + 1);
@@ -201,7 +212,9 @@ impl Workspace {
                 let prev = &mut before[l - 1];
                 prev.fill(0.0);
                 for (o, d) in after[0].iter().enumerate() {
-                    for (p, w) in prev.iter_mut().zip(&layer.weights[o * layer.inputs..(o + 1) * layer.inputs]) {
+                    for (p, w) in
+                        prev.iter_mut().zip(&layer.weights[o * layer.inputs..(o + 1) * layer.inputs])
+                    {
                         *p += w * d;
                     }
                 }
@@ -266,7 +279,7 @@ mod tests {
                 let b = observation[1] / 30.0;
                 let targets = vec![a, b, 0.5 - a.abs()];
                 let best = super::super::sim::argmax(&targets);
-                Sample { observation, targets, best }
+                Sample { observation, targets, best, weight: 1.0 }
             })
             .collect()
     }

@@ -11,8 +11,8 @@ use serde::Serialize;
 
 use super::planner::{DialogueModel, Planner, PlannerAgent};
 use super::sim::{
-    Agent, AgentError, DialogueOutcome, FixedAgent, MlpAgent, OnnxAgent, RandomAgent, SimError,
-    Simulator, rollout,
+    Agent, AgentError, DialogueOutcome, FixedAgent, MlpAgent, OnnxAgent, RandomAgent, SimError, Simulator,
+    rollout,
 };
 use super::{Provenance, TrainConfig, TrainError, mean_reward, train};
 use crate::m4a1::Dialogue;
@@ -31,8 +31,16 @@ pub enum EvalError {
     Train(#[from] TrainError),
     #[error("k-fold needs 2 <= K <= {dialogues} (the number of dialogues), got {k}")]
     BadFolds { k: usize, dialogues: usize },
-    #[error("policy `{name}` is for {found} observations and {found_actions} actions; the profile needs {expected} and {expected_actions}")]
-    SchemaMismatch { name: String, found: usize, found_actions: usize, expected: usize, expected_actions: usize },
+    #[error(
+        "policy `{name}` is for {found} observations and {found_actions} actions; the profile needs {expected} and {expected_actions}"
+    )]
+    SchemaMismatch {
+        name: String,
+        found: usize,
+        found_actions: usize,
+        expected: usize,
+        expected_actions: usize,
+    },
 }
 
 /// How the dialogues are split.
@@ -123,7 +131,7 @@ pub fn evaluate(
             });
         }
     }
-    let splits: Vec<(Vec<Dialogue>, Vec<Dialogue>)> = match split {
+    let splits: Vec<SplitSets> = match split {
         Split::InSample => vec![(train_set.to_vec(), train_set.to_vec())],
         Split::TestFile => vec![(train_set.to_vec(), test.to_vec())],
         Split::KFold { k, seed } => folds(train_set, k, seed)?,
@@ -134,7 +142,8 @@ pub fn evaluate(
         let (rows, best) = evaluate_split(train_part, test_part, &schema, profile, candidates)?;
         best_fixed_actions.push(best);
         if tallies.is_empty() {
-            tallies = rows.iter().map(|(name, _)| Tally { name: name.clone(), outcomes: Vec::new() }).collect();
+            tallies =
+                rows.iter().map(|(name, _)| Tally { name: name.clone(), outcomes: Vec::new() }).collect();
         }
         for (tally, (_, outcomes)) in tallies.iter_mut().zip(rows) {
             tally.outcomes.extend(outcomes);
@@ -150,8 +159,11 @@ pub fn evaluate(
     })
 }
 
+/// The training and the test dialogues of one split.
+pub type SplitSets = (Vec<Dialogue>, Vec<Dialogue>);
+
 /// The k (train, test) splits of `dialogues`, shuffled with `seed`.
-pub fn folds(dialogues: &[Dialogue], k: usize, seed: u64) -> Result<Vec<(Vec<Dialogue>, Vec<Dialogue>)>, EvalError> {
+pub fn folds(dialogues: &[Dialogue], k: usize, seed: u64) -> Result<Vec<SplitSets>, EvalError> {
     if k < 2 || k > dialogues.len() {
         return Err(EvalError::BadFolds { k, dialogues: dialogues.len() });
     }
@@ -163,7 +175,8 @@ pub fn folds(dialogues: &[Dialogue], k: usize, seed: u64) -> Result<Vec<(Vec<Dia
         .map(|fold| {
             let (mut train_part, mut test_part) = (Vec::new(), Vec::new());
             for (position, &i) in order.iter().enumerate() {
-                if position % k == fold { &mut test_part } else { &mut train_part }.push(dialogues[i].clone());
+                if position % k == fold { &mut test_part } else { &mut train_part }
+                    .push(dialogues[i].clone());
             }
             (train_part, test_part)
         })
@@ -194,12 +207,18 @@ fn evaluate_split(
         let trained = train(train_part, provenance, config, &mut |_| {})?;
         rows.push(("tmo trainer (retrained per split)".into(), play(&mut MlpAgent(&trained.mlp))?));
         let model = DialogueModel::fit(&train_eps, &sim);
-        rows.push(("planner it distils (reference)".into(), play(&mut PlannerAgent(Planner::new(&sim, &model, config.planner)))?));
+        rows.push((
+            "planner it distils (reference)".into(),
+            play(&mut PlannerAgent(Planner::new(&sim, &model, config.planner)))?,
+        ));
     }
     let all = schema.action_count() - 1;
     rows.push(("always local".into(), play(&mut FixedAgent(0))?));
     rows.push(("always cloud, every modality".into(), play(&mut FixedAgent(all))?));
-    rows.push(("random (paper's)".into(), play(&mut RandomAgent::new(schema.action_count(), candidates.seed))?));
+    rows.push((
+        "random (paper's)".into(),
+        play(&mut RandomAgent::new(schema.action_count(), candidates.seed))?,
+    ));
     let mut best = (0, f64::NEG_INFINITY);
     for a in 0..schema.action_count() {
         let (reward, _) = mean_reward(&sim, &train_eps, &mut FixedAgent(a)).map_err(|e| match e {

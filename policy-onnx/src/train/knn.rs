@@ -44,7 +44,10 @@ impl KdTree {
         let mut tree = KdTree {
             dim,
             order: (0..n).collect(),
-            nodes: vec![Node { start: 0, end: 0, leaf: true, lower: Vec::new(), upper: Vec::new() }; node_count],
+            nodes: vec![
+                Node { start: 0, end: 0, leaf: true, lower: Vec::new(), upper: Vec::new() };
+                node_count
+            ],
             points,
         };
         tree.build(0, 0, n);
@@ -158,9 +161,7 @@ impl BoundedHeap {
             let (c1, c2) = (2 * i + 1, 2 * i + 2);
             let swap = if c1 >= size {
                 break;
-            } else if c2 >= size {
-                if self.distances[c1] > value { c1 } else { break }
-            } else if self.distances[c1] >= self.distances[c2] {
+            } else if c2 >= size || self.distances[c1] >= self.distances[c2] {
                 if value < self.distances[c1] { c1 } else { break }
             } else if value < self.distances[c2] {
                 c2
@@ -189,7 +190,9 @@ fn nth_element(v: &mut [usize], nth: usize, less: &impl Fn(usize, usize) -> bool
             // libstdc++ switches to a heap selection here; with median-of-three pivots this
             // needs adversarial data far larger than a response model's. Any valid partition
             // keeps the search correct, only tie order could then differ from scikit-learn.
-            v[first..last].sort_by(|&a, &b| if less(a, b) { std::cmp::Ordering::Less } else { std::cmp::Ordering::Greater });
+            v[first..last].sort_by(|&a, &b| {
+                if less(a, b) { std::cmp::Ordering::Less } else { std::cmp::Ordering::Greater }
+            });
             return;
         }
         depth -= 1;
@@ -205,7 +208,14 @@ fn nth_element(v: &mut [usize], nth: usize, less: &impl Fn(usize, usize) -> bool
     insertion_sort(v, first, last, less);
 }
 
-fn move_median_to_first(v: &mut [usize], result: usize, a: usize, b: usize, c: usize, less: &impl Fn(usize, usize) -> bool) {
+fn move_median_to_first(
+    v: &mut [usize],
+    result: usize,
+    a: usize,
+    b: usize,
+    c: usize,
+    less: &impl Fn(usize, usize) -> bool,
+) {
     let (x, y, z) = (v[a], v[b], v[c]);
     let median = if less(x, y) {
         if less(y, z) {
@@ -225,7 +235,13 @@ fn move_median_to_first(v: &mut [usize], result: usize, a: usize, b: usize, c: u
     v.swap(result, median);
 }
 
-fn unguarded_partition(v: &mut [usize], mut first: usize, mut last: usize, pivot: usize, less: &impl Fn(usize, usize) -> bool) -> usize {
+fn unguarded_partition(
+    v: &mut [usize],
+    mut first: usize,
+    mut last: usize,
+    pivot: usize,
+    less: &impl Fn(usize, usize) -> bool,
+) -> usize {
     loop {
         while less(v[first], v[pivot]) {
             first += 1;
@@ -269,7 +285,8 @@ mod tests {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(4);
         for n in 1..60 {
             let values: Vec<i32> = (0..n).map(|_| rng.random_range(0..7)).collect();
-            let less = |a: usize, b: usize| if values[a] == values[b] { a < b } else { values[a] < values[b] };
+            let less =
+                |a: usize, b: usize| if values[a] == values[b] { a < b } else { values[a] < values[b] };
             let mut sorted: Vec<usize> = (0..n).collect();
             sorted.sort_by_key(|&i| (values[i], i));
             for nth in 0..n {

@@ -187,7 +187,11 @@ pub fn train(
 }
 
 /// Mean reward and dialogues over budget of `agent` on `episodes`.
-pub fn mean_reward(sim: &Simulator, episodes: &[Episode], agent: &mut dyn sim::Agent) -> Result<(f64, usize), TrainError> {
+pub fn mean_reward(
+    sim: &Simulator,
+    episodes: &[Episode],
+    agent: &mut dyn sim::Agent,
+) -> Result<(f64, usize), TrainError> {
     let mut total = 0.0;
     let mut over = 0;
     for e in episodes {
@@ -198,9 +202,18 @@ pub fn mean_reward(sim: &Simulator, episodes: &[Episode], agent: &mut dyn sim::A
     Ok((total / episodes.len().max(1) as f64, over))
 }
 
-fn manifest(mlp: &Mlp, metrics: &TrainMetrics, provenance: Provenance<'_>, config: &TrainConfig) -> serde_json::Value {
-    let weights: Vec<u8> =
-        mlp.layers().iter().flat_map(|l| l.weights.iter().chain(&l.bias)).flat_map(|v| v.to_le_bytes()).collect();
+fn manifest(
+    mlp: &Mlp,
+    metrics: &TrainMetrics,
+    provenance: Provenance<'_>,
+    config: &TrainConfig,
+) -> serde_json::Value {
+    let weights: Vec<u8> = mlp
+        .layers()
+        .iter()
+        .flat_map(|l| l.weights.iter().chain(&l.bias))
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
     let digest = hex::encode(sha2::Sha256::digest(&weights));
     let profile = provenance.profile;
     serde_json::json!({
@@ -237,7 +250,9 @@ fn plan_samples(
     std::thread::scope(|scope| {
         let handles: Vec<_> = (1..streams)
             .map(|s| {
-                scope.spawn(move || rollout_stream(sim, model, episodes, config, s, per_stream(s), &mut |_| {}))
+                scope.spawn(move || {
+                    rollout_stream(sim, model, episodes, config, s, per_stream(s), &mut |_| {})
+                })
             })
             .collect();
         let mut all = rollout_stream(sim, model, episodes, config, 0, per_stream(0), &mut |done| {
@@ -316,7 +331,9 @@ fn draw_tasks(rng: &mut ChaCha8Rng, model: &DialogueModel, episodes: &[Episode])
     };
     let mut task = draw(rng, &model.first_task);
     let mut tasks = vec![TaskCategory::ALL[task]];
-    while tasks.len() < model.max_turns && rng.random_bool(model.continuation[tasks.len() - 1].clamp(0.0, 1.0)) {
+    while tasks.len() < model.max_turns
+        && rng.random_bool(model.continuation[tasks.len() - 1].clamp(0.0, 1.0))
+    {
         task = draw(rng, &model.next_task[task]);
         tasks.push(TaskCategory::ALL[task]);
     }
@@ -324,9 +341,11 @@ fn draw_tasks(rng: &mut ChaCha8Rng, model: &DialogueModel, episodes: &[Episode])
 }
 
 /// Keeps the first of identical observations and turns values into regression targets.
+/// (Weighting them by how often the rollouts visited them did not help in 5-fold: 1.334 against
+/// 1.338 at 150 epochs, so every distinct observation weighs 1.)
 fn dedupe(planned: Vec<Planned>, margin: f32) -> Vec<Sample> {
-    let mut seen = HashSet::new();
-    let mut samples = Vec::new();
+    let mut seen: HashSet<Vec<u32>> = HashSet::new();
+    let mut samples: Vec<Sample> = Vec::new();
     for p in planned {
         let key: Vec<u32> = p.observation.iter().map(|v| v.to_bits()).collect();
         if !seen.insert(key) {
@@ -339,7 +358,7 @@ fn dedupe(planned: Vec<Planned>, margin: f32) -> Vec<Sample> {
         let targets = (0..p.values.values.len())
             .map(|a| if p.values.allowed[a] { p.values.values[a] as f32 } else { worst as f32 - margin })
             .collect();
-        samples.push(Sample { best: p.values.best(), observation: p.observation, targets });
+        samples.push(Sample { best: p.values.best(), observation: p.observation, targets, weight: 1.0 });
     }
     samples
 }

@@ -154,7 +154,8 @@ impl<'a> Planner<'a> {
             for a in 0..actions {
                 let r = sim.reward(model.response[task][a], model.association[task][a], a);
                 let same = best.iter_mut().find(|(b, _)| {
-                    costs.latency_secs[*b] == costs.latency_secs[a] && costs.usage_usd[*b] == costs.usage_usd[a]
+                    costs.latency_secs[*b] == costs.latency_secs[a]
+                        && costs.usage_usd[*b] == costs.usage_usd[a]
                 });
                 match same {
                     Some(slot) if r > slot.1 => *slot = (a, r),
@@ -164,7 +165,13 @@ impl<'a> Planner<'a> {
             }
             tail_choices.push(best);
         }
-        Planner { sim, model, config: PlannerConfig { lookahead: config.lookahead.max(1) }, tail_choices, cache: HashMap::new() }
+        Planner {
+            sim,
+            model,
+            config: PlannerConfig { lookahead: config.lookahead.max(1) },
+            tail_choices,
+            cache: HashMap::new(),
+        }
     }
 
     /// Values of every action at `observation` (contract v1 layout).
@@ -184,7 +191,8 @@ impl<'a> Planner<'a> {
         let allowed = self.allowed(turn, latency, usage);
         for a in 0..actions {
             if allowed[a] {
-                values[a] = self.q(window, turn, task, latency, usage, a, self.config.lookahead, &mut tail_memo);
+                values[a] =
+                    self.q(window, turn, task, latency, usage, a, self.config.lookahead, &mut tail_memo);
             }
         }
         ActionValues { values, allowed }
@@ -198,7 +206,10 @@ impl<'a> Planner<'a> {
         let reserve_latency = later * costs.latency_secs[0];
         let reserve_usage = later * costs.usage_usd[0];
         let mut allowed: Vec<bool> = (0..costs.latency_secs.len())
-            .map(|a| latency - costs.latency_secs[a] >= reserve_latency && usage - costs.usage_usd[a] >= reserve_usage)
+            .map(|a| {
+                latency - costs.latency_secs[a] >= reserve_latency
+                    && usage - costs.usage_usd[a] >= reserve_usage
+            })
             .collect();
         if !allowed.iter().any(|a| *a) {
             allowed[0] = true;
@@ -209,9 +220,9 @@ impl<'a> Planner<'a> {
     fn predictions(&mut self, window: &[f32]) -> &[f64] {
         let key: Vec<u32> = window.iter().map(|v| v.to_bits()).collect();
         let sim = self.sim;
-        self.cache
-            .entry(key)
-            .or_insert_with(|| (0..sim.schema.action_count()).map(|a| sim.response.predict(window, a)).collect())
+        self.cache.entry(key).or_insert_with(|| {
+            (0..sim.schema.action_count()).map(|a| sim.response.predict(window, a)).collect()
+        })
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -237,7 +248,8 @@ impl<'a> Planner<'a> {
         let mut later = 0.0;
         if lookahead <= 1 {
             for next in 0..TASKS {
-                later += self.model.next_task[task][next] * self.tail(turn + 1, next, latency, usage, tail_memo);
+                later +=
+                    self.model.next_task[task][next] * self.tail(turn + 1, next, latency, usage, tail_memo);
             }
         } else {
             let schema = &self.sim.schema;
@@ -254,9 +266,10 @@ impl<'a> Planner<'a> {
             for next in 0..TASKS {
                 next_window[last] = next as f32;
                 let mut best = f64::NEG_INFINITY;
-                for a in 0..allowed.len() {
-                    if allowed[a] {
-                        let v = self.q(&next_window, turn + 1, next, latency, usage, a, lookahead - 1, tail_memo);
+                for (a, ok) in allowed.iter().enumerate() {
+                    if *ok {
+                        let v =
+                            self.q(&next_window, turn + 1, next, latency, usage, a, lookahead - 1, tail_memo);
                         best = best.max(v);
                     }
                 }
@@ -267,7 +280,14 @@ impl<'a> Planner<'a> {
     }
 
     /// The history-free value of turn `turn` of task `task` with the remaining budgets.
-    fn tail(&self, turn: usize, task: usize, latency: f64, usage: f64, memo: &mut HashMap<TailKey, f64>) -> f64 {
+    fn tail(
+        &self,
+        turn: usize,
+        task: usize,
+        latency: f64,
+        usage: f64,
+        memo: &mut HashMap<TailKey, f64>,
+    ) -> f64 {
         if turn >= self.model.max_turns {
             return 0.0;
         }

@@ -220,7 +220,12 @@ impl ResponseModel {
         // numpy's lexsort(pairs.T): the last column is the primary key. A stable sort keeps the
         // dataset order among equal rows.
         rows.sort_by(|a, b| {
-            a.0.iter().rev().zip(b.0.iter().rev()).map(|(x, y)| x.total_cmp(y)).find(|o| o.is_ne()).unwrap_or(std::cmp::Ordering::Equal)
+            a.0.iter()
+                .rev()
+                .zip(b.0.iter().rev())
+                .map(|(x, y)| x.total_cmp(y))
+                .find(|o| o.is_ne())
+                .unwrap_or(std::cmp::Ordering::Equal)
         });
         let codes = schema
             .actions()
@@ -361,7 +366,11 @@ pub struct DialogueOutcome {
 }
 
 /// Plays `episode` with `agent`, rebuilding each observation from the agent's own actions.
-pub fn rollout(sim: &Simulator, agent: &mut dyn Agent, episode: &Episode) -> Result<DialogueOutcome, AgentError> {
+pub fn rollout(
+    sim: &Simulator,
+    agent: &mut dyn Agent,
+    episode: &Episode,
+) -> Result<DialogueOutcome, AgentError> {
     let schema = &sim.schema;
     let mut obs = vec![0.0f32; schema.observation_len()];
     let mut turns: Vec<Turn> = Vec::with_capacity(episode.len());
@@ -377,7 +386,8 @@ pub fn rollout(sim: &Simulator, agent: &mut dyn Agent, episode: &Episode) -> Res
             &mut obs,
         );
         let a = agent.act(&obs)?;
-        let action = schema.action(a).ok_or(AgentError::OutOfRange { action: a, count: schema.action_count() })?;
+        let action =
+            schema.action(a).ok_or(AgentError::OutOfRange { action: a, count: schema.action_count() })?;
         let step = sim.step(episode, t, &obs, a);
         latency += step.latency_secs;
         usage += step.usage_usd;
@@ -489,7 +499,8 @@ pub(crate) mod tests {
         let c = CostModel::new(&tx2(), &Schema::default()).unwrap();
         // Latency classes: local 0.0114, cloud 6.46030, 4.76134, 6.24569, 6.98211.
         let span = 6.98211 - 0.0114;
-        let expected = [0.0, (6.46030 - 0.0114) / span, (4.76134 - 0.0114) / span, (6.24569 - 0.0114) / span, 1.0];
+        let expected =
+            [0.0, (6.46030 - 0.0114) / span, (4.76134 - 0.0114) / span, (6.24569 - 0.0114) / span, 1.0];
         let class = [0, 1, 2, 2, 2, 3, 3, 3, 4];
         for (a, &k) in class.iter().enumerate() {
             assert!(close(c.latency_norm[a], expected[k]), "action {a}: {}", c.latency_norm[a]);
@@ -548,7 +559,11 @@ pub(crate) mod tests {
                     })
                     .count();
                 if twins == 1 {
-                    assert!((model.predict(&obs, a) - e.scores[t]).abs() < 1e-4, "dialogue {} turn {t}", e.id);
+                    assert!(
+                        (model.predict(&obs, a) - e.scores[t]).abs() < 1e-4,
+                        "dialogue {} turn {t}",
+                        e.id
+                    );
                     matched += 1;
                 }
             }
@@ -577,7 +592,11 @@ pub(crate) mod tests {
             1.0969047619047618,
         ];
         for (a, e) in expected.iter().enumerate() {
-            assert!((model.predict(&obs, a) - e).abs() < 1e-9, "action {a}: {} vs {e}", model.predict(&obs, a));
+            assert!(
+                (model.predict(&obs, a) - e).abs() < 1e-9,
+                "action {a}: {} vs {e}",
+                model.predict(&obs, a)
+            );
         }
     }
 
@@ -596,8 +615,7 @@ pub(crate) mod tests {
         struct File {
             queries: Vec<Query>,
         }
-        let file: File =
-            serde_json::from_str(include_str!("testdata/sklearn-knn-m4a1-train.json")).unwrap();
+        let file: File = serde_json::from_str(include_str!("testdata/sklearn-knn-m4a1-train.json")).unwrap();
         let schema = Schema::default();
         let eps = episodes(&train_dialogues(), &schema).unwrap();
         let model = ResponseModel::fit(&eps, &schema).unwrap();
@@ -612,7 +630,14 @@ pub(crate) mod tests {
                 .collect();
             let obs = schema.observation(&turns, task(*q.tasks.last().unwrap()), 30.0, 0.05);
             let found = model.predict(&obs, q.action);
-            assert!((found - q.score).abs() < 1e-9, "{:?} {:?} {}: {found} vs {}", q.tasks, q.actions, q.action, q.score);
+            assert!(
+                (found - q.score).abs() < 1e-9,
+                "{:?} {:?} {}: {found} vs {}",
+                q.tasks,
+                q.actions,
+                q.action,
+                q.score
+            );
         }
     }
 
