@@ -14,7 +14,7 @@ mod template;
 mod tokenizer;
 
 pub use engine::{
-    Conversation, Engine, EngineConfig, FinishReason, Generation, GenerationParams, GenerationReport,
+    Conversation, Engine, EngineConfig, FastFormat, FinishReason, Generation, GenerationParams, GenerationReport,
     ModelInfo, effective_threads,
 };
 pub use error::{EngineError, Result};
