@@ -14,7 +14,8 @@ use criterion::Criterion;
 use policy_onnx::export::{ExportOptions, mlp_to_onnx};
 use policy_onnx::mlp::{Activation, Mlp};
 use policy_onnx::{
-    Action, Availability, Decider, DecisionRequest, Exploration, LoadOptions, ModalitySet, Policy, TaskCategory, Turn,
+    Action, Availability, Decider, DecisionRequest, Exploration, LoadOptions, ModalitySet, Policy,
+    TaskCategory, Turn,
 };
 use rand::SeedableRng;
 
@@ -33,7 +34,10 @@ fn main() {
     let costs = device_profiles::DeviceProfile::builtin("jetson-tx2").expect("builtin profile").costs;
     let history = [
         Turn { task: TaskCategory::Query, action: Action::Local },
-        Turn { task: TaskCategory::Recommendation, action: Action::Cloud { modalities: ModalitySet::all(3) } },
+        Turn {
+            task: TaskCategory::Recommendation,
+            action: Action::Cloud { modalities: ModalitySet::all(3) },
+        },
     ];
     let request = DecisionRequest {
         history: &history,

@@ -122,7 +122,11 @@ pub fn choose(
         Exploration::Greedy => Ok(Choice { action: best, propensity: 1.0 }),
         Exploration::EpsilonGreedy { epsilon } => {
             let uniform = epsilon / count as f64;
-            let action = if rng.random::<f64>() < epsilon { nth_allowed(allowed, rng.random_range(0..count)) } else { best };
+            let action = if rng.random::<f64>() < epsilon {
+                nth_allowed(allowed, rng.random_range(0..count))
+            } else {
+                best
+            };
             let propensity = uniform + if action == best { 1.0 - epsilon } else { 0.0 };
             Ok(Choice { action, propensity })
         }
@@ -180,7 +184,11 @@ pub struct Decider {
 
 impl Decider {
     /// `seed` makes exploration reproducible; `None` seeds from the operating system.
-    pub fn new(policy: Arc<Policy>, exploration: Exploration, seed: Option<u64>) -> Result<Self, DeciderError> {
+    pub fn new(
+        policy: Arc<Policy>,
+        exploration: Exploration,
+        seed: Option<u64>,
+    ) -> Result<Self, DeciderError> {
         let exploration = exploration.validate()?;
         let schema = policy.schema();
         let (obs_len, actions) = (schema.observation_len(), schema.action_count());
@@ -286,11 +294,16 @@ mod tests {
         assert_eq!(allowed, [true, true, true, true, true, true, true, true, false]);
 
         // 5 s left: only one image (4.76 s) fits; text-only takes 6.46 s.
-        allowed_actions(&s, &Availability { remaining_latency_secs: 5.0, ..availability(&costs) }, &mut allowed);
+        allowed_actions(
+            &s,
+            &Availability { remaining_latency_secs: 5.0, ..availability(&costs) },
+            &mut allowed,
+        );
         assert_eq!(allowed, [true, false, true, true, true, false, false, false, false]);
 
         // Budgets spent: local still answers.
-        let spent = Availability { remaining_latency_secs: 0.0, remaining_cost_usd: 0.0, ..availability(&costs) };
+        let spent =
+            Availability { remaining_latency_secs: 0.0, remaining_cost_usd: 0.0, ..availability(&costs) };
         allowed_actions(&s, &spent, &mut allowed);
         assert_eq!(allowed, [true, false, false, false, false, false, false, false, false]);
     }
@@ -303,11 +316,20 @@ mod tests {
         assert_eq!(c, Choice { action: 1, propensity: 1.0 });
         let c = choose(&scores, &[true, false, true, true], Exploration::Greedy, &mut rng).unwrap();
         assert_eq!(c.action, 3);
-        assert_eq!(choose(&scores, &[false; 4], Exploration::Greedy, &mut rng), Err(DecisionError::NothingAllowed));
+        assert_eq!(
+            choose(&scores, &[false; 4], Exploration::Greedy, &mut rng),
+            Err(DecisionError::NothingAllowed)
+        );
         let bad = [0.0, f32::NAN, 1.0, 1.0];
-        assert!(matches!(choose(&bad, &[true; 4], Exploration::Greedy, &mut rng), Err(DecisionError::NonFiniteScore { action: 1, .. })));
+        assert!(matches!(
+            choose(&bad, &[true; 4], Exploration::Greedy, &mut rng),
+            Err(DecisionError::NonFiniteScore { action: 1, .. })
+        ));
         // A masked NaN does not matter.
-        assert_eq!(choose(&bad, &[true, false, true, false], Exploration::Greedy, &mut rng).unwrap().action, 2);
+        assert_eq!(
+            choose(&bad, &[true, false, true, false], Exploration::Greedy, &mut rng).unwrap().action,
+            2
+        );
     }
 
     #[test]

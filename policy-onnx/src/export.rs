@@ -77,7 +77,11 @@ pub fn mlp_to_onnx(mlp: &Mlp, options: &ExportOptions) -> Vec<u8> {
             Activation::Tanh => Some("Tanh"),
         };
         if let Some(op) = op {
-            let out = if i == last { options.output_name.clone() } else { format!("layer{i}.{}", op.to_lowercase()) };
+            let out = if i == last {
+                options.output_name.clone()
+            } else {
+                format!("layer{i}.{}", op.to_lowercase())
+            };
             nodes.push(pb::NodeProto {
                 input: vec![current.clone()],
                 output: vec![out.clone()],

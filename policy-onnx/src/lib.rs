@@ -16,6 +16,8 @@ pub mod runtime;
 pub mod schema;
 pub mod train;
 
-pub use decision::{Availability, Decider, DeciderError, Decision, DecisionError, DecisionRequest, Exploration};
+pub use decision::{
+    Availability, Decider, DeciderError, Decision, DecisionError, DecisionRequest, Exploration,
+};
 pub use runtime::{LoadOptions, Policy, PolicyError, PolicyInfo, PolicySlot};
 pub use schema::{Action, ModalitySet, SCHEMA_V1, Schema, TaskCategory, Turn};

@@ -71,7 +71,8 @@ pub fn parse(bytes: &[u8], name: &str) -> Result<Vec<Dialogue>, DatasetError> {
     let dialogues: Vec<Dialogue> = serde_json::from_slice(bytes)
         .map_err(|source| DatasetError::Parse { path: name.to_owned(), source })?;
     for d in &dialogues {
-        let invalid = |reason: String| DatasetError::Invalid { path: name.to_owned(), dialogue: d.id, reason };
+        let invalid =
+            |reason: String| DatasetError::Invalid { path: name.to_owned(), dialogue: d.id, reason };
         if d.interactions.is_empty() {
             return Err(invalid("has no interactions".into()));
         }

@@ -86,7 +86,11 @@ impl Mlp {
                 return Err(shape(format!("{} biases for {} outputs", l.bias.len(), l.outputs)));
             }
             if i > 0 && layers[i - 1].outputs != l.inputs {
-                return Err(shape(format!("takes {} inputs after a layer of {}", l.inputs, layers[i - 1].outputs)));
+                return Err(shape(format!(
+                    "takes {} inputs after a layer of {}",
+                    l.inputs,
+                    layers[i - 1].outputs
+                )));
             }
         }
         Ok(Mlp { layers })
@@ -94,7 +98,13 @@ impl Mlp {
 
     /// An MLP `inputs -> hidden... -> outputs` with `activation` between layers and identity on
     /// the output, randomly initialised.
-    pub fn random(inputs: usize, hidden: &[usize], outputs: usize, activation: Activation, rng: &mut impl Rng) -> Self {
+    pub fn random(
+        inputs: usize,
+        hidden: &[usize],
+        outputs: usize,
+        activation: Activation,
+        rng: &mut impl Rng,
+    ) -> Self {
         let mut sizes = vec![inputs];
         sizes.extend_from_slice(hidden);
         sizes.push(outputs);

@@ -190,7 +190,10 @@ impl PolicySession {
     /// Writes the action scores of `observation` into `out`.
     pub fn scores_into(&mut self, observation: &[f32], out: &mut [f32]) -> Result<(), PolicyError> {
         if observation.len() != self.observation_len {
-            return Err(PolicyError::ObservationLength { expected: self.observation_len, found: observation.len() });
+            return Err(PolicyError::ObservationLength {
+                expected: self.observation_len,
+                found: observation.len(),
+            });
         }
         debug_assert_eq!(out.len(), self.action_count);
         let input = Tensor::from_shape(&[1, self.observation_len], observation).map_err(run_error)?;
@@ -198,7 +201,11 @@ impl PolicySession {
         let values = outputs[0].try_as_plain_ram().map_err(run_error)?;
         let values = values.as_slice::<f32>().map_err(run_error)?;
         if values.len() != self.action_count {
-            return Err(PolicyError::Run(format!("{} scores for {} actions", values.len(), self.action_count)));
+            return Err(PolicyError::Run(format!(
+                "{} scores for {} actions",
+                values.len(),
+                self.action_count
+            )));
         }
         out.copy_from_slice(values);
         Ok(())
@@ -219,7 +226,10 @@ fn describe(proto: &pb::ModelProto, bytes: &[u8], schema: &Schema) -> Result<Pol
     let inputs: Vec<&pb::ValueInfoProto> =
         graph.input.iter().filter(|i| !initialized.contains(&i.name.as_str())).collect();
     let [input] = inputs.as_slice() else {
-        return Err(PolicyError::InputMismatch { schema: SCHEMA_V1, reason: format!("{} inputs, expected 1", inputs.len()) });
+        return Err(PolicyError::InputMismatch {
+            schema: SCHEMA_V1,
+            reason: format!("{} inputs, expected 1", inputs.len()),
+        });
     };
     let [output] = graph.output.as_slice() else {
         return Err(PolicyError::OutputMismatch {
@@ -235,7 +245,8 @@ fn describe(proto: &pb::ModelProto, bytes: &[u8], schema: &Schema) -> Result<Pol
     let manifest = match proto.metadata_props.iter().find(|p| p.key == MANIFEST_KEY) {
         None => None,
         Some(p) => Some(
-            serde_json::from_str::<serde_json::Value>(&p.value).map_err(|e| PolicyError::BadManifest(e.to_string()))?,
+            serde_json::from_str::<serde_json::Value>(&p.value)
+                .map_err(|e| PolicyError::BadManifest(e.to_string()))?,
         ),
     };
     let schema_name = match manifest.as_ref().and_then(|m| m.get("schema")) {
@@ -246,16 +257,10 @@ fn describe(proto: &pb::ModelProto, bytes: &[u8], schema: &Schema) -> Result<Pol
             return Err(PolicyError::SchemaMismatch { expected: SCHEMA_V1, found });
         }
     };
-    let opset = proto
-        .opset_import
-        .iter()
-        .find(|o| o.domain.is_empty() || o.domain == "ai.onnx")
-        .map(|o| o.version);
-    let parameter_count = graph
-        .initializer
-        .iter()
-        .map(|t| t.dims.iter().map(|d| (*d).max(0) as u64).product::<u64>())
-        .sum();
+    let opset =
+        proto.opset_import.iter().find(|o| o.domain.is_empty() || o.domain == "ai.onnx").map(|o| o.version);
+    let parameter_count =
+        graph.initializer.iter().map(|t| t.dims.iter().map(|d| (*d).max(0) as u64).product::<u64>()).sum();
     Ok(PolicyInfo {
         schema: schema_name,
         input_name: input.name.clone(),
@@ -275,7 +280,9 @@ fn describe(proto: &pb::ModelProto, bytes: &[u8], schema: &Schema) -> Result<Pol
 /// dimensions as written.
 fn check_value(value: &pb::ValueInfoProto, features: usize) -> Result<Vec<String>, String> {
     use pb::tensor_shape_proto::dimension::Value as Dim;
-    let Some(pb::type_proto::Value::TensorType(tensor)) = value.r#type.as_ref().and_then(|t| t.value.as_ref()) else {
+    let Some(pb::type_proto::Value::TensorType(tensor)) =
+        value.r#type.as_ref().and_then(|t| t.value.as_ref())
+    else {
         return Err(format!("`{}` is not a tensor", value.name));
     };
     if tensor.elem_type != pb::tensor_proto::DataType::Float as i32 {
@@ -320,7 +327,10 @@ fn prepare(proto: &pb::ModelProto, schema: &Schema) -> Result<Plan, PolicyError>
     if fact.datum_type != f32::datum_type() || concrete.as_deref() != Some(&expected[..]) {
         return Err(PolicyError::OutputMismatch {
             schema: SCHEMA_V1,
-            reason: format!("the graph computes {:?} {:?}, expected f32 {expected:?}", fact.datum_type, fact.shape),
+            reason: format!(
+                "the graph computes {:?} {:?}, expected f32 {expected:?}",
+                fact.datum_type, fact.shape
+            ),
         });
     }
     model.into_runnable().map_err(unrunnable)
@@ -340,11 +350,18 @@ pub fn probe_observations(schema: &Schema) -> Vec<Vec<f32>> {
         let turns: Vec<crate::schema::Turn> = (0..rng.random_range(1..=schema.history()))
             .map(|_| crate::schema::Turn {
                 task: TaskCategory::ALL[rng.random_range(0..4)],
-                action: schema.action(rng.random_range(0..schema.action_count())).unwrap_or(crate::Action::Local),
+                action: schema
+                    .action(rng.random_range(0..schema.action_count()))
+                    .unwrap_or(crate::Action::Local),
             })
             .collect();
         let task = TaskCategory::ALL[rng.random_range(0..4)];
-        probes.push(schema.observation(&turns, task, rng.random_range(0.0..30.0), rng.random_range(0.0..0.05)));
+        probes.push(schema.observation(
+            &turns,
+            task,
+            rng.random_range(0.0..30.0),
+            rng.random_range(0.0..0.05),
+        ));
     }
     probes
 }
@@ -369,7 +386,11 @@ impl PolicySlot {
 
     /// Validates `bytes` and, only if they pass, makes them the serving policy. Returns the
     /// policy it replaced.
-    pub fn replace_with_bytes(&self, bytes: &[u8], options: &LoadOptions) -> Result<Arc<Policy>, PolicyError> {
+    pub fn replace_with_bytes(
+        &self,
+        bytes: &[u8],
+        options: &LoadOptions,
+    ) -> Result<Arc<Policy>, PolicyError> {
         let candidate = Arc::new(Policy::from_bytes(bytes, options)?);
         Ok(self.replace(candidate))
     }

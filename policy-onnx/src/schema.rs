@@ -198,9 +198,7 @@ impl Schema {
     pub fn action_index(&self, action: Action) -> Option<usize> {
         match action {
             Action::Local => Some(0),
-            Action::Cloud { modalities } => {
-                self.subsets.iter().position(|s| *s == modalities).map(|k| k + 1)
-            }
+            Action::Cloud { modalities } => self.subsets.iter().position(|s| *s == modalities).map(|k| k + 1),
         }
     }
 

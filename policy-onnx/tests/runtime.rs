@@ -8,8 +8,8 @@ use policy_onnx::export::{ExportOptions, MANIFEST_KEY, mlp_to_onnx};
 use policy_onnx::mlp::{Activation, Mlp};
 use policy_onnx::runtime::DEFAULT_MAX_POLICY_BYTES;
 use policy_onnx::{
-    Availability, Decider, DecisionRequest, Exploration, LoadOptions, ModalitySet, Policy, PolicyError, PolicySlot,
-    Schema, TaskCategory, Turn,
+    Availability, Decider, DecisionRequest, Exploration, LoadOptions, ModalitySet, Policy, PolicyError,
+    PolicySlot, Schema, TaskCategory, Turn,
 };
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -199,7 +199,8 @@ fn a_rejected_policy_never_replaces_the_serving_one() {
 
 #[test]
 fn the_decider_masks_and_reports_propensity() {
-    let policy = Arc::new(Policy::from_file(&shared_policy("sb3-rc-ppo-m4a1.onnx"), &LoadOptions::default()).unwrap());
+    let policy =
+        Arc::new(Policy::from_file(&shared_policy("sb3-rc-ppo-m4a1.onnx"), &LoadOptions::default()).unwrap());
     let costs = device_profiles::DeviceProfile::builtin("jetson-tx2").unwrap().costs;
     let mut decider = Decider::new(policy.clone(), Exploration::Greedy, Some(1)).unwrap();
     let availability = Availability {
@@ -216,7 +217,8 @@ fn the_decider_masks_and_reports_propensity() {
     assert_eq!(decider.observation(), pinned_observations()[0].as_slice());
 
     // With the cloud down, only local is left.
-    let offline = DecisionRequest { availability: Availability { cloud_reachable: false, ..availability }, ..request };
+    let offline =
+        DecisionRequest { availability: Availability { cloud_reachable: false, ..availability }, ..request };
     let d = decider.decide(&offline).unwrap();
     assert_eq!((d.action_index, d.action), (0, policy_onnx::Action::Local));
 

@@ -33,7 +33,7 @@ def scores(name):
 
 
 def rust_array(const, values):
-    rows = ",\n".join("    [" + ", ".join(f"{v:.7e}" for v in row) + "]" for row in values)
+    rows = ",\n".join("    [" + ", ".join(str(np.float32(v)) for v in row) + "]" for row in values)
     return f"const {const}: [[f32; 9]; {len(values)}] = [\n{rows},\n];\n"
 
 
