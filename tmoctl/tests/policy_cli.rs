@@ -1,0 +1,105 @@
+//! `tmoctl policy inspect` and `tmoctl policy decide`, run as a user runs them.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+fn tmoctl() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_tmoctl"))
+}
+
+fn shared_policy(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/policies").join(name)
+}
+
+fn decide(policy: &str, extra: &[&str], input: impl AsRef<[u8]>) -> Vec<serde_json::Value> {
+    let mut child = tmoctl()
+        .args(["policy", "decide"])
+        .arg(shared_policy(policy))
+        .args(extra)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(input.as_ref()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+const FIRST_QUERY: &str =
+    "[-1,-1,-1,-1,-1,-1,-1,-1,-1,-1,-1,-1,-1,-1,-1,-1,-1,-1,-1,-1,-1,0,0,0,2,30.0,0.05]";
+
+#[test]
+fn help_lists_the_policy_commands() {
+    let out = tmoctl().arg("--help").output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("policy"), "{text}");
+}
+
+#[test]
+fn inspect_prints_the_contract_as_json() {
+    let out =
+        tmoctl().args(["policy", "inspect"]).arg(shared_policy("sb3-rc-dqn-m4a1.onnx")).output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(info["schema"], "tmo-obs-v1");
+    assert_eq!(info["input_name"], "obs");
+    assert_eq!(info["input_shape"][1], "27");
+    assert_eq!(info["output_shape"][1], "9");
+    assert_eq!(info["opset"], 17);
+    assert!(info["parameter_count"].as_u64().unwrap() > 1000);
+    assert_eq!(info["sha256"].as_str().unwrap().len(), 64);
+}
+
+#[test]
+fn inspect_rejects_a_file_that_is_not_a_policy() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notes.onnx");
+    std::fs::write(&path, "these are not weights").unwrap();
+    let out = tmoctl().args(["policy", "inspect"]).arg(&path).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("not an ONNX model"), "{err}");
+}
+
+#[test]
+fn decide_answers_every_line_and_names_bad_ones() {
+    let input = format!(
+        "{{\"obs\": {FIRST_QUERY}}}\nnot json\n{{\"obs\": [1, 2, 3]}}\n\n{{\"obs\": {FIRST_QUERY}, \"allowed\": [true, true, true, true, true, true, false, true, true]}}\n{{\"obs\": {FIRST_QUERY}, \"allowed\": [true]}}\n"
+    );
+    let lines = decide("sb3-rc-ppo-m4a1.onnx", &[], &input);
+    assert_eq!(lines.len(), 5, "{lines:?}");
+    // The paper's PPO agent sends views 0 and 2 on a first Query (see policy-onnx/tests).
+    assert_eq!(lines[0]["action"], 6);
+    assert_eq!(lines[0]["propensity"], 1.0);
+    assert_eq!(lines[0]["scores"].as_array().unwrap().len(), 9);
+    assert_eq!(lines[1]["line"], 2);
+    assert!(lines[1]["error"].as_str().unwrap().contains("not a decide line"));
+    assert_eq!(lines[2]["line"], 3);
+    assert!(lines[2]["error"].as_str().unwrap().contains("27"), "{}", lines[2]);
+    // Line 4 is blank and skipped; line 5 masks action 6: the runner-up (cloud, view 2).
+    assert_eq!(lines[3]["action"], 4);
+    assert_eq!(lines[4]["line"], 6);
+}
+
+#[test]
+fn decide_with_a_profile_masks_over_budget_actions() {
+    // 2 s and 0.001 USD left: no cloud action fits the paper's tables, so local.
+    let obs = FIRST_QUERY.replace("30.0,0.05", "2.0,0.001");
+    let lines = decide("sb3-rc-ppo-m4a1.onnx", &["--profile", "jetson-tx2"], format!("{{\"obs\": {obs}}}\n"));
+    assert_eq!(lines[0]["action"], 0, "{:?}", lines[0]);
+    let lines = decide("sb3-rc-ppo-m4a1.onnx", &[], format!("{{\"obs\": {obs}}}\n"));
+    assert_ne!(lines[0]["action"], 0, "without the profile the policy's own choice stands");
+}
+
+#[test]
+fn decide_survives_bytes_that_are_not_text() {
+    let mut input = b"\xff\xfe\x00garbage\n".to_vec();
+    input.extend(format!("{{\"obs\": {FIRST_QUERY}}}\n").bytes());
+    let lines = decide("sb3-rc-dqn-m4a1.onnx", &[], input);
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert_eq!(lines[0]["line"], 1);
+    assert!(lines[1]["action"].is_u64(), "{:?}", lines[1]);
+}
