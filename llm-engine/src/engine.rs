@@ -50,11 +50,7 @@ impl FastFormat {
 }
 
 /// Rewrites a GGUF in memory with its Q4_1 tensors re-quantized to `format`.
-fn requantize_q4_1(
-    content: &gguf_file::Content,
-    bytes: &[u8],
-    format: FastFormat,
-) -> Result<Vec<u8>> {
+fn requantize_q4_1(content: &gguf_file::Content, bytes: &[u8], format: FastFormat) -> Result<Vec<u8>> {
     let target = format.ggml();
     let mut reader = Cursor::new(bytes);
     let mut names: Vec<&String> = content.tensor_infos.keys().collect();
@@ -295,12 +291,7 @@ impl Engine {
         let MappedGguf { content, map, .. } = gguf;
         let rewritten;
         let (content, bytes): (gguf_file::Content, &[u8]) = match config.requantize_q4_1 {
-            Some(format)
-                if content
-                    .tensor_infos
-                    .values()
-                    .any(|t| t.ggml_dtype == GgmlDType::Q4_1) =>
-            {
+            Some(format) if content.tensor_infos.values().any(|t| t.ggml_dtype == GgmlDType::Q4_1) => {
                 rewritten = requantize_q4_1(&content, &map[..], format)?;
                 let parsed = gguf_file::Content::read(&mut Cursor::new(&rewritten[..]))?;
                 (parsed, &rewritten[..])
@@ -630,8 +621,7 @@ mod tests {
         let q4_1 = QTensor::quantize(&tensor, GgmlDType::Q4_1).expect("quantize");
         let name = gguf_file::Value::String("llama".into());
         let mut file = Cursor::new(Vec::new());
-        gguf_file::write(&mut file, &[("general.architecture", &name)], &[("w", &q4_1)])
-            .expect("write");
+        gguf_file::write(&mut file, &[("general.architecture", &name)], &[("w", &q4_1)]).expect("write");
         let bytes = file.into_inner();
         let content = gguf_file::Content::read(&mut Cursor::new(&bytes[..])).expect("read");
         let rewritten = requantize_q4_1(&content, &bytes, FastFormat::Q8_0).expect("requantize");
@@ -649,11 +639,7 @@ mod tests {
             .and_then(|t| t.flatten_all())
             .and_then(|t| t.to_vec1())
             .expect("values");
-        let worst = before
-            .iter()
-            .zip(&after)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
+        let worst = before.iter().zip(&after).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
         assert!(worst < 0.01, "largest difference {worst}");
     }
 

@@ -14,8 +14,8 @@ mod template;
 mod tokenizer;
 
 pub use engine::{
-    Conversation, Engine, EngineConfig, FastFormat, FinishReason, Generation, GenerationParams, GenerationReport,
-    ModelInfo, effective_threads,
+    Conversation, Engine, EngineConfig, FastFormat, FinishReason, Generation, GenerationParams,
+    GenerationReport, ModelInfo, effective_threads,
 };
 pub use error::{EngineError, Result};
 pub use gguf::Architecture;

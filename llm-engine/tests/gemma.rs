@@ -2,8 +2,8 @@
 //! `tmoctl model fetch gemma3-270m`; `TMO_MODEL_DIR` selects the model directory).
 
 use llm_engine::{
-    Architecture, ChatTemplate, Conversation, Engine, EngineConfig, FinishReason,
-    GenerationParams, resolve_model,
+    Architecture, ChatTemplate, Conversation, Engine, EngineConfig, FinishReason, GenerationParams,
+    resolve_model,
 };
 
 fn engine() -> Engine {
@@ -32,22 +32,11 @@ fn gemma3_answers_and_reuses_its_cache() {
     let params = GenerationParams::greedy(24);
     let mut conversation = Conversation::new(Some("You are a helpful kitchen assistant."));
     let turn1 = conversation
-        .send(
-            &mut engine,
-            "Name one herb that goes well with tomatoes.",
-            &params,
-            None,
-            &mut |_| {},
-        )
+        .send(&mut engine, "Name one herb that goes well with tomatoes.", &params, None, &mut |_| {})
         .expect("turn 1");
     assert!(!turn1.text.trim().is_empty());
-    assert!(matches!(
-        turn1.report.finish,
-        FinishReason::EndOfTurn | FinishReason::MaxTokens
-    ));
-    let turn2 = conversation
-        .send(&mut engine, "And one spice?", &params, None, &mut |_| {})
-        .expect("turn 2");
+    assert!(matches!(turn1.report.finish, FinishReason::EndOfTurn | FinishReason::MaxTokens));
+    let turn2 = conversation.send(&mut engine, "And one spice?", &params, None, &mut |_| {}).expect("turn 2");
     assert!(!turn2.text.trim().is_empty());
     assert!(turn2.report.reused_prompt_tokens > 0, "{:?}", turn2.report);
     assert!(turn2.report.processed_prompt_tokens < turn2.report.prompt_tokens / 2);

@@ -6,8 +6,7 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use llm_engine::{
-    Conversation, Engine, EngineConfig, FastFormat, GenerationParams, effective_threads,
-    resolve_model,
+    Conversation, Engine, EngineConfig, FastFormat, GenerationParams, effective_threads, resolve_model,
 };
 
 /// Benchmarks.
@@ -57,8 +56,7 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
 }
 
 fn resident_kib() -> anyhow::Result<u64> {
-    let status =
-        std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    let status = std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
     status
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
@@ -104,8 +102,7 @@ fn llm(args: LlmBenchArgs) -> anyhow::Result<()> {
         },
         ..EngineConfig::default()
     };
-    let mut engine = Engine::load(&path, &config)
-        .with_context(|| format!("loading {}", path.display()))?;
+    let mut engine = Engine::load(&path, &config).with_context(|| format!("loading {}", path.display()))?;
     let load_secs = started.elapsed().as_secs_f64();
     let rss_after = resident_kib()?;
     let info = engine.info().clone();
@@ -126,17 +123,12 @@ fn llm(args: LlmBenchArgs) -> anyhow::Result<()> {
         prompt.extend(engine.encode(PROMPT_TEXT).context("tokenizing the prompt")?);
     }
     prompt.truncate(args.prompt_tokens);
-    let params = GenerationParams {
-        ignore_end_of_turn: true,
-        ..GenerationParams::greedy(args.gen_tokens)
-    };
+    let params = GenerationParams { ignore_end_of_turn: true, ..GenerationParams::greedy(args.gen_tokens) };
     let mut ttft_ms = Vec::new();
     let mut decode = Vec::new();
     for run in 0..=args.runs {
         engine.clear_cache();
-        let generation = engine
-            .generate(&prompt, &params, None, &mut |_| {})
-            .context("generating")?;
+        let generation = engine.generate(&prompt, &params, None, &mut |_| {}).context("generating")?;
         let r = generation.report;
         if run == 0 {
             continue; // warm-up
@@ -164,10 +156,7 @@ fn llm(args: LlmBenchArgs) -> anyhow::Result<()> {
         median(&mut decode),
         args.gen_tokens
     );
-    println!(
-        "peak rss     {:.1} MiB",
-        resident_kib()? as f64 / 1024.0
-    );
+    println!("peak rss     {:.1} MiB", resident_kib()? as f64 / 1024.0);
     if args.dialogue_turns > 0 {
         dialogue(&mut engine, args.dialogue_turns)?;
     }
@@ -185,35 +174,23 @@ fn dialogue(engine: &mut Engine, turns: usize) -> anyhow::Result<()> {
         "Can I freeze them?",
     ];
     let params = GenerationParams::greedy(48);
-    let mut conversation = Conversation::new(Some(
-        "You are a helpful kitchen assistant. Answer briefly.",
-    ));
+    let mut conversation = Conversation::new(Some("You are a helpful kitchen assistant. Answer briefly."));
     let (mut cached_prompt, mut fresh_prompt) = (0usize, 0usize);
     let (mut cached_secs, mut fresh_secs) = (0f64, 0f64);
     for (turn, question) in questions.iter().cycle().take(turns).enumerate() {
-        let full = conversation
-            .prompt_for(engine, question)
-            .context("building the turn's prompt")?;
-        let cached = conversation
-            .send(engine, question, &params, None, &mut |_| {})
-            .context("dialogue turn")?;
+        let full = conversation.prompt_for(engine, question).context("building the turn's prompt")?;
+        let cached =
+            conversation.send(engine, question, &params, None, &mut |_| {}).context("dialogue turn")?;
         // The same turn re-reading the whole history, as without a kept cache.
         engine.clear_cache();
-        let fresh = engine
-            .generate(&full, &params, None, &mut |_| {})
-            .context("fresh turn")?;
+        let fresh = engine.generate(&full, &params, None, &mut |_| {}).context("fresh turn")?;
         // The fresh run left the same tokens in the cache when it gave the same answer;
         // otherwise put the dialogue back in the cache for the next turn.
         let restore: Vec<u32> = conversation.tokens().to_vec();
         if !restore.starts_with(engine.cached_tokens()) && restore.len() > 1 {
             engine.clear_cache();
             engine
-                .generate(
-                    &restore[..restore.len() - 1],
-                    &GenerationParams::greedy(1),
-                    None,
-                    &mut |_| {},
-                )
+                .generate(&restore[..restore.len() - 1], &GenerationParams::greedy(1), None, &mut |_| {})
                 .context("restoring the dialogue cache")?;
         }
         let (c, f) = (&cached.report, &fresh.report);
@@ -225,11 +202,7 @@ fn dialogue(engine: &mut Engine, turns: usize) -> anyhow::Result<()> {
             c.prompt_time.as_secs_f64() * 1e3,
             f.processed_prompt_tokens,
             f.prompt_time.as_secs_f64() * 1e3,
-            if cached.tokens == fresh.tokens {
-                ", same answer"
-            } else {
-                ", answers differ"
-            }
+            if cached.tokens == fresh.tokens { ", same answer" } else { ", answers differ" }
         );
         cached_prompt += c.processed_prompt_tokens;
         fresh_prompt += f.processed_prompt_tokens;

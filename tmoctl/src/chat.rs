@@ -13,10 +13,7 @@ pub struct ChatArgs {
     #[arg(long, default_value = "smollm2-135m")]
     pub model: String,
     /// System message.
-    #[arg(
-        long,
-        default_value = "You are a helpful kitchen assistant. Answer briefly."
-    )]
+    #[arg(long, default_value = "You are a helpful kitchen assistant. Answer briefly.")]
     pub system: String,
     /// Most tokens per answer.
     #[arg(long, default_value_t = 256)]

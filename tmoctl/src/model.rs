@@ -47,18 +47,8 @@ pub fn run(command: ModelCommand) -> anyhow::Result<()> {
             let dir = model_dir(dir)?;
             for model in KNOWN_MODELS {
                 let path = dir.join(model.file_name);
-                let state = if path.is_file() {
-                    "installed"
-                } else {
-                    "not installed"
-                };
-                println!(
-                    "{:<14} {:<14} {}  {}",
-                    model.name,
-                    state,
-                    model.description,
-                    path.display()
-                );
+                let state = if path.is_file() { "installed" } else { "not installed" };
+                println!("{:<14} {:<14} {}  {}", model.name, state, model.description, path.display());
             }
             Ok(())
         }
