@@ -79,19 +79,23 @@ fn decide_answers_every_line_and_names_bad_ones() {
     assert!(lines[1]["error"].as_str().unwrap().contains("not a decide line"));
     assert_eq!(lines[2]["line"], 3);
     assert!(lines[2]["error"].as_str().unwrap().contains("27"), "{}", lines[2]);
-    // Line 4 is blank and skipped; line 5 masks action 6: the runner-up (cloud, view 2).
-    assert_eq!(lines[3]["action"], 4);
+    // Line 4 is blank and skipped; line 5 masks action 6: the runner-up (cloud, view 0).
+    assert_eq!(lines[3]["action"], 2);
     assert_eq!(lines[4]["line"], 6);
 }
 
 #[test]
 fn decide_with_a_profile_masks_over_budget_actions() {
-    // 2 s and 0.001 USD left: no cloud action fits the paper's tables, so local.
+    // 0.008 USD left: the policy wants views 0 and 2 (0.00945 USD on the paper's tables); the
+    // profile masks it and the best affordable action, one view (0.005 USD), is taken.
+    let obs = FIRST_QUERY.replace("30.0,0.05", "30.0,0.008");
+    let line = format!("{{\"obs\": {obs}}}\n");
+    assert_eq!(decide("sb3-rc-ppo-m4a1.onnx", &[], &line)[0]["action"], 6);
+    assert_eq!(decide("sb3-rc-ppo-m4a1.onnx", &["--profile", "jetson-tx2"], &line)[0]["action"], 2);
+    // 2 s left: nothing cloud fits; the policy's own choice is local anyway.
     let obs = FIRST_QUERY.replace("30.0,0.05", "2.0,0.001");
     let lines = decide("sb3-rc-ppo-m4a1.onnx", &["--profile", "jetson-tx2"], format!("{{\"obs\": {obs}}}\n"));
     assert_eq!(lines[0]["action"], 0, "{:?}", lines[0]);
-    let lines = decide("sb3-rc-ppo-m4a1.onnx", &[], format!("{{\"obs\": {obs}}}\n"));
-    assert_ne!(lines[0]["action"], 0, "without the profile the policy's own choice stands");
 }
 
 #[test]
