@@ -23,7 +23,7 @@ enum Command {
     /// Check device profiles; exits 64 naming the field when one is invalid.
     Validate {
         /// Profile files or built-in profile names.
-        #[arg(long = "profile", required = true)]
+        #[arg(long = "profile", required = true, num_args = 1..)]
         profiles: Vec<String>,
     },
     /// Start sensing and print, once a second, telemetry, each modality's availability and frame

@@ -24,6 +24,20 @@ fn validate_accepts_every_shipped_profile() {
 }
 
 #[test]
+fn validate_takes_several_profiles_after_one_flag() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../device-profiles");
+    let out = tmod()
+        .args(["validate", "--profile"])
+        .arg(dir.join("jetson-tx2.toml"))
+        .arg(dir.join("x86-dev.toml"))
+        .arg("rk3588")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8(out.stdout).unwrap().lines().count(), 3);
+}
+
+#[test]
 fn validate_exits_64_naming_the_field() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bad.toml");

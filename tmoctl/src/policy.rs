@@ -10,7 +10,7 @@ use device_profiles::DeviceProfile;
 use policy_onnx::decision::{Availability, allowed_actions, choose};
 use policy_onnx::{Exploration, LoadOptions, ModalitySet, Policy};
 use rand::SeedableRng;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Subcommand)]
 pub enum PolicyCommand {
@@ -65,6 +65,13 @@ fn inspect(file: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+#[derive(Debug, Serialize)]
+struct DecideReply<'a> {
+    action: usize,
+    scores: &'a [f32],
+    propensity: f64,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct DecideLine {
@@ -92,7 +99,7 @@ pub fn decide_lines(
         if line.trim_ascii().is_empty() {
             continue;
         }
-        let result = (|| -> anyhow::Result<serde_json::Value> {
+        let result = (|| -> anyhow::Result<String> {
             let parsed: DecideLine = serde_json::from_slice(&line).context("not a decide line")?;
             session.scores_into(&parsed.obs, &mut scores)?;
             let mut allowed = match parsed.allowed {
@@ -117,15 +124,13 @@ pub fn decide_lines(
                 allowed.iter_mut().zip(&budget_mask).for_each(|(a, b)| *a &= *b);
             }
             let choice = choose(&scores, &allowed, Exploration::Greedy, &mut rng)?;
-            Ok(serde_json::json!({
-                "action": choice.action,
-                "scores": scores,
-                "propensity": choice.propensity,
-            }))
+            // A typed reply keeps the scores f32, so they print as the shortest f32 text.
+            let reply = DecideReply { action: choice.action, scores: &scores, propensity: choice.propensity };
+            Ok(serde_json::to_string(&reply)?)
         })();
         let reply = match result {
             Ok(value) => value,
-            Err(e) => serde_json::json!({ "line": number, "error": format!("{e:#}") }),
+            Err(e) => serde_json::json!({ "line": number, "error": format!("{e:#}") }).to_string(),
         };
         writeln!(output, "{reply}").context("writing stdout")?;
     }
