@@ -2,7 +2,6 @@
 
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Subcommand;
@@ -40,10 +39,8 @@ pub fn run(command: PolicyCommand) -> anyhow::Result<()> {
     match command {
         PolicyCommand::Inspect { file } => inspect(&file),
         PolicyCommand::Decide { file, profile } => {
-            let profile = profile
-                .map(|p| DeviceProfile::load(&p).with_context(|| format!("loading profile {p}")))
-                .transpose()?;
-            let policy = load(&file)?;
+            let profile = profile.as_deref().map(load_profile).transpose()?;
+            let policy = load_policy(&file)?;
             let stdin = std::io::stdin().lock();
             let mut stdout = std::io::stdout().lock();
             decide_lines(&policy, profile.as_ref(), stdin, &mut stdout)
@@ -53,14 +50,19 @@ pub fn run(command: PolicyCommand) -> anyhow::Result<()> {
     }
 }
 
-fn load(file: &Path) -> anyhow::Result<Arc<Policy>> {
-    let policy = Policy::from_file(file, &LoadOptions::default())
-        .with_context(|| format!("loading policy {}", file.display()))?;
-    Ok(Arc::new(policy))
+/// A contract policy file, validated, with the file named in the error.
+pub(crate) fn load_policy(file: &Path) -> anyhow::Result<Policy> {
+    Policy::from_file(file, &LoadOptions::default())
+        .with_context(|| format!("loading policy {}", file.display()))
+}
+
+/// A device profile by path or built-in name, named in the error.
+pub(crate) fn load_profile(spec: &str) -> anyhow::Result<DeviceProfile> {
+    DeviceProfile::load(spec).with_context(|| format!("loading profile {spec}"))
 }
 
 fn inspect(file: &Path) -> anyhow::Result<()> {
-    let policy = load(file)?;
+    let policy = load_policy(file)?;
     println!("{}", serde_json::to_string_pretty(policy.info())?);
     Ok(())
 }

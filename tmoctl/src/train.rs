@@ -4,9 +4,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use crate::policy::{load_policy, load_profile};
 use anyhow::Context;
 use clap::Args;
-use device_profiles::DeviceProfile;
 use indicatif::{ProgressBar, ProgressStyle};
 use policy_onnx::m4a1::{self, Dialogue};
 use policy_onnx::train::eval::{Candidates, Split, evaluate};
@@ -75,10 +75,6 @@ fn load_dialogues(path: &Path) -> anyhow::Result<(Vec<Dialogue>, String)> {
     let bytes = std::fs::read(path).with_context(|| format!("reading dataset {}", path.display()))?;
     let dialogues = m4a1::parse(&bytes, &path.display().to_string())?;
     Ok((dialogues, m4a1::data_hash(&bytes)))
-}
-
-fn load_profile(spec: &str) -> anyhow::Result<DeviceProfile> {
-    DeviceProfile::load(spec).with_context(|| format!("loading profile {spec}"))
 }
 
 /// Trains, writes and re-loads the policy; prints a summary on stdout.
@@ -162,8 +158,7 @@ pub fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
         .policies
         .iter()
         .map(|p| {
-            let policy = Policy::from_file(p, &LoadOptions::default())
-                .with_context(|| format!("loading policy {}", p.display()))?;
+            let policy = load_policy(p)?;
             let name =
                 p.file_name().map_or_else(|| p.display().to_string(), |n| n.to_string_lossy().into_owned());
             Ok((name, policy))
