@@ -1,0 +1,1 @@
+//! The durable outcome log of a device.

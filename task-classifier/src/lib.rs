@@ -1,0 +1,1 @@
+//! The task category of a question, predicted on the device.
