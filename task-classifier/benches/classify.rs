@@ -1,0 +1,45 @@
+//! Time to classify one question (embedding plus head), with the shipped head.
+//!
+//! Needs the model: `tmoctl model fetch all-minilm-l6-v2`. candle 0.11's CPU matrix products
+//! use `RAYON_NUM_THREADS` threads (else one per CPU of the process; `CANDLE_NUM_THREADS` only
+//! sizes a barrier pool); the bench prints the count it runs with.
+//! Run: `RAYON_NUM_THREADS=1 cargo bench -p task-classifier --bench classify`.
+
+use std::hint::black_box;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use task_classifier::TaskClassifier;
+
+const QUESTIONS: [&str; 4] = [
+    "Please turn on all the lights in the kitchen.",
+    "Please draft a text message asking my friend to bring some ketchup on their way over.",
+    "What are the calorie counts for potatoes and cucumbers?",
+    "I'm inviting friends over for a dinner party. Do you have any simple cocktail recommendations?",
+];
+
+fn classify(c: &mut Criterion) {
+    let model_dir = match llm_engine::default_model_dir() {
+        Ok(dir) => dir.join("all-minilm-l6-v2"),
+        Err(e) => panic!("no model directory: {e}"),
+    };
+    let classifier = match TaskClassifier::with_default_head(&model_dir) {
+        Ok(classifier) => classifier,
+        Err(e) => panic!("{e}"),
+    };
+    eprintln!("candle CPU threads: {}", candle_core::utils::get_num_threads());
+    let mut group = c.benchmark_group("classify");
+    group.bench_function("one question (4 questions in turn)", |b| {
+        let mut i = 0;
+        b.iter(|| {
+            i = (i + 1) % QUESTIONS.len();
+            black_box(classifier.classify(black_box(QUESTIONS[i])).map(|c| c.task).ok())
+        })
+    });
+    group.bench_function("short question", |b| {
+        b.iter(|| black_box(classifier.classify(black_box("Is anyone home?")).ok()))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, classify);
+criterion_main!(benches);
