@@ -1,0 +1,244 @@
+//! Policy bundles: the envelope (manifest, ONNX bytes, Ed25519 signature) published retained on
+//! [`crate::Topic::Policy`].
+//!
+//! The signature covers the manifest's exact CBOR bytes, which are carried as a byte string, so
+//! that no re-encoding is needed to verify; the manifest holds the ONNX bytes' sha256 and size,
+//! so the signature covers the model too. What a device does with a verified bundle (schema
+//! check, probe run, atomic swap) is the daemon's business.
+
+use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::codec::{CborMessage, EncodeError, MessageKind};
+use crate::topic::DeviceId;
+
+/// What a policy bundle claims about its model.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyManifest {
+    /// The policy version (free text, unique per push).
+    pub version: String,
+    /// Observation schema, e.g. `v1` (27 floats in, 9 scores out).
+    pub schema: String,
+    /// Lower-case hex sha256 of the ONNX bytes.
+    pub onnx_sha256: String,
+    /// Length of the ONNX bytes.
+    pub onnx_size_bytes: u64,
+    /// ONNX opset of the model.
+    pub opset: Option<u32>,
+    /// Hash of the training data the policy was fitted on.
+    pub training_data_sha256: Option<String>,
+    /// Oldest daemon version that may load it.
+    pub min_daemon_version: String,
+    /// When it was made (unix ms).
+    pub created_unix_ms: u64,
+    /// Share of the group's devices that take it, in percent (None: all).
+    pub canary_percent: Option<u8>,
+}
+
+/// The signed envelope (CBOR body).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyBundle {
+    /// The manifest's CBOR bytes, as signed.
+    #[serde(with = "serde_bytes")]
+    pub manifest: Vec<u8>,
+    /// The ONNX model.
+    #[serde(with = "serde_bytes")]
+    pub onnx: Vec<u8>,
+    /// Ed25519 public key of the signer (32 bytes).
+    #[serde(with = "serde_bytes")]
+    pub public_key: Vec<u8>,
+    /// Ed25519 signature of `manifest` (64 bytes).
+    #[serde(with = "serde_bytes")]
+    pub signature: Vec<u8>,
+}
+
+impl std::fmt::Debug for PolicyBundle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PolicyBundle")
+            .field("manifest_bytes", &self.manifest.len())
+            .field("onnx_bytes", &self.onnx.len())
+            .field("public_key", &hex::encode(&self.public_key))
+            .finish()
+    }
+}
+
+impl CborMessage for PolicyBundle {
+    const KIND: MessageKind = MessageKind::PolicyBundle;
+}
+
+/// Why a bundle is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BundleError {
+    /// The signer's key is not in the trust list.
+    #[error("bundle signed by key {0}, which is not trusted")]
+    UnknownKey(String),
+    /// The public key or signature has the wrong length or is not a valid point.
+    #[error("malformed key or signature: {0}")]
+    MalformedSignature(String),
+    /// The signature does not verify.
+    #[error("signature does not verify")]
+    BadSignature,
+    /// The manifest bytes are not a manifest.
+    #[error("malformed manifest: {0}")]
+    MalformedManifest(String),
+    /// The ONNX bytes do not have the manifest's hash.
+    #[error("ONNX sha256 {actual} differs from the manifest's {expected}")]
+    HashMismatch {
+        /// From the manifest.
+        expected: String,
+        /// Of the bytes.
+        actual: String,
+    },
+    /// The ONNX bytes do not have the manifest's size.
+    #[error("ONNX is {actual} bytes, the manifest says {expected}")]
+    SizeMismatch {
+        /// From the manifest.
+        expected: u64,
+        /// Of the bytes.
+        actual: u64,
+    },
+}
+
+/// Lower-case hex sha256.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+impl PolicyBundle {
+    /// Signs `manifest` (whose hash and size fields must describe `onnx`; use
+    /// [`PolicyManifest::describe`] to fill them) with `key`.
+    pub fn sign(manifest: &PolicyManifest, onnx: Vec<u8>, key: &SigningKey) -> Result<Self, EncodeError> {
+        let mut manifest_bytes = Vec::new();
+        ciborium::into_writer(manifest, &mut manifest_bytes)
+            .map_err(|e| EncodeError::Cbor { what: "policy manifest", reason: e.to_string() })?;
+        let signature = key.sign(&manifest_bytes);
+        Ok(Self {
+            manifest: manifest_bytes,
+            onnx,
+            public_key: key.verifying_key().to_bytes().to_vec(),
+            signature: signature.to_bytes().to_vec(),
+        })
+    }
+
+    /// Verifies the signature against the trust list, then the ONNX hash and size; returns
+    /// the manifest.
+    pub fn verify(&self, trusted: &[VerifyingKey]) -> Result<PolicyManifest, BundleError> {
+        let key_bytes: [u8; 32] = self.public_key.as_slice().try_into().map_err(|_| {
+            BundleError::MalformedSignature(format!("public key of {} bytes", self.public_key.len()))
+        })?;
+        let key = trusted
+            .iter()
+            .find(|k| k.as_bytes() == &key_bytes)
+            .ok_or_else(|| BundleError::UnknownKey(hex::encode(key_bytes)))?;
+        let signature = Signature::from_slice(&self.signature)
+            .map_err(|e| BundleError::MalformedSignature(e.to_string()))?;
+        key.verify(&self.manifest, &signature).map_err(|_| BundleError::BadSignature)?;
+        let manifest: PolicyManifest = ciborium::from_reader(self.manifest.as_slice())
+            .map_err(|e| BundleError::MalformedManifest(e.to_string()))?;
+        let actual_size = self.onnx.len() as u64;
+        if actual_size != manifest.onnx_size_bytes {
+            return Err(BundleError::SizeMismatch {
+                expected: manifest.onnx_size_bytes,
+                actual: actual_size,
+            });
+        }
+        let actual = sha256_hex(&self.onnx);
+        if actual != manifest.onnx_sha256 {
+            return Err(BundleError::HashMismatch { expected: manifest.onnx_sha256, actual });
+        }
+        Ok(manifest)
+    }
+}
+
+impl PolicyManifest {
+    /// Sets the hash and size fields from the ONNX bytes.
+    pub fn describe(mut self, onnx: &[u8]) -> Self {
+        self.onnx_sha256 = sha256_hex(onnx);
+        self.onnx_size_bytes = onnx.len() as u64;
+        self
+    }
+}
+
+/// Whether `device` is in the canary share of a push of `version` at `percent` (0..=100).
+/// Stable: the same device, version and share give the same answer on every device and in
+/// the fleet CLI; a larger share includes every device of a smaller one.
+pub fn in_canary(device: &DeviceId, version: &str, percent: u8) -> bool {
+    let digest = Sha256::new()
+        .chain_update(version.as_bytes())
+        .chain_update([0u8])
+        .chain_update(device.as_str().as_bytes())
+        .finalize();
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    let bucket = u64::from_be_bytes(first) % 10_000;
+    bucket < u64::from(percent.min(100)) * 100
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(seed: u8) -> SigningKey {
+        SigningKey::from_bytes(&[seed; 32])
+    }
+
+    fn manifest() -> PolicyManifest {
+        PolicyManifest {
+            version: "p-5".into(),
+            schema: "v1".into(),
+            onnx_sha256: String::new(),
+            onnx_size_bytes: 0,
+            opset: Some(17),
+            training_data_sha256: None,
+            min_daemon_version: "0.1.0".into(),
+            created_unix_ms: 1,
+            canary_percent: None,
+        }
+    }
+
+    #[test]
+    fn signed_bundle_verifies_after_a_cbor_round_trip() {
+        let onnx = vec![7u8; 5000];
+        let bundle = PolicyBundle::sign(&manifest().describe(&onnx), onnx, &key(1)).unwrap();
+        let body = bundle.to_cbor().unwrap();
+        let back = PolicyBundle::from_cbor(&body, 1 << 20).unwrap();
+        let m = back.verify(&[key(2).verifying_key(), key(1).verifying_key()]).unwrap();
+        assert_eq!(m.version, "p-5");
+        assert_eq!(m.onnx_size_bytes, 5000);
+    }
+
+    #[test]
+    fn tampering_is_refused_with_its_reason() {
+        let onnx = vec![7u8; 5000];
+        let good = PolicyBundle::sign(&manifest().describe(&onnx), onnx, &key(1)).unwrap();
+        let trusted = [key(1).verifying_key()];
+        assert!(matches!(good.verify(&[key(2).verifying_key()]), Err(BundleError::UnknownKey(_))));
+        let mut flipped = good.clone();
+        flipped.onnx[100] ^= 1;
+        assert!(matches!(flipped.verify(&trusted), Err(BundleError::HashMismatch { .. })));
+        let mut longer = good.clone();
+        longer.onnx.push(0);
+        assert!(matches!(longer.verify(&trusted), Err(BundleError::SizeMismatch { .. })));
+        let mut forged = good.clone();
+        forged.manifest[5] ^= 1;
+        assert_eq!(forged.verify(&trusted), Err(BundleError::BadSignature));
+        let mut short = good;
+        short.signature.pop();
+        assert!(matches!(short.verify(&trusted), Err(BundleError::MalformedSignature(_))));
+    }
+
+    #[test]
+    fn canary_is_stable_and_about_the_right_share() {
+        let devices: Vec<DeviceId> = (0..2000).map(|i| DeviceId::new(format!("d{i}")).unwrap()).collect();
+        let ten = devices.iter().filter(|d| in_canary(d, "p-5", 10)).count();
+        assert!((150..250).contains(&ten), "{ten}");
+        for d in &devices {
+            if in_canary(d, "p-5", 10) {
+                assert!(in_canary(d, "p-5", 50));
+            }
+            assert!(in_canary(d, "p-5", 100));
+            assert!(!in_canary(d, "p-5", 0));
+        }
+    }
+}

@@ -1,0 +1,171 @@
+//! A real Mosquitto broker for tests (feature `testing`): Debian's `/usr/sbin/mosquitto`
+//! started on a free loopback port with a generated configuration in a temporary directory,
+//! killed when dropped. `stop` and `restart` simulate the broker going away and coming back on
+//! the same port.
+
+use std::io::Write;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Where Debian installs the broker; `MOSQUITTO` in the environment overrides it.
+pub const DEFAULT_MOSQUITTO: &str = "/usr/sbin/mosquitto";
+
+/// The broker could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// An I/O error (temporary directory, configuration file, spawning).
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The broker did not accept connections in time.
+    #[error("mosquitto did not listen on port {port} within {waited:?}; its log:\n{log}")]
+    NotListening {
+        /// The port.
+        port: u16,
+        /// How long we waited.
+        waited: Duration,
+        /// The broker's log.
+        log: String,
+    },
+}
+
+/// PEM files for a TLS listener.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// CA certificate that signed the server's and the clients' certificates.
+    pub ca_file: PathBuf,
+    /// Server certificate.
+    pub cert_file: PathBuf,
+    /// Server key.
+    pub key_file: PathBuf,
+    /// Ask clients for a certificate signed by the CA.
+    pub require_client_certificate: bool,
+}
+
+/// How to start the broker.
+#[derive(Debug, Clone, Default)]
+pub struct BrokerOptions {
+    /// `max_packet_size` of the broker (0 or None: Mosquitto's default, no limit).
+    pub max_packet_bytes: Option<u32>,
+    /// Serve TLS instead of plain TCP.
+    pub tls: Option<TlsFiles>,
+}
+
+/// A running (or stopped) Mosquitto.
+#[derive(Debug)]
+pub struct MosquittoBroker {
+    port: u16,
+    dir: tempfile::TempDir,
+    config_path: PathBuf,
+    child: Option<Child>,
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> BrokerError {
+    let what = what.into();
+    move |source| BrokerError::Io { what, source }
+}
+
+/// A port free on 127.0.0.1 now (the OS picks it).
+pub fn free_port() -> Result<u16, BrokerError> {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).map_err(io_err("binding a free port"))?;
+    let port = listener.local_addr().map_err(io_err("reading the free port"))?.port();
+    Ok(port)
+}
+
+impl MosquittoBroker {
+    /// Starts a plain broker (anonymous, no persistence) on a free loopback port.
+    pub fn start() -> Result<Self, BrokerError> {
+        Self::start_with(BrokerOptions::default())
+    }
+
+    /// Starts a broker with `options`.
+    pub fn start_with(options: BrokerOptions) -> Result<Self, BrokerError> {
+        let dir = tempfile::tempdir().map_err(io_err("creating the broker's directory"))?;
+        let port = free_port()?;
+        let config_path = dir.path().join("mosquitto.conf");
+        let mut conf = format!(
+            "per_listener_settings false\nallow_anonymous true\npersistence false\n\
+             log_dest file {}\nlog_type all\nlistener {port} 127.0.0.1\n",
+            dir.path().join("mosquitto.log").display()
+        );
+        if let Some(max) = options.max_packet_bytes {
+            conf.push_str(&format!("max_packet_size {max}\n"));
+        }
+        if let Some(tls) = &options.tls {
+            conf.push_str(&format!(
+                "cafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate {}\n",
+                tls.ca_file.display(),
+                tls.cert_file.display(),
+                tls.key_file.display(),
+                tls.require_client_certificate
+            ));
+        }
+        let mut file = std::fs::File::create(&config_path).map_err(io_err("writing mosquitto.conf"))?;
+        file.write_all(conf.as_bytes()).map_err(io_err("writing mosquitto.conf"))?;
+        let mut broker = Self { port, dir, config_path, child: None };
+        broker.restart()?;
+        Ok(broker)
+    }
+
+    /// The port it listens on (the same across restarts).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Its temporary directory (configuration and log).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The broker's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("mosquitto.log")).unwrap_or_default()
+    }
+
+    /// Kills the broker (SIGKILL: clients see their connection drop) and reaps it.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the broker again on the same port (after [`MosquittoBroker::stop`]); waits until
+    /// it accepts connections.
+    pub fn restart(&mut self) -> Result<(), BrokerError> {
+        self.stop();
+        let binary = std::env::var("MOSQUITTO").unwrap_or_else(|_| DEFAULT_MOSQUITTO.to_owned());
+        let child = Command::new(&binary)
+            .arg("-c")
+            .arg(&self.config_path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(io_err(format!("spawning {binary}")))?;
+        self.child = Some(child);
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, self.port));
+        let started = Instant::now();
+        let waited = Duration::from_secs(10);
+        while started.elapsed() < waited {
+            if TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_ok() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.stop();
+        Err(BrokerError::NotListening { port: self.port, waited, log: self.log() })
+    }
+}
+
+impl Drop for MosquittoBroker {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
