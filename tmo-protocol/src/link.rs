@@ -32,7 +32,7 @@ use bytes::Bytes;
 use rumqttc::v5::mqttbytes::QoS as RumqttQoS;
 use rumqttc::v5::mqttbytes::v5::{Filter, LastWill, Packet, PubAckReason, Publish, PublishProperties};
 use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions, Request};
-use rumqttc::{Outgoing, TlsConfiguration, Transport};
+use rumqttc::{NetworkOptions, Outgoing, TlsConfiguration, Transport};
 use serde::Deserialize;
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
@@ -683,6 +683,10 @@ impl Link {
             .set_keep_alive(Duration::from_secs(config.keep_alive_secs))
             .set_clean_start(true)
             .set_max_packet_size(Some(config.max_packet_bytes));
+        // Small frames (acks, replies) must not wait for Nagle and delayed ACKs (40 ms).
+        let mut network = NetworkOptions::new();
+        network.set_tcp_nodelay(true);
+        options.set_network_options(network);
         if let Some(user) = &config.username {
             options.set_credentials(user.clone(), config.password.clone().unwrap_or_default());
         }
