@@ -4,6 +4,7 @@
 //! - [`topic`]: topic names and subscription filters, with validated device ids and group names;
 //! - [`messages`], [`bundle`]: payload types; [`codec`]: their CBOR and JSON encodings with typed
 //!   decode errors;
+//! - [`inbox`]: frames in, typed messages out, refusals counted and logged;
 //! - [`chunk`]: frames, splitting payloads larger than the broker's packet limit and
 //!   reassembling them with limits, a timeout and a checksum;
 //! - [`link`]: the MQTT connection task (rumqttc, MQTT v5) that keeps polling, reconnects with
@@ -13,6 +14,7 @@
 pub mod bundle;
 pub mod chunk;
 pub mod codec;
+pub mod inbox;
 pub mod link;
 pub mod messages;
 pub mod reject;
@@ -23,6 +25,7 @@ pub mod topic;
 pub use bundle::{BundleError, PolicyBundle, PolicyManifest, in_canary};
 pub use chunk::{FrameError, Reassembler, ReassemblyLimits, ReassemblyStats, split};
 pub use codec::{CborMessage, DecodeError, EncodeError, JsonMessage, MESSAGE_VERSION};
+pub use inbox::{Inbox, InboxError};
 pub use messages::*;
 pub use reject::{RejectCounts, RejectKind};
 pub use topic::{DeviceId, GroupName, ShareGroup, Topic, TopicError};
