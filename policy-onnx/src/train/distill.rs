@@ -30,11 +30,24 @@ pub struct DistillConfig {
     pub batch_size: usize,
     /// Adam's step size at the start; it decays linearly to a tenth at the end.
     pub learning_rate: f32,
+    /// Weight of the ranking term: a hinge loss `max(0, y_a - y_best + rank_margin)` for every
+    /// action a other than the planner's, added to the squared error so that the network's
+    /// arg-max is the planner's action and not only close in value (0 turns it off).
+    pub rank_weight: f32,
+    /// How far below the planner's action the network must score every other action.
+    pub rank_margin: f32,
 }
 
 impl Default for DistillConfig {
     fn default() -> Self {
-        DistillConfig { hidden: vec![64, 64], epochs: 300, batch_size: 32, learning_rate: 3e-3 }
+        DistillConfig {
+            hidden: vec![64, 64],
+            epochs: 300,
+            batch_size: 32,
+            learning_rate: 3e-3,
+            rank_weight: 1.0,
+            rank_margin: 0.05,
+        }
     }
 }
 
@@ -93,7 +106,10 @@ pub fn fit(
             let scale_loss = 1.0 / (batch_weight.max(f32::MIN_POSITIVE) * outputs as f32);
             for &i in batch {
                 let scale = scale_loss * samples[i].weight;
-                epoch_loss += work.accumulate(&mlp, &normalised[i], &samples[i].targets, scale, &mut grads);
+                let rank =
+                    Ranking { best: samples[i].best, weight: config.rank_weight, margin: config.rank_margin };
+                epoch_loss +=
+                    work.accumulate(&mlp, &normalised[i], &samples[i].targets, scale, rank, &mut grads);
             }
             step += 1;
             b1t *= BETA1;
@@ -161,6 +177,14 @@ fn fold_standardisation(mlp: &mut Mlp, mean: &[f32], scale: &[f32]) {
     }
 }
 
+/// The ranking term of one sample: the planner's action and the hinge's weight and margin.
+#[derive(Debug, Clone, Copy)]
+struct Ranking {
+    best: usize,
+    weight: f32,
+    margin: f32,
+}
+
 /// Activations of one forward pass, reused across samples.
 struct Workspace {
     /// `activations[0]` is the input, `activations[l + 1]` the output of layer l.
@@ -176,13 +200,15 @@ impl Workspace {
         Workspace { activations, deltas }
     }
 
-    /// Adds the gradient of `scale * |f(x) - target|^2` to `grads`; returns the squared error.
+    /// Adds the gradient of `scale * (|f(x) - target|^2 + ranking hinge)` to `grads`; returns
+    /// the squared error.
     fn accumulate(
         &mut self,
         mlp: &Mlp,
         x: &[f32],
         target: &[f32],
         scale: f32,
+        rank: Ranking,
         grads: &mut [(Vec<f32>, Vec<f32>)],
     ) -> f64 {
         self.activations[0].copy_from_slice(x);
@@ -196,6 +222,17 @@ impl Workspace {
             let e = y - t;
             squared += f64::from(e * e);
             *d = 2.0 * e * scale;
+        }
+        if rank.weight > 0.0 {
+            let y = &self.activations[last + 1];
+            let deltas = &mut self.deltas[last];
+            let best = y[rank.best];
+            for (a, ya) in y.iter().enumerate() {
+                if a != rank.best && ya - best + rank.margin > 0.0 {
+                    deltas[a] += rank.weight * scale;
+                    deltas[rank.best] -= rank.weight * scale;
+                }
+            }
         }
         for l in (0..=last).rev() {
             let layer = &mlp.layers()[l];
@@ -286,7 +323,13 @@ mod tests {
 
     #[test]
     fn learns_a_known_function_and_folds_the_scaling() {
-        let config = DistillConfig { hidden: vec![16], epochs: 60, batch_size: 16, learning_rate: 1e-2 };
+        let config = DistillConfig {
+            hidden: vec![16],
+            epochs: 60,
+            batch_size: 16,
+            learning_rate: 1e-2,
+            ..DistillConfig::default()
+        };
         let (mlp, report) = fit(&samples(), &config, &mut ChaCha8Rng::seed_from_u64(1), &mut |_, _| {});
         assert!(report.mse < 5e-3, "{report:?}");
         assert!(report.agreement > 0.9, "{report:?}");
@@ -295,9 +338,49 @@ mod tests {
         assert!((y[0] - 0.5).abs() < 0.15 && (y[1] - 0.5).abs() < 0.15, "{y:?}");
     }
 
+    /// Two actions whose values differ by far less than they vary: the squared error alone
+    /// barely ranks them, the ranking term makes the planner's action the arg-max.
+    #[test]
+    fn the_ranking_term_fixes_the_arg_max_of_close_values() {
+        let mut rng = ChaCha8Rng::seed_from_u64(4);
+        let samples: Vec<Sample> = (0..400)
+            .map(|_| {
+                let observation: Vec<f32> = vec![rng.random_range(-1.0..1.0), rng.random_range(-1.0..1.0)];
+                let gap = if observation[1] > 0.0 { 0.01 } else { -0.01 };
+                let targets = vec![observation[0], observation[0] + gap];
+                let best = super::super::sim::argmax(&targets);
+                Sample { observation, targets, best, weight: 1.0 }
+            })
+            .collect();
+        let config = DistillConfig {
+            hidden: vec![16],
+            epochs: 40,
+            batch_size: 16,
+            learning_rate: 1e-2,
+            rank_weight: 0.0,
+            ..DistillConfig::default()
+        };
+        let fit_with = |rank_weight| {
+            let config = DistillConfig { rank_weight, ..config.clone() };
+            fit(&samples, &config, &mut ChaCha8Rng::seed_from_u64(1), &mut |_, _| {}).1
+        };
+        let plain = fit_with(0.0);
+        let ranked = fit_with(1.0);
+        assert!(ranked.agreement > 0.95, "{ranked:?}");
+        assert!(ranked.agreement > plain.agreement, "{ranked:?} vs {plain:?}");
+        // The values stay values: the squared error is still small.
+        assert!(ranked.mse < 5e-3, "{ranked:?}");
+    }
+
     #[test]
     fn same_seed_same_weights_other_seed_other_weights() {
-        let config = DistillConfig { hidden: vec![8], epochs: 3, batch_size: 16, learning_rate: 1e-2 };
+        let config = DistillConfig {
+            hidden: vec![8],
+            epochs: 3,
+            batch_size: 16,
+            learning_rate: 1e-2,
+            ..DistillConfig::default()
+        };
         let run = |seed| fit(&samples(), &config, &mut ChaCha8Rng::seed_from_u64(seed), &mut |_, _| {}).0;
         assert_eq!(run(5), run(5));
         assert_ne!(run(5), run(6));
