@@ -245,7 +245,7 @@ mod tests {
             .iter()
             .enumerate()
             .flat_map(|(i, &task)| {
-                (0..3).map(move |j| example(j, &format!("q{i}"), task, i * 10 + j as usize))
+                (0..3).map(move |j| example(j, &format!("q{i}-{j}"), task, i * 10 + j as usize))
             })
             .collect()
     }
@@ -283,6 +283,6 @@ mod tests {
                 }
             }
         }
-        assert!(fold_assignments(&questions, 5, FoldBy::Question).is_err(), "4 texts, 5 folds");
+        assert!(fold_assignments(&questions, 13, FoldBy::Question).is_err(), "12 texts, 13 folds");
     }
 }
