@@ -21,3 +21,7 @@ pub use decision::{
 };
 pub use runtime::{LoadOptions, Policy, PolicyError, PolicyInfo, PolicySlot};
 pub use schema::{Action, ModalitySet, SCHEMA_V1, Schema, TaskCategory, Turn};
+
+/// The default policy (`policies/default.onnx`, made by `policies/make-default.sh`), built into
+/// every binary that serves decisions.
+pub const DEFAULT_POLICY: &[u8] = include_bytes!("../policies/default.onnx");

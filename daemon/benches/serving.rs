@@ -1,0 +1,130 @@
+//! The serving figures of the issue, measured on a real `tmod run` process:
+//! - API overhead per request excluding generation (decode, classify, decide, log and the
+//!   HTTP/SSE round trip over the Unix socket), median and tail;
+//! - CPU of the idle daemon with its models loaded.
+//!
+//! `cargo bench -p daemon --bench serving [-- --requests N --idle-secs S]`
+//! Needs the models installed (`tmoctl model fetch smollm2-135m all-minilm-l6-v2`).
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tmod_api::{AskRequest, Client, Endpoint};
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+fn summary(name: &str, mut values: Vec<f64>) {
+    values.sort_by(f64::total_cmp);
+    println!(
+        "{name:<28} median {:>8.3} ms   p90 {:>8.3} ms   p99 {:>8.3} ms   (n = {})",
+        percentile(&values, 0.5),
+        percentile(&values, 0.9),
+        percentile(&values, 0.99),
+        values.len()
+    );
+}
+
+/// utime + stime of a process, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let field = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+    field(11) + field(12)
+}
+
+fn arg(name: &str, default: u64) -> u64 {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn main() {
+    let requests = arg("--requests", 200) as usize;
+    let idle_secs = arg("--idle-secs", 30);
+    let state = tempfile::tempdir().expect("tempdir");
+    let socket = state.path().join("api.sock");
+    let config = state.path().join("tmod.toml");
+    std::fs::write(
+        &config,
+        format!("state_dir = {:?}\n[model]\nmax_tokens = 1\n[dialogues]\nmax_active = 64\n", state.path()),
+    )
+    .expect("config");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tmod"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("TMOD_API_SOCKET", &socket)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("spawn tmod");
+    wait_for(&socket);
+    let client = Client::new(Endpoint::Unix(socket.clone()));
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let questions = [
+        "How long do I bake a potato at 200 degrees?",
+        "Make this message friendlier: dinner is at seven, do not be late.",
+        "What goes well with grilled salmon?",
+        "Set a timer reminder for the pasta in nine minutes.",
+        "Which of these spices is missing from the rack?",
+    ];
+    let (mut server, mut round_trip, mut classify, mut decide, mut log) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    runtime.block_on(async {
+        let mut dialogue = None;
+        for i in 0..requests + 10 {
+            if i % 5 == 0 {
+                dialogue = Some(client.new_dialogue().await.expect("dialogue").dialogue_id);
+            }
+            let request = AskRequest::new(dialogue.as_deref(), questions[i % questions.len()]);
+            let sent = Instant::now();
+            let response = client.ask(&request, |_| {}).await.expect("ask");
+            let elapsed_ms = sent.elapsed().as_secs_f64() * 1e3;
+            if i < 10 {
+                continue; // warm-up
+            }
+            let t = response.outcome.timings;
+            server.push(t.overhead_ms());
+            round_trip.push(elapsed_ms - t.generate_ms - t.queue_ms);
+            classify.push(t.classify_ms);
+            decide.push(t.decide_ms);
+            log.push(t.log_ms);
+        }
+    });
+    println!("tmod API overhead, excluding generation ({requests} requests, 1 generated token each)");
+    summary("on the daemon", server);
+    summary("client round trip", round_trip);
+    summary("  classify", classify);
+    summary("  decide", decide);
+    summary("  outcome log (durable)", log);
+
+    std::thread::sleep(Duration::from_secs(5));
+    let ticks_per_sec = 100.0; // USER_HZ on Linux
+    let before = cpu_ticks(child.id());
+    std::thread::sleep(Duration::from_secs(idle_secs));
+    let used = (cpu_ticks(child.id()) - before) as f64 / ticks_per_sec;
+    println!(
+        "idle daemon, models loaded: {:.2}% of one core over {idle_secs} s (sensing at the x86-dev profile's rates)",
+        100.0 * used / idle_secs as f64
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+fn wait_for(socket: &Path) {
+    let started = Instant::now();
+    while std::os::unix::net::UnixStream::connect(socket).is_err() {
+        assert!(started.elapsed() < Duration::from_secs(120), "tmod did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -1,0 +1,131 @@
+//! The local HTTP API (axum): routes, JSON errors, server-sent events. The contract is in
+//! the `tmod-api` crate.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::de::DeserializeOwned;
+use tmod_api::{AskRequest, AskResponse, ErrorBody, FeedbackRequest};
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::dialogues::DialogueError;
+use crate::service::{AskError, DecidedTurn, Service};
+
+/// The router over a running service.
+pub fn router(service: Arc<Service>, max_body_bytes: usize) -> Router {
+    Router::new()
+        .route("/v1/ask", post(ask))
+        .route("/v1/dialogues", post(new_dialogue))
+        .route("/v1/feedback", post(feedback))
+        .route("/v1/status", get(status))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "no such route".into()) })
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .with_state(service)
+}
+
+fn error(status: StatusCode, message: String) -> Response {
+    (status, axum::Json(ErrorBody { error: message })).into_response()
+}
+
+impl IntoResponse for AskError {
+    fn into_response(self) -> Response {
+        let status = match &self {
+            AskError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            AskError::Dialogue(DialogueError::Unknown(_) | DialogueError::UnknownTurn { .. }) => {
+                StatusCode::NOT_FOUND
+            }
+            AskError::Dialogue(DialogueError::Busy(_)) => StatusCode::CONFLICT,
+            AskError::Busy { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            AskError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        let mut response = error(status, self.to_string());
+        if let AskError::Busy { retry_after_secs } = self {
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
+        }
+        response
+    }
+}
+
+/// Parses a JSON body with a message that says what is wrong and where.
+fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, AskError> {
+    serde_json::from_slice(body).map_err(|e| AskError::BadRequest(format!("malformed JSON body: {e}")))
+}
+
+async fn ask(State(service): State<Arc<Service>>, body: Bytes) -> Result<Response, AskError> {
+    let received = Instant::now();
+    let request: AskRequest = parse(&body)?;
+    let decode_ms = received.elapsed().as_secs_f64() * 1e3;
+    let stream = request.stream;
+    let decide_service = service.clone();
+    // Classification and scoring are CPU work of a few milliseconds: off the reactor.
+    let DecidedTurn { decision, mut tokens, pending } =
+        tokio::task::spawn_blocking(move || decide_service.decide(request, received, decode_ms))
+            .await
+            .map_err(|e| AskError::Internal(e.to_string()))??;
+
+    if !stream {
+        while tokens.recv().await.is_some() {}
+        let outcome = service.finish(&decision, pending).await?;
+        return Ok(axum::Json(AskResponse { decision, outcome }).into_response());
+    }
+
+    let (events, receiver) = tokio::sync::mpsc::channel::<Result<Event, Infallible>>(64);
+    tokio::spawn(async move {
+        let mut listening = events.send(Ok(event("decision", &decision))).await.is_ok();
+        while let Some(piece) = tokens.recv().await {
+            if listening {
+                listening = events.send(Ok(event("token", &piece))).await.is_ok();
+            }
+            if !listening {
+                // The client left: dropping the receiver cancels the generation; the turn is
+                // still accounted for and logged below.
+                break;
+            }
+        }
+        drop(tokens);
+        let last = match service.finish(&decision, pending).await {
+            Ok(outcome) => event("outcome", &outcome),
+            Err(e) => event("error", &ErrorBody { error: e.to_string() }),
+        };
+        let _ = events.send(Ok(last)).await;
+    });
+    Ok(Sse::new(ReceiverStream::new(receiver)).keep_alive(KeepAlive::default()).into_response())
+}
+
+/// A server-sent event with a JSON body.
+fn event<T: serde::Serialize>(name: &str, body: &T) -> Event {
+    let data = serde_json::to_string(body).unwrap_or_else(|e| format!("{{\"error\":\"serialising: {e}\"}}"));
+    Event::default().event(name).data(data)
+}
+
+async fn new_dialogue(State(service): State<Arc<Service>>) -> Response {
+    axum::Json(service.new_dialogue()).into_response()
+}
+
+async fn feedback(State(service): State<Arc<Service>>, body: Bytes) -> Result<Response, AskError> {
+    let request: FeedbackRequest = parse(&body)?;
+    let update = service.feedback(&request.dialogue_id, request.turn, request.score).await?;
+    Ok(axum::Json(serde_json::json!({ "stored": matches!(update, outcome_log::ScoreUpdate::Updated) }))
+        .into_response())
+}
+
+async fn status(State(service): State<Arc<Service>>) -> Response {
+    axum::Json(service.status().await).into_response()
+}
+
+async fn metrics(State(service): State<Arc<Service>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        service.metrics.encode(),
+    )
+        .into_response()
+}

@@ -1,0 +1,142 @@
+//! `tmod run`: load everything, listen on the API socket (and the optional loopback port),
+//! tell systemd when ready and keep its watchdog fed, stop cleanly on SIGTERM or SIGINT.
+
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use sd_notify::NotifyState;
+use tokio::net::{TcpListener, UnixListener};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::service::Service;
+
+/// Runs the daemon until a termination signal.
+pub fn run(config: Config) -> anyhow::Result<()> {
+    let (service, sensing) = Service::start(config.clone())?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("tmod-io")
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let result = runtime.block_on(serve(service, &config));
+    sensing.shutdown(Duration::from_secs(2));
+    result
+}
+
+async fn serve(service: Arc<Service>, config: &Config) -> anyhow::Result<()> {
+    let file = &config.file;
+    let router = crate::api::router(service.clone(), file.api.max_body_bytes);
+    let stop = CancellationToken::new();
+
+    let unix = bind_unix(&file.api.socket)?;
+    tracing::info!(socket = %file.api.socket.display(), "API listening");
+    let mut servers = tokio::task::JoinSet::new();
+    let (app, token) = (router.clone(), stop.clone());
+    servers.spawn(async move {
+        axum::serve(unix, app)
+            .with_graceful_shutdown(token.cancelled_owned())
+            .await
+            .context("API on the Unix socket")
+    });
+    if let Some(addr) = config.api_tcp().map_err(anyhow::Error::msg)? {
+        let tcp = TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
+        tracing::info!(%addr, "API listening on TCP");
+        let (app, token) = (router, stop.clone());
+        servers.spawn(async move {
+            axum::serve(tcp, app).with_graceful_shutdown(token.cancelled_owned()).await.context("API on TCP")
+        });
+    }
+
+    // Idle dialogues expire even when nobody asks.
+    let expiry_service = service.clone();
+    let expiry_stop = stop.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(30));
+        loop {
+            tokio::select! {
+                _ = expiry_stop.cancelled() => break,
+                _ = tick.tick() => expiry_service.expire_dialogues(),
+            }
+        }
+    });
+
+    notify_systemd(&[NotifyState::Ready, NotifyState::Status("serving")]);
+    let watchdog = sd_notify::watchdog_enabled().map(|period| {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period / 2);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tick.tick() => notify_systemd(&[NotifyState::Watchdog]),
+                }
+            }
+        })
+    });
+
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("cannot watch SIGTERM")?;
+    let failed = tokio::select! {
+        _ = terminate.recv() => None,
+        _ = tokio::signal::ctrl_c() => None,
+        Some(done) = servers.join_next() => Some(done),
+    };
+    tracing::info!("stopping");
+    notify_systemd(&[NotifyState::Stopping]);
+    stop.cancel();
+    if let Some(watchdog) = watchdog {
+        watchdog.abort();
+    }
+    // Streams in flight get a moment to finish; their turns are logged as they end.
+    let drained = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(done) = servers.join_next().await {
+            if let Ok(Err(e)) = done {
+                tracing::warn!("{e:#}");
+            }
+        }
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!("requests still in flight after 10 s; stopping anyway");
+    }
+    let _ = std::fs::remove_file(&file.api.socket);
+    match failed {
+        Some(Ok(Err(e))) => Err(e),
+        Some(Err(e)) => Err(anyhow::anyhow!("API server task failed: {e}")),
+        _ => Ok(()),
+    }
+}
+
+/// Binds the API socket, replacing a stale socket file left by a previous run (never another
+/// kind of file), readable and writable by the daemon's user and group.
+fn bind_unix(path: &Path) -> anyhow::Result<UnixListener> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
+    }
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            bail!("{} exists and is not a socket: refusing to replace it", path.display());
+        }
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            bail!("{} is in use by another running tmod", path.display());
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("cannot remove stale socket {}", path.display()))?;
+    }
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+        .with_context(|| format!("cannot set permissions of {}", path.display()))?;
+    Ok(listener)
+}
+
+fn notify_systemd(states: &[NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(states) {
+        tracing::warn!("cannot notify systemd: {e}");
+    }
+}

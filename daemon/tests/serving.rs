@@ -1,0 +1,349 @@
+//! End to end: `tmod run` as a real process with the real policy, classifier, SmolLM2 and
+//! SQLite log, spoken to over its Unix socket. Test names hold `serving` so that
+//! `cargo test --workspace -- serving` selects them. They need the models installed
+//! (`tmoctl model fetch smollm2-135m` and `all-minilm-l6-v2`, as `scripts/test` does).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tmod_api::{AskEvent, AskRequest, Client, ClientError, Endpoint, FeedbackRequest};
+
+/// A running `tmod run` with its own state directory; killed when dropped.
+struct Daemon {
+    child: Child,
+    socket: PathBuf,
+    stderr: PathBuf,
+}
+
+impl Daemon {
+    fn config(state: &Path, extra: &str) -> PathBuf {
+        let path = state.join("tmod.toml");
+        let text = format!("state_dir = {state:?}\ndevice_id = \"test-device\"\n{extra}\n");
+        let mut file = std::fs::File::create(&path).expect("config");
+        file.write_all(text.as_bytes()).expect("write config");
+        path
+    }
+
+    fn start(state: &Path, extra: &str) -> Daemon {
+        let config = Self::config(state, extra);
+        let socket = state.join("api.sock");
+        let child = Command::new(env!("CARGO_BIN_EXE_tmod"))
+            .args(["run", "--config"])
+            .arg(&config)
+            .env("TMOD_API_SOCKET", &socket)
+            .env("CANDLE_NUM_THREADS", "2")
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            // ALSA's C library writes to stderr on every retry of a missing sound card.
+            .stderr(std::fs::File::create(state.join("tmod.stderr")).expect("stderr file"))
+            .spawn()
+            .expect("spawn tmod");
+        let mut daemon = Daemon { child, socket, stderr: state.join("tmod.stderr") };
+        daemon.wait_ready();
+        daemon
+    }
+
+    fn wait_ready(&mut self) {
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(120) {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                let stderr = std::fs::read_to_string(&self.stderr).unwrap_or_default();
+                panic!("tmod exited before it was ready: {status}\n{stderr}");
+            }
+            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("tmod not ready after 120 s");
+    }
+
+    fn client(&self) -> Client {
+        Client::new(Endpoint::Unix(self.socket.clone())).with_timeout(Duration::from_secs(120))
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime")
+}
+
+const SHORT_ANSWERS: &str = "[model]\nmax_tokens = 24\n";
+
+#[test]
+fn serving_answers_a_kitchen_dialogue_with_decisions_streams_and_outcomes() {
+    let state = tempfile::tempdir().expect("tempdir");
+    let daemon = Daemon::start(state.path(), SHORT_ANSWERS);
+    let client = daemon.client();
+    runtime().block_on(async {
+        let created = client.new_dialogue().await.expect("dialogue");
+        assert!(created.budget.latency_secs > 0.0 && created.budget.cost_usd > 0.0);
+        let id = created.dialogue_id;
+        let mut previous_budget = created.budget;
+        for (turn, question) in
+            ["How long should I boil an egg for a runny yolk?", "Recommend a quick vegetarian dinner."]
+                .into_iter()
+                .enumerate()
+        {
+            let mut streamed = String::new();
+            let mut order = Vec::new();
+            let response = client
+                .ask(&AskRequest::new(Some(&id), question), |event| {
+                    order.push(match event {
+                        AskEvent::Decision(_) => 'd',
+                        AskEvent::Token(piece) => {
+                            streamed.push_str(piece);
+                            't'
+                        }
+                        AskEvent::Outcome(_) => 'o',
+                        AskEvent::Error(_) => 'e',
+                    });
+                })
+                .await
+                .expect("ask");
+            let (decision, outcome) = (&response.decision, &response.outcome);
+            assert_eq!(order.first(), Some(&'d'));
+            assert_eq!(order.last(), Some(&'o'));
+            assert!(order.contains(&'t'), "no token events: {order:?}");
+            assert_eq!((decision.dialogue_id.as_str(), decision.turn), (id.as_str(), turn as u32));
+            assert_eq!(decision.task_source, "classifier");
+            assert_eq!(decision.task_probabilities.len(), 4);
+            // No cloud path yet: every answer is local, and a cloud preference is recorded as such.
+            assert_eq!((decision.action.as_str(), decision.action_index), ("local", 0));
+            assert!(decision.route == "local" || decision.route == "local:cloud-unavailable");
+            assert_eq!(decision.propensity, 1.0);
+            assert_eq!(decision.policy_sha256.len(), 64);
+            assert_eq!(outcome.answer, streamed);
+            assert!(!outcome.answer.trim().is_empty());
+            assert!(outcome.generated_tokens > 0 && outcome.generated_tokens <= 24);
+            assert!(outcome.latency_secs > 0.0 && outcome.energy_j > 0.0 && outcome.cost_usd > 0.0);
+            assert!(outcome.budget_left.latency_secs < previous_budget.latency_secs);
+            assert!(outcome.timings.total_ms >= outcome.timings.generate_ms);
+            previous_budget = outcome.budget_left;
+        }
+        // The second turn reused the first turn's KV cache: its prompt holds the first turn.
+        let status = client.status().await.expect("status");
+        assert_eq!(status["dialogues"]["open"], 1);
+        assert_eq!(status["outcomes"]["rows"], 2);
+        assert_eq!(status["policy"]["sha256"].as_str().map(str::len), Some(64));
+        assert!(status["expected_costs"]["local"]["measured"].as_u64() >= Some(2));
+
+        let stored = client.feedback(&FeedbackRequest { dialogue_id: id.clone(), turn: 0, score: 0.9 }).await;
+        assert_eq!(stored.expect("feedback")["stored"], true);
+        let missing =
+            client.feedback(&FeedbackRequest { dialogue_id: id.clone(), turn: 7, score: 0.5 }).await;
+        assert!(matches!(missing, Err(ClientError::Status { status, .. }) if status == 404), "{missing:?}");
+
+        let metrics = client.metrics().await.expect("metrics");
+        for name in [
+            "tmod_requests_total{action=\"local\"",
+            "tmod_request_latency_seconds_bucket",
+            "tmod_energy_joules_total",
+            "tmod_cost_usd_total",
+            "tmod_budget_left_latency_seconds",
+            "tmod_policy_info{version=",
+            "tmod_llm_decode_tokens_per_second",
+        ] {
+            assert!(metrics.contains(name), "metrics lack {name}:\n{metrics}");
+        }
+
+        // A question without a dialogue starts one; the app may name the task itself.
+        let mut request = AskRequest::new(None, "Shorten this message: I will be late for dinner tonight.");
+        request.task = Some("Message Editing".into());
+        request.stream = false;
+        let response = client.ask(&request, |_| {}).await.expect("one-shot ask");
+        assert_ne!(response.decision.dialogue_id, id);
+        assert_eq!(
+            (response.decision.task.as_str(), response.decision.task_source.as_str()),
+            ("Message Editing", "request")
+        );
+    });
+}
+
+#[test]
+fn serving_refuses_bad_requests_with_clear_4xx() {
+    let state = tempfile::tempdir().expect("tempdir");
+    let daemon = Daemon::start(state.path(), "[api]\nmax_body_bytes = 1024\n");
+    let client = daemon.client();
+    runtime().block_on(async {
+        let post = |path: &'static str, body: &'static [u8]| {
+            let client = client.clone();
+            async move { client.raw(hyper::Method::POST, path, Some(body.to_vec())).await.expect("request") }
+        };
+        let cases: [(&str, &[u8], u16, &str); 6] = [
+            ("/v1/ask", b"{\"text\": ", 400, "malformed JSON"),
+            ("/v1/ask", b"{\"text\": \"hi\", \"colour\": 1}", 400, "colour"),
+            ("/v1/ask", b"{\"dialogue_id\": \"nope\", \"text\": \"hi\"}", 404, "unknown dialogue"),
+            ("/v1/ask", b"{\"text\": \"   \"}", 400, "must not be empty"),
+            ("/v1/ask", b"{\"text\": \"hi\", \"task\": \"Cooking\"}", 400, "unknown task"),
+            ("/v1/feedback", b"{\"dialogue_id\": \"x\", \"turn\": 0, \"score\": 7}", 400, "[0, 1]"),
+        ];
+        for (path, body, status, needle) in cases {
+            let (got, text) = post(path, body).await;
+            let text = String::from_utf8_lossy(&text);
+            assert_eq!(got.as_u16(), status, "{path} {:?}: {text}", String::from_utf8_lossy(body));
+            assert!(text.contains(needle), "{path}: {text} lacks {needle:?}");
+            let json: serde_json::Value = serde_json::from_str(&text).expect("errors are JSON");
+            assert!(json["error"].is_string());
+        }
+        let big = format!("{{\"text\": \"{}\"}}", "a".repeat(4096));
+        let (got, _) = client.raw(hyper::Method::POST, "/v1/ask", Some(big.into_bytes())).await.expect("big");
+        assert_eq!(got.as_u16(), 413);
+        let (got, _) = client.raw(hyper::Method::GET, "/v2/nothing", None).await.expect("route");
+        assert_eq!(got.as_u16(), 404);
+        // The daemon is still serving after all that.
+        assert!(client.status().await.is_ok());
+    });
+}
+
+#[test]
+fn serving_answers_503_with_retry_after_when_the_queue_is_full() {
+    let state = tempfile::tempdir().expect("tempdir");
+    let daemon = Daemon::start(state.path(), "[model]\nqueue_limit = 0\nmax_tokens = 64\n");
+    let client = daemon.client();
+    runtime().block_on(async {
+        let long = {
+            let client = client.clone();
+            tokio::spawn(async move {
+                let request = AskRequest::new(None, "Write a detailed recipe for a lasagne, step by step.");
+                client.ask(&request, |_| {}).await
+            })
+        };
+        // Wait until the first request holds the model, then ask again.
+        let mut refused = None;
+        for _ in 0..200 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            match client.ask(&AskRequest::new(None, "And dessert?"), |_| {}).await {
+                Err(ClientError::Status { status, retry_after_secs, .. }) if status == 503 => {
+                    refused = Some(retry_after_secs);
+                    break;
+                }
+                Err(e) => panic!("unexpected error {e}"),
+                Ok(_) => {}
+            }
+        }
+        assert_eq!(refused.expect("a 503 while the model was busy"), Some(2));
+        long.await.expect("join").expect("the first request is answered");
+        let metrics = client.metrics().await.expect("metrics");
+        assert!(metrics.contains("tmod_rejected_requests_total{reason=\"queue_full\"}"), "{metrics}");
+    });
+}
+
+#[test]
+fn serving_loses_at_most_the_turn_in_flight_when_killed_20_times() {
+    let state = tempfile::tempdir().expect("tempdir");
+    let mut acknowledged = Vec::new();
+    let mut rng_state = 0x2545_f491_4f6c_dd1d_u64;
+    for round in 0..20 {
+        let mut daemon = Daemon::start(state.path(), "[model]\nmax_tokens = 6\n");
+        let client = daemon.client();
+        // Kill a pseudo-random 0-1.5 s after the first answer, under load from three dialogues.
+        rng_state ^= rng_state << 13;
+        rng_state ^= rng_state >> 7;
+        rng_state ^= rng_state << 17;
+        let kill_after = Duration::from_millis(rng_state % 1500);
+        let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let acked = runtime().block_on(async {
+            let mut tasks = tokio::task::JoinSet::new();
+            for worker in 0..3 {
+                let client = client.clone();
+                let answered = answered.clone();
+                tasks.spawn(async move {
+                    let mut acked = Vec::new();
+                    let Ok(dialogue) = client.new_dialogue().await else { return acked };
+                    for i in 0.. {
+                        let question =
+                            format!("Round {round}, cook {worker}: what goes with rice, idea {i}?");
+                        match client
+                            .ask(&AskRequest::new(Some(&dialogue.dialogue_id), &question), |_| {})
+                            .await
+                        {
+                            Ok(r) => {
+                                acked.push((r.outcome.dialogue_id, r.outcome.turn));
+                                answered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            }
+                            Err(ClientError::Status { status, .. }) if status == 503 => {
+                                tokio::time::sleep(Duration::from_millis(20)).await;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    acked
+                });
+            }
+            let started = Instant::now();
+            while answered.load(std::sync::atomic::Ordering::Relaxed) == 0
+                && started.elapsed() < Duration::from_secs(60)
+            {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            tokio::time::sleep(kill_after).await;
+            daemon.kill();
+            let mut acked = Vec::new();
+            while let Some(done) = tasks.join_next().await {
+                acked.extend(done.expect("join"));
+            }
+            acked
+        });
+        acknowledged.extend(acked);
+    }
+    let log =
+        outcome_log::OutcomeLog::open_read_only(state.path().join("outcomes.sqlite")).expect("open log");
+    log.integrity_check().expect("the log is not corrupted");
+    let rows = log.all_rows().expect("rows");
+    let mut logged: Vec<(String, u32)> =
+        rows.iter().map(|r| (r.outcome.dialogue_id.clone(), r.outcome.turn)).collect();
+    logged.sort();
+    let before = logged.len();
+    logged.dedup();
+    assert_eq!(logged.len(), before, "a turn was logged twice");
+    for turn in &acknowledged {
+        assert!(logged.binary_search(turn).is_ok(), "acknowledged turn {turn:?} is missing from the log");
+    }
+    // At most the turn in flight per dialogue is lost: logged rows are the acknowledged ones plus
+    // turns that were durable when the kill came but not yet reported to the client.
+    assert!(logged.len() >= acknowledged.len());
+    assert!(
+        logged.len() <= acknowledged.len() + 20 * 3,
+        "{} logged vs {} acknowledged",
+        logged.len(),
+        acknowledged.len()
+    );
+    assert!(acknowledged.len() >= 20, "too little load to prove anything: {}", acknowledged.len());
+}
+
+#[test]
+fn serving_configuration_is_validated_before_start() {
+    let state = tempfile::tempdir().expect("tempdir");
+    let bad = Daemon::config(state.path(), "[dialogues]\nidle_expiry_secs = 0\n");
+    for args in [&["validate", "--config"][..], &["run", "--config"][..]] {
+        let out = Command::new(env!("CARGO_BIN_EXE_tmod")).args(args).arg(&bad).output().expect("tmod");
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {out:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("dialogues.idle_expiry_secs"), "{stderr}");
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_tmod")).arg("print-config").output().expect("tmod");
+    assert!(out.status.success());
+    let reference = String::from_utf8(out.stdout).expect("utf-8");
+    let path = state.path().join("reference.toml");
+    std::fs::write(&path, reference).expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_tmod"))
+        .args(["validate", "--config"])
+        .arg(&path)
+        .output()
+        .expect("tmod");
+    assert!(out.status.success(), "the printed reference validates: {out:?}");
+}
