@@ -2,9 +2,12 @@
 
 use clap::{Parser, Subcommand};
 
+mod ask;
 mod bench;
 mod chat;
+mod classifier;
 mod model;
+mod outcomes;
 mod policy;
 mod train;
 
@@ -28,6 +31,14 @@ enum Command {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Ask a running tmod questions in one dialogue, over its API.
+    Ask(ask::AskArgs),
+    /// The device's outcome log: export as training data.
+    #[command(subcommand)]
+    Outcomes(outcomes::OutcomesCommand),
+    /// The task classifier's head: train on M4A1 questions, k-fold evaluation.
+    #[command(subcommand)]
+    Classifier(classifier::ClassifierCommand),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -40,5 +51,8 @@ fn main() -> anyhow::Result<()> {
         Command::Model(command) => model::run(command),
         Command::Chat(args) => chat::run(args),
         Command::Bench(command) => bench::run(command),
+        Command::Outcomes(command) => outcomes::run(command),
+        Command::Ask(args) => ask::run(args),
+        Command::Classifier(command) => classifier::run(command),
     }
 }
