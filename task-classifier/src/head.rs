@@ -55,6 +55,9 @@ pub struct TrainingInfo {
     pub class_counts: [usize; CLASSES],
     /// sha256 of the training data file, when trained from one.
     pub data_sha256: Option<String>,
+    /// sha256 of the supplementary question set (JSON Lines), when trained with one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub supplementary_sha256: Option<String>,
     /// sha256 of the training embeddings' little-endian f32 bytes, in example order: equal
     /// embeddings (same model, same CPU kernels) give a byte-identical head.
     pub embeddings_sha256: String,
@@ -248,6 +251,7 @@ mod tests {
             distinct_questions: 0,
             class_counts: [0; CLASSES],
             data_sha256: None,
+            supplementary_sha256: None,
             embeddings_sha256: String::new(),
             final_loss: 0.0,
         }

@@ -37,8 +37,8 @@ impl Default for TrainParams {
 /// One question of a dataset, with its category and the dialogue it belongs to.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LabeledQuestion {
-    /// The dialogue's id.
-    pub dialogue: u64,
+    /// The dialogue's id; `None` for a question of the supplementary set.
+    pub dialogue: Option<u64>,
     /// The question text.
     pub question: String,
     /// Its category.
@@ -51,12 +51,49 @@ pub fn labeled_questions(dialogues: &[Dialogue]) -> Vec<LabeledQuestion> {
         .iter()
         .flat_map(|d| {
             d.interactions.iter().map(|i| LabeledQuestion {
-                dialogue: d.id,
+                dialogue: Some(d.id),
                 question: i.question.clone(),
                 task: i.task_cat,
             })
         })
         .collect()
+}
+
+/// The supplementary question set that ships with the crate (`data/supplementary-questions.jsonl`,
+/// see `data/README.md`): hand-written kitchen-assistant questions, 25 per category, none of them
+/// an M4A1 text or a paraphrase of one. The shipped head trains on it with the M4A1 questions.
+pub const SUPPLEMENTARY_QUESTIONS: &str = include_str!("../data/supplementary-questions.jsonl");
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SupplementaryLine {
+    task: String,
+    question: String,
+}
+
+/// The questions of a supplementary set: JSON Lines, one `{"task": <category name>, "question":
+/// <text>}` per line (blank lines skipped). `source_name` names the text in errors.
+pub fn supplementary_questions(text: &str, source_name: &str) -> Result<Vec<LabeledQuestion>> {
+    let mut questions = Vec::new();
+    for (number, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let bad = |detail: String| {
+            ClassifierError::Training(format!("{source_name} line {}: {detail}", number + 1))
+        };
+        let parsed: SupplementaryLine = serde_json::from_str(line).map_err(|e| bad(e.to_string()))?;
+        let task = TaskCategory::from_name(&parsed.task)
+            .ok_or_else(|| bad(format!("unknown task category {:?}", parsed.task)))?;
+        if parsed.question.trim().is_empty() {
+            return Err(bad("empty question".to_string()));
+        }
+        questions.push(LabeledQuestion { dialogue: None, question: parsed.question, task });
+    }
+    if questions.is_empty() {
+        return Err(ClassifierError::Training(format!("{source_name} holds no questions")));
+    }
+    Ok(questions)
 }
 
 /// A labeled question with its embedding.
@@ -103,7 +140,7 @@ pub fn fold_assignments(questions: &[LabeledQuestion], k: usize, by: FoldBy) -> 
         return Err(ClassifierError::Training(format!("k-fold needs k >= 2, got {k}")));
     }
     let key = |q: &LabeledQuestion| match by {
-        FoldBy::Dialogue => format!("{:020}", q.dialogue),
+        FoldBy::Dialogue => q.dialogue.map_or_else(|| format!("text {}", q.question), |d| format!("{d:020}")),
         FoldBy::Question => q.question.clone(),
     };
     let groups: BTreeMap<String, usize> = {
@@ -128,8 +165,14 @@ fn embeddings_digest(examples: &[Example]) -> String {
     hex::encode(hasher.finalize())
 }
 
-/// Trains a head on the examples. `data_sha256` records the dataset file, when there is one.
-pub fn train_head(examples: &[Example], params: &TrainParams, data_sha256: Option<String>) -> Result<Head> {
+/// Trains a head on the examples. `data_sha256` and `supplementary_sha256` record the dataset
+/// file and the supplementary set, when they were used.
+pub fn train_head(
+    examples: &[Example],
+    params: &TrainParams,
+    data_sha256: Option<String>,
+    supplementary_sha256: Option<String>,
+) -> Result<Head> {
     if examples.is_empty() {
         return Err(ClassifierError::Training("no examples".to_string()));
     }
@@ -212,6 +255,7 @@ pub fn train_head(examples: &[Example], params: &TrainParams, data_sha256: Optio
         distinct_questions,
         class_counts,
         data_sha256,
+        supplementary_sha256,
         embeddings_sha256: embeddings_digest(examples),
         final_loss: data_loss + penalty,
     };
@@ -237,7 +281,10 @@ mod tests {
     fn example(dialogue: u64, text: &str, task: TaskCategory, axis: usize) -> Example {
         let mut embedding = vec![0f32; EMBEDDING_DIM];
         embedding[axis] = 1.0;
-        Example { question: LabeledQuestion { dialogue, question: text.into(), task }, embedding }
+        Example {
+            question: LabeledQuestion { dialogue: Some(dialogue), question: text.into(), task },
+            embedding,
+        }
     }
 
     fn toy() -> Vec<Example> {
@@ -253,19 +300,22 @@ mod tests {
     #[test]
     fn separable_toy_data_is_learned_and_training_is_deterministic() {
         let params = TrainParams { epochs: 300, ..TrainParams::default() };
-        let head = train_head(&toy(), &params, None).expect("trains");
+        let head = train_head(&toy(), &params, None, None).expect("trains");
         for example in toy() {
             let p = head.probabilities(&example.embedding);
             let best = (0..CLASSES).max_by(|&a, &b| p[a].total_cmp(&p[b])).expect("classes");
             assert_eq!(best, example.question.task.id());
         }
-        let again = train_head(&toy(), &params, None).expect("trains");
+        let again = train_head(&toy(), &params, None, None).expect("trains");
         assert_eq!(head.to_bytes().expect("bytes"), again.to_bytes().expect("bytes"));
     }
 
     #[test]
     fn no_examples_is_an_error() {
-        assert!(matches!(train_head(&[], &TrainParams::default(), None), Err(ClassifierError::Training(_))));
+        assert!(matches!(
+            train_head(&[], &TrainParams::default(), None, None),
+            Err(ClassifierError::Training(_))
+        ));
     }
 
     #[test]
@@ -273,7 +323,7 @@ mod tests {
         let questions: Vec<LabeledQuestion> = toy().into_iter().map(|e| e.question).collect();
         let by_dialogue = fold_assignments(&questions, 3, FoldBy::Dialogue).expect("folds");
         for (q, fold) in questions.iter().zip(&by_dialogue) {
-            assert_eq!(*fold, q.dialogue as usize % 3);
+            assert_eq!(Some(*fold as u64), q.dialogue.map(|d| d % 3));
         }
         let by_text = fold_assignments(&questions, 2, FoldBy::Question).expect("folds");
         for (a, fa) in questions.iter().zip(&by_text) {
@@ -284,5 +334,34 @@ mod tests {
             }
         }
         assert!(fold_assignments(&questions, 13, FoldBy::Question).is_err(), "12 texts, 13 folds");
+    }
+
+    #[test]
+    fn shipped_supplementary_set_is_balanced_and_distinct() {
+        let questions = supplementary_questions(SUPPLEMENTARY_QUESTIONS, "supplementary").expect("parses");
+        for task in TaskCategory::ALL {
+            assert_eq!(questions.iter().filter(|q| q.task == task).count(), 25, "{task}");
+        }
+        let mut texts: Vec<&str> = questions.iter().map(|q| q.question.as_str()).collect();
+        texts.sort_unstable();
+        texts.dedup();
+        assert_eq!(texts.len(), questions.len(), "no repeated text");
+    }
+
+    #[test]
+    fn bad_supplementary_lines_name_the_line() {
+        let good = r#"{"task": "Query", "question": "Is the kettle on?"}"#;
+        for (text, expected) in [
+            (format!("{good}\n{{\"task\": \"Gossip\", \"question\": \"x\"}}"), "line 2: unknown task"),
+            (format!("{good}\n\nnot json"), "line 3:"),
+            (r#"{"task": "Query", "question": "  "}"#.to_string(), "line 1: empty question"),
+            (r#"{"task": "Query", "question": "q", "extra": 1}"#.to_string(), "line 1:"),
+            ("\n".to_string(), "no questions"),
+        ] {
+            let error = supplementary_questions(&text, "extra.jsonl").expect_err(&text);
+            assert!(error.to_string().contains(expected), "{error}");
+            assert!(error.to_string().contains("extra.jsonl"), "{error}");
+        }
+        assert_eq!(supplementary_questions(good, "one").expect("parses")[0].task, TaskCategory::Query);
     }
 }

@@ -7,7 +7,8 @@ use std::sync::OnceLock;
 
 use policy_onnx::TaskCategory;
 use task_classifier::train::{
-    FoldBy, TrainParams, embed_questions, fold_assignments, labeled_questions, train_head,
+    FoldBy, SUPPLEMENTARY_QUESTIONS, TrainParams, embed_questions, fold_assignments, labeled_questions,
+    supplementary_questions, train_head,
 };
 use task_classifier::{ClassifierError, DEFAULT_HEAD, Embedder, Head, TaskClassifier};
 
@@ -109,36 +110,60 @@ fn new_wordings_of_the_kitchen_requests_are_classified() {
 }
 
 #[test]
-fn held_out_dialogues_are_classified() {
+fn held_out_question_texts_are_classified() {
+    // Folds by question text: a tested M4A1 text is never in training (which is the other M4A1
+    // texts and the supplementary set).
     let dialogues = policy_onnx::m4a1::load(&data_path()).expect("dataset");
     let questions = labeled_questions(&dialogues);
+    let supplementary =
+        supplementary_questions(SUPPLEMENTARY_QUESTIONS, "supplementary").expect("supplementary set");
     let examples = embed_questions(classifier().embedder(), &questions).expect("embeds");
-    let folds = fold_assignments(&questions, 5, FoldBy::Dialogue).expect("folds");
-    let train: Vec<_> =
-        examples.iter().zip(&folds).filter(|(_, f)| **f != 0).map(|(e, _)| e.clone()).collect();
-    let head = train_head(&train, &TrainParams::default(), None).expect("trains");
-    let held_out = TaskClassifier::new(Embedder::load(&model_dir()).expect("embedder"), head);
-    let test: Vec<_> = questions.iter().zip(&folds).filter(|(_, f)| **f == 0).map(|(q, _)| q).collect();
-    let correct =
-        test.iter().filter(|q| held_out.classify(&q.question).expect("classifies").task == q.task).count();
-    assert!(correct * 10 > test.len() * 9, "{correct}/{} held-out questions", test.len());
+    let extra = embed_questions(classifier().embedder(), &supplementary).expect("embeds");
+    let folds = fold_assignments(&questions, 5, FoldBy::Question).expect("folds");
+    let mut correct = 0;
+    for fold in 0..5 {
+        let mut train: Vec<_> =
+            examples.iter().zip(&folds).filter(|(_, f)| **f != fold).map(|(e, _)| e.clone()).collect();
+        train.extend(extra.iter().cloned());
+        let head = train_head(&train, &TrainParams::default(), None, None).expect("trains");
+        for (example, _) in examples.iter().zip(&folds).filter(|(_, f)| **f == fold) {
+            assert!(
+                train.iter().all(|t| t.question.question != example.question.question),
+                "tested text is in training"
+            );
+            let p = head.probabilities(&example.embedding);
+            let best = (0..4).fold(0, |best, c| if p[c] > p[best] { c } else { best });
+            correct += usize::from(best == example.question.task.id());
+        }
+    }
+    assert!(correct * 10 > questions.len() * 9, "{correct}/{} held-out questions", questions.len());
 }
 
 #[test]
 fn shipped_head_is_what_training_makes() {
     let bytes = std::fs::read(data_path()).expect("dataset");
     let dialogues = policy_onnx::m4a1::parse(&bytes, "m4a1-train.json").expect("dataset");
-    let examples = embed_questions(classifier().embedder(), &labeled_questions(&dialogues)).expect("embeds");
-    let fresh = train_head(&examples, &TrainParams::default(), Some(policy_onnx::m4a1::data_hash(&bytes)))
-        .expect("trains");
+    let mut questions = labeled_questions(&dialogues);
+    questions.extend(supplementary_questions(SUPPLEMENTARY_QUESTIONS, "supplementary").expect("set"));
+    let examples = embed_questions(classifier().embedder(), &questions).expect("embeds");
+    let train = || {
+        train_head(
+            &examples,
+            &TrainParams::default(),
+            Some(policy_onnx::m4a1::data_hash(&bytes)),
+            Some(policy_onnx::m4a1::data_hash(SUPPLEMENTARY_QUESTIONS.as_bytes())),
+        )
+        .expect("trains")
+    };
+    let fresh = train();
     let shipped = Head::from_bytes(DEFAULT_HEAD, "shipped").expect("shipped head");
-    let again = train_head(&examples, &TrainParams::default(), Some(policy_onnx::m4a1::data_hash(&bytes)))
-        .expect("trains");
+    let again = train();
     assert_eq!(
         fresh.to_bytes().expect("bytes"),
         again.to_bytes().expect("bytes"),
         "training is deterministic"
     );
+    assert_eq!(shipped.info().training.examples, 387, "M4A1's 287 questions and the 100 supplementary");
     if fresh.info().training.embeddings_sha256 == shipped.info().training.embeddings_sha256 {
         // Same embeddings (same model and CPU kernels as where the head was made): same bytes.
         assert!(fresh.to_bytes().expect("bytes") == DEFAULT_HEAD, "heads/make-head.sh was not rerun");
@@ -146,6 +171,7 @@ fn shipped_head_is_what_training_makes() {
         // Other CPU kernels round the embeddings differently: the head must still be the same
         // up to that rounding, with the same predictions.
         assert_eq!(fresh.info().training.data_sha256, shipped.info().training.data_sha256);
+        assert_eq!(fresh.info().training.supplementary_sha256, shipped.info().training.supplementary_sha256);
         let probe = examples.iter().map(|e| &e.embedding);
         for embedding in probe {
             let (a, b) = (fresh.probabilities(embedding), shipped.probabilities(embedding));
@@ -210,4 +236,24 @@ fn bad_head_files_are_typed_errors() {
     let error =
         TaskClassifier::from_parts(&model_dir(), &DEFAULT_HEAD[..DEFAULT_HEAD.len() - 10]).expect_err("cut");
     assert!(matches!(error, ClassifierError::NotAHead { .. }), "{error}");
+}
+
+#[test]
+fn supplementary_set_holds_no_m4a1_text_or_near_copy() {
+    // The held-out estimates stay honest only if the supplementary set never restates an M4A1
+    // question: no equal text, and no embedding as close as a paraphrase (see data/README.md).
+    let dialogues = policy_onnx::m4a1::load(&data_path()).expect("dataset");
+    let mut m4a1: Vec<String> = labeled_questions(&dialogues).into_iter().map(|q| q.question).collect();
+    m4a1.sort();
+    m4a1.dedup();
+    let m4a1: Vec<(String, Vec<f32>)> =
+        m4a1.into_iter().map(|t| (t.clone(), classifier().embed(&t).expect("embeds"))).collect();
+    for question in supplementary_questions(SUPPLEMENTARY_QUESTIONS, "supplementary").expect("set") {
+        let embedding = classifier().embed(&question.question).expect("embeds");
+        for (text, other) in &m4a1 {
+            assert_ne!(text.to_lowercase(), question.question.to_lowercase());
+            let cosine = dot(&embedding, other);
+            assert!(cosine < 0.8, "{:?} is close to the M4A1 text {text:?} ({cosine:.3})", question.question);
+        }
+    }
 }
