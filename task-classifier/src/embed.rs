@@ -1,6 +1,7 @@
 //! The sentence embedding: all-MiniLM-L6-v2 (a 6-layer BERT) on candle, mean-pooled over the
 //! attention mask and L2-normalised, as sentence-transformers computes it.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
@@ -19,6 +20,29 @@ pub const MAX_TOKENS: usize = 256;
 
 /// The files of the model directory the embedder reads.
 pub const MODEL_FILES: [&str; 3] = ["config.json", "tokenizer.json", "model.safetensors"];
+
+/// The weights with every dense layer's `[out, in]` matrix stored column-major (the transpose
+/// made contiguous, then viewed transposed back: same shape and values, other strides).
+///
+/// candle computes `x · Wᵀ` with the gemm crate, which turns a row-major destination around and
+/// multiplies `W · xᵀ`: with `W` row-major it copies ("packs") the whole matrix on every call,
+/// which for a question of a few tokens costs several times the arithmetic. Stored column-major,
+/// `W` is used in place. The embedding tables stay row-major (they are indexed by row).
+fn column_major_linear_weights(
+    tensors: HashMap<String, Tensor>,
+) -> candle_core::Result<HashMap<String, Tensor>> {
+    tensors
+        .into_iter()
+        .map(|(name, tensor)| {
+            let tensor = if tensor.rank() == 2 && !name.contains("embeddings") {
+                tensor.t()?.contiguous()?.t()?
+            } else {
+                tensor
+            };
+            Ok((name, tensor))
+        })
+        .collect()
+}
 
 /// all-MiniLM-L6-v2 loaded from a model directory (`config.json`, `tokenizer.json`,
 /// `model.safetensors`, as `tmoctl model fetch all-minilm-l6-v2` installs them).
@@ -69,8 +93,10 @@ impl Embedder {
             .map_err(|e| corrupt(&tokenizer_path, e.to_string()))?;
 
         let (weights_path, weights) = read(model_dir.join("model.safetensors"))?;
-        let vb = VarBuilder::from_buffered_safetensors(weights, DType::F32, &device)
+        let tensors = candle_core::safetensors::load_buffer(&weights, &device)
+            .and_then(column_major_linear_weights)
             .map_err(|e| corrupt(&weights_path, e.to_string()))?;
+        let vb = VarBuilder::from_tensors(tensors, DType::F32, &device);
         let model = BertModel::load(vb, &config).map_err(|e| corrupt(&weights_path, e.to_string()))?;
         Ok(Self { model, tokenizer, device })
     }
