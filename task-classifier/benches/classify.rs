@@ -4,8 +4,14 @@
 //! use `RAYON_NUM_THREADS` threads (else one per CPU of the process; `CANDLE_NUM_THREADS` only
 //! sizes a barrier pool); the bench prints the count it runs with.
 //! Run: `RAYON_NUM_THREADS=1 cargo bench -p task-classifier --bench classify`.
+//!
+//! On a machine shared with other work, wall-clock time counts the time the scheduler gives to
+//! others; the group `classify-on-cpu` therefore also measures the calling thread's on-CPU time
+//! (from `/proc/thread-self/schedstat`, in nanoseconds). It is the whole cost only when candle
+//! runs on the calling thread, i.e. with `RAYON_NUM_THREADS=1`.
 
 use std::hint::black_box;
+use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use task_classifier::TaskClassifier;
@@ -41,5 +47,42 @@ fn classify(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, classify);
+/// The calling thread's time on a CPU so far (first field of `/proc/thread-self/schedstat`).
+fn thread_on_cpu() -> Option<Duration> {
+    let text = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    text.split_whitespace().next()?.parse().ok().map(Duration::from_nanos)
+}
+
+fn classify_on_cpu(c: &mut Criterion) {
+    if thread_on_cpu().is_none() {
+        eprintln!("no /proc/thread-self/schedstat: skipping the on-CPU time group");
+        return;
+    }
+    if candle_core::utils::get_num_threads() != 1 {
+        eprintln!("classify-on-cpu counts the calling thread only: run it with RAYON_NUM_THREADS=1");
+        return;
+    }
+    let model_dir = match llm_engine::default_model_dir() {
+        Ok(dir) => dir.join("all-minilm-l6-v2"),
+        Err(e) => panic!("no model directory: {e}"),
+    };
+    let classifier = match TaskClassifier::with_default_head(&model_dir) {
+        Ok(classifier) => classifier,
+        Err(e) => panic!("{e}"),
+    };
+    let mut group = c.benchmark_group("classify-on-cpu");
+    group.bench_function("one question (4 questions in turn)", |b| {
+        b.iter_custom(|iters| {
+            let start = thread_on_cpu().unwrap_or_default();
+            for i in 0..iters {
+                let question = QUESTIONS[i as usize % QUESTIONS.len()];
+                black_box(classifier.classify(black_box(question)).map(|c| c.task).ok());
+            }
+            thread_on_cpu().unwrap_or_default().saturating_sub(start)
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, classify, classify_on_cpu);
 criterion_main!(benches);
