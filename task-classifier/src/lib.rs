@@ -22,7 +22,8 @@ pub use error::{ClassifierError, Result};
 pub use head::{CLASSES, Head, HeadInfo, TrainingInfo};
 pub use policy_onnx::TaskCategory;
 
-/// The shipped head, trained on `../shared/data/m4a1/m4a1-train.json` by `heads/make-head.sh`.
+/// The shipped head, trained on the questions of `../shared/data/m4a1/m4a1-train.json` and the
+/// supplementary set [`train::SUPPLEMENTARY_QUESTIONS`] by `heads/make-head.sh`.
 pub const DEFAULT_HEAD: &[u8] = include_bytes!("../heads/m4a1-tasks.safetensors");
 
 /// The name of [`DEFAULT_HEAD`] in errors and logs.
