@@ -413,7 +413,9 @@ mod tests {
             "TMOD_API_TCP" => Some("127.0.0.1:9000".to_owned()),
             _ => None,
         };
-        let config = Config::from_toml_str("[mqtt]\npassword = \"in-file\"", "t", env).expect("config");
+        let config =
+            Config::from_toml_str("[mqtt]\nusername = \"kitchen\"\npassword = \"in-file\"", "t", env)
+                .expect("config");
         assert_eq!(config.file.mqtt.password, "s3cret");
         assert_eq!(config.file.mqtt.port, 8883);
         assert_eq!(config.api_tcp(), Ok(Some("127.0.0.1:9000".parse().expect("addr"))));

@@ -90,7 +90,8 @@ pub struct TurnOutcome {
     pub latency_secs: f64,
     /// Energy measured over the turn, joules; `None` when the board has no energy sensor.
     pub energy_joules: Option<f64>,
-    /// Cloud usage cost, USD (0 for a local answer).
+    /// Money the turn cost, USD: the cloud price for a cloud answer, the electricity of the
+    /// measured (or estimated) energy for a local one.
     pub cost_usd: f64,
     pub prompt_tokens: u32,
     pub generated_tokens: u32,
