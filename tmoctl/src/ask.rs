@@ -1,4 +1,4 @@
-//! `tmoctl ask`: a scripted dialogue with a running tmod over its API, one question per
+//! `tmoctl ask` and `tmoctl feedback`: a scripted dialogue with a running tmod over its API, one question per
 //! argument (or per line of a file), printing each turn's decision, the answer as it streams,
 //! and what the turn cost.
 
@@ -8,16 +8,12 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use tmod_api::{AskEvent, AskRequest, Client, Endpoint};
+use tmod_api::{AskEvent, AskRequest, Client, Endpoint, FeedbackRequest};
 
 #[derive(Debug, Args)]
 pub struct AskArgs {
-    /// tmod's API socket.
-    #[arg(long, default_value = "/run/tmod/api.sock", conflicts_with = "tcp")]
-    socket: PathBuf,
-    /// tmod's loopback TCP address instead of the socket, e.g. 127.0.0.1:8750.
-    #[arg(long)]
-    tcp: Option<std::net::SocketAddr>,
+    #[command(flatten)]
+    api: ApiArgs,
     /// Continue this dialogue (default: start a new one).
     #[arg(long)]
     dialogue: Option<String>,
@@ -31,6 +27,51 @@ pub struct AskArgs {
     questions: Vec<String>,
 }
 
+/// Where tmod listens.
+#[derive(Debug, Args)]
+pub struct ApiArgs {
+    /// tmod's API socket.
+    #[arg(long, default_value = "/run/tmod/api.sock", conflicts_with = "tcp")]
+    socket: PathBuf,
+    /// tmod's loopback TCP address instead of the socket, e.g. 127.0.0.1:8750.
+    #[arg(long)]
+    tcp: Option<std::net::SocketAddr>,
+}
+
+impl ApiArgs {
+    fn client(&self) -> Client {
+        let endpoint = match self.tcp {
+            Some(addr) => Endpoint::Tcp(addr),
+            None => Endpoint::Unix(self.socket.clone()),
+        };
+        Client::new(endpoint).with_timeout(Duration::from_secs(600))
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct FeedbackArgs {
+    #[command(flatten)]
+    api: ApiArgs,
+    /// The dialogue.
+    #[arg(long)]
+    dialogue: String,
+    /// The turn, from 0.
+    #[arg(long)]
+    turn: u32,
+    /// The user's score of the answer, in [0, 1].
+    #[arg(long)]
+    score: f64,
+}
+
+/// `tmoctl feedback`: scores an earlier answer (the outcome log keeps it for retraining).
+pub fn feedback(args: FeedbackArgs) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let request = FeedbackRequest { dialogue_id: args.dialogue, turn: args.turn, score: args.score };
+    let answer = runtime.block_on(args.api.client().feedback(&request))?;
+    println!("{answer}");
+    Ok(())
+}
+
 pub fn run(args: AskArgs) -> anyhow::Result<()> {
     let mut questions = args.questions.clone();
     if let Some(script) = &args.script {
@@ -41,11 +82,7 @@ pub fn run(args: AskArgs) -> anyhow::Result<()> {
         );
     }
     anyhow::ensure!(!questions.is_empty(), "no questions: give them as arguments or with --script");
-    let endpoint = match args.tcp {
-        Some(addr) => Endpoint::Tcp(addr),
-        None => Endpoint::Unix(args.socket.clone()),
-    };
-    let client = Client::new(endpoint).with_timeout(Duration::from_secs(600));
+    let client = args.api.client();
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(async {
         let mut dialogue = args.dialogue.clone();

@@ -33,6 +33,8 @@ enum Command {
     Bench(bench::BenchCommand),
     /// Ask a running tmod questions in one dialogue, over its API.
     Ask(ask::AskArgs),
+    /// Score an earlier answer of a running tmod (kept in its outcome log for retraining).
+    Feedback(ask::FeedbackArgs),
     /// The device's outcome log: export as training data.
     #[command(subcommand)]
     Outcomes(outcomes::OutcomesCommand),
@@ -53,6 +55,7 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(command) => bench::run(command),
         Command::Outcomes(command) => outcomes::run(command),
         Command::Ask(args) => ask::run(args),
+        Command::Feedback(args) => ask::feedback(args),
         Command::Classifier(command) => classifier::run(command),
     }
 }
