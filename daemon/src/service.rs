@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use llm_engine::{EngineConfig, FinishReason, GenerationParams};
 use outcome_log::{OutcomeLogError, OutcomeWriter, ScoreSource, ScoreUpdate, TurnOutcome};
-use policy_onnx::train::sim::REFUSAL_MARKERS;
+use policy_onnx::train::sim::{REFUSAL_MARKERS, argmax};
 use policy_onnx::{
     Action, Availability, Decider, DecisionRequest, Exploration, LoadOptions, ModalitySet, Policy, Schema,
     TaskCategory, Turn,
@@ -553,16 +553,6 @@ impl Service {
     fn names(&self, set: ModalitySet) -> Vec<String> {
         set.indices().filter_map(|i| self.modality_names.get(i).cloned()).collect()
     }
-}
-
-fn argmax(scores: &[f32]) -> usize {
-    let mut best = 0;
-    for (i, s) in scores.iter().enumerate() {
-        if *s > scores[best] {
-            best = i;
-        }
-    }
-    best
 }
 
 fn route_name(action: Action, cloud_unavailable: bool) -> &'static str {
