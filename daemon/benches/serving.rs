@@ -6,11 +6,12 @@
 //! `cargo bench -p daemon --bench serving [-- --requests N --idle-secs S]`
 //! Needs the models installed (`tmoctl model fetch smollm2-135m all-minilm-l6-v2`).
 
-use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use tmod_api::{AskRequest, Client, Endpoint};
+use tmod_api::AskRequest;
+
+#[path = "../tests/support/daemon.rs"]
+mod daemon;
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
@@ -53,23 +54,9 @@ fn main() {
     let requests = arg("--requests", 200) as usize;
     let idle_secs = arg("--idle-secs", 30);
     let state = tempfile::tempdir().expect("tempdir");
-    let socket = state.path().join("api.sock");
-    let config = state.path().join("tmod.toml");
-    std::fs::write(
-        &config,
-        format!("state_dir = {:?}\n[model]\nmax_tokens = 1\n[dialogues]\nmax_active = 64\n", state.path()),
-    )
-    .expect("config");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tmod"))
-        .args(["run", "--config"])
-        .arg(&config)
-        .env("TMOD_API_SOCKET", &socket)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("spawn tmod");
-    wait_for(&socket);
-    let client = Client::new(Endpoint::Unix(socket.clone()));
+    let mut tmod =
+        daemon::Daemon::start(state.path(), "[model]\nmax_tokens = 1\n[dialogues]\nmax_active = 64\n");
+    let client = tmod.client();
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     let questions = [
         "How long do I bake a potato at 200 degrees?",
@@ -110,21 +97,12 @@ fn main() {
 
     std::thread::sleep(Duration::from_secs(5));
     let ticks_per_sec = 100.0; // USER_HZ on Linux
-    let before = cpu_ticks(child.id());
+    let before = cpu_ticks(tmod.pid());
     std::thread::sleep(Duration::from_secs(idle_secs));
-    let used = (cpu_ticks(child.id()) - before) as f64 / ticks_per_sec;
+    let used = (cpu_ticks(tmod.pid()) - before) as f64 / ticks_per_sec;
     println!(
         "idle daemon, models loaded: {:.2}% of one core over {idle_secs} s (sensing at the x86-dev profile's rates)",
         100.0 * used / idle_secs as f64
     );
-    let _ = child.kill();
-    let _ = child.wait();
-}
-
-fn wait_for(socket: &Path) {
-    let started = Instant::now();
-    while std::os::unix::net::UnixStream::connect(socket).is_err() {
-        assert!(started.elapsed() < Duration::from_secs(120), "tmod did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    tmod.kill();
 }

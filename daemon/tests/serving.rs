@@ -3,79 +3,15 @@
 //! `cargo test --workspace -- serving` selects them. They need the models installed
 //! (`tmoctl model fetch smollm2-135m` and `all-minilm-l6-v2`, as `scripts/test` does).
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use tmod_api::{AskEvent, AskRequest, Client, ClientError, Endpoint, FeedbackRequest};
+use tmod_api::{AskEvent, AskRequest, ClientError, FeedbackRequest};
 
-/// A running `tmod run` with its own state directory; killed when dropped.
-struct Daemon {
-    child: Child,
-    socket: PathBuf,
-    stderr: PathBuf,
-}
+#[path = "support/daemon.rs"]
+mod daemon;
 
-impl Daemon {
-    fn config(state: &Path, extra: &str) -> PathBuf {
-        let path = state.join("tmod.toml");
-        let text = format!("state_dir = {state:?}\ndevice_id = \"test-device\"\n{extra}\n");
-        let mut file = std::fs::File::create(&path).expect("config");
-        file.write_all(text.as_bytes()).expect("write config");
-        path
-    }
-
-    fn start(state: &Path, extra: &str) -> Daemon {
-        let config = Self::config(state, extra);
-        let socket = state.join("api.sock");
-        let child = Command::new(env!("CARGO_BIN_EXE_tmod"))
-            .args(["run", "--config"])
-            .arg(&config)
-            .env("TMOD_API_SOCKET", &socket)
-            .env("CANDLE_NUM_THREADS", "2")
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            // ALSA's C library writes to stderr on every retry of a missing sound card.
-            .stderr(std::fs::File::create(state.join("tmod.stderr")).expect("stderr file"))
-            .spawn()
-            .expect("spawn tmod");
-        let mut daemon = Daemon { child, socket, stderr: state.join("tmod.stderr") };
-        daemon.wait_ready();
-        daemon
-    }
-
-    fn wait_ready(&mut self) {
-        let started = Instant::now();
-        while started.elapsed() < Duration::from_secs(120) {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                let stderr = std::fs::read_to_string(&self.stderr).unwrap_or_default();
-                panic!("tmod exited before it was ready: {status}\n{stderr}");
-            }
-            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("tmod not ready after 120 s");
-    }
-
-    fn client(&self) -> Client {
-        Client::new(Endpoint::Unix(self.socket.clone())).with_timeout(Duration::from_secs(120))
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
+use daemon::Daemon;
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime")
