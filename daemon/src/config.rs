@@ -46,6 +46,7 @@ pub struct ConfigFile {
     pub outcomes: OutcomeConfig,
     pub energy: EnergyConfig,
     pub mqtt: MqttConfig,
+    pub cloud: CloudConfig,
     #[serde(default)]
     pub sensing: SensingOverrides,
 }
@@ -114,11 +115,25 @@ pub struct MqttConfig {
     pub enabled: bool,
     pub host: String,
     pub port: u16,
+    pub client_id: String,
     pub username: String,
     pub password: String,
     pub ca_file: String,
     pub cert_file: String,
     pub key_file: String,
+    pub keep_alive_secs: u64,
+    pub max_packet_bytes: u32,
+    pub reconnect_initial_ms: u64,
+    pub reconnect_max_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CloudConfig {
+    pub max_wait_secs: f64,
+    pub min_wait_secs: f64,
+    pub max_tokens: u32,
+    pub max_history_turns: usize,
 }
 
 /// Site overrides of the profile's `[sensing]` sources.
@@ -273,6 +288,17 @@ impl Config {
                 "a client certificate needs its key, and a key its certificate".into(),
             ));
         }
+        if f.mqtt.enabled {
+            self.link_config().validate().map_err(|e| ("mqtt", e.to_string()))?;
+        }
+        positive("cloud.max_wait_secs", f.cloud.max_wait_secs)?;
+        positive("cloud.min_wait_secs", f.cloud.min_wait_secs)?;
+        if f.cloud.min_wait_secs > f.cloud.max_wait_secs {
+            return Err(("cloud.min_wait_secs", "must not exceed cloud.max_wait_secs".into()));
+        }
+        if !(1..=8192).contains(&f.cloud.max_tokens) {
+            return Err(("cloud.max_tokens", format!("must be in 1..=8192, found {}", f.cloud.max_tokens)));
+        }
         for name in f.sensing.views.keys() {
             if !self.profile.modalities.iter().any(|m| &m.name == name) {
                 return Err(("sensing.views", format!("the profile has no modality named {name:?}")));
@@ -288,6 +314,24 @@ impl Config {
             profile.sensing.views.insert(name.clone(), source.clone());
         }
         profile
+    }
+
+    /// The MQTT link's settings; the client id defaults to the device id.
+    pub fn link_config(&self) -> tmo_protocol::link::LinkConfig {
+        let m = &self.file.mqtt;
+        let client_id = if m.client_id.is_empty() { self.device_id() } else { m.client_id.clone() };
+        let some = |s: &String| (!s.is_empty()).then(|| s.clone());
+        let mut link = tmo_protocol::link::LinkConfig::new(m.host.clone(), m.port, client_id);
+        link.username = some(&m.username);
+        link.password = some(&m.password);
+        link.ca_file = some(&m.ca_file).map(PathBuf::from);
+        link.cert_file = some(&m.cert_file).map(PathBuf::from);
+        link.key_file = some(&m.key_file).map(PathBuf::from);
+        link.keep_alive_secs = m.keep_alive_secs;
+        link.max_packet_bytes = m.max_packet_bytes;
+        link.reconnect_initial_ms = m.reconnect_initial_ms;
+        link.reconnect_max_ms = m.reconnect_max_ms;
+        link
     }
 
     /// The optional loopback TCP address of the API.

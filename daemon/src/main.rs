@@ -1,6 +1,7 @@
 //! `tmod`, the device daemon. Thin main: parse the command line, run the chosen command.
 
 mod api;
+mod cloud;
 mod config;
 mod dialogues;
 mod estimates;

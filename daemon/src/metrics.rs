@@ -13,7 +13,7 @@ use prometheus_client::registry::Registry;
 pub struct ActionLabel {
     /// `local` or `cloud`.
     pub action: String,
-    /// The route: `local`, `cloud`, `local:cloud-unavailable`.
+    /// The route: `local`, `cloud`, `local:cloud-unavailable`, `local:cloud-fallback`.
     pub route: String,
 }
 
@@ -43,6 +43,8 @@ pub struct Metrics {
     registry: Registry,
     pub requests: Family<ActionLabel, Counter>,
     pub rejected: Family<ReasonLabel, Counter>,
+    pub cloud_failures: Family<ReasonLabel, Counter>,
+    pub cloud_connected: Gauge,
     pub latency: HistogramFamily<ActionLabel>,
     pub stage_ms: HistogramFamily<StageLabel>,
     pub energy_j: Family<ActionLabel, FloatCounter>,
@@ -77,6 +79,14 @@ impl Metrics {
         registry.register("requests", "Questions answered, by action and route", requests.clone());
         let rejected = Family::<ReasonLabel, Counter>::default();
         registry.register("rejected_requests", "Requests refused, by reason", rejected.clone());
+        let cloud_failures = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "cloud_failures",
+            "Cloud requests that gave no answer (answered locally instead), by reason",
+            cloud_failures.clone(),
+        );
+        let cloud_connected = Gauge::default();
+        registry.register("cloud_connected", "1 while the MQTT link is up", cloud_connected.clone());
         let latency: HistogramFamily<ActionLabel> = Family::new_with_constructor(latency_histogram);
         registry.register("request_latency_seconds", "Time to answer a question, by action", latency.clone());
         let stage_ms: HistogramFamily<StageLabel> = Family::new_with_constructor(stage_histogram);
@@ -119,6 +129,8 @@ impl Metrics {
             registry,
             requests,
             rejected,
+            cloud_failures,
+            cloud_connected,
             latency,
             stage_ms,
             energy_j,
@@ -139,6 +151,11 @@ impl Metrics {
         self.policy
             .get_or_create(&PolicyLabel { version: version.to_owned(), sha256: sha256.to_owned() })
             .set(1);
+    }
+
+    /// Counts a cloud request that gave no answer.
+    pub fn cloud_failure(&self, reason: &str) {
+        self.cloud_failures.get_or_create(&ReasonLabel { reason: reason.to_owned() }).inc();
     }
 
     /// Counts a refused request.

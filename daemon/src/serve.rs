@@ -16,13 +16,17 @@ use crate::service::Service;
 
 /// Runs the daemon until a termination signal.
 pub fn run(config: Config) -> anyhow::Result<()> {
-    let (service, sensing) = Service::start(config.clone())?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("tmod-io")
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
+    // The service starts its tasks (the MQTT link, judge scores) on the runtime.
+    let (service, sensing) = {
+        let _entered = runtime.enter();
+        Service::start(config.clone())?
+    };
     let result = runtime.block_on(serve(service, &config));
     sensing.shutdown(Duration::from_secs(2));
     result
@@ -105,6 +109,7 @@ async fn serve(service: Arc<Service>, config: &Config) -> anyhow::Result<()> {
         tracing::warn!("requests still in flight after 10 s; stopping anyway");
     }
     let _ = std::fs::remove_file(&file.api.socket);
+    service.shutdown_cloud().await;
     match failed {
         Some(Ok(Err(e))) => Err(e),
         Some(Err(e)) => Err(anyhow::anyhow!("API server task failed: {e}")),

@@ -6,8 +6,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use llm_engine::{EngineConfig, FinishReason, GenerationParams};
-use outcome_log::{OutcomeLogError, OutcomeWriter, ScoreSource, ScoreUpdate, TurnOutcome};
+use llm_engine::{Conversation, EngineConfig, FinishReason, GenerationParams};
+use outcome_log::{CloudAttempt, OutcomeLogError, OutcomeWriter, ScoreSource, ScoreUpdate, TurnOutcome};
 use policy_onnx::train::sim::{REFUSAL_MARKERS, argmax};
 use policy_onnx::{
     Action, Availability, Decider, DecisionRequest, Exploration, LoadOptions, ModalitySet, Policy, Schema,
@@ -15,9 +15,11 @@ use policy_onnx::{
 };
 use sensing::{Sensing, SensingHandle};
 use task_classifier::TaskClassifier;
+use tmo_protocol::{Attachment, CloudRequest, DeviceId, HistoryTurn, JudgeScore, MediaType, RequestId};
 use tmod_api::{AskRequest, Budget, DecisionEvent, DialogueCreated, OutcomeEvent, Timings};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::cloud::{CloudAnswered, CloudLink};
 use crate::config::Config;
 use crate::dialogues::{DialogueError, Dialogues, TurnStart};
 use crate::estimates::CostEstimates;
@@ -64,8 +66,71 @@ pub struct Service {
     pub metrics: Metrics,
     started: Instant,
     usd_per_joule: f64,
-    /// Whether the cloud path can take a request (the MQTT link; absent so far).
-    cloud_reachable: bool,
+    /// The MQTT link of the cloud path, when `[mqtt] enabled`.
+    cloud: Option<Arc<CloudLink>>,
+}
+
+/// How a turn's answer is coming.
+#[derive(Debug)]
+enum Answering {
+    /// From the local model.
+    Local(oneshot::Receiver<LocalAnswer>),
+    /// From the cloud, or locally when the cloud request fails.
+    Cloud(tokio::task::JoinHandle<CloudTurn>),
+}
+
+/// A turn the policy sent to the cloud: the attempt, and the answer that came of it.
+#[derive(Debug)]
+struct CloudTurn {
+    attempt: CloudAttempt,
+    answer: Result<CloudOrLocal, String>,
+}
+
+#[derive(Debug)]
+enum CloudOrLocal {
+    Cloud(CloudAnswered),
+    /// The cloud request failed; the local model answered.
+    Local(LocalAnswer),
+}
+
+/// A turn's answer, wherever it came from.
+struct Produced {
+    text: String,
+    conversation: Conversation,
+    prompt_tokens: u32,
+    generated_tokens: u32,
+    time_to_first_token: Duration,
+    decode_tokens_per_sec: f64,
+    finish: &'static str,
+    queue: Duration,
+    generate: Duration,
+    cloud_wait: Duration,
+    cloud_price_usd: f64,
+    route: &'static str,
+}
+
+impl Produced {
+    fn local(answer: LocalAnswer, route: &'static str) -> Result<Produced, String> {
+        if answer.context_restarted {
+            tracing::info!("dialogue outgrew the model's context: its view restarted");
+        }
+        let generation = answer.generation.map_err(|e| format!("local generation: {e}"))?;
+        let report = &generation.report;
+        Ok(Produced {
+            prompt_tokens: report.prompt_tokens as u32,
+            generated_tokens: report.generated_tokens as u32,
+            time_to_first_token: report.time_to_first_token,
+            decode_tokens_per_sec: report.decode_tokens_per_sec,
+            finish: finish_name(report.finish),
+            queue: answer.queue_time,
+            generate: report.wall_time,
+            cloud_wait: Duration::ZERO,
+            cloud_price_usd: 0.0,
+            route,
+            text: generation.text,
+            conversation: answer.conversation,
+        })
+    }
 }
 
 /// A decided turn whose answer is on its way.
@@ -81,14 +146,15 @@ pub struct DecidedTurn {
 /// The part of a decided turn that the outcome is made of.
 #[derive(Debug)]
 pub struct PendingTurn {
-    answer: oneshot::Receiver<LocalAnswer>,
     start: TurnStart,
     question: String,
     task: TaskCategory,
     action: Action,
     observation: Vec<f32>,
     propensity: f64,
-    route: Option<String>,
+    answering: Answering,
+    /// The policy preferred the cloud, which was unreachable.
+    cloud_unavailable: bool,
     received: Instant,
     timings: Timings,
     telemetry: serde_json::Value,
@@ -152,6 +218,16 @@ impl Service {
         .with_context(|| format!("outcome log {}", outcome_path.display()))?;
 
         let sensing = Sensing::start(&profile).context("sensing")?;
+        let (scores_tx, scores) = mpsc::channel(256);
+        let cloud = if file.mqtt.enabled {
+            let device = DeviceId::new(config.device_id())
+                .context("the device id must be a valid MQTT topic level (set `device_id`)")?;
+            let link = CloudLink::start(&config.link_config(), device, scores_tx).context("MQTT link")?;
+            tracing::info!(broker = %format!("{}:{}", file.mqtt.host, file.mqtt.port), "MQTT link started");
+            Some(Arc::new(link))
+        } else {
+            None
+        };
         let metrics = Metrics::new();
         metrics.set_policy(&version, &sha256);
         let dialogues = Dialogues::new(
@@ -173,10 +249,12 @@ impl Service {
             metrics,
             started: Instant::now(),
             usd_per_joule: file.energy.electricity_usd_per_kwh / JOULES_PER_KWH,
-            cloud_reachable: false,
+            cloud,
             config,
         };
-        Ok((Arc::new(service), sensing))
+        let service = Arc::new(service);
+        tokio::spawn(store_judge_scores(scores, Arc::downgrade(&service)));
+        Ok((service, sensing))
     }
 
     /// Starts a dialogue.
@@ -244,7 +322,7 @@ impl Service {
         let costs = lock(&self.estimates).table().clone();
         let availability = Availability {
             modalities: available,
-            cloud_reachable: self.cloud_reachable,
+            cloud_reachable: self.cloud_reachable(),
             remaining_latency_secs: start.remaining_latency_secs,
             remaining_cost_usd: start.remaining_cost_usd,
             costs: &costs,
@@ -276,18 +354,15 @@ impl Service {
         };
         timings.decide_ms = ms(started.elapsed());
 
-        // The cloud path is not there yet: a cloud action is masked (cloud unreachable), so the
-        // decision is local; the route records when the policy preferred the cloud.
         let preferred_action = self.schema.action(preferred).unwrap_or(Action::Local);
-        let route = (preferred_action.is_cloud() && !decision.action.is_cloud())
-            .then(|| "cloud preferred, unavailable, answered locally".to_owned());
+        let cloud_unavailable = preferred_action.is_cloud() && !decision.action.is_cloud();
 
         let (token_tx, tokens) = mpsc::unbounded_channel();
         let (done_tx, answer) = oneshot::channel();
-        let remaining = Duration::from_secs_f64(self.config.file.model.max_answer_secs);
+        let max_answer = Duration::from_secs_f64(self.config.file.model.max_answer_secs);
         let params = GenerationParams {
             max_tokens: self.config.file.model.max_tokens,
-            deadline: Some(Instant::now() + remaining),
+            deadline: Some(Instant::now() + max_answer),
             ..GenerationParams::default()
         };
         let job = LocalJob {
@@ -298,12 +373,24 @@ impl Service {
             done: done_tx,
             enqueued: Instant::now(),
         };
-        if let Err(full) = self.llm.submit(job) {
-            lock(&self.dialogues).abandon_turn(start);
-            self.metrics.reject("queue_full");
-            tracing::warn!(waiting = full.waiting, "local model queue full: 503");
-            return Err(AskError::Busy { retry_after_secs: 2 });
-        }
+        let answering = match (&self.cloud, decision.action) {
+            (Some(cloud), Action::Cloud { modalities }) => {
+                let started = Instant::now();
+                let (request, wait) = self.cloud_request(&start, task, &question, modalities, cloud.device());
+                timings.attach_ms = ms(started.elapsed());
+                let fallback = LocalFallback { llm: self.llm.clone(), job, answer, max_answer };
+                Answering::Cloud(tokio::spawn(answer_in_cloud(cloud.clone(), request, wait, fallback)))
+            }
+            _ => {
+                if let Err(full) = self.llm.submit(job) {
+                    lock(&self.dialogues).abandon_turn(start);
+                    self.metrics.reject("queue_full");
+                    tracing::warn!(waiting = full.waiting, "local model queue full: 503");
+                    return Err(AskError::Busy { retry_after_secs: 2 });
+                }
+                Answering::Local(answer)
+            }
+        };
         self.metrics.queue_waiting.set(self.llm.waiting() as i64);
 
         let decision_event = DecisionEvent {
@@ -317,7 +404,7 @@ impl Service {
             modalities: self.names(decision.action.modalities()),
             propensity: decision.propensity,
             preferred_action_index: preferred as u32,
-            route: route_name(decision.action, route.is_some()).to_owned(),
+            route: route_name(decision.action, cloud_unavailable).to_owned(),
             policy_version,
             policy_sha256,
         };
@@ -325,14 +412,14 @@ impl Service {
             decision: decision_event,
             tokens,
             pending: PendingTurn {
-                answer,
                 start,
                 question,
                 task,
                 action: decision.action,
                 observation,
                 propensity: decision.propensity,
-                route,
+                answering,
+                cloud_unavailable,
                 received,
                 timings,
                 telemetry: serde_json::to_value(&*telemetry).unwrap_or(serde_json::Value::Null),
@@ -347,37 +434,65 @@ impl Service {
         turn: PendingTurn,
     ) -> Result<OutcomeEvent, AskError> {
         let PendingTurn {
-            answer,
             start,
             question,
             task,
             action,
             observation,
             propensity,
-            route,
+            answering,
+            cloud_unavailable,
             received,
             mut timings,
             telemetry,
         } = turn;
-        let Ok(answer) = answer.await else {
-            lock(&self.dialogues).abandon_turn(start);
-            return Err(AskError::Internal("the model thread ended".into()));
+        let (produced, cloud_attempt) = match answering {
+            Answering::Local(answer) => {
+                let route = if cloud_unavailable { "local:cloud-unavailable" } else { "local" };
+                let produced = match answer.await {
+                    Ok(answer) => Produced::local(answer, route),
+                    Err(_) => Err("the model thread ended".to_owned()),
+                };
+                (produced, None)
+            }
+            Answering::Cloud(task) => match task.await {
+                Ok(CloudTurn { attempt, answer }) => {
+                    let produced = answer.and_then(|answer| match answer {
+                        CloudOrLocal::Local(local) => Produced::local(local, "local:cloud-fallback"),
+                        CloudOrLocal::Cloud(answered) => {
+                            Ok(cloud_produced(answered, &start.conversation, &question))
+                        }
+                    });
+                    let produced = produced.map(|mut p| {
+                        p.cloud_wait = Duration::from_secs_f64(attempt.wait_secs);
+                        if p.route == "cloud" {
+                            // The whole answer arrives in one reply.
+                            p.time_to_first_token = p.cloud_wait;
+                        }
+                        p
+                    });
+                    if attempt.outcome != "answered" {
+                        self.metrics.cloud_failure(&attempt.outcome);
+                    }
+                    (produced, Some(attempt))
+                }
+                Err(e) => (Err(format!("the cloud task failed: {e}")), None),
+            },
         };
-        let generation = match answer.generation {
-            Ok(g) => g,
+        let produced = match produced {
+            Ok(p) => p,
             Err(e) => {
                 lock(&self.dialogues).abandon_turn(start);
-                return Err(AskError::Internal(format!("local generation: {e}")));
+                return Err(AskError::Internal(e));
             }
         };
-        if answer.context_restarted {
-            tracing::info!(dialogue = %decision.dialogue_id, "dialogue outgrew the model's context: its view restarted");
-        }
         let finished = Instant::now();
-        timings.queue_ms = ms(answer.queue_time);
-        timings.generate_ms = ms(generation.report.wall_time);
+        timings.queue_ms = ms(produced.queue);
+        timings.generate_ms = ms(produced.generate);
+        timings.cloud_ms = ms(produced.cloud_wait);
         let latency_secs = finished.duration_since(received).as_secs_f64();
 
+        // Expected costs follow the chosen action, failures included: that is what choosing it costs.
         let class = CostEstimates::class_of(action.is_cloud().then(|| action.modalities().len()));
         let measured = self
             .sensing
@@ -393,22 +508,22 @@ impl Service {
                 (watts * latency_secs, "estimated")
             }
         };
-        let cost_usd = energy_j * self.usd_per_joule;
+        let cost_usd = energy_j * self.usd_per_joule + produced.cloud_price_usd;
         lock(&self.estimates).record(class, latency_secs, cost_usd, energy_j);
 
-        let refusal = REFUSAL_MARKERS.iter().any(|m| generation.text.contains(m));
+        let refusal = REFUSAL_MARKERS.iter().any(|m| produced.text.contains(m));
         let (score, score_source) =
             if refusal { (Some(0.0), Some(ScoreSource::RefusalHeuristic)) } else { (None, None) };
         let (left_latency, left_cost) = lock(&self.dialogues).finish_turn(
             start,
             Turn { task, action },
-            answer.conversation,
+            produced.conversation,
             latency_secs,
             cost_usd,
             finished,
         );
 
-        let report = &generation.report;
+        let route = produced.route;
         let outcome = TurnOutcome {
             dialogue_id: decision.dialogue_id.clone(),
             turn: decision.turn,
@@ -423,13 +538,14 @@ impl Service {
             latency_secs,
             energy_joules: (energy_source == "measured").then_some(energy_j),
             cost_usd,
-            prompt_tokens: report.prompt_tokens as u32,
-            generated_tokens: report.generated_tokens as u32,
-            answer: generation.text.clone(),
+            prompt_tokens: produced.prompt_tokens,
+            generated_tokens: produced.generated_tokens,
+            answer: produced.text.clone(),
             score,
             score_source,
             telemetry,
-            route: route.clone(),
+            route: (route != decision.action).then(|| route.to_owned()),
+            cloud_attempt: cloud_attempt.clone(),
             created_at_ms: outcome_log::now_ms(),
         };
         let logging = Instant::now();
@@ -442,7 +558,7 @@ impl Service {
         }
         timings.total_ms = ms(received.elapsed());
 
-        let label = ActionLabel { action: decision.action.clone(), route: decision.route.clone() };
+        let label = ActionLabel { action: decision.action.clone(), route: route.to_owned() };
         let m = &self.metrics;
         m.requests.get_or_create(&label).inc();
         m.latency.get_or_create(&label).observe(latency_secs);
@@ -450,15 +566,19 @@ impl Service {
         m.cost_usd.get_or_create(&label).inc_by(cost_usd);
         m.budget_left_latency.observe(left_latency);
         m.budget_left_cost.observe(left_cost);
-        m.decode_tokens_per_sec.set(report.decode_tokens_per_sec);
-        m.generated_tokens.inc_by(report.generated_tokens as u64);
+        if produced.finish != "cloud" {
+            m.decode_tokens_per_sec.set(produced.decode_tokens_per_sec);
+            m.generated_tokens.inc_by(u64::from(produced.generated_tokens));
+        }
         m.queue_waiting.set(self.llm.waiting() as i64);
         for (stage, value) in [
             ("decode", timings.decode_ms),
             ("classify", timings.classify_ms),
             ("decide", timings.decide_ms),
+            ("attach", timings.attach_ms),
             ("queue", timings.queue_ms),
             ("generate", timings.generate_ms),
+            ("cloud", timings.cloud_ms),
             ("log", timings.log_ms),
             ("overhead", timings.overhead_ms()),
         ] {
@@ -468,16 +588,18 @@ impl Service {
         Ok(OutcomeEvent {
             dialogue_id: decision.dialogue_id.clone(),
             turn: decision.turn,
-            answer: generation.text,
+            answer: produced.text,
             latency_secs,
             energy_j,
             energy_source: energy_source.to_owned(),
             cost_usd,
-            prompt_tokens: report.prompt_tokens as u32,
-            generated_tokens: report.generated_tokens as u32,
-            time_to_first_token_secs: report.time_to_first_token.as_secs_f64(),
-            decode_tokens_per_sec: report.decode_tokens_per_sec,
-            finish: finish_name(report.finish).to_owned(),
+            route: route.to_owned(),
+            cloud_attempt: cloud_attempt.and_then(|a| serde_json::to_value(a).ok()),
+            prompt_tokens: produced.prompt_tokens,
+            generated_tokens: produced.generated_tokens,
+            time_to_first_token_secs: produced.time_to_first_token.as_secs_f64(),
+            decode_tokens_per_sec: produced.decode_tokens_per_sec,
+            finish: produced.finish.to_owned(),
             budget_left: Budget { latency_secs: left_latency, cost_usd: left_cost },
             score,
             score_source: score_source.map(|s| s.as_str().to_owned()),
@@ -539,9 +661,9 @@ impl Service {
                 "queue_waiting": self.llm.waiting(),
             },
             "cloud": {
-                "reachable": self.cloud_reachable,
+                "enabled": self.cloud.is_some(),
+                "reachable": self.cloud_reachable(),
                 "broker": format!("{}:{}", self.config.file.mqtt.host, self.config.file.mqtt.port),
-                "reason": "the cloud path over MQTT is not part of this build yet",
             },
             "dialogues": { "open": open, "least_budget_left": least_left.map(|(l, c)| Budget { latency_secs: l, cost_usd: c }) },
             "expected_costs": estimates,
@@ -550,8 +672,191 @@ impl Service {
         })
     }
 
+    /// Publishes `offline` on the availability topic and closes the MQTT link.
+    pub async fn shutdown_cloud(&self) {
+        if let Some(cloud) = &self.cloud {
+            cloud.shutdown(Duration::from_secs(2)).await;
+        }
+    }
+
+    /// Whether a cloud request can be sent now.
+    fn cloud_reachable(&self) -> bool {
+        let up = self.cloud.as_ref().is_some_and(|c| c.reachable());
+        self.metrics.cloud_connected.set(i64::from(up));
+        up
+    }
+
+    /// The cloud request of a turn, and how long to wait for its reply: the dialogue's remaining
+    /// latency budget less the expected local answer (so that a fallback still fits), within
+    /// `[cloud] min_wait_secs..=max_wait_secs`.
+    fn cloud_request(
+        &self,
+        start: &TurnStart,
+        task: TaskCategory,
+        question: &str,
+        modalities: ModalitySet,
+        device: &DeviceId,
+    ) -> (CloudRequest, Duration) {
+        let c = &self.config.file.cloud;
+        let expected_local = lock(&self.estimates).cost(CostEstimates::class_of(None)).latency_secs;
+        let wait_secs =
+            (start.remaining_latency_secs - expected_local).clamp(c.min_wait_secs, c.max_wait_secs);
+        let wait = Duration::from_secs_f64(wait_secs);
+        let exchanges: Vec<HistoryTurn> = start
+            .conversation
+            .exchanges()
+            .map(|(question, answer)| HistoryTurn {
+                question: question.to_owned(),
+                answer: answer.to_owned(),
+            })
+            .collect();
+        let history = exchanges[exchanges.len().saturating_sub(c.max_history_turns)..].to_vec();
+        let request = CloudRequest {
+            request_id: RequestId::generate(),
+            device_id: device.clone(),
+            dialogue_id: start.dialogue_id.clone(),
+            turn: start.turn,
+            task: task.name().to_owned(),
+            question: question.to_owned(),
+            history,
+            attachments: modalities.indices().filter_map(|i| self.attachment(i)).collect(),
+            deadline_unix_ms: outcome_log::now_ms().max(0) as u64 + wait.as_millis() as u64,
+            max_tokens: c.max_tokens,
+        };
+        (request, wait)
+    }
+
+    /// The latest JPEG of camera modality `index`, or the latest utterance of an audio one.
+    /// A modality that cannot be captured now is left out (and logged): the question still goes.
+    fn attachment(&self, index: usize) -> Option<Attachment> {
+        let name = self.modality_names.get(index)?.clone();
+        let captured = match self.sensing.modality_jpeg(index) {
+            Ok(jpeg) => Ok((MediaType::ImageJpeg, jpeg.bytes)),
+            Err(sensing::SensingError::WrongKind { .. }) => {
+                self.sensing.utterance_wav().map(|wav| (MediaType::AudioWav, wav))
+            }
+            Err(e) => Err(e),
+        };
+        match captured {
+            Ok((media_type, data)) => Some(Attachment { modality: index as u8, name, media_type, data }),
+            Err(e) => {
+                tracing::warn!(modality = %name, "not attached to the cloud request: {e}");
+                None
+            }
+        }
+    }
+
     fn names(&self, set: ModalitySet) -> Vec<String> {
         set.indices().filter_map(|i| self.modality_names.get(i).cloned()).collect()
+    }
+}
+
+/// Stores the judge scores the bridges publish for this device's cloud answers.
+async fn store_judge_scores(mut scores: mpsc::Receiver<JudgeScore>, service: std::sync::Weak<Service>) {
+    while let Some(score) = scores.recv().await {
+        let Some(service) = service.upgrade() else { break };
+        for attempt in 0.. {
+            let stored = service
+                .outcomes
+                .set_score(&score.dialogue_id, score.turn, score.score, ScoreSource::Judge)
+                .await;
+            match stored {
+                Ok(update) => {
+                    tracing::debug!(dialogue = %score.dialogue_id, turn = score.turn, ?update, "judge score");
+                    break;
+                }
+                // The turn's row may not be durable yet when a fast judge answers.
+                Err(OutcomeLogError::UnknownTurn { .. }) if attempt < 3 => {
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                }
+                Err(e) => {
+                    tracing::warn!(dialogue = %score.dialogue_id, turn = score.turn, "judge score not stored: {e}");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// What a cloud turn needs to answer locally when the cloud does not.
+struct LocalFallback {
+    llm: LocalLlm,
+    job: LocalJob,
+    answer: oneshot::Receiver<LocalAnswer>,
+    max_answer: Duration,
+}
+
+/// Sends the cloud request; on any failure answers locally, with the same token stream.
+async fn answer_in_cloud(
+    cloud: Arc<CloudLink>,
+    request: CloudRequest,
+    wait: Duration,
+    fallback: LocalFallback,
+) -> CloudTurn {
+    let (result, cost) = cloud.ask(&request, wait).await;
+    let mut attempt = CloudAttempt {
+        outcome: "answered".to_owned(),
+        detail: None,
+        wait_secs: cost.wait.as_secs_f64(),
+        deadline_secs: wait.as_secs_f64(),
+        request_bytes: cost.bytes as u64,
+        model: None,
+        backend_latency_ms: None,
+        cost_usd: 0.0,
+    };
+    let LocalFallback { llm, mut job, answer, max_answer } = fallback;
+    match result {
+        Ok(answered) => {
+            attempt.model = Some(answered.answer.model.clone());
+            attempt.backend_latency_ms = Some(answered.backend_latency_ms);
+            attempt.cost_usd = answered.answer.cost_usd;
+            let _ = job.tokens.send(answered.answer.answer.clone());
+            CloudTurn { attempt, answer: Ok(CloudOrLocal::Cloud(answered)) }
+        }
+        Err(failure) => {
+            tracing::warn!(
+                request_id = %request.request_id,
+                dialogue = %request.dialogue_id,
+                turn = request.turn,
+                reason = failure.kind(),
+                "cloud request failed ({failure}); answering locally"
+            );
+            attempt.outcome = failure.kind().to_owned();
+            attempt.detail = Some(failure.to_string());
+            job.enqueued = Instant::now();
+            job.params.deadline = Some(Instant::now() + max_answer);
+            let answer = match llm.submit(job) {
+                Err(full) => {
+                    Err(format!("the cloud request failed ({failure}) and the local model refused: {full}"))
+                }
+                Ok(()) => {
+                    answer.await.map(CloudOrLocal::Local).map_err(|_| "the model thread ended".to_owned())
+                }
+            };
+            CloudTurn { attempt, answer }
+        }
+    }
+}
+
+/// A cloud answer as a turn's answer; the local model's view of the dialogue gains the turn.
+fn cloud_produced(answered: CloudAnswered, conversation: &Conversation, question: &str) -> Produced {
+    let mut conversation = conversation.clone();
+    conversation.add_answered_turn(question, answered.answer.answer.clone());
+    let backend_secs = f64::from(answered.backend_latency_ms) / 1e3;
+    let completion = answered.answer.completion_tokens;
+    Produced {
+        text: answered.answer.answer,
+        conversation,
+        prompt_tokens: answered.answer.prompt_tokens,
+        generated_tokens: completion,
+        time_to_first_token: Duration::ZERO,
+        decode_tokens_per_sec: if backend_secs > 0.0 { f64::from(completion) / backend_secs } else { 0.0 },
+        finish: "cloud",
+        queue: Duration::ZERO,
+        generate: Duration::ZERO,
+        cloud_wait: Duration::ZERO,
+        cloud_price_usd: answered.answer.cost_usd,
+        route: "cloud",
     }
 }
 

@@ -57,7 +57,7 @@ fn serving_answers_a_kitchen_dialogue_with_decisions_streams_and_outcomes() {
             assert_eq!((decision.dialogue_id.as_str(), decision.turn), (id.as_str(), turn as u32));
             assert_eq!(decision.task_source, "classifier");
             assert_eq!(decision.task_probabilities.len(), 4);
-            // No cloud path yet: every answer is local, and a cloud preference is recorded as such.
+            // MQTT is off here: every answer is local, and a cloud preference is recorded as such.
             assert_eq!((decision.action.as_str(), decision.action_index), ("local", 0));
             assert!(decision.route == "local" || decision.route == "local:cloud-unavailable");
             assert_eq!(decision.propensity, 1.0);

@@ -540,6 +540,9 @@ pub struct Conversation {
     system: Option<String>,
     tokens: Vec<u32>,
     messages: Vec<ChatMessage>,
+    /// Turns answered elsewhere (the cloud) since the last local turn: not in `tokens` yet,
+    /// rendered into the prompt of the next local turn.
+    elsewhere: Vec<(String, String)>,
 }
 
 impl Conversation {
@@ -549,7 +552,27 @@ impl Conversation {
             system: system.map(str::to_string),
             tokens: Vec::new(),
             messages: system.map(ChatMessage::system).into_iter().collect(),
+            elsewhere: Vec::new(),
         }
+    }
+
+    /// Records a turn answered elsewhere (by the cloud). Its tokens join the prompt of the next
+    /// local turn, so the local model keeps the whole dialogue without generating this answer.
+    pub fn add_answered_turn(&mut self, user: impl Into<String>, assistant: impl Into<String>) {
+        let (user, assistant) = (user.into(), assistant.into());
+        self.messages.push(ChatMessage::user(user.clone()));
+        self.messages.push(ChatMessage::assistant(assistant.clone()));
+        self.elsewhere.push((user, assistant));
+    }
+
+    /// The dialogue so far as (question, answer) pairs, oldest first.
+    pub fn exchanges(&self) -> impl Iterator<Item = (&str, &str)> {
+        let mut said = self.messages.iter().filter(|m| m.role != crate::template::Role::System);
+        std::iter::from_fn(move || {
+            let user = said.next()?;
+            let assistant = said.next()?;
+            Some((user.content.as_str(), assistant.content.as_str()))
+        })
     }
 
     /// The dialogue's tokens so far (every turn, closed).
@@ -575,6 +598,14 @@ impl Conversation {
                 text.push_str(&template.system_turn(system));
             }
         }
+        let mut first = first;
+        for (asked, answered) in &self.elsewhere {
+            let folded = if first && template.folds_system() { self.system.as_deref() } else { None };
+            text.push_str(&template.user_turn(asked, folded));
+            text.push_str(answered);
+            text.push_str(template.assistant_end());
+            first = false;
+        }
         let folded = if first && template.folds_system() { self.system.as_deref() } else { None };
         text.push_str(&template.user_turn(user, folded));
         let mut prompt = self.tokens.clone();
@@ -597,6 +628,7 @@ impl Conversation {
         self.tokens = prompt;
         self.tokens.extend_from_slice(&generation.tokens);
         self.tokens.extend(closing);
+        self.elsewhere.clear();
         self.messages.push(ChatMessage::user(user));
         self.messages.push(ChatMessage::assistant(generation.text.clone()));
         Ok(generation)

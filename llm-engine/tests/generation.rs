@@ -170,3 +170,32 @@ fn prompt_pass_over_a_cached_prefix_equals_a_fresh_prompt_pass() {
     assert_eq!(reused.tokens, fresh.tokens);
     assert!(!fresh.text.trim().is_empty());
 }
+
+#[test]
+fn a_turn_answered_elsewhere_joins_the_next_local_prompt() {
+    let mut engine = engine();
+    let params = GenerationParams::greedy(16);
+    let cloud_answer = "Seven minutes in simmering water, then into ice water.";
+    let follow_up = "And for a hard yolk?";
+
+    // The same dialogue, once with turn 1 answered by the cloud, once rendered whole.
+    let mut conversation = Conversation::new(Some(SYSTEM));
+    conversation.add_answered_turn(QUESTION, cloud_answer);
+    let prompt = conversation.prompt_for(&engine, follow_up).expect("prompt");
+    let whole = engine.render(&[
+        ChatMessage::system(SYSTEM),
+        ChatMessage::user(QUESTION),
+        ChatMessage::assistant(cloud_answer),
+        ChatMessage::user(follow_up),
+    ]);
+    assert_eq!(prompt, engine.encode(&whole).expect("encode"), "{whole}");
+    let pairs: Vec<_> = conversation.exchanges().collect();
+    assert_eq!(pairs, [(QUESTION, cloud_answer)]);
+
+    let turn2 = conversation.send(&mut engine, follow_up, &params, None, &mut |_| {}).expect("turn 2");
+    assert_eq!(turn2.report.prompt_tokens, prompt.len());
+    assert_eq!(conversation.exchanges().count(), 2);
+    // The answered turn is now part of the cached tokens: the next prompt starts with them.
+    let next = conversation.prompt_for(&engine, "Thanks!").expect("prompt 3");
+    assert!(next.starts_with(&prompt));
+}

@@ -180,6 +180,7 @@ fn extras(row: &LoggedOutcome) -> serde_json::Value {
         "generated_tokens": o.generated_tokens,
         "score_source": o.score_source,
         "route": o.route,
+        "cloud_attempt": o.cloud_attempt,
         "created_at_ms": o.created_at_ms,
     })
 }

@@ -21,5 +21,7 @@ pub use export::{ExportSummary, M4a1ExportOptions, UnscoredTurns};
 pub use log::{
     APPLICATION_ID, Durability, LogStats, MIN_MAX_BYTES, OutcomeLog, OutcomeLogConfig, SCHEMA_VERSION,
 };
-pub use outcome::{LoggedOutcome, MAX_DIALOGUE_ID_LEN, RowId, ScoreSource, ScoreUpdate, TurnOutcome, now_ms};
+pub use outcome::{
+    CloudAttempt, LoggedOutcome, MAX_DIALOGUE_ID_LEN, RowId, ScoreSource, ScoreUpdate, TurnOutcome, now_ms,
+};
 pub use writer::{AppendCallback, OutcomeWriter, Pending, WriterConfig};

@@ -8,7 +8,7 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, TransactionBehavio
 use crate::{LoggedOutcome, OutcomeLogError, RowId, ScoreSource, ScoreUpdate, TurnOutcome, now_ms};
 
 /// The schema version this build writes, kept in `PRAGMA user_version`.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// `PRAGMA application_id` of outcome logs ("TMOL"), so that another SQLite file is not taken
 /// for a log.
@@ -48,6 +48,7 @@ CREATE TABLE outcomes (
     score_source     TEXT CHECK (score_source IN ('feedback', 'refusal_heuristic', 'judge')),
     telemetry        TEXT    NOT NULL,
     route            TEXT,
+    cloud_attempt    TEXT,
     created_at_ms    INTEGER NOT NULL,
     uploaded_at_ms   INTEGER,
     UNIQUE (dialogue_id, turn),
@@ -59,12 +60,20 @@ CREATE INDEX outcomes_uploaded ON outcomes (id) WHERE uploaded_at_ms IS NOT NULL
 
 const COLUMNS: &str = "id, dialogue_id, turn, question, task, observation, action_index, cloud, modalities, \
     propensity, policy_version, policy_sha256, latency_secs, energy_joules, cost_usd, prompt_tokens, \
-    generated_tokens, answer, score, score_source, telemetry, route, created_at_ms, uploaded_at_ms";
+    generated_tokens, answer, score, score_source, telemetry, route, created_at_ms, uploaded_at_ms, cloud_attempt";
 
 const INSERT: &str = "INSERT INTO outcomes (dialogue_id, turn, question, task, observation, action_index, \
     cloud, modalities, propensity, policy_version, policy_sha256, latency_secs, energy_joules, cost_usd, \
-    prompt_tokens, generated_tokens, answer, score, score_source, telemetry, route, created_at_ms) \
-    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22)";
+    prompt_tokens, generated_tokens, answer, score, score_source, telemetry, route, created_at_ms, \
+    cloud_attempt) \
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, \
+    ?23)";
+
+/// Schema changes from each older version to the next (index 0: from 1 to 2).
+const MIGRATIONS: &[&str] = &[
+    // 2: the cloud request of a turn and what became of it (JSON).
+    "ALTER TABLE outcomes ADD COLUMN cloud_attempt TEXT;",
+];
 
 /// How much a commit must survive before it is acknowledged.
 ///
@@ -246,11 +255,29 @@ impl OutcomeLog {
             tx.pragma_update(None, "application_id", APPLICATION_ID)?;
             tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
             tx.commit()?;
+        } else {
+            self.migrate()?;
         }
         self.page_size = self.conn.pragma_query_value(None, "page_size", |r| r.get::<_, i64>(0))? as u64;
         if self.config.check_integrity_on_open {
             self.integrity_check()?;
         }
+        Ok(())
+    }
+
+    /// Brings a log written by an older build to [`SCHEMA_VERSION`], in one transaction.
+    fn migrate(&mut self) -> Result<(), OutcomeLogError> {
+        let version: i64 = self.conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if version >= SCHEMA_VERSION {
+            return Ok(());
+        }
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Exclusive)?;
+        for step in &MIGRATIONS[(version - 1) as usize..] {
+            tx.execute_batch(step)?;
+        }
+        tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        tx.commit()?;
+        tracing::info!(path = %self.path.display(), from = version, to = SCHEMA_VERSION, "outcome log migrated");
         Ok(())
     }
 
@@ -507,6 +534,7 @@ fn estimated_row_bytes(o: &TurnOutcome) -> u64 {
         + o.policy_sha256.len()
         + o.answer.len()
         + o.route.as_ref().map_or(0, String::len)
+        + o.cloud_attempt.as_ref().map_or(0, |_| 200)
         + 128; // numbers, headers, index entries, telemetry beyond its estimate below
     (text + o.telemetry.to_string().len()) as u64
 }
@@ -573,6 +601,7 @@ fn insert_row(stmt: &mut rusqlite::CachedStatement<'_>, o: &TurnOutcome) -> Resu
         o.telemetry.to_string(),
         o.route,
         o.created_at_ms,
+        o.cloud_attempt.as_ref().map(|a| serde_json::to_string(a).unwrap_or_default()),
     ])
 }
 
@@ -600,6 +629,10 @@ fn read_row(r: &Row<'_>) -> Result<LoggedOutcome, OutcomeLogError> {
     };
     let telemetry: String = r.get(20)?;
     let telemetry = serde_json::from_str(&telemetry).map_err(|e| corrupt(format!("telemetry: {e}")))?;
+    let cloud_attempt = match r.get::<_, Option<String>>(24)? {
+        None => None,
+        Some(s) => Some(serde_json::from_str(&s).map_err(|e| corrupt(format!("cloud_attempt: {e}")))?),
+    };
     Ok(LoggedOutcome {
         id: RowId(id),
         outcome: TurnOutcome {
@@ -623,6 +656,7 @@ fn read_row(r: &Row<'_>) -> Result<LoggedOutcome, OutcomeLogError> {
             score_source,
             telemetry,
             route: r.get(21)?,
+            cloud_attempt,
             created_at_ms: r.get(22)?,
         },
         uploaded_at_ms: r.get(23)?,
@@ -672,13 +706,50 @@ mod tests {
     }
 
     #[test]
+    fn a_version_1_log_is_migrated_and_keeps_its_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = sample("kitchen-1", 0);
+        {
+            let mut log = open(&dir, 1 << 20);
+            log.append(&old).unwrap();
+        }
+        // Make it what a version 1 build left behind.
+        let path = dir.path().join("outcomes.db");
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch("ALTER TABLE outcomes DROP COLUMN cloud_attempt; PRAGMA user_version = 1;")
+            .unwrap();
+        drop(conn);
+
+        let mut log = open(&dir, 1 << 20);
+        let mut new = sample("kitchen-1", 1);
+        new.cloud_attempt = Some(crate::CloudAttempt {
+            outcome: "timeout".into(),
+            detail: Some("no reply within 4.0 s".into()),
+            wait_secs: 4.0,
+            deadline_secs: 4.0,
+            request_bytes: 150_000,
+            model: None,
+            backend_latency_ms: None,
+            cost_usd: 0.0,
+        });
+        log.append(&new).unwrap();
+        let rows: Vec<_> = log.all_rows().unwrap().into_iter().map(|r| r.outcome).collect();
+        assert_eq!(rows, [old, new]);
+        let version: i64 = log.conn.pragma_query_value(None, "user_version", |r| r.get(0)).unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+    }
+
+    #[test]
     fn refuses_newer_schemas_and_foreign_files() {
         let dir = tempfile::tempdir().unwrap();
         drop(open(&dir, 1 << 20));
         let path = dir.path().join("outcomes.db");
-        Connection::open(&path).unwrap().pragma_update(None, "user_version", 2).unwrap();
+        Connection::open(&path).unwrap().pragma_update(None, "user_version", SCHEMA_VERSION + 1).unwrap();
         let err = OutcomeLog::open(&path, OutcomeLogConfig::default()).unwrap_err();
-        assert!(matches!(err, OutcomeLogError::NewerSchema { found: 2, supported: 1, .. }), "{err}");
+        assert!(
+            matches!(err, OutcomeLogError::NewerSchema { found, supported: SCHEMA_VERSION, .. } if found == SCHEMA_VERSION + 1),
+            "{err}"
+        );
         assert!(err.to_string().contains("newer"), "{err}");
 
         let other = dir.path().join("other.db");

@@ -66,6 +66,33 @@ impl FromStr for ScoreSource {
     }
 }
 
+/// A request sent to the cloud for a turn and what became of it. When it did not end in an
+/// answer, the turn was answered locally (the outcome's `route` says so) and this records the
+/// attempt: the time it took is part of the turn's latency.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CloudAttempt {
+    /// `answered`, or why not: `timeout`, `connection_lost`, `not_connected`, `no_bridge`,
+    /// `too_large`, or the bridge's error kind (`backend`, `overloaded`, `deadline`, ...).
+    pub outcome: String,
+    /// The error's message, when there was one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    /// From sending the request to its reply or failure, seconds.
+    pub wait_secs: f64,
+    /// How long the daemon was prepared to wait (from the remaining latency budget), seconds.
+    pub deadline_secs: f64,
+    /// Size of the request on the wire, bytes.
+    pub request_bytes: u64,
+    /// The cloud model that answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// The backend's own time, as the bridge measured it, milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend_latency_ms: Option<u32>,
+    /// The cloud's price for the answer, USD (0 without an answer).
+    pub cost_usd: f64,
+}
+
 /// The outcome of one dialogue turn: what the policy saw and chose, what it cost, what came out.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TurnOutcome {
@@ -105,6 +132,9 @@ pub struct TurnOutcome {
     /// How the answer was actually produced when it differs from the action, e.g.
     /// "cloud chosen, unavailable, answered locally"; `None` when the action was carried out.
     pub route: Option<String>,
+    /// The request sent to the cloud for this turn, if one was sent, and what became of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloud_attempt: Option<CloudAttempt>,
     /// When the turn finished, unix milliseconds.
     pub created_at_ms: i64,
 }
@@ -218,6 +248,7 @@ pub(crate) mod tests {
             telemetry: serde_json::json!({"cpu_percent": 41.5, "mem_used_bytes": 1_234_567_890u64,
                 "temp_c": 52.0, "power_w": 6.1}),
             route: None,
+            cloud_attempt: None,
             created_at_ms: 1_790_000_000_000 + i64::from(turn),
         }
     }

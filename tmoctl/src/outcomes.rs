@@ -136,6 +136,7 @@ mod tests {
                     score_source: Some(ScoreSource::Judge),
                     telemetry: serde_json::json!({}),
                     route: None,
+                    cloud_attempt: None,
                     created_at_ms: 0,
                 };
                 log.append(&outcome).unwrap();

@@ -95,13 +95,24 @@ pub struct OutcomeEvent {
     pub energy_j: f64,
     /// `measured` (a power meter) or `estimated` (the moving average of the action class).
     pub energy_source: String,
-    /// Electricity for a local answer, the price for a cloud answer.
+    /// Electricity of the device's energy, plus the cloud's price for a cloud answer.
     pub cost_usd: f64,
+    /// How the answer was produced: `local`, `cloud`, `local:cloud-unavailable` (the policy
+    /// preferred the cloud, the link was down) or `local:cloud-fallback` (the cloud request
+    /// failed or timed out; `cloud_attempt` says how).
+    #[serde(default)]
+    pub route: String,
+    /// The cloud request of this turn, if one was sent: `outcome` (`answered`, `timeout`,
+    /// `connection_lost`, ...), `detail`, `wait_secs`, `deadline_secs`, `request_bytes`, `model`,
+    /// `backend_latency_ms`, `cost_usd` (the outcome log's record, as JSON).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloud_attempt: Option<serde_json::Value>,
     pub prompt_tokens: u32,
     pub generated_tokens: u32,
     pub time_to_first_token_secs: f64,
     pub decode_tokens_per_sec: f64,
-    /// Why generation stopped: `end_of_turn`, `max_tokens`, `deadline`, `cancelled`, `context_full`.
+    /// Why generation stopped: `end_of_turn`, `max_tokens`, `deadline`, `cancelled`,
+    /// `context_full`; `cloud` for a cloud answer.
     pub finish: String,
     /// What is left of the dialogue's budgets after this turn.
     pub budget_left: Budget,
@@ -126,10 +137,16 @@ pub struct Timings {
     pub decode_ms: f64,
     pub classify_ms: f64,
     pub decide_ms: f64,
+    /// Encoding the attached camera frames and audio of a cloud request.
+    #[serde(default)]
+    pub attach_ms: f64,
     /// Waiting in the engine's queue.
     pub queue_ms: f64,
     /// The engine's generation call.
     pub generate_ms: f64,
+    /// Waiting for the cloud's reply (or its failure).
+    #[serde(default)]
+    pub cloud_ms: f64,
     /// Until the outcome row was durable.
     pub log_ms: f64,
     /// Everything on the daemon.
@@ -137,9 +154,9 @@ pub struct Timings {
 }
 
 impl Timings {
-    /// The daemon's own time: everything but waiting for and running the model.
+    /// The daemon's own time: everything but waiting for and running the model or the cloud.
     pub fn overhead_ms(&self) -> f64 {
-        self.total_ms - self.generate_ms - self.queue_ms
+        self.total_ms - self.generate_ms - self.queue_ms - self.cloud_ms
     }
 }
 

@@ -1,0 +1,301 @@
+//! End to end, the cloud path: a real Mosquitto on a free loopback port, `tmod run` as a
+//! process with MQTT enabled, and the cloud bridge (`tmo-cloud`'s library, in this process)
+//! answering with the candle backend (Gemma 3 270M). Test names hold `cloud` so that
+//! `cargo test --release --workspace -- cloud` selects them. They need mosquitto and the models
+//! (`tmoctl model fetch smollm2-135m gemma3-270m all-minilm-l6-v2`, as `scripts/test` does).
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use outcome_log::OutcomeLog;
+use policy_onnx::export::{ExportOptions, mlp_to_onnx};
+use policy_onnx::mlp::{Activation, Dense, Mlp};
+use policy_onnx::{Action, ModalitySet, Schema};
+use tmo_protocol::link::{Link, LinkConfig, LinkSetup, Message, QoS, Subscription};
+use tmo_protocol::testing::MosquittoBroker;
+use tmo_protocol::{
+    CloudRequest, DeviceId, Inbox, JsonMessage, JudgeScore, MediaType, ReassemblyLimits, Topic,
+};
+use tmod_api::{AskEvent, AskRequest, AskResponse, Client};
+use tokio_util::sync::CancellationToken;
+
+#[path = "support/daemon.rs"]
+mod daemon;
+
+use daemon::Daemon;
+
+const DEVICE: &str = "test-device";
+const WAIT: Duration = Duration::from_secs(60);
+
+/// A real ONNX policy (contract v1, the x86-dev board's three views) that prefers the cloud
+/// with every view attached, and local next: what the cloud path is tested with.
+fn cloud_preferring_policy(dir: &Path) -> std::path::PathBuf {
+    let schema = Schema::new(3, 5);
+    let cloud_all = schema.action_index(Action::Cloud { modalities: ModalitySet::all(3) }).expect("action");
+    let local = schema.action_index(Action::Local).expect("local");
+    let mut bias = vec![-1.0f32; schema.action_count()];
+    bias[cloud_all] = 10.0;
+    bias[local] = 5.0;
+    let layer = Dense {
+        inputs: schema.observation_len(),
+        outputs: schema.action_count(),
+        weights: vec![0.0; schema.observation_len() * schema.action_count()],
+        bias,
+        activation: Activation::Identity,
+    };
+    let onnx = mlp_to_onnx(&Mlp::new(vec![layer]).expect("mlp"), &ExportOptions::default());
+    let path = dir.join("cloud-first.onnx");
+    std::fs::write(&path, onnx).expect("write policy");
+    path
+}
+
+fn tmod_config(broker_port: u16, policy: &Path) -> String {
+    format!(
+        "[policy]\npath = {policy:?}\n\
+         [model]\nmax_tokens = 24\n\
+         [dialogues]\nlatency_budget_secs = 600.0\ncost_budget_usd = 5.0\n\
+         [mqtt]\nenabled = true\nhost = \"127.0.0.1\"\nport = {broker_port}\n\
+         reconnect_initial_ms = 50\nreconnect_max_ms = 500\n\
+         [cloud]\nmax_wait_secs = 60.0\nmax_tokens = 32\n"
+    )
+}
+
+/// The bridge, in this process: the real `tmo-cloud` loop and candle backend.
+struct Bridge {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+async fn start_bridge(broker_port: u16) -> Bridge {
+    let text = format!(
+        "share_group = \"bridges\"\nreply_margin_ms = 100\n\
+         [mqtt]\nhost = \"127.0.0.1\"\nport = {broker_port}\nclient_id = \"bridge-1\"\n\
+         max_packet_bytes = 1048576\nreconnect_initial_ms = 50\nreconnect_max_ms = 500\n\
+         [backend]\nkind = \"candle\"\nmodel = \"gemma3-270m\"\n\
+         [prices.\"gemma3-270m\"]\nprompt_per_million_usd = 0.05\ncompletion_per_million_usd = 0.1\n"
+    );
+    let config = tmo_cloud::config::Config::parse(&text, Path::new("bridge.toml")).expect("bridge config");
+    let backend = tokio::task::block_in_place(|| tmo_cloud::build_backend(&config.file.backend))
+        .expect("gemma3-270m loads (tmoctl model fetch gemma3-270m)");
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(tmo_cloud::bridge::run(config, backend, None, stop.clone()));
+    Bridge { stop, task }
+}
+
+/// A link that sees every cloud request on the broker (a plain subscription beside the
+/// bridges' shared one), to check what the daemon sent.
+async fn observer(broker_port: u16) -> Link {
+    let link = Link::start(
+        &LinkConfig::new("127.0.0.1", broker_port, "observer"),
+        LinkSetup {
+            availability_topic: None,
+            subscriptions: vec![Subscription::new("tmo/v1/dev/+/cloud/req", QoS::AtLeastOnce)],
+        },
+    )
+    .expect("observer link");
+    assert!(link.wait_connected(WAIT).await, "observer did not connect");
+    link
+}
+
+async fn wait_cloud_reachable(client: &Client, reachable: bool) {
+    let started = Instant::now();
+    loop {
+        let status = client.status().await.expect("status");
+        if status["cloud"]["reachable"] == reachable {
+            return;
+        }
+        assert!(started.elapsed() < WAIT, "cloud.reachable never became {reachable}: {status}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn ask(client: &Client, dialogue: &str, question: &str) -> AskResponse {
+    let mut streamed = String::new();
+    let response = client
+        .ask(&AskRequest::new(Some(dialogue), question), |event| {
+            if let AskEvent::Token(piece) = event {
+                streamed.push_str(piece);
+            }
+        })
+        .await
+        .expect("ask");
+    assert_eq!(response.outcome.answer, streamed, "the streamed text is the answer");
+    assert!(!response.outcome.answer.trim().is_empty());
+    response
+}
+
+fn attempt(response: &AskResponse) -> &serde_json::Value {
+    response.outcome.cloud_attempt.as_ref().expect("a cloud attempt is recorded")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cloud_answers_with_three_frames_falls_back_when_the_broker_dies_and_comes_back() {
+    let state = tempfile::tempdir().expect("tempdir");
+    let mut broker = MosquittoBroker::start().expect("mosquitto (apt-get install mosquitto)");
+    let port = broker.port();
+    let bridge = start_bridge(port).await;
+    let mut observer = observer(port).await;
+    let policy = cloud_preferring_policy(state.path());
+    let daemon = Daemon::start(state.path(), &tmod_config(port, &policy));
+    let client = daemon.client();
+    wait_cloud_reachable(&client, true).await;
+    let dialogue = client.new_dialogue().await.expect("dialogue").dialogue_id;
+
+    // Turn 0: the cloud answers, with the three camera views attached.
+    let first = ask(&client, &dialogue, "What can I cook with what is on the counter?").await;
+    assert_eq!(first.decision.action, "cloud");
+    assert_eq!(first.decision.modalities, ["view-0", "view-1", "view-2"]);
+    assert_eq!(first.outcome.route, "cloud");
+    assert_eq!(first.outcome.finish, "cloud");
+    let answered = attempt(&first);
+    assert_eq!(answered["outcome"], "answered", "{answered}");
+    assert_eq!(answered["model"], "gemma3-270m");
+    assert!(first.outcome.prompt_tokens > 0 && first.outcome.generated_tokens > 0);
+    assert!(first.outcome.timings.cloud_ms > 0.0);
+    let sent =
+        tokio::time::timeout(WAIT, observer.incoming.recv()).await.expect("request seen").expect("link");
+    let mut inbox = Inbox::new(ReassemblyLimits::default());
+    let request: CloudRequest =
+        inbox.receive(&sent.topic, &sent.payload, Instant::now()).expect("request decodes");
+    assert_eq!((request.device_id.as_str(), request.turn), (DEVICE, 0));
+    assert_eq!(request.dialogue_id, dialogue);
+    assert_eq!(request.attachments.len(), 3);
+    for (i, a) in request.attachments.iter().enumerate() {
+        assert_eq!((a.modality as usize, a.name.clone()), (i, format!("view-{i}")));
+        assert_eq!(a.media_type, MediaType::ImageJpeg);
+        assert!(a.data.starts_with(&[0xFF, 0xD8, 0xFF]) && a.data.len() > 5_000, "{a:?}");
+    }
+    assert!(answered["request_bytes"].as_u64() > Some(15_000), "{answered}");
+    assert_eq!(sent.response_topic.as_deref(), Some("tmo/v1/dev/test-device/cloud/reply"));
+
+    // A judge's score published for turn 0 lands in the outcome log.
+    let score = JudgeScore {
+        v: 1,
+        request_id: request.request_id,
+        dialogue_id: dialogue.clone(),
+        turn: 0,
+        score: 0.75,
+        judge_model: "judge".into(),
+    };
+    let publisher = observer.publisher();
+    let score_topic = Topic::Score(DeviceId::new(DEVICE).expect("id")).name();
+    // Malformed payloads on the daemon's topics are refused and change nothing.
+    for (topic, payload) in [
+        (score_topic.clone(), b"{not json".to_vec()),
+        ("tmo/v1/dev/test-device/cloud/reply".to_owned(), vec![0xFF; 64]),
+    ] {
+        publisher
+            .publish(Message::new(topic, QoS::AtLeastOnce, payload))
+            .await
+            .expect("publish")
+            .confirmed()
+            .await
+            .expect("ack");
+    }
+    publisher
+        .publish(Message::new(score_topic, QoS::AtLeastOnce, score.to_json().expect("json")))
+        .await
+        .expect("publish score")
+        .confirmed()
+        .await
+        .expect("score acknowledged");
+    let log_path = state.path().join("outcomes.sqlite");
+    let started = Instant::now();
+    loop {
+        let row = OutcomeLog::open_read_only(&log_path).expect("log").turn(&dialogue, 0).expect("read");
+        if row.as_ref().and_then(|r| r.outcome.score) == Some(0.75) {
+            assert_eq!(row.expect("row").outcome.score_source.map(|s| s.as_str()), Some("judge"));
+            break;
+        }
+        assert!(started.elapsed() < WAIT, "judge score not stored: {row:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Turn 1: the broker dies while the cloud request is out; the daemon answers locally
+    // within the request's deadline and records both.
+    let mut killed = false;
+    let second = client
+        .ask(&AskRequest::new(Some(&dialogue), "And what wine goes with it?"), |event| {
+            if let AskEvent::Decision(d) = event {
+                assert_eq!(d.action, "cloud");
+                broker.stop();
+                killed = true;
+            }
+        })
+        .await
+        .expect("ask during the outage");
+    assert!(killed);
+    assert_eq!(second.outcome.route, "local:cloud-fallback");
+    let failed = attempt(&second);
+    let reason = failed["outcome"].as_str().expect("outcome");
+    assert!(["connection_lost", "not_connected", "timeout"].contains(&reason), "{failed}");
+    let (waited, deadline) =
+        (failed["wait_secs"].as_f64().expect("wait"), failed["deadline_secs"].as_f64().expect("deadline"));
+    assert!(waited <= deadline + 0.5, "{failed}");
+    assert!(waited < 5.0, "a lost connection is noticed at once, not at the deadline: {failed}");
+    assert!(second.outcome.generated_tokens > 0 && second.outcome.finish != "cloud");
+
+    // Turn 2: the link is down, so the cloud actions are masked and the answer is local.
+    wait_cloud_reachable(&client, false).await;
+    let third = ask(&client, &dialogue, "How do I keep the leftovers?").await;
+    assert_eq!(third.decision.action, "local");
+    assert_eq!(third.decision.route, "local:cloud-unavailable");
+    assert_eq!(third.outcome.route, "local:cloud-unavailable");
+    assert!(third.outcome.cloud_attempt.is_none());
+
+    // Turn 3: the broker returns; the daemon and the bridge reconnect and the cloud answers.
+    broker.restart().expect("broker restarts on its port");
+    wait_cloud_reachable(&client, true).await;
+    let started = Instant::now();
+    let fourth = loop {
+        // The bridge may reconnect a moment after the daemon: until then the broker says
+        // nobody subscribes and the daemon falls back at once.
+        let r = ask(&client, &dialogue, "Thanks! How long will it keep in the fridge?").await;
+        if r.outcome.route == "cloud" || started.elapsed() > WAIT {
+            break r;
+        }
+        assert_eq!(attempt(&r)["outcome"], "no_bridge", "{:?}", r.outcome);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(fourth.outcome.route, "cloud", "{:?}", fourth.outcome);
+
+    // The log holds every turn with its route and attempt.
+    let rows = OutcomeLog::open_read_only(&log_path).expect("log").all_rows().expect("rows");
+    let routes: Vec<Option<String>> = rows.iter().map(|r| r.outcome.route.clone()).collect();
+    assert_eq!(
+        routes[..3],
+        [None, Some("local:cloud-fallback".to_owned()), Some("local:cloud-unavailable".to_owned())]
+    );
+    assert!(rows[1].outcome.action.is_cloud(), "the chosen action is recorded");
+    assert_eq!(rows[1].outcome.cloud_attempt.as_ref().map(|a| a.outcome.as_str()), Some(reason));
+    assert_eq!(
+        rows.last().and_then(|r| r.outcome.cloud_attempt.as_ref()).map(|a| a.outcome.as_str()),
+        Some("answered")
+    );
+    assert!(rows[0].outcome.cost_usd > 0.0);
+
+    let metrics = client.metrics().await.expect("metrics");
+    assert!(metrics.contains("tmod_cloud_failures_total{reason=\""), "{metrics}");
+    assert!(metrics.contains("route=\"local:cloud-fallback\""), "{metrics}");
+
+    bridge.stop.cancel();
+    bridge.task.await.expect("bridge task").expect("bridge stops cleanly");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cloud_without_a_bridge_falls_back_at_once() {
+    let state = tempfile::tempdir().expect("tempdir");
+    let broker = MosquittoBroker::start().expect("mosquitto");
+    let policy = cloud_preferring_policy(state.path());
+    let daemon = Daemon::start(state.path(), &tmod_config(broker.port(), &policy));
+    let client = daemon.client();
+    wait_cloud_reachable(&client, true).await;
+    let dialogue = client.new_dialogue().await.expect("dialogue").dialogue_id;
+    let response = ask(&client, &dialogue, "How long should I boil an egg?").await;
+    assert_eq!(response.decision.action, "cloud");
+    assert_eq!(response.outcome.route, "local:cloud-fallback");
+    let failed = attempt(&response);
+    // The broker's PUBACK says nobody subscribes: no waiting for the deadline.
+    assert_eq!(failed["outcome"], "no_bridge", "{failed}");
+    assert!(failed["wait_secs"].as_f64() < Some(2.0), "{failed}");
+}
