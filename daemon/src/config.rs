@@ -47,6 +47,7 @@ pub struct ConfigFile {
     pub energy: EnergyConfig,
     pub mqtt: MqttConfig,
     pub cloud: CloudConfig,
+    pub fleet: FleetSection,
     #[serde(default)]
     pub sensing: SensingOverrides,
 }
@@ -125,6 +126,17 @@ pub struct MqttConfig {
     pub max_packet_bytes: u32,
     pub reconnect_initial_ms: u64,
     pub reconnect_max_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FleetSection {
+    pub group: String,
+    pub trusted_keys: Vec<String>,
+    pub upload: bool,
+    pub upload_batch_rows: usize,
+    pub ack_timeout_secs: f64,
+    pub status_interval_secs: f64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -299,6 +311,21 @@ impl Config {
         if !(1..=8192).contains(&f.cloud.max_tokens) {
             return Err(("cloud.max_tokens", format!("must be in 1..=8192, found {}", f.cloud.max_tokens)));
         }
+        if !f.fleet.group.is_empty() {
+            tmo_protocol::GroupName::new(f.fleet.group.clone())
+                .map_err(|e| ("fleet.group", e.to_string()))?;
+        }
+        for key in &f.fleet.trusted_keys {
+            crate::fleet::parse_public_key(key).map_err(|e| ("fleet.trusted_keys", e))?;
+        }
+        if !(1..=10_000).contains(&f.fleet.upload_batch_rows) {
+            return Err((
+                "fleet.upload_batch_rows",
+                format!("must be in 1..=10000, found {}", f.fleet.upload_batch_rows),
+            ));
+        }
+        positive("fleet.ack_timeout_secs", f.fleet.ack_timeout_secs)?;
+        positive("fleet.status_interval_secs", f.fleet.status_interval_secs)?;
         for name in f.sensing.views.keys() {
             if !self.profile.modalities.iter().any(|m| &m.name == name) {
                 return Err(("sensing.views", format!("the profile has no modality named {name:?}")));
@@ -436,6 +463,9 @@ mod tests {
             ("profile = \"no-such-board\"", "profile"),
             ("[sensing.views.kitchen]\nsource = \"test_pattern\"", "sensing.views"),
             ("[mqtt]\ncert_file = \"c.pem\"", "mqtt.key_file"),
+            ("[mqtt]\nenabled = true\nkeep_alive_secs = 1", "mqtt"),
+            ("[cloud]\nmin_wait_secs = 30.0", "cloud.min_wait_secs"),
+            ("[cloud]\nmax_tokens = 0", "cloud.max_tokens"),
         ];
         for (text, field) in cases {
             match parse(text) {
@@ -463,6 +493,34 @@ mod tests {
         assert_eq!(config.file.mqtt.password, "s3cret");
         assert_eq!(config.file.mqtt.port, 8883);
         assert_eq!(config.api_tcp(), Ok(Some("127.0.0.1:9000".parse().expect("addr"))));
+    }
+
+    #[test]
+    fn the_mqtt_section_becomes_the_link_configuration() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, "pem").expect("ca");
+        let text = format!(
+            "device_id = \"kitchen-7\"\n[mqtt]\nenabled = true\nhost = \"broker.lan\"\nport = 8883\n\
+             username = \"kitchen\"\npassword = \"pw\"\nca_file = {ca:?}\ncert_file = \"c.pem\"\nkey_file = \"k.pem\"\n\
+             max_packet_bytes = 65536"
+        );
+        let link = parse(&text).expect("config").link_config();
+        assert_eq!(
+            (link.host.as_str(), link.port, link.client_id.as_str()),
+            ("broker.lan", 8883, "kitchen-7")
+        );
+        assert_eq!((link.username.as_deref(), link.password.as_deref()), (Some("kitchen"), Some("pw")));
+        assert_eq!(link.ca_file.as_deref(), Some(ca.as_path()));
+        assert_eq!(link.cert_file.as_deref(), Some(Path::new("c.pem")));
+        assert_eq!(link.key_file.as_deref(), Some(Path::new("k.pem")));
+        assert_eq!(link.max_packet_bytes, 65536);
+        let own_id =
+            parse("device_id = \"kitchen-7\"\n[mqtt]\nclient_id = \"tmod-kitchen-7\"").expect("config");
+        assert_eq!(own_id.link_config().client_id, "tmod-kitchen-7");
+        // Without TLS files the link is plain TCP.
+        let plain = parse("device_id = \"d\"").expect("config").link_config();
+        assert_eq!((plain.ca_file, plain.username), (None, None));
     }
 
     #[test]

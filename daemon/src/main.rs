@@ -1,12 +1,15 @@
 //! `tmod`, the device daemon. Thin main: parse the command line, run the chosen command.
 
 mod api;
-mod cloud;
 mod config;
 mod dialogues;
 mod estimates;
+mod fleet;
+mod link;
 mod local_llm;
 mod metrics;
+mod policies;
+mod policy_store;
 mod sense;
 mod serve;
 mod service;

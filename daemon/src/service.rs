@@ -2,6 +2,7 @@
 //! outcome. The HTTP layer (`api.rs`) only translates to and from this.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -10,21 +11,25 @@ use llm_engine::{Conversation, EngineConfig, FinishReason, GenerationParams};
 use outcome_log::{CloudAttempt, OutcomeLogError, OutcomeWriter, ScoreSource, ScoreUpdate, TurnOutcome};
 use policy_onnx::train::sim::{REFUSAL_MARKERS, argmax};
 use policy_onnx::{
-    Action, Availability, Decider, DecisionRequest, Exploration, LoadOptions, ModalitySet, Policy, Schema,
+    Action, Availability, DecisionRequest, Exploration, LoadOptions, ModalitySet, Schema,
     TaskCategory, Turn,
 };
 use sensing::{Sensing, SensingHandle};
 use task_classifier::TaskClassifier;
-use tmo_protocol::{Attachment, CloudRequest, DeviceId, HistoryTurn, JudgeScore, MediaType, RequestId};
+use tmo_protocol::{
+    Attachment, CloudRequest, DeviceId, HistoryTurn, JudgeScore, MediaType, PolicyUpdateReport, RequestId,
+    StatusCounters,
+};
 use tmod_api::{AskRequest, Budget, DecisionEvent, DialogueCreated, OutcomeEvent, Timings};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::cloud::{CloudAnswered, CloudLink};
 use crate::config::Config;
 use crate::dialogues::{DialogueError, Dialogues, TurnStart};
 use crate::estimates::CostEstimates;
+use crate::link::{CloudAnswered, DeviceLink};
 use crate::local_llm::{LocalAnswer, LocalJob, LocalLlm};
 use crate::metrics::{ActionLabel, Metrics};
+use crate::policies::{Policies, ServingPolicy};
 
 /// Joules in a kilowatt-hour.
 const JOULES_PER_KWH: f64 = 3.6e6;
@@ -42,32 +47,69 @@ pub enum AskError {
     Internal(String),
 }
 
-/// The policy in service and what identifies it.
-#[derive(Debug)]
-struct PolicyState {
-    decider: Decider,
-    version: String,
-    sha256: String,
-}
-
 /// Everything a request needs; shared by every connection.
 #[derive(Debug)]
 pub struct Service {
     config: Config,
     schema: Schema,
     modality_names: Vec<String>,
-    policy: Mutex<PolicyState>,
+    policies: Mutex<Policies>,
+    policy_options: LoadOptions,
+    /// The last policy bundle or command handled, for the status topic.
+    last_policy_update: Mutex<Option<PolicyUpdateReport>>,
+    /// Wakes the outcome uploader: a row was logged.
+    pub upload_wakeup: tokio::sync::Notify,
+    /// Wakes the status publisher: counters or the policy changed.
+    pub status_wakeup: tokio::sync::Notify,
+    pub counters: Counters,
     classifier: TaskClassifier,
     llm: LocalLlm,
     dialogues: Mutex<Dialogues>,
     estimates: Mutex<CostEstimates>,
     sensing: SensingHandle,
-    outcomes: OutcomeWriter,
+    pub(crate) outcomes: OutcomeWriter,
     pub metrics: Metrics,
     started: Instant,
     usd_per_joule: f64,
     /// The MQTT link of the cloud path, when `[mqtt] enabled`.
-    cloud: Option<Arc<CloudLink>>,
+    cloud: Option<Arc<DeviceLink>>,
+}
+
+/// What the status topic reports, counted since the daemon started.
+#[derive(Debug, Default)]
+pub struct Counters {
+    requests: AtomicU64,
+    local_answers: AtomicU64,
+    cloud_answers: AtomicU64,
+    cloud_fallbacks: AtomicU64,
+    energy_millijoules: AtomicU64,
+    last_outcome_ms: AtomicU64,
+    /// Sum and count of the scores received (refusal heuristic, judge, feedback).
+    scores: Mutex<(f64, u64)>,
+}
+
+impl Counters {
+    fn score(&self, score: f64) {
+        let mut s = lock(&self.scores);
+        s.0 += score;
+        s.1 += 1;
+    }
+
+    /// The counters as the status message carries them (the log's figures added by the caller).
+    pub fn snapshot(&self) -> StatusCounters {
+        let (sum, n) = *lock(&self.scores);
+        let last = self.last_outcome_ms.load(Ordering::Relaxed);
+        StatusCounters {
+            requests: self.requests.load(Ordering::Relaxed),
+            local_answers: self.local_answers.load(Ordering::Relaxed),
+            cloud_answers: self.cloud_answers.load(Ordering::Relaxed),
+            cloud_fallbacks: self.cloud_fallbacks.load(Ordering::Relaxed),
+            mean_reward: (n > 0).then(|| sum / n as f64),
+            energy_joules: Some(self.energy_millijoules.load(Ordering::Relaxed) as f64 / 1e3),
+            last_outcome_unix_ms: (last > 0).then_some(last),
+            ..StatusCounters::default()
+        }
+    }
 }
 
 /// How a turn's answer is coming.
@@ -175,20 +217,12 @@ impl Service {
             .with_context(|| format!("cannot create the state directory {}", file.state_dir.display()))?;
         let profile = config.sensing_profile();
         let schema = Schema::new(profile.modality_count(), 5);
-        let options = LoadOptions { schema: schema.clone(), max_bytes: file.policy.max_bytes };
-        let policy = if file.policy.path.is_empty() {
-            Policy::from_bytes(policy_onnx::DEFAULT_POLICY, &options)
-                .context("the built-in default policy")?
-        } else {
-            Policy::from_file(Path::new(&file.policy.path), &options)
-                .with_context(|| format!("policy {}", file.policy.path))?
-        };
+        let policy_options = LoadOptions { schema: schema.clone(), max_bytes: file.policy.max_bytes };
         let exploration = match file.policy.exploration.as_str() {
             "epsilon" => Exploration::EpsilonGreedy { epsilon: file.policy.epsilon },
             _ => Exploration::Greedy,
         };
-        let (version, sha256) = (policy.info().version(), policy.info().sha256.clone());
-        let decider = Decider::new(Arc::new(policy), exploration, None).context("policy session")?;
+        let policies = Policies::load(&file.state_dir, &file.policy.path, &policy_options, exploration)?;
 
         let classifier_dir = llm_engine::resolve_model(&file.classifier.model)
             .with_context(|| format!("classifier model {:?}", file.classifier.model))?;
@@ -219,17 +253,21 @@ impl Service {
 
         let sensing = Sensing::start(&profile).context("sensing")?;
         let (scores_tx, scores) = mpsc::channel(256);
+        let (fleet_tx, fleet_rx) = mpsc::channel(64);
+        let fleet_config = crate::fleet::FleetConfig::from_config(&config)?;
         let cloud = if file.mqtt.enabled {
             let device = DeviceId::new(config.device_id())
                 .context("the device id must be a valid MQTT topic level (set `device_id`)")?;
-            let link = CloudLink::start(&config.link_config(), device, scores_tx).context("MQTT link")?;
+            let topics = fleet_config.topics(&device);
+            let link = DeviceLink::start(&config.link_config(), device, topics, scores_tx, fleet_tx)
+                .context("MQTT link")?;
             tracing::info!(broker = %format!("{}:{}", file.mqtt.host, file.mqtt.port), "MQTT link started");
             Some(Arc::new(link))
         } else {
             None
         };
         let metrics = Metrics::new();
-        metrics.set_policy(&version, &sha256);
+        metrics.set_policy(&policies.current().version, &policies.current().sha256);
         let dialogues = Dialogues::new(
             config.budgets(),
             Duration::from_secs(file.dialogues.idle_expiry_secs),
@@ -239,7 +277,12 @@ impl Service {
         let service = Service {
             schema,
             modality_names: profile.modalities.iter().map(|m| m.name.clone()).collect(),
-            policy: Mutex::new(PolicyState { decider, version, sha256 }),
+            policies: Mutex::new(policies),
+            policy_options,
+            last_policy_update: Mutex::new(None),
+            upload_wakeup: tokio::sync::Notify::new(),
+            status_wakeup: tokio::sync::Notify::new(),
+            counters: Counters::default(),
             classifier,
             llm,
             dialogues: Mutex::new(dialogues),
@@ -254,6 +297,9 @@ impl Service {
         };
         let service = Arc::new(service);
         tokio::spawn(store_judge_scores(scores, Arc::downgrade(&service)));
+        if let Some(link) = &service.cloud {
+            crate::fleet::start(&service, link.clone(), fleet_rx, fleet_config);
+        }
         Ok((service, sensing))
     }
 
@@ -328,19 +374,25 @@ impl Service {
             costs: &costs,
         };
         let decided = {
-            let mut policy = lock(&self.policy);
+            let mut policies = lock(&self.policies);
             let request = DecisionRequest { history: &start.history, task, availability };
-            match policy.decider.decide(&request) {
+            let mut decided = policies.decider().decide(&request);
+            if let Err(e) = &decided {
+                // A policy that fails gives way to the previous one at once.
+                let reason = format!("the policy failed: {e}");
+                if let Ok(version) = policies.rollback(None, None) {
+                    tracing::error!(%reason, restored = %version, "policy rolled back");
+                    self.metrics.set_policy(&policies.current().version, &policies.current().sha256);
+                    self.report_policy_update(version, true, Some(format!("rolled back: {reason}")));
+                    decided = policies.decider().decide(&request);
+                }
+            }
+            match decided {
                 Ok(decision) => {
-                    let d = &policy.decider;
-                    let preferred = argmax(d.scores());
-                    Ok((
-                        decision,
-                        preferred,
-                        d.observation().to_vec(),
-                        policy.version.clone(),
-                        policy.sha256.clone(),
-                    ))
+                    let preferred = argmax(policies.decider().scores());
+                    let observation = policies.decider().observation().to_vec();
+                    let current = policies.current();
+                    Ok((decision, preferred, observation, current.version.clone(), current.sha256.clone()))
                 }
                 Err(e) => Err(AskError::Internal(format!("decision: {e}"))),
             }
@@ -558,6 +610,22 @@ impl Service {
         }
         timings.total_ms = ms(received.elapsed());
 
+        let c = &self.counters;
+        c.requests.fetch_add(1, Ordering::Relaxed);
+        match route {
+            "cloud" => &c.cloud_answers,
+            "local:cloud-fallback" => &c.cloud_fallbacks,
+            _ => &c.local_answers,
+        }
+        .fetch_add(1, Ordering::Relaxed);
+        c.energy_millijoules.fetch_add((energy_j * 1e3) as u64, Ordering::Relaxed);
+        c.last_outcome_ms.store(outcome_log::now_ms().max(0) as u64, Ordering::Relaxed);
+        if let Some(score) = score {
+            c.score(score);
+        }
+        self.upload_wakeup.notify_one();
+        self.status_wakeup.notify_one();
+
         let label = ActionLabel { action: decision.action.clone(), route: route.to_owned() };
         let m = &self.metrics;
         m.requests.get_or_create(&label).inc();
@@ -613,7 +681,10 @@ impl Service {
             return Err(AskError::BadRequest(format!("`score` must be in [0, 1], found {score}")));
         }
         match self.outcomes.set_score(dialogue_id, turn, score, ScoreSource::Feedback).await {
-            Ok(update) => Ok(update),
+            Ok(update) => {
+                self.counters.score(score);
+                Ok(update)
+            }
             Err(OutcomeLogError::UnknownTurn { dialogue, turn }) => {
                 Err(AskError::Dialogue(DialogueError::UnknownTurn { dialogue, turn }))
             }
@@ -623,9 +694,9 @@ impl Service {
 
     /// The `/v1/status` report.
     pub async fn status(&self) -> serde_json::Value {
-        let (policy_version, policy_sha256) = {
-            let p = lock(&self.policy);
-            (p.version.clone(), p.sha256.clone())
+        let (policy_version, policy_sha256, previous_policy) = {
+            let p = lock(&self.policies);
+            (p.current().version.clone(), p.current().sha256.clone(), p.previous().map(|p| p.version.clone()))
         };
         let (open, least_left) = {
             let mut d = lock(&self.dialogues);
@@ -652,7 +723,12 @@ impl Service {
             "device_id": self.config.device_id(),
             "profile": self.config.profile.board.name,
             "uptime_secs": self.started.elapsed().as_secs_f64(),
-            "policy": { "version": policy_version, "sha256": policy_sha256 },
+            "policy": {
+                "version": policy_version,
+                "sha256": policy_sha256,
+                "previous_version": previous_policy,
+                "last_update": lock(&self.last_policy_update).clone(),
+            },
             "model": {
                 "name": info.name,
                 "architecture": format!("{:?}", info.architecture),
@@ -670,6 +746,69 @@ impl Service {
             "outcomes": outcomes,
             "sensing": self.sensing.status(),
         })
+    }
+
+    /// How bundles are loaded on this board (schema, size limit).
+    pub fn policy_options(&self) -> &LoadOptions {
+        &self.policy_options
+    }
+
+    /// The serving policy's version, its bundle's creation time, and the previous version.
+    pub fn policy_versions(&self) -> (String, u64, Option<String>) {
+        let p = lock(&self.policies);
+        (p.current().version.clone(), p.current().created_unix_ms, p.previous().map(|p| p.version.clone()))
+    }
+
+    /// Records what became of a bundle or command, for `/v1/status` and the status topic.
+    pub fn report_policy_update(&self, version: String, accepted: bool, reason: Option<String>) {
+        let report =
+            PolicyUpdateReport { version, accepted, reason, unix_ms: outcome_log::now_ms().max(0) as u64 };
+        *lock(&self.last_policy_update) = Some(report);
+        self.status_wakeup.notify_one();
+    }
+
+    pub fn last_policy_update(&self) -> Option<PolicyUpdateReport> {
+        lock(&self.last_policy_update).clone()
+    }
+
+    /// Serves a verified, prepared policy from the next decision on.
+    pub fn adopt_policy(&self, prepared: ServingPolicy) -> Result<(), String> {
+        let mut policies = lock(&self.policies);
+        policies.adopt(prepared)?;
+        self.metrics.set_policy(&policies.current().version, &policies.current().sha256);
+        Ok(())
+    }
+
+    /// Applies a rollback command issued at `issued_unix_ms`; returns the version now serving,
+    /// or `None` when the command was for an older policy (or applied already) and changed
+    /// nothing.
+    pub fn rollback_policy(
+        &self,
+        command_id: &str,
+        to_version: Option<&str>,
+        issued_unix_ms: u64,
+    ) -> Option<Result<String, String>> {
+        let mut policies = lock(&self.policies);
+        if policies.command_applied(command_id) {
+            return None;
+        }
+        // A command older than the serving policy's bundle was meant for an earlier one
+        // (a device that was offline receives the retained bundle and command together).
+        if issued_unix_ms < policies.current().created_unix_ms {
+            policies.skip_command(command_id);
+            return None;
+        }
+        if to_version == Some(policies.current().version.as_str()) {
+            policies.skip_command(command_id);
+            return None; // serving that version already
+        }
+        let result = policies.rollback(to_version, Some(command_id));
+        if result.is_ok() {
+            self.metrics.set_policy(&policies.current().version, &policies.current().sha256);
+        } else {
+            policies.skip_command(command_id);
+        }
+        Some(result)
     }
 
     /// Publishes `offline` on the availability topic and closes the MQTT link.
@@ -763,6 +902,7 @@ async fn store_judge_scores(mut scores: mpsc::Receiver<JudgeScore>, service: std
             match stored {
                 Ok(update) => {
                     tracing::debug!(dialogue = %score.dialogue_id, turn = score.turn, ?update, "judge score");
+                    service.counters.score(score.score);
                     break;
                 }
                 // The turn's row may not be durable yet when a fast judge answers.
@@ -788,7 +928,7 @@ struct LocalFallback {
 
 /// Sends the cloud request; on any failure answers locally, with the same token stream.
 async fn answer_in_cloud(
-    cloud: Arc<CloudLink>,
+    cloud: Arc<DeviceLink>,
     request: CloudRequest,
     wait: Duration,
     fallback: LocalFallback,

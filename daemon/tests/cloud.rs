@@ -299,3 +299,35 @@ async fn cloud_without_a_bridge_falls_back_at_once() {
     assert_eq!(failed["outcome"], "no_bridge", "{failed}");
     assert!(failed["wait_secs"].as_f64() < Some(2.0), "{failed}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cloud_request_unanswered_by_its_deadline_is_answered_locally() {
+    let state = tempfile::tempdir().expect("tempdir");
+    let broker = MosquittoBroker::start().expect("mosquitto");
+    // A bridge that takes requests and never replies (stuck backend, crashed after PUBACK).
+    let silent = Link::start(
+        &LinkConfig::new("127.0.0.1", broker.port(), "silent-bridge"),
+        LinkSetup {
+            availability_topic: None,
+            subscriptions: vec![Subscription::new("$share/bridges/tmo/v1/dev/+/cloud/req", QoS::AtLeastOnce)],
+        },
+    )
+    .expect("silent bridge");
+    assert!(silent.wait_connected(WAIT).await);
+    let policy = cloud_preferring_policy(state.path());
+    let config = tmod_config(broker.port(), &policy) + "max_wait_secs = 1.5\nmin_wait_secs = 1.5\n";
+    let daemon = Daemon::start(state.path(), &config.replace("max_wait_secs = 60.0\n", ""));
+    let client = daemon.client();
+    wait_cloud_reachable(&client, true).await;
+    let dialogue = client.new_dialogue().await.expect("dialogue").dialogue_id;
+    let response = ask(&client, &dialogue, "Which knife do I use for tomatoes?").await;
+    assert_eq!(response.outcome.route, "local:cloud-fallback");
+    let failed = attempt(&response);
+    assert_eq!(failed["outcome"], "timeout", "{failed}");
+    assert_eq!(failed["deadline_secs"].as_f64(), Some(1.5));
+    let waited = failed["wait_secs"].as_f64().expect("wait");
+    assert!((1.5..2.0).contains(&waited), "waited {waited} s for a 1.5 s deadline");
+    // The whole turn: the wait, then a local answer.
+    assert!(response.outcome.latency_secs > waited);
+    assert!(response.outcome.generated_tokens > 0);
+}

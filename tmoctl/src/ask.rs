@@ -111,6 +111,17 @@ pub fn run(args: AskArgs) -> anyhow::Result<()> {
     })
 }
 
+/// ` (cloud: answered by M in W s)` or ` (cloud: timeout after W s)`, from the outcome's record.
+fn cloud_attempt_note(attempt: Option<&serde_json::Value>) -> String {
+    let Some(a) = attempt else { return String::new() };
+    let wait = a["wait_secs"].as_f64().unwrap_or(0.0);
+    match (a["outcome"].as_str(), a["model"].as_str()) {
+        (Some("answered"), Some(model)) => format!(" (answered by {model} in {wait:.2} s)"),
+        (Some(outcome), _) => format!(" (cloud: {outcome} after {wait:.2} s)"),
+        (None, _) => String::new(),
+    }
+}
+
 fn print_event(event: &AskEvent, json: bool) {
     let mut out = std::io::stdout().lock();
     if json {
@@ -139,7 +150,9 @@ fn print_event(event: &AskEvent, json: bool) {
         AskEvent::Token(piece) => write!(out, "{piece}"),
         AskEvent::Outcome(o) => writeln!(
             out,
-            "\n  [{:.2} s (first token {:.2} s, {:.1} tok/s) | {:.1} J {} | {:.7} USD | budget left {:.1} s, {:.4} USD | overhead {:.1} ms]",
+            "\n  [{}{} | {:.2} s (first token {:.2} s, {:.1} tok/s) | {:.1} J {} | {:.7} USD | budget left {:.1} s, {:.4} USD | overhead {:.1} ms]",
+            o.route,
+            cloud_attempt_note(o.cloud_attempt.as_ref()),
             o.latency_secs,
             o.time_to_first_token_secs,
             o.decode_tokens_per_sec,

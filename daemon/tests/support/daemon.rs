@@ -17,15 +17,25 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn config(state: &Path, extra: &str) -> PathBuf {
+        Self::config_as(state, "test-device", extra)
+    }
+
+    /// A configuration for device `device_id`.
+    pub fn config_as(state: &Path, device_id: &str, extra: &str) -> PathBuf {
         let path = state.join("tmod.toml");
-        let text = format!("state_dir = {state:?}\ndevice_id = \"test-device\"\n{extra}\n");
+        let text = format!("state_dir = {state:?}\ndevice_id = \"{device_id}\"\n{extra}\n");
         let mut file = std::fs::File::create(&path).expect("config");
         file.write_all(text.as_bytes()).expect("write config");
         path
     }
 
     pub fn start(state: &Path, extra: &str) -> Daemon {
-        let config = Self::config(state, extra);
+        Self::start_as(state, "test-device", extra)
+    }
+
+    /// Starts device `device_id` with its state in `state`.
+    pub fn start_as(state: &Path, device_id: &str, extra: &str) -> Daemon {
+        let config = Self::config_as(state, device_id, extra);
         let socket = state.join("api.sock");
         let child = Command::new(env!("CARGO_BIN_EXE_tmod"))
             .args(["run", "--config"])

@@ -1,7 +1,8 @@
-//! The cloud path: the MQTT link to the fleet's broker, cloud requests and their replies, and
-//! the judge scores that come back later. Topic names and encodings belong to `tmo-protocol`;
-//! this module only pairs requests with replies and turns every way a request can fail into a
-//! [`CloudFailure`] that the caller answers locally.
+//! The device's MQTT link to the fleet's broker: cloud requests and their replies, judge scores,
+//! and the fleet's topics (outcome acks, policy bundles, group commands), which it hands to
+//! `fleet.rs`. Topic names and encodings belong to `tmo-protocol`; this module pairs requests with
+//! replies and turns every way a cloud request can fail into a [`CloudFailure`] that the caller
+//! answers locally.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -86,7 +87,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// The running MQTT link of the daemon and the requests waiting for replies.
 #[derive(Debug)]
-pub struct CloudLink {
+pub struct DeviceLink {
     link: tokio::sync::Mutex<Option<Link>>,
     publisher: Publisher,
     connected: watch::Receiver<bool>,
@@ -96,33 +97,36 @@ pub struct CloudLink {
     waiters: Waiters,
 }
 
-impl CloudLink {
+impl DeviceLink {
     /// Starts the link (on the current tokio runtime) for device `device`: retained
     /// availability with an `offline` last will, subscriptions to the device's reply and score
-    /// topics. Judge scores are handed to `scores`. Returns at once; the link connects and
-    /// reconnects by itself.
+    /// topics and to `fleet_topics`. Judge scores go to `scores`, publishes on the fleet topics
+    /// to `fleet`. Returns at once; the link connects and reconnects by itself.
     pub fn start(
         config: &LinkConfig,
         device: DeviceId,
+        fleet_topics: Vec<String>,
         scores: mpsc::Sender<JudgeScore>,
+        fleet: mpsc::Sender<Incoming>,
     ) -> Result<Self, LinkError> {
         let reply_topic = Topic::CloudReply(device.clone()).name();
         let score_topic = Topic::Score(device.clone()).name();
+        let subscriptions = [reply_topic.clone(), score_topic.clone()]
+            .into_iter()
+            .chain(fleet_topics)
+            .map(|topic| Subscription::new(topic, QoS::AtLeastOnce))
+            .collect();
         let mut link = Link::start(
             config,
-            LinkSetup {
-                availability_topic: Some(Topic::Availability(device.clone()).name()),
-                subscriptions: vec![
-                    Subscription::new(reply_topic.clone(), QoS::AtLeastOnce),
-                    Subscription::new(score_topic.clone(), QoS::AtLeastOnce),
-                ],
-            },
+            LinkSetup { availability_topic: Some(Topic::Availability(device.clone()).name()), subscriptions },
         )?;
         let waiters = Waiters::default();
         let (_, closed) = mpsc::channel(1);
         let incoming = std::mem::replace(&mut link.incoming, closed);
-        tokio::spawn(dispatch(incoming, reply_topic.clone(), score_topic, waiters.clone(), scores));
-        Ok(CloudLink {
+        let routes =
+            Routes { reply_topic: reply_topic.clone(), score_topic, waiters: waiters.clone(), scores, fleet };
+        tokio::spawn(dispatch(incoming, routes));
+        Ok(DeviceLink {
             publisher: link.publisher(),
             connected: link.connected(),
             link: tokio::sync::Mutex::new(Some(link)),
@@ -136,6 +140,16 @@ impl CloudLink {
     /// Whether a request can be sent now (connected, subscriptions in place).
     pub fn reachable(&self) -> bool {
         *self.connected.borrow()
+    }
+
+    /// The link's connection state.
+    pub fn connected(&self) -> watch::Receiver<bool> {
+        self.connected.clone()
+    }
+
+    /// Publishes through the link.
+    pub fn publisher(&self) -> &Publisher {
+        &self.publisher
     }
 
     /// This device's id on the broker.
@@ -237,15 +251,18 @@ impl CloudLink {
     }
 }
 
-/// Routes incoming publishes: replies to the request waiting for them, scores to `scores`.
-/// Malformed payloads are refused, counted and logged by the inbox; they never stop the loop.
-async fn dispatch(
-    mut incoming: mpsc::Receiver<Incoming>,
+/// Where incoming publishes go.
+struct Routes {
     reply_topic: String,
     score_topic: String,
     waiters: Waiters,
     scores: mpsc::Sender<JudgeScore>,
-) {
+    fleet: mpsc::Sender<Incoming>,
+}
+
+/// Routes incoming publishes: replies to the request waiting for them, scores to `scores`, the
+/// rest to `fleet`. Malformed payloads are refused, counted and logged; they never stop the loop.
+async fn dispatch(mut incoming: mpsc::Receiver<Incoming>, routes: Routes) {
     let mut inbox = Inbox::new(ReassemblyLimits {
         max_message_bytes: MAX_REPLY_BYTES,
         max_partial_bytes: 4 * MAX_REPLY_BYTES,
@@ -261,12 +278,12 @@ async fn dispatch(
             }
         };
         let Some(message) = message else { break };
-        if message.topic == reply_topic {
+        if message.topic == routes.reply_topic {
             let Some(reply) = inbox.receive::<CloudReply>(&message.topic, &message.payload, Instant::now())
             else {
                 continue;
             };
-            match lock(&waiters).remove(&reply.request_id) {
+            match lock(&routes.waiters).remove(&reply.request_id) {
                 Some(waiter) => {
                     let _ = waiter.send(reply);
                 }
@@ -274,17 +291,17 @@ async fn dispatch(
                     tracing::debug!(request_id = %reply.request_id, "reply to a request no longer waiting")
                 }
             }
-        } else if message.topic == score_topic {
+        } else if message.topic == routes.score_topic {
             match JudgeScore::from_json(&message.payload, MAX_REPLY_BYTES) {
                 Ok(score) => {
-                    if scores.try_send(score).is_err() {
+                    if routes.scores.try_send(score).is_err() {
                         tracing::warn!("judge score dropped: the score queue is full");
                     }
                 }
                 Err(error) => tracing::warn!(topic = %message.topic, %error, "judge score refused"),
             }
-        } else {
-            tracing::debug!(topic = %message.topic, "publish on an unexpected topic ignored");
+        } else if routes.fleet.send(message).await.is_err() {
+            break;
         }
     }
 }

@@ -1,0 +1,396 @@
+//! The device's side of the fleet loop, on the MQTT link:
+//! - **upload**: outcome rows go out oldest first in batches (one MQTT packet each, QoS 1) and
+//!   are marked uploaded only for the keys a collector acknowledges; while the broker is away
+//!   they wait in the log (bounded by its size, uploaded rows evicted first) and drain in order
+//!   after reconnecting;
+//! - **status**: a retained `DeviceStatus` on `tmo/v1/dev/<id>/status`, periodically and after
+//!   every policy event;
+//! - **policies**: signed bundles on the group's retained policy topic are verified (trusted key,
+//!   signature, hash, size), checked (canary share, schema, daemon version, probe run) and
+//!   adopted, or refused with the reason on the status topic; rollback commands on the group's
+//!   command topic give the previous policy back.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use ed25519_dalek::VerifyingKey;
+use outcome_log::LoggedOutcome;
+use tmo_protocol::link::{Delivered, Incoming, Message, QoS};
+use tmo_protocol::{
+    CborMessage, Command, DeviceId, DeviceStatus, GroupCommand, GroupName, Inbox, JsonMessage, OutcomeAck,
+    OutcomeBatch, OutcomeKey, OutcomeRow, PolicyBundle, ReassemblyLimits, Topic, in_canary,
+};
+use tokio::sync::oneshot;
+
+use crate::config::Config;
+use crate::link::DeviceLink;
+use crate::policies::ServingPolicy;
+use crate::service::Service;
+
+/// Waits after a failed upload, doubling up to the maximum.
+const UPLOAD_BACKOFF: (Duration, Duration) = (Duration::from_millis(500), Duration::from_secs(30));
+
+/// `[fleet]`, parsed.
+#[derive(Debug, Clone)]
+pub struct FleetConfig {
+    pub group: Option<GroupName>,
+    pub trusted_keys: Vec<VerifyingKey>,
+    pub upload: bool,
+    pub upload_batch_rows: usize,
+    pub ack_timeout: Duration,
+    pub status_interval: Duration,
+}
+
+/// A hex Ed25519 public key (64 hex digits).
+pub fn parse_public_key(hex_key: &str) -> Result<VerifyingKey, String> {
+    let bytes = hex::decode(hex_key.trim()).map_err(|e| format!("{hex_key:?} is not hex: {e}"))?;
+    let bytes: [u8; 32] =
+        bytes.try_into().map_err(|b: Vec<u8>| format!("{hex_key:?} is {} bytes, a key is 32", b.len()))?;
+    VerifyingKey::from_bytes(&bytes).map_err(|e| format!("{hex_key:?} is not an Ed25519 key: {e}"))
+}
+
+impl FleetConfig {
+    pub fn from_config(config: &Config) -> anyhow::Result<Self> {
+        let f = &config.file.fleet;
+        let group = (!f.group.is_empty())
+            .then(|| GroupName::new(f.group.clone()))
+            .transpose()
+            .context("fleet.group")?;
+        let trusted_keys = f
+            .trusted_keys
+            .iter()
+            .map(|k| parse_public_key(k))
+            .collect::<Result<_, _>>()
+            .map_err(anyhow::Error::msg)
+            .context("fleet.trusted_keys")?;
+        Ok(Self {
+            group,
+            trusted_keys,
+            upload: f.upload,
+            upload_batch_rows: f.upload_batch_rows,
+            ack_timeout: Duration::from_secs_f64(f.ack_timeout_secs),
+            status_interval: Duration::from_secs_f64(f.status_interval_secs),
+        })
+    }
+
+    /// The fleet topics the device subscribes to: its acks, and its group's policy and commands
+    /// (policy first: retained messages arrive in this order).
+    pub fn topics(&self, device: &DeviceId) -> Vec<String> {
+        let mut topics = vec![Topic::OutcomeAck(device.clone()).name()];
+        if let Some(group) = &self.group {
+            topics.push(Topic::Policy(group.clone()).name());
+            topics.push(Topic::GroupCommand(group.clone()).name());
+        }
+        topics
+    }
+}
+
+type AckWaiters = Arc<Mutex<HashMap<u64, oneshot::Sender<OutcomeAck>>>>;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Starts the uploader, the status publisher and the handler of fleet messages.
+pub fn start(
+    service: &Arc<Service>,
+    link: Arc<DeviceLink>,
+    incoming: tokio::sync::mpsc::Receiver<Incoming>,
+    config: FleetConfig,
+) {
+    let acks = AckWaiters::default();
+    let config = Arc::new(config);
+    let device = link.device().clone();
+    tokio::spawn(handle_incoming(Arc::downgrade(service), device, incoming, acks.clone(), config.clone()));
+    if config.upload {
+        tokio::spawn(upload(Arc::downgrade(service), link.clone(), acks, config.clone()));
+    }
+    tokio::spawn(publish_status(Arc::downgrade(service), link, config));
+}
+
+/// Outcome batches out, acknowledged keys marked uploaded.
+async fn upload(service: Weak<Service>, link: Arc<DeviceLink>, acks: AckWaiters, config: Arc<FleetConfig>) {
+    let device = link.device().clone();
+    let topic = Topic::Outcomes(device.clone()).name();
+    let mut connected = link.connected();
+    let mut backoff = UPLOAD_BACKOFF.0;
+    let mut batch_id = outcome_log::now_ms().max(0) as u64;
+    loop {
+        if connected.wait_for(|up| *up).await.is_err() {
+            return;
+        }
+        let Some(svc) = service.upgrade() else { return };
+        let rows = match svc.outcomes.rows_pending_upload(config.upload_batch_rows).await {
+            Ok(rows) => rows,
+            Err(e) => {
+                tracing::error!("outcome upload: reading the log: {e}");
+                drop(svc);
+                tokio::time::sleep(backoff).await;
+                continue;
+            }
+        };
+        if rows.is_empty() {
+            tokio::select! {
+                _ = svc.upload_wakeup.notified() => {}
+                _ = tokio::time::sleep(config.status_interval) => {}
+            }
+            continue;
+        }
+        drop(svc);
+        batch_id += 1;
+        match send_batch(&link, &topic, &device, batch_id, rows, &acks, config.ack_timeout).await {
+            Ok((ids, rejected)) => {
+                let Some(svc) = service.upgrade() else { return };
+                match svc.outcomes.mark_uploaded(ids).await {
+                    Ok(marked) => tracing::debug!(batch_id, marked, rejected, "outcome batch acknowledged"),
+                    Err(e) => tracing::error!("outcome upload: marking rows: {e}"),
+                }
+                backoff = UPLOAD_BACKOFF.0;
+            }
+            Err(e) => {
+                tracing::warn!(batch_id, "outcome upload: {e}; sending again in {backoff:?}");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(UPLOAD_BACKOFF.1);
+            }
+        }
+    }
+}
+
+/// Publishes one batch (as many of `rows` as fit one packet) and waits for its ack; returns
+/// the row ids the collector acknowledged (stored, or refused for good) and how many it refused.
+async fn send_batch(
+    link: &DeviceLink,
+    topic: &str,
+    device: &DeviceId,
+    batch_id: u64,
+    mut rows: Vec<LoggedOutcome>,
+    acks: &AckWaiters,
+    timeout: Duration,
+) -> Result<(Vec<outcome_log::RowId>, usize), String> {
+    let template = Message::new(topic.to_owned(), QoS::AtLeastOnce, Vec::new());
+    let max =
+        link.publisher().max_frame_bytes(&template).saturating_sub(tmo_protocol::chunk::WHOLE_HEADER_BYTES);
+    let body = loop {
+        let batch = OutcomeBatch {
+            device_id: device.clone(),
+            batch_id,
+            rows: rows
+                .iter()
+                .map(|r| OutcomeRow {
+                    key: OutcomeKey { dialogue_id: r.outcome.dialogue_id.clone(), turn: r.outcome.turn },
+                    row: serde_json::to_value(&r.outcome).unwrap_or_default(),
+                })
+                .collect(),
+        };
+        let body = batch.to_cbor().map_err(|e| e.to_string())?;
+        if body.len() <= max {
+            break body;
+        }
+        if rows.len() == 1 {
+            return Err(format!("one outcome row is {} bytes, over the {max}-byte packet", body.len()));
+        }
+        rows.truncate(rows.len() / 2);
+    };
+    let (tx, rx) = oneshot::channel();
+    lock(acks).insert(batch_id, tx);
+    let result = async {
+        let deliveries = link.publisher().publish_body(&template, &body).await.map_err(|e| e.to_string())?;
+        match tmo_protocol::link::Delivery::all_confirmed(deliveries).await {
+            Ok(Delivered::Acknowledged { no_matching_subscribers: true }) => {
+                return Err("no collector is subscribed".to_owned());
+            }
+            Ok(_) => {}
+            Err(e) => return Err(e.to_string()),
+        }
+        let ack = tokio::time::timeout(timeout, rx)
+            .await
+            .map_err(|_| format!("no acknowledgement within {timeout:?}"))?
+            .map_err(|_| "the link closed".to_owned())?;
+        let by_key: HashMap<(&str, u32), outcome_log::RowId> =
+            rows.iter().map(|r| ((r.outcome.dialogue_id.as_str(), r.outcome.turn), r.id)).collect();
+        for r in &ack.rejected {
+            tracing::warn!(dialogue = %r.key.dialogue_id, turn = r.key.turn, reason = %r.reason, "collector refused an outcome row");
+        }
+        let ids = ack
+            .accepted
+            .iter()
+            .chain(ack.rejected.iter().map(|r| &r.key))
+            .filter_map(|k| by_key.get(&(k.dialogue_id.as_str(), k.turn)).copied())
+            .collect();
+        Ok((ids, ack.rejected.len()))
+    }
+    .await;
+    lock(acks).remove(&batch_id);
+    result
+}
+
+/// Acks, bundles and commands from the link.
+async fn handle_incoming(
+    service: Weak<Service>,
+    device: DeviceId,
+    mut incoming: tokio::sync::mpsc::Receiver<Incoming>,
+    acks: AckWaiters,
+    config: Arc<FleetConfig>,
+) {
+    let max_bundle =
+        service.upgrade().map_or(8 << 20, |s| s.policy_options().max_bytes as usize * 2 + (64 << 10));
+    let mut inbox = Inbox::new(ReassemblyLimits {
+        max_message_bytes: max_bundle,
+        max_partial_bytes: 2 * max_bundle,
+        ..ReassemblyLimits::default()
+    });
+    while let Some(message) = incoming.recv().await {
+        let Some(svc) = service.upgrade() else { return };
+        match Topic::parse(&message.topic) {
+            Ok(Topic::OutcomeAck(_)) => {
+                if let Some(ack) =
+                    inbox.receive::<OutcomeAck>(&message.topic, &message.payload, Instant::now())
+                {
+                    match lock(&acks).remove(&ack.batch_id) {
+                        Some(waiter) => {
+                            let _ = waiter.send(ack);
+                        }
+                        None => tracing::debug!(batch_id = ack.batch_id, "ack of a batch no longer waiting"),
+                    }
+                }
+            }
+            Ok(Topic::Policy(_)) => {
+                match inbox.try_receive::<PolicyBundle>(&message.topic, &message.payload, Instant::now()) {
+                    Ok(Some(bundle)) => {
+                        let (svc, config, device) = (svc.clone(), config.clone(), device.clone());
+                        // Loading and probing a model is blocking work.
+                        let _ =
+                            tokio::task::spawn_blocking(move || take_bundle(&svc, &config, &device, bundle))
+                                .await;
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::warn!("policy bundle refused: {e}");
+                        svc.report_policy_update(
+                            String::new(),
+                            false,
+                            Some(format!("malformed bundle: {e}")),
+                        );
+                    }
+                }
+            }
+            Ok(Topic::GroupCommand(_)) => match GroupCommand::from_json(&message.payload, 64 << 10) {
+                Ok(command) => apply_command(&svc, command),
+                Err(e) => tracing::warn!(topic = %message.topic, "group command refused: {e}"),
+            },
+            _ => tracing::debug!(topic = %message.topic, "publish on an unexpected topic ignored"),
+        }
+    }
+}
+
+/// Verifies, checks and adopts a bundle, reporting the result either way.
+fn take_bundle(service: &Service, config: &FleetConfig, device: &DeviceId, bundle: PolicyBundle) {
+    let refuse = |version: String, reason: String| {
+        tracing::warn!(%version, %reason, "policy bundle refused");
+        service.report_policy_update(version, false, Some(reason));
+    };
+    let manifest = match bundle.verify(&config.trusted_keys) {
+        Ok(m) => m,
+        Err(e) => return refuse(String::new(), e.to_string()),
+    };
+    let (current, _, _) = service.policy_versions();
+    if manifest.version == current {
+        return; // a retained bundle delivered again
+    }
+    if let Some(last) = service.last_policy_update()
+        && last.version == manifest.version
+        && !last.accepted
+    {
+        return; // refused already
+    }
+    if let Some(percent) = manifest.canary_percent
+        && !in_canary(device, &manifest.version, percent)
+    {
+        tracing::info!(version = %manifest.version, percent, "policy bundle not for this device (canary)");
+        return service.report_policy_update(
+            manifest.version,
+            false,
+            Some(format!("not in the {percent}% canary share")),
+        );
+    }
+    let prepared = match ServingPolicy::prepare(bundle.onnx, &manifest, service.policy_options()) {
+        Ok(p) => p,
+        Err(reason) => return refuse(manifest.version, reason),
+    };
+    match service.adopt_policy(prepared) {
+        Ok(()) => {
+            tracing::info!(version = %manifest.version, previous = %current, "policy adopted");
+            service.report_policy_update(manifest.version, true, None);
+        }
+        Err(reason) => refuse(manifest.version, reason),
+    }
+}
+
+fn apply_command(service: &Service, command: GroupCommand) {
+    let Command::Rollback { to_version } = &command.command;
+    match service.rollback_policy(&command.command_id, to_version.as_deref(), command.issued_unix_ms) {
+        None => {
+            tracing::debug!(command = %command.command_id, "rollback command already applied or older than the policy")
+        }
+        Some(Ok(version)) => {
+            tracing::info!(command = %command.command_id, %version, "rolled back");
+            service.report_policy_update(version, true, Some(format!("rollback ({})", command.command_id)));
+        }
+        Some(Err(reason)) => {
+            tracing::warn!(command = %command.command_id, %reason, "rollback refused");
+            let (current, _, _) = service.policy_versions();
+            service.report_policy_update(current, false, Some(format!("rollback refused: {reason}")));
+        }
+    }
+}
+
+/// The retained status, on connect, periodically and after events.
+async fn publish_status(service: Weak<Service>, link: Arc<DeviceLink>, config: Arc<FleetConfig>) {
+    let topic = Topic::Status(link.device().clone()).name();
+    let mut connected = link.connected();
+    loop {
+        if connected.wait_for(|up| *up).await.is_err() {
+            return;
+        }
+        let Some(svc) = service.upgrade() else { return };
+        let status = device_status(&svc, link.device(), config.group.clone()).await;
+        match status.to_json() {
+            Ok(payload) => {
+                let message = Message::new(topic.clone(), QoS::AtLeastOnce, payload).retained(true);
+                if let Err(e) = link.publisher().publish(message).await {
+                    tracing::debug!("status not published: {e}");
+                }
+            }
+            Err(e) => tracing::warn!("status not encoded: {e}"),
+        }
+        tokio::select! {
+            _ = svc.status_wakeup.notified() => {}
+            _ = tokio::time::sleep(config.status_interval) => {}
+            _ = connected.changed() => {}
+        }
+    }
+}
+
+async fn device_status(service: &Service, device: &DeviceId, group: Option<GroupName>) -> DeviceStatus {
+    let (version, _, previous) = service.policy_versions();
+    let mut counters = service.counters.snapshot();
+    if let Ok(stats) = service.outcomes.stats().await {
+        counters.outcomes_logged = stats.rows;
+        counters.outcomes_uploaded = stats.uploaded;
+    }
+    DeviceStatus {
+        v: tmo_protocol::MESSAGE_VERSION,
+        device_id: device.clone(),
+        online: true,
+        daemon_version: env!("CARGO_PKG_VERSION").to_owned(),
+        group,
+        policy_version: Some(version),
+        previous_policy_version: previous,
+        last_policy_update: service.last_policy_update(),
+        counters,
+        updated_unix_ms: outcome_log::now_ms().max(0) as u64,
+        extra: serde_json::Map::new(),
+    }
+}

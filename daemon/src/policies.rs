@@ -1,0 +1,324 @@
+//! The policy serving decisions and the one before it: loaded at start (a pushed policy on disk
+//! wins over the configured one), replaced by a verified bundle, given back on a rollback
+//! command or when the new one fails.
+//!
+//! A bundle is checked before anything changes: size, schema (the ONNX must load with this
+//! board's observation and action counts), the daemon version it needs, and a probe run over
+//! every task and a spread of budgets that must give finite scores. Only then are its bytes and
+//! the new state written (atomically, see `policy_store.rs`) and the decider swapped.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context;
+use policy_onnx::{Decider, Exploration, LoadOptions, Policy, Schema, TaskCategory};
+use tmo_protocol::PolicyManifest;
+use tmo_protocol::bundle::sha256_hex;
+
+use crate::policy_store::{PolicyStore, StoreState, StoredPolicy};
+
+/// The contract version this daemon decides with.
+pub const SCHEMA: &str = "v1";
+
+/// A loaded policy with its bytes (kept to store it as the previous one) and its record.
+#[derive(Debug, Clone)]
+pub struct ServingPolicy {
+    policy: Arc<Policy>,
+    bytes: Arc<[u8]>,
+    pub record: StoredPolicy,
+}
+
+impl ServingPolicy {
+    /// Checks `onnx` against `manifest` and this board: size, schema, daemon version, probe.
+    /// Blocking (tract optimises the graph): call it off the async workers.
+    pub fn prepare(onnx: Vec<u8>, manifest: &PolicyManifest, options: &LoadOptions) -> Result<Self, String> {
+        if onnx.len() as u64 > options.max_bytes {
+            return Err(format!(
+                "size: {} bytes, over the limit of {} (policy.max_bytes)",
+                onnx.len(),
+                options.max_bytes
+            ));
+        }
+        if manifest.schema != SCHEMA {
+            return Err(format!(
+                "schema: the bundle is for {:?}, this daemon decides with {SCHEMA:?}",
+                manifest.schema
+            ));
+        }
+        if newer_than_this_daemon(&manifest.min_daemon_version) {
+            return Err(format!(
+                "daemon version: needs {} or later, this is {}",
+                manifest.min_daemon_version,
+                env!("CARGO_PKG_VERSION")
+            ));
+        }
+        let policy = Policy::from_bytes(&onnx, options).map_err(|e| format!("schema: {e}"))?;
+        probe(&policy, &options.schema)?;
+        let record = StoredPolicy {
+            version: manifest.version.clone(),
+            sha256: sha256_hex(&onnx),
+            created_unix_ms: manifest.created_unix_ms,
+        };
+        Ok(Self { policy: Arc::new(policy), bytes: onnx.into(), record })
+    }
+
+    fn from_bytes(bytes: Vec<u8>, options: &LoadOptions, created_unix_ms: u64) -> anyhow::Result<Self> {
+        let policy = Policy::from_bytes(&bytes, options)?;
+        let record = StoredPolicy {
+            version: policy.info().version(),
+            sha256: policy.info().sha256.clone(),
+            created_unix_ms,
+        };
+        Ok(Self { policy: Arc::new(policy), bytes: bytes.into(), record })
+    }
+}
+
+/// Runs the policy on observations of every task with full, half and nearly spent budgets,
+/// with and without history; every score must be finite.
+fn probe(policy: &Policy, schema: &Schema) -> Result<(), String> {
+    let cloud = policy_onnx::Action::Cloud { modalities: policy_onnx::ModalitySet::all(schema.modalities()) };
+    let history = [policy_onnx::Turn { task: TaskCategory::Query, action: cloud }];
+    for task in TaskCategory::ALL {
+        for (latency, cost) in [(30.0, 0.05), (15.0, 0.02), (0.5, 0.0001)] {
+            for past in [&history[..0], &history[..]] {
+                let observation = schema.observation(past, task, latency, cost);
+                let scores = policy.scores(&observation).map_err(|e| format!("probe run: {e}"))?;
+                if let Some(bad) = scores.iter().find(|s| !s.is_finite()) {
+                    return Err(format!("probe run: score {bad} for task {}", task.name()));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether `required` (x.y.z) is newer than this daemon's version; an unparsable one is newer.
+fn newer_than_this_daemon(required: &str) -> bool {
+    let parse = |v: &str| -> Option<(u64, u64, u64)> {
+        let mut parts = v.trim().trim_start_matches('v').split('.').map(|p| p.parse::<u64>().ok());
+        Some((parts.next()??, parts.next().unwrap_or(Some(0))?, parts.next().unwrap_or(Some(0))?))
+    };
+    if required.trim().is_empty() {
+        return false;
+    }
+    match (parse(required), parse(env!("CARGO_PKG_VERSION"))) {
+        (Some(r), Some(ours)) => r > ours,
+        _ => true,
+    }
+}
+
+/// The serving policy, its decider and the previous policy.
+#[derive(Debug)]
+pub struct Policies {
+    decider: Decider,
+    current: ServingPolicy,
+    previous: Option<ServingPolicy>,
+    exploration: Exploration,
+    store: PolicyStore,
+    state: StoreState,
+}
+
+impl Policies {
+    /// The store's current policy if one was pushed, else the configured file, else the
+    /// built-in default. A stored policy that no longer loads is reported and skipped.
+    pub fn load(
+        state_dir: &Path,
+        configured: &str,
+        options: &LoadOptions,
+        exploration: Exploration,
+    ) -> anyhow::Result<Self> {
+        let store = PolicyStore::open(state_dir)?;
+        let mut state = store.state().unwrap_or_else(|e| {
+            tracing::error!("pushed policy state unreadable, using the configured policy: {e}");
+            StoreState::default()
+        });
+        let stored = |record: &Option<StoredPolicy>| -> Option<ServingPolicy> {
+            let record = record.as_ref()?;
+            let loaded = store
+                .load_onnx(record)
+                .map_err(anyhow::Error::from)
+                .and_then(|bytes| ServingPolicy::from_bytes(bytes, options, record.created_unix_ms));
+            match loaded {
+                Ok(mut p) => {
+                    p.record.version = record.version.clone();
+                    Some(p)
+                }
+                Err(e) => {
+                    tracing::error!(version = %record.version, "stored policy not loaded: {e:#}");
+                    None
+                }
+            }
+        };
+        let configured = if configured.is_empty() {
+            ServingPolicy::from_bytes(policy_onnx::DEFAULT_POLICY.to_vec(), options, 0)
+                .context("the built-in default policy")?
+        } else {
+            let bytes = std::fs::read(configured).with_context(|| format!("policy {configured}"))?;
+            ServingPolicy::from_bytes(bytes, options, 0).with_context(|| format!("policy {configured}"))?
+        };
+        let (current, previous) = match stored(&state.current) {
+            Some(current) => {
+                tracing::info!(version = %current.record.version, "serving the pushed policy");
+                (current, stored(&state.previous).or(Some(configured)))
+            }
+            None => {
+                state.current = None;
+                (configured, None)
+            }
+        };
+        let decider = Decider::new(current.policy.clone(), exploration, None).context("policy session")?;
+        Ok(Self { decider, current, previous, exploration, store, state })
+    }
+
+    pub fn decider(&mut self) -> &mut Decider {
+        &mut self.decider
+    }
+
+    pub fn current(&self) -> &StoredPolicy {
+        &self.current.record
+    }
+
+    pub fn previous(&self) -> Option<&StoredPolicy> {
+        self.previous.as_ref().map(|p| &p.record)
+    }
+
+    /// Whether group command `id` was applied already.
+    pub fn command_applied(&self, id: &str) -> bool {
+        self.state.applied_commands.iter().any(|c| c == id)
+    }
+
+    /// Serves `new` from now on; the current policy becomes the previous one. Written to disk
+    /// first: on an error nothing changes.
+    pub fn adopt(&mut self, new: ServingPolicy) -> Result<(), String> {
+        let decider =
+            Decider::new(new.policy.clone(), self.exploration, None).map_err(|e| format!("session: {e}"))?;
+        let old = std::mem::replace(&mut self.current, new);
+        if let Err(e) = self.persist(&old) {
+            self.current = old;
+            return Err(e);
+        }
+        self.decider = decider;
+        self.previous = Some(old);
+        Ok(())
+    }
+
+    /// Goes back to the previous policy (which must be `to_version` when given); the current
+    /// one becomes the previous. Returns the version now serving.
+    pub fn rollback(&mut self, to_version: Option<&str>, command_id: Option<&str>) -> Result<String, String> {
+        let Some(previous) = self.previous.take() else {
+            return Err("no previous policy to go back to".into());
+        };
+        if let Some(wanted) = to_version
+            && wanted != previous.record.version
+        {
+            let found = previous.record.version.clone();
+            self.previous = Some(previous);
+            return Err(format!("the previous policy is {found}, not {wanted}"));
+        }
+        let decider = Decider::new(previous.policy.clone(), self.exploration, None)
+            .map_err(|e| format!("session: {e}"))?;
+        let old = std::mem::replace(&mut self.current, previous);
+        if let Some(id) = command_id {
+            self.state.applied(id);
+        }
+        if let Err(e) = self.persist(&old) {
+            self.previous = Some(std::mem::replace(&mut self.current, old));
+            return Err(e);
+        }
+        self.decider = decider;
+        self.previous = Some(old);
+        Ok(self.current.record.version.clone())
+    }
+
+    /// Records a command that changed nothing (so a retained copy is not applied later).
+    pub fn skip_command(&mut self, command_id: &str) {
+        self.state.applied(command_id);
+        if let Err(e) = self.store.save_state(&self.state) {
+            tracing::warn!("policy state not saved: {e}");
+        }
+    }
+
+    /// Writes both policies' bytes and the state naming `self.current` and `previous`.
+    fn persist(&mut self, previous: &ServingPolicy) -> Result<(), String> {
+        for p in [&self.current, previous] {
+            self.store
+                .save_onnx(&p.record.sha256, &p.bytes)
+                .map_err(|e| format!("storing the policy: {e}"))?;
+        }
+        let mut state = self.state.clone();
+        state.current = Some(self.current.record.clone());
+        state.previous = Some(previous.record.clone());
+        self.store.save_state(&state).map_err(|e| format!("storing the policy state: {e}"))?;
+        self.state = state;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn daemon_versions_compare_numerically() {
+        assert!(!newer_than_this_daemon(""));
+        assert!(!newer_than_this_daemon("0.0.1"));
+        assert!(!newer_than_this_daemon(env!("CARGO_PKG_VERSION")));
+        assert!(newer_than_this_daemon("99.0.0"));
+        assert!(newer_than_this_daemon("0.10000"));
+        assert!(newer_than_this_daemon("soon"));
+    }
+
+    fn manifest(onnx: &[u8]) -> PolicyManifest {
+        PolicyManifest {
+            version: "pushed-1".into(),
+            schema: SCHEMA.into(),
+            onnx_sha256: String::new(),
+            onnx_size_bytes: 0,
+            opset: None,
+            training_data_sha256: None,
+            min_daemon_version: "0.1.0".into(),
+            created_unix_ms: 5,
+            canary_percent: None,
+        }
+        .describe(onnx)
+    }
+
+    #[test]
+    fn adopt_persists_and_rollback_restores_across_restarts() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let schema = Schema::new(3, 5);
+        let options = LoadOptions { schema: schema.clone(), max_bytes: 1 << 20 };
+        let mut policies = Policies::load(dir.path(), "", &options, Exploration::Greedy).expect("load");
+        let built_in = policies.current().clone();
+        assert!(policies.previous().is_none());
+
+        let onnx = policy_onnx::DEFAULT_POLICY.to_vec();
+        let mut m = manifest(&onnx);
+        let too_new = ServingPolicy::prepare(
+            onnx.clone(),
+            &PolicyManifest { min_daemon_version: "9.0.0".into(), ..m.clone() },
+            &options,
+        );
+        assert!(too_new.unwrap_err().starts_with("daemon version"));
+        let small = LoadOptions { schema: schema.clone(), max_bytes: 1000 };
+        assert!(ServingPolicy::prepare(onnx.clone(), &m, &small).unwrap_err().starts_with("size"));
+        let other_board = LoadOptions { schema: Schema::new(2, 5), max_bytes: 1 << 20 };
+        assert!(ServingPolicy::prepare(onnx.clone(), &m, &other_board).unwrap_err().starts_with("schema"));
+        m.schema = "v2".into();
+        assert!(ServingPolicy::prepare(onnx.clone(), &m, &options).unwrap_err().starts_with("schema"));
+        m.schema = SCHEMA.into();
+
+        policies.adopt(ServingPolicy::prepare(onnx, &m, &options).expect("prepare")).expect("adopt");
+        assert_eq!(policies.current().version, "pushed-1");
+        let reopened = Policies::load(dir.path(), "", &options, Exploration::Greedy).expect("reload");
+        assert_eq!(reopened.current().version, "pushed-1");
+        assert_eq!(reopened.previous().map(|p| p.version.clone()), Some(built_in.version.clone()));
+
+        assert!(policies.rollback(Some("not-that-one"), None).is_err());
+        assert_eq!(policies.rollback(None, Some("cmd-1")).expect("rollback"), built_in.version);
+        assert!(policies.command_applied("cmd-1"));
+        let reopened = Policies::load(dir.path(), "", &options, Exploration::Greedy).expect("reload");
+        assert_eq!(reopened.current().version, built_in.version);
+        assert!(reopened.command_applied("cmd-1"));
+    }
+}
