@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+pub mod cpu;
 pub mod sensing;
 
 pub use sensing::{
