@@ -11,6 +11,7 @@
 pub mod distill;
 pub mod eval;
 pub mod knn;
+pub mod ope;
 pub mod planner;
 pub mod sim;
 
