@@ -1,8 +1,14 @@
-//! Export of the log as M4A1 dialogues, the format the trainer (and the paper's code) reads.
+//! Export of logged turns as M4A1 dialogues, the format the trainer (and the paper's code) reads.
+//!
+//! One conversion ([`m4a1_dialogues`]) serves a device's log ([`OutcomeLog::export_m4a1`]) and a
+//! collected dataset of many devices: rows are grouped by (device, dialogue id)
+//! ([`group_dialogues`]), since two devices may both have a dialogue "1".
 //!
 //! What the log does not have, and what is written instead:
-//! - `id`: the dialogue id when it is a decimal integer; other ids are numbered after the largest
-//!   numeric one, in order of their first row. The original id is kept as `tmo_dialogue_id`.
+//! - `id`: the dialogue id when it is a decimal integer not already taken by an earlier dialogue
+//!   (of another device); other ids are numbered after the largest numeric one, in order of their
+//!   first row. The original id is kept as `tmo_dialogue_id`, the device (for a dataset) as
+//!   `tmo_device_id`.
 //! - `image_paths`: the frames are not kept, so one name per modality from
 //!   [`M4a1ExportOptions::modality_names`] (default `m0`, `m1`, `m2`).
 //! - `association_score`: the device does not measure how related a view is to a question; 0.0
@@ -14,17 +20,17 @@
 //! - A dialogue is written from turn 0 up to its first missing turn: a dialogue whose first
 //!   turn is gone (evicted) is skipped, since its history cannot be rebuilt.
 //!
-//! Each interaction also carries a `tmo` object with what M4A1 has no field for (row id, turn,
-//! action index, propensity, policy version and sha256, energy, tokens, score source, route);
-//! readers of M4A1 ignore unknown fields.
+//! Each interaction also carries a `tmo` object with what M4A1 has no field for (row id in the
+//! device's log or the collector's receive time, turn, action index, propensity, policy version
+//! and sha256, energy, tokens, score source, route); readers of M4A1 ignore unknown fields.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::Write;
 
 use policy_onnx::m4a1::{Dialogue, Interaction};
 use policy_onnx::schema::Action;
 
-use crate::{LoggedOutcome, OutcomeLog, OutcomeLogError};
+use crate::{OutcomeLog, OutcomeLogError, RowId, TurnOutcome};
 
 /// What to write for turns without a score.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -86,69 +92,135 @@ impl OutcomeLog {
         &self,
         options: &M4a1ExportOptions,
     ) -> Result<(Vec<serde_json::Value>, ExportSummary), OutcomeLogError> {
-        let mut order: Vec<String> = Vec::new();
-        let mut by_dialogue: HashMap<String, Vec<LoggedOutcome>> = HashMap::new();
-        for row in self.all_rows()? {
-            let rows = by_dialogue.entry(row.outcome.dialogue_id.clone()).or_insert_with(|| {
-                order.push(row.outcome.dialogue_id.clone());
-                Vec::new()
-            });
-            rows.push(row);
-        }
-        let mut next_id = order.iter().filter_map(|d| d.parse::<u64>().ok()).max().map_or(0, |m| m + 1);
-        let views = options.modality_names.len();
-        let mut summary = ExportSummary::default();
-        let mut out = Vec::new();
-        for dialogue_id in order {
-            let mut rows = by_dialogue.remove(&dialogue_id).unwrap_or_default();
-            rows.sort_by_key(|r| r.outcome.turn);
-            let total = rows.len();
-            if rows.first().is_some_and(|r| r.outcome.turn != 0) {
-                summary.dialogues_without_first_turn += 1;
-            }
-            let mut kept = Vec::new();
-            for (expected, row) in rows.into_iter().enumerate() {
-                let o = &row.outcome;
-                if o.turn as usize != expected {
-                    break;
-                }
-                if o.score.is_none() && options.unscored == UnscoredTurns::EndDialogue {
-                    break;
-                }
-                if o.action.modalities().indices().any(|m| m >= views) {
-                    summary.turns_with_unknown_modalities += 1;
-                    break;
-                }
-                kept.push(row);
-            }
-            summary.turns_left_out += total - kept.len();
-            if kept.is_empty() {
-                continue;
-            }
-            let id = dialogue_id.parse::<u64>().unwrap_or_else(|_| {
-                next_id += 1;
-                next_id - 1
-            });
-            let dialogue = Dialogue {
-                id,
-                image_paths: options.modality_names.clone(),
-                interactions: kept.iter().map(|r| interaction(&r.outcome)).collect(),
-                association_score: vec![vec![0.0; views]; kept.len()],
-            };
-            let mut value = serde_json::to_value(&dialogue).map_err(OutcomeLogError::Export)?;
-            value["tmo_dialogue_id"] = serde_json::Value::String(dialogue_id.clone());
-            for (i, row) in kept.iter().enumerate() {
-                value["interactions"][i]["tmo"] = extras(row);
-            }
-            summary.dialogues += 1;
-            summary.turns += kept.len();
-            out.push(value);
-        }
-        Ok((out, summary))
+        let rows = self.all_rows()?;
+        let grouped =
+            group_dialogues(rows.iter().map(|r| {
+                (None, ExportRow { outcome: &r.outcome, row_id: Some(r.id), received_unix_ms: None })
+            }));
+        m4a1_dialogues(grouped, options)
     }
 }
 
-fn interaction(o: &crate::TurnOutcome) -> Interaction {
+/// One logged turn to convert, wherever it was stored (a device's SQLite log, a collected
+/// dataset).
+#[derive(Debug, Clone, Copy)]
+pub struct ExportRow<'a> {
+    pub outcome: &'a TurnOutcome,
+    /// The row's id in the device's log, when read from it.
+    pub row_id: Option<RowId>,
+    /// When the collector received the row, unix milliseconds, when read from a dataset.
+    pub received_unix_ms: Option<u64>,
+}
+
+/// The logged turns of one dialogue of one device, in any order.
+#[derive(Debug, Clone)]
+pub struct DialogueRows<'a> {
+    /// The device that logged the dialogue; `None` for a single device's log.
+    pub device_id: Option<&'a str>,
+    pub dialogue_id: &'a str,
+    pub rows: Vec<ExportRow<'a>>,
+}
+
+/// Groups rows by (device, dialogue id), the dialogues in order of their first row. Dialogue
+/// ids are chosen per device: the same id from two devices makes two dialogues.
+pub fn group_dialogues<'a>(
+    rows: impl IntoIterator<Item = (Option<&'a str>, ExportRow<'a>)>,
+) -> Vec<DialogueRows<'a>> {
+    let mut index: HashMap<(Option<&'a str>, &'a str), usize> = HashMap::new();
+    let mut out: Vec<DialogueRows<'a>> = Vec::new();
+    for (device_id, row) in rows {
+        let dialogue_id = row.outcome.dialogue_id.as_str();
+        let i = *index.entry((device_id, dialogue_id)).or_insert_with(|| {
+            out.push(DialogueRows { device_id, dialogue_id, rows: Vec::new() });
+            out.len() - 1
+        });
+        out[i].rows.push(row);
+    }
+    out
+}
+
+/// Converts grouped dialogues into M4A1 dialogues as JSON values (the M4A1 fields, the `tmo`
+/// extras per interaction, `tmo_dialogue_id` and, for a dataset, `tmo_device_id`), in the
+/// order given. The conversion of both [`OutcomeLog::export_m4a1`] and a collected dataset.
+///
+/// Ids: a decimal dialogue id is kept by the first dialogue that has it; later dialogues with
+/// the same id (other devices) and non-numeric ids are numbered after the largest decimal id,
+/// in order.
+pub fn m4a1_dialogues(
+    dialogues: Vec<DialogueRows<'_>>,
+    options: &M4a1ExportOptions,
+) -> Result<(Vec<serde_json::Value>, ExportSummary), OutcomeLogError> {
+    let mut next_id =
+        dialogues.iter().filter_map(|d| d.dialogue_id.parse::<u64>().ok()).max().map_or(0, |m| m + 1);
+    let mut taken: HashSet<u64> = HashSet::new();
+    let views = options.modality_names.len();
+    let mut summary = ExportSummary::default();
+    let mut out = Vec::new();
+    for DialogueRows { device_id, dialogue_id, mut rows } in dialogues {
+        rows.sort_by_key(|r| r.outcome.turn);
+        let total = rows.len();
+        if rows.first().is_some_and(|r| r.outcome.turn != 0) {
+            summary.dialogues_without_first_turn += 1;
+        }
+        let mut kept = Vec::new();
+        for (expected, row) in rows.into_iter().enumerate() {
+            let o = row.outcome;
+            if o.turn as usize != expected {
+                break;
+            }
+            if o.score.is_none() && options.unscored == UnscoredTurns::EndDialogue {
+                break;
+            }
+            if o.action.modalities().indices().any(|m| m >= views) {
+                summary.turns_with_unknown_modalities += 1;
+                break;
+            }
+            kept.push(row);
+        }
+        summary.turns_left_out += total - kept.len();
+        if kept.is_empty() {
+            continue;
+        }
+        let id = match dialogue_id.parse::<u64>() {
+            Ok(id) if taken.insert(id) => id,
+            _ => {
+                next_id += 1;
+                next_id - 1
+            }
+        };
+        let dialogue = Dialogue {
+            id,
+            image_paths: options.modality_names.clone(),
+            interactions: kept.iter().map(|r| interaction(r.outcome)).collect(),
+            association_score: vec![vec![0.0; views]; kept.len()],
+        };
+        let mut value = serde_json::to_value(&dialogue).map_err(OutcomeLogError::Export)?;
+        value["tmo_dialogue_id"] = serde_json::Value::String(dialogue_id.to_owned());
+        if let Some(device) = device_id {
+            value["tmo_device_id"] = serde_json::Value::String(device.to_owned());
+        }
+        for (i, row) in kept.iter().enumerate() {
+            value["interactions"][i]["tmo"] = extras(row);
+        }
+        summary.dialogues += 1;
+        summary.turns += kept.len();
+        out.push(value);
+    }
+    Ok((out, summary))
+}
+
+/// [`m4a1_dialogues`] written as one JSON array to `out`.
+pub fn write_m4a1(
+    out: impl Write,
+    dialogues: Vec<DialogueRows<'_>>,
+    options: &M4a1ExportOptions,
+) -> Result<ExportSummary, OutcomeLogError> {
+    let (values, summary) = m4a1_dialogues(dialogues, options)?;
+    serde_json::to_writer(out, &values).map_err(OutcomeLogError::Export)?;
+    Ok(summary)
+}
+
+fn interaction(o: &TurnOutcome) -> Interaction {
     let (action, image_index) = match o.action {
         Action::Local => (0, None),
         Action::Cloud { modalities } if modalities.is_empty() => (1, None),
@@ -166,10 +238,9 @@ fn interaction(o: &crate::TurnOutcome) -> Interaction {
     }
 }
 
-fn extras(row: &LoggedOutcome) -> serde_json::Value {
-    let o = &row.outcome;
-    serde_json::json!({
-        "row_id": row.id,
+fn extras(row: &ExportRow<'_>) -> serde_json::Value {
+    let o = row.outcome;
+    let mut extras = serde_json::json!({
         "turn": o.turn,
         "action_index": o.action_index,
         "propensity": o.propensity,
@@ -182,7 +253,14 @@ fn extras(row: &LoggedOutcome) -> serde_json::Value {
         "route": o.route,
         "cloud_attempt": o.cloud_attempt,
         "created_at_ms": o.created_at_ms,
-    })
+    });
+    if let Some(id) = row.row_id {
+        extras["row_id"] = serde_json::json!(id);
+    }
+    if let Some(ms) = row.received_unix_ms {
+        extras["received_unix_ms"] = serde_json::json!(ms);
+    }
+    extras
 }
 
 #[cfg(test)]
@@ -328,5 +406,59 @@ mod tests {
         assert_eq!(kitchen.interactions.iter().map(|i| i.score).collect::<Vec<_>>(), [0.5, 0.0, 0.5]);
         assert_eq!(kitchen.interactions[0].image_index, Some(vec![0, 2]));
         assert_eq!(summary.turns, 6);
+    }
+
+    /// A collected dataset: two devices both logged a dialogue "1" (and one a "kitchen"); the
+    /// export keeps them apart, numbers the second "1" after the largest id, and names the device.
+    #[test]
+    fn dialogues_of_different_devices_with_the_same_id_stay_apart() {
+        let scored = |d: &str, t: u32, score: f64| {
+            let mut o = sample(d, t);
+            o.score = Some(score);
+            o.score_source = Some(ScoreSource::Judge);
+            o
+        };
+        let a = [scored("1", 0, 0.1), scored("1", 1, 0.2), scored("kitchen", 0, 0.3)];
+        let b = [scored("1", 1, 0.5), scored("1", 0, 0.4)];
+        // Interleaved as a collector receives them.
+        let rows =
+            [(Some("dev-a"), &a[0]), (Some("dev-b"), &b[0]), (Some("dev-a"), &a[1]), (Some("dev-b"), &b[1])]
+                .into_iter()
+                .chain([(Some("dev-a"), &a[2])])
+                .enumerate()
+                .map(|(i, (device, o))| {
+                    (device, ExportRow { outcome: o, row_id: None, received_unix_ms: Some(1_000 + i as u64) })
+                });
+        let grouped = group_dialogues(rows);
+        assert_eq!(grouped.len(), 3);
+        let mut bytes = Vec::new();
+        let summary = write_m4a1(&mut bytes, grouped, &M4a1ExportOptions::default()).unwrap();
+        assert_eq!((summary.dialogues, summary.turns, summary.turns_left_out), (3, 5, 0));
+        let parsed = m4a1::parse(&bytes, "dataset").unwrap();
+        let values: Vec<serde_json::Value> = serde_json::from_slice(&bytes).unwrap();
+        let keys: Vec<(u64, &str, &str)> = values
+            .iter()
+            .map(|v| {
+                (
+                    v["id"].as_u64().unwrap(),
+                    v["tmo_device_id"].as_str().unwrap(),
+                    v["tmo_dialogue_id"].as_str().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(keys, [(1, "dev-a", "1"), (2, "dev-b", "1"), (3, "dev-a", "kitchen")]);
+        let scores: Vec<Vec<f64>> =
+            parsed.iter().map(|d| d.interactions.iter().map(|i| i.score).collect()).collect();
+        assert_eq!(scores, [vec![0.1, 0.2], vec![0.4, 0.5], vec![0.3]]);
+        // Dataset rows carry the collector's receive time, not a row id.
+        assert_eq!(values[1]["interactions"][0]["tmo"]["received_unix_ms"], 1_003);
+        assert!(values[1]["interactions"][0]["tmo"].get("row_id").is_none());
+        // Without devices (one log), the same ids would be one dialogue.
+        let one_device = group_dialogues(
+            a.iter()
+                .chain(&b)
+                .map(|o| (None, ExportRow { outcome: o, row_id: None, received_unix_ms: None })),
+        );
+        assert_eq!(one_device.len(), 2);
     }
 }

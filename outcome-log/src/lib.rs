@@ -8,8 +8,12 @@
 //! Durability: see [`Durability`]. A kill -9 at any moment loses at most the rows that were not
 //! yet acknowledged, and never corrupts the file (SQLite's WAL commit protocol).
 //!
+//! - [`dataset`]: the fleet's collected dataset (JSON lines by day and device), written by the
+//!   collector and read by the trainer.
+//!
 //! Does not depend on an async runtime.
 
+pub mod dataset;
 mod error;
 mod export;
 mod log;
@@ -17,7 +21,10 @@ mod outcome;
 mod writer;
 
 pub use error::OutcomeLogError;
-pub use export::{ExportSummary, M4a1ExportOptions, UnscoredTurns};
+pub use export::{
+    DialogueRows, ExportRow, ExportSummary, M4a1ExportOptions, UnscoredTurns, group_dialogues,
+    m4a1_dialogues, write_m4a1,
+};
 pub use log::{
     APPLICATION_ID, Durability, LogStats, MIN_MAX_BYTES, OutcomeLog, OutcomeLogConfig, SCHEMA_VERSION,
 };
