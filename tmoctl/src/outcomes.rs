@@ -1,16 +1,22 @@
-//! `tmoctl outcomes ...`: the device's outcome log as training data.
+//! `tmoctl outcomes ...`: a device's outcome log, or the fleet's collected dataset, as training data.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::{Args, Subcommand, ValueEnum};
-use outcome_log::{ExportSummary, M4a1ExportOptions, OutcomeLog, UnscoredTurns};
+use outcome_log::dataset::{Dataset, read_dataset};
+use outcome_log::{
+    ExportRow, ExportSummary, M4a1ExportOptions, OutcomeLog, UnscoredTurns, group_dialogues, m4a1_dialogues,
+};
 
 #[derive(Debug, Subcommand)]
 pub enum OutcomesCommand {
-    /// Write the dialogues of an outcome log (tmod's SQLite file) as training data.
+    /// Write the dialogues of an outcome log (tmod's SQLite file, --db) or of a collected dataset
+    /// (`tmoctl fleet collect`'s directory, --dataset) as training data.
     ///
+    /// In a dataset, dialogues are keyed by (device, dialogue id): two devices' dialogue "1" are
+    /// two dialogues (the second numbered after the largest id; `tmo_device_id` names the device).
     /// M4A1: the JSON the trainer and the paper's code read. Frames are not kept (image_paths are
     /// the modality names), association scores are 0, a dialogue is written from turn 0 up to its
     /// first missing or unscored turn; each interaction carries a `tmo` object with the logged
@@ -22,8 +28,11 @@ pub enum OutcomesCommand {
 #[derive(Debug, Args)]
 pub struct ExportArgs {
     /// The outcome log (SQLite file written by tmod); opened read-only.
+    #[arg(long, required_unless_present = "dataset", conflicts_with = "dataset")]
+    pub db: Option<PathBuf>,
+    /// A collected dataset directory (`DIR/<YYYY-MM-DD>/<device_id>.jsonl`).
     #[arg(long)]
-    pub db: PathBuf,
+    pub dataset: Option<PathBuf>,
     /// Output format.
     #[arg(long, value_enum, default_value_t = ExportFormat::M4a1)]
     pub format: ExportFormat,
@@ -68,16 +77,25 @@ pub fn run(command: OutcomesCommand) -> anyhow::Result<()> {
 pub fn export(args: &ExportArgs) -> anyhow::Result<ExportSummary> {
     let ExportFormat::M4a1 = args.format;
     anyhow::ensure!(!args.modalities.is_empty(), "--modalities needs at least one name");
-    let log =
-        OutcomeLog::open_read_only(&args.db).with_context(|| format!("opening {}", args.db.display()))?;
     let options = M4a1ExportOptions {
         modality_names: args.modalities.clone(),
         unscored: if args.unscored_as_zero { UnscoredTurns::WriteZero } else { UnscoredTurns::EndDialogue },
     };
+    let (dialogues, summary) = match (&args.db, &args.dataset) {
+        (Some(db), None) => {
+            let log = OutcomeLog::open_read_only(db).with_context(|| format!("opening {}", db.display()))?;
+            log.m4a1_dialogues(&options).context("exporting the outcome log")?
+        }
+        (None, Some(dir)) => {
+            let dataset = load_dataset(dir)?;
+            dataset_dialogues(&dataset, &options)?
+        }
+        _ => anyhow::bail!("give exactly one of --db and --dataset"),
+    };
     let mut partial = args.out.clone().into_os_string();
     partial.push(".partial");
     let partial = PathBuf::from(partial);
-    let result = write_export(&log, &options, &partial);
+    let result = write_export(&dialogues, &partial).map(|()| summary);
     if result.is_err() {
         let _ = std::fs::remove_file(&partial);
     }
@@ -87,13 +105,35 @@ pub fn export(args: &ExportArgs) -> anyhow::Result<ExportSummary> {
     Ok(summary)
 }
 
-fn write_export(log: &OutcomeLog, options: &M4a1ExportOptions, path: &Path) -> anyhow::Result<ExportSummary> {
+/// Reads a collected dataset; skipped lines (a torn last line, damage) are reported on stderr.
+pub(crate) fn load_dataset(dir: &Path) -> anyhow::Result<Dataset> {
+    let dataset = read_dataset(dir).with_context(|| format!("reading the dataset {}", dir.display()))?;
+    for skipped in &dataset.skipped_lines {
+        eprintln!("skipped {}:{}: {}", skipped.path.display(), skipped.line, skipped.reason);
+    }
+    Ok(dataset)
+}
+
+/// The dataset's dialogues in M4A1, keyed by (device, dialogue id), through the log export's
+/// conversion.
+pub(crate) fn dataset_dialogues(
+    dataset: &Dataset,
+    options: &M4a1ExportOptions,
+) -> anyhow::Result<(Vec<serde_json::Value>, ExportSummary)> {
+    let rows = dataset.records.iter().map(|r| {
+        let row = ExportRow { outcome: &r.outcome, row_id: None, received_unix_ms: Some(r.received_unix_ms) };
+        (Some(r.device_id.as_str()), row)
+    });
+    m4a1_dialogues(group_dialogues(rows), options).context("converting the dataset to M4A1")
+}
+
+fn write_export(dialogues: &[serde_json::Value], path: &Path) -> anyhow::Result<()> {
     let file = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
     let mut out = std::io::BufWriter::new(file);
-    let summary = log.export_m4a1(&mut out, options).context("exporting the outcome log")?;
+    serde_json::to_writer(&mut out, dialogues).with_context(|| format!("writing {}", path.display()))?;
     out.flush().with_context(|| format!("writing {}", path.display()))?;
     out.get_ref().sync_all().with_context(|| format!("syncing {}", path.display()))?;
-    Ok(summary)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -146,7 +186,8 @@ mod tests {
         drop(log);
         let out = dir.path().join("train.json");
         let args = ExportArgs {
-            db,
+            db: Some(db),
+            dataset: None,
             format: ExportFormat::M4a1,
             out: out.clone(),
             modalities: vec!["left".into(), "top".into(), "right".into()],
@@ -163,7 +204,7 @@ mod tests {
             let expected: Vec<_> = o.interactions.iter().map(m4a1::Interaction::logged_action).collect();
             assert_eq!(actions, expected);
         }
-        let missing = ExportArgs { db: dir.path().join("none.db"), ..args };
+        let missing = ExportArgs { db: Some(dir.path().join("none.db")), ..args };
         let err = format!("{:#}", export(&missing).unwrap_err());
         assert!(err.contains("none.db"), "{err}");
     }
