@@ -587,9 +587,10 @@ mod tests {
         assert!(best.effective_sample_size < turns.len() as f64 / 5.0);
     }
 
-    /// 200 seeded data sets: each interval covers the true value about 95% of the time (and
-    /// the DR interval with a biased reward model still does: the correction term removes the
-    /// bias).
+    /// 200 seeded data sets of 600 dialogues: each interval covers the true value about 95% of
+    /// the time (0.92 to 0.95 here; the Monte Carlo error of 200 repetitions is about 0.015),
+    /// and the DR interval with a biased reward model still does: the correction term removes
+    /// the bias.
     #[test]
     fn intervals_cover_the_truth_in_a_seeded_simulation() {
         let truth = true_value(&BEST);
@@ -597,7 +598,7 @@ mod tests {
         let reps = 200;
         let mut covered = [0usize; 4];
         for seed in 0..reps {
-            let turns = logged(100 + seed, 300);
+            let turns = logged(100 + seed, 600);
             let target = deterministic(&turns, &BEST);
             let biased: Vec<Vec<f64>> =
                 turns.iter().map(|t| MEAN[context(t)].iter().map(|v| v + 0.3).collect()).collect();
@@ -609,7 +610,7 @@ mod tests {
         }
         for (name, c) in ["ips", "snips", "dr (no model)", "dr (biased model)"].iter().zip(covered) {
             let share = c as f64 / reps as f64;
-            assert!((0.88..=0.995).contains(&share), "{name}: {share}");
+            assert!((0.9..=0.99).contains(&share), "{name}: {share}");
         }
     }
 
