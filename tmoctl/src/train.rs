@@ -534,6 +534,19 @@ impl OpeReport {
                 p.logged_turns_by_this_policy,
                 p.estimate.max_weight
             );
+            let e = &p.estimate;
+            if e.effective_sample_size < 0.1 * e.turns as f64 {
+                let _ = writeln!(
+                    out,
+                    "  caution: the {} policy agrees with only {:.0}% of the logged actions (effective sample {:.1} \
+                     of {} turns): IPS and SNIPS rest on few turns, DR mostly on its reward model; log with more \
+                     exploration to tighten them",
+                    p.role,
+                    e.agreement * 100.0,
+                    e.effective_sample_size,
+                    e.turns
+                );
+            }
         }
         out
     }
