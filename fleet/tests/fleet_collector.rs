@@ -1,0 +1,190 @@
+//! The collector against a real Mosquitto: each row stored once, acks, refusals.
+
+mod support;
+
+use std::time::Duration;
+
+use fleet::{Collector, CollectorStats};
+use outcome_log::dataset::read_dataset;
+use support::{DeviceClient, batch, outcome};
+use tmo_protocol::link::LinkConfig;
+use tmo_protocol::testing::MosquittoBroker;
+use tmo_protocol::{OutcomeKey, ShareGroup};
+
+const T0: i64 = 1_790_000_000_000; // 2026-09-21T14:13:20Z
+const DAY_MS: i64 = 86_400_000;
+const WAIT: Duration = Duration::from_secs(10);
+
+async fn collector(broker: &MosquittoBroker, dir: &std::path::Path, client_id: &str) -> Collector {
+    let config = LinkConfig::new("127.0.0.1", broker.port(), client_id);
+    let collector = Collector::start(&config, ShareGroup::new("collectors").unwrap(), dir)
+        .await
+        .expect("collector starts");
+    assert!(collector.wait_connected(WAIT).await, "collector did not connect");
+    collector
+}
+
+/// Waits until `check` holds for the collector's counters (they are updated after the ack is queued).
+async fn stats_until(collector: &Collector, check: impl Fn(&CollectorStats) -> bool) -> CollectorStats {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let stats = collector.stats();
+        if check(&stats) || std::time::Instant::now() > deadline {
+            return stats;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_collector_stores_each_batch_once_and_acks_it_again_when_resent() {
+    let broker = MosquittoBroker::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let c = collector(&broker, dir.path(), "collector-1").await;
+    let mut device = DeviceClient::connect(broker.port(), "kitchen-1").await;
+
+    let rows: Vec<_> = (0..5).map(|t| outcome("dlg-1", t, T0 + i64::from(t) * DAY_MS / 2)).collect();
+    let first = batch("kitchen-1", 7, &rows);
+    device.send(&first).await;
+    let ack = device.next_ack(WAIT).await.expect("first ack");
+    assert_eq!(ack.batch_id, 7);
+    let keys: Vec<OutcomeKey> = first.rows.iter().map(|r| r.key.clone()).collect();
+    assert_eq!(ack.accepted, keys);
+    assert!(ack.rejected.is_empty());
+
+    // The device did not see the ack (say) and sends the same batch again.
+    device.send(&first).await;
+    let again = device.next_ack(WAIT).await.expect("second ack");
+    assert_eq!(again, ack);
+    let stats = stats_until(&c, |s| s.duplicates == 5).await;
+    assert_eq!((stats.batches, stats.rows_written, stats.duplicates), (2, 5, 5));
+
+    // Rows are durable and readable; days by created_at (two days here).
+    let ds = read_dataset(dir.path()).unwrap();
+    assert!(ds.skipped_lines.is_empty(), "{:?}", ds.skipped_lines);
+    assert_eq!(ds.records.len(), 5);
+    assert_eq!(ds.records.iter().map(|r| r.outcome.clone()).collect::<Vec<_>>(), rows);
+    assert!(ds.records.iter().all(|r| r.device_id == "kitchen-1"));
+    assert!(dir.path().join("2026-09-21/kitchen-1.jsonl").is_file());
+    assert!(dir.path().join("2026-09-22/kitchen-1.jsonl").is_file());
+
+    // A restarted collector knows what it stored: the batch is acknowledged, nothing written.
+    let stats = c.shutdown(WAIT).await;
+    assert_eq!(stats.acks_published, 2);
+    let c = collector(&broker, dir.path(), "collector-2").await;
+    let mut more = rows.clone();
+    more.push(outcome("dlg-1", 5, T0 + 3 * DAY_MS));
+    device.send(&batch("kitchen-1", 8, &more)).await;
+    let ack = device.next_ack(WAIT).await.expect("ack after restart");
+    assert_eq!(ack.batch_id, 8);
+    assert_eq!(ack.accepted.len(), 6);
+    let stats = stats_until(&c, |s| s.batches == 1).await;
+    assert_eq!((stats.rows_written, stats.duplicates), (1, 5));
+    let ds = read_dataset(dir.path()).unwrap();
+    assert_eq!(ds.records.len(), 6);
+    c.shutdown(WAIT).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_collector_refuses_a_batch_whose_device_is_not_its_topics() {
+    let broker = MosquittoBroker::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let c = collector(&broker, dir.path(), "collector").await;
+    let mut victim = DeviceClient::connect(broker.port(), "victim").await;
+    let mut intruder = DeviceClient::connect(broker.port(), "intruder").await;
+
+    // The intruder publishes on its own topic a batch that claims to be the victim's.
+    let forged = batch("victim", 1, &[outcome("d", 0, T0)]);
+    intruder.send(&forged).await;
+    let stats = stats_until(&c, |s| s.refused_batches == 1).await;
+    assert_eq!(stats.refused_batches, 1);
+    assert_eq!(stats.rows_written, 0);
+    assert!(intruder.next_ack(Duration::from_millis(500)).await.is_none());
+    assert!(victim.next_ack(Duration::from_millis(100)).await.is_none());
+    assert!(read_dataset(dir.path()).unwrap().records.is_empty());
+
+    // The collector goes on: the victim's own batch is stored.
+    victim.send(&forged).await;
+    assert_eq!(victim.next_ack(WAIT).await.expect("ack").accepted.len(), 1);
+    c.shutdown(WAIT).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_collector_survives_malformed_payloads() {
+    let broker = MosquittoBroker::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let c = collector(&broker, dir.path(), "collector").await;
+    let mut device = DeviceClient::connect(broker.port(), "dev-1").await;
+
+    device.send_raw(b"garbage, not a frame").await;
+    // A whole frame whose body is not CBOR of a batch.
+    device.send_raw(b"TM\x01W\x83\x01\x03\xff\xff").await;
+    // A frame with a body of another message kind (an ack where a batch belongs).
+    device.send_raw(&[b"TM\x01W".as_slice(), &[0x83, 1, 4, 0xa0]].concat()).await;
+    let stats = stats_until(&c, |s| s.malformed == 3).await;
+    assert_eq!(stats.malformed, 3);
+    assert!(device.next_ack(Duration::from_millis(300)).await.is_none());
+
+    device.send(&batch("dev-1", 2, &[outcome("d", 0, T0), outcome("d", 1, T0)])).await;
+    let ack = device.next_ack(WAIT).await.expect("ack after the junk");
+    assert_eq!((ack.batch_id, ack.accepted.len()), (2, 2));
+    let stats = c.shutdown(WAIT).await;
+    assert_eq!((stats.batches, stats.rows_written, stats.malformed), (1, 2, 3));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_collector_rejects_rows_that_are_not_turn_outcomes_in_the_ack() {
+    let broker = MosquittoBroker::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let c = collector(&broker, dir.path(), "collector").await;
+    let mut device = DeviceClient::connect(broker.port(), "dev-2").await;
+
+    let mut b = batch(
+        "dev-2",
+        9,
+        &[outcome("d", 0, T0), outcome("d", 1, T0), outcome("d", 2, T0), outcome("d", 3, T0)],
+    );
+    // Row 1: not a TurnOutcome at all.
+    b.rows[1].row = serde_json::json!({"action": 8, "answer": "ok"});
+    // Row 2: a TurnOutcome whose key says another turn.
+    b.rows[2].key.turn = 20;
+    // Row 3: a TurnOutcome breaking the outcome rules (propensity above 1).
+    b.rows[3].row["propensity"] = serde_json::json!(1.5);
+    device.send(&b).await;
+    let ack = device.next_ack(WAIT).await.expect("ack");
+    assert_eq!(ack.accepted, vec![OutcomeKey { dialogue_id: "d".into(), turn: 0 }]);
+    assert_eq!(ack.rejected.len(), 3, "{:?}", ack.rejected);
+    assert_eq!(ack.rejected[0].key.turn, 1);
+    assert!(ack.rejected[0].reason.contains("not a turn outcome"), "{}", ack.rejected[0].reason);
+    assert_eq!(ack.rejected[1].key.turn, 20);
+    assert!(ack.rejected[1].reason.contains("disagrees"), "{}", ack.rejected[1].reason);
+    assert!(ack.rejected[2].reason.contains("propensity"), "{}", ack.rejected[2].reason);
+    let stats = c.shutdown(WAIT).await;
+    assert_eq!((stats.rows_written, stats.rejected_rows), (1, 3));
+    let ds = read_dataset(dir.path()).unwrap();
+    assert_eq!(ds.records.len(), 1);
+    assert_eq!(ds.records[0].outcome.turn, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_collectors_in_one_share_group_split_the_batches_without_duplicates() {
+    let broker = MosquittoBroker::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let a_dir = dir.path().join("a");
+    let b_dir = dir.path().join("b");
+    let a = collector(&broker, &a_dir, "collector-a").await;
+    let b = collector(&broker, &b_dir, "collector-b").await;
+    let mut device = DeviceClient::connect(broker.port(), "dev-3").await;
+    for id in 0..20u32 {
+        device.send(&batch("dev-3", u64::from(id), &[outcome("d", id, T0)])).await;
+    }
+    let mut acked = 0;
+    while acked < 20 {
+        acked += device.next_ack(WAIT).await.expect("ack").accepted.len();
+    }
+    let (sa, sb) = (a.shutdown(WAIT).await, b.shutdown(WAIT).await);
+    assert_eq!(sa.rows_written + sb.rows_written, 20);
+    assert!(sa.rows_written > 0 && sb.rows_written > 0, "{sa:?} {sb:?}");
+    let total = read_dataset(&a_dir).unwrap().records.len() + read_dataset(&b_dir).unwrap().records.len();
+    assert_eq!(total, 20);
+}
