@@ -1,0 +1,363 @@
+//! `tmoctl fleet`: keys, signed policy pushes, rollback, the outcome collector and the fleet
+//! status table. The work is in the `fleet` crate; this module parses arguments and prints.
+
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand};
+use fleet::push::BundleSpec;
+use fleet::{Collector, FleetView, keys};
+use tmo_protocol::link::LinkConfig;
+use tmo_protocol::{GroupName, ShareGroup};
+
+/// The environment variable holding the MQTT password (never a command-line argument).
+pub const PASSWORD_ENV: &str = "TMO_MQTT_PASSWORD";
+
+#[derive(Debug, Subcommand)]
+pub enum FleetCommand {
+    /// Make an Ed25519 signing key: KEY (hex seed, mode 0600) and KEY.pub (hex public key, for
+    /// tmod's trust list). Refuses to overwrite.
+    Keygen {
+        /// The secret key file to create.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Sign a policy and publish it retained to a device group.
+    Push(PushArgs),
+    /// Tell a group's devices to go back to their previous policy (retained command).
+    Rollback(RollbackArgs),
+    /// Collect outcome batches into a dataset directory until SIGINT/SIGTERM.
+    Collect(CollectArgs),
+    /// The fleet's devices: online, policy, last update, outcomes, requests, cloud share, reward.
+    Status(StatusArgs),
+}
+
+/// A broker address, `HOST:PORT`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerAddr {
+    host: String,
+    port: u16,
+}
+
+impl FromStr for BrokerAddr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (host, port) = s.rsplit_once(':').ok_or_else(|| format!("{s:?} is not HOST:PORT"))?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() {
+            return Err(format!("{s:?} has no host"));
+        }
+        let port = port.parse::<u16>().map_err(|_| format!("{port:?} is not a port number (1-65535)"))?;
+        if port == 0 {
+            return Err("port 0 is not a broker port".into());
+        }
+        Ok(BrokerAddr { host: host.to_owned(), port })
+    }
+}
+
+/// How to reach the broker (shared by every fleet command that connects).
+#[derive(Debug, Args)]
+pub struct BrokerArgs {
+    /// The MQTT broker, HOST:PORT.
+    #[arg(long, default_value = "127.0.0.1:1883")]
+    broker: BrokerAddr,
+    /// MQTT client id (default: tmoctl-<command>-<pid>).
+    #[arg(long)]
+    client_id: Option<String>,
+    /// MQTT user name; the password comes from the environment variable TMO_MQTT_PASSWORD.
+    #[arg(long)]
+    username: Option<String>,
+    /// PEM CA certificate of the broker; turns TLS on.
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
+    /// PEM client certificate for mutual TLS (with --key-file and --ca-file).
+    #[arg(long)]
+    cert_file: Option<PathBuf>,
+    /// PEM private key of --cert-file.
+    #[arg(long)]
+    key_file: Option<PathBuf>,
+    /// Largest MQTT packet, bytes (a policy bundle must fit one; the broker's limit also applies).
+    #[arg(long, default_value_t = 4 * 1024 * 1024)]
+    max_packet_bytes: u32,
+    /// How long to wait for the connection (and for the broker's acknowledgement), ms.
+    #[arg(long, default_value_t = 10_000)]
+    connect_timeout_ms: u64,
+}
+
+impl BrokerArgs {
+    fn link_config(&self, command: &str) -> anyhow::Result<LinkConfig> {
+        let client_id =
+            self.client_id.clone().unwrap_or_else(|| format!("tmoctl-{command}-{}", std::process::id()));
+        let mut config = LinkConfig::new(self.broker.host.clone(), self.broker.port, client_id);
+        config.username = self.username.clone();
+        config.password = match std::env::var(PASSWORD_ENV) {
+            Ok(p) if self.username.is_some() => Some(p),
+            Ok(_) => bail!("{PASSWORD_ENV} is set but --username is not"),
+            Err(_) => None,
+        };
+        config.ca_file = self.ca_file.clone();
+        config.cert_file = self.cert_file.clone();
+        config.key_file = self.key_file.clone();
+        config.max_packet_bytes = self.max_packet_bytes;
+        config.validate().context("broker settings")?;
+        Ok(config)
+    }
+
+    fn timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_timeout_ms.max(1))
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct PushArgs {
+    #[command(flatten)]
+    broker: BrokerArgs,
+    /// The device group.
+    #[arg(long)]
+    group: GroupName,
+    /// The policy (ONNX, contract v1).
+    #[arg(long)]
+    policy: PathBuf,
+    /// The secret key file (from `tmoctl fleet keygen`).
+    #[arg(long)]
+    key: PathBuf,
+    /// Only this share of the group's devices (chosen stably by device id) takes it, 1-100.
+    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=100))]
+    canary: Option<u8>,
+    /// The policy version (default: the ONNX's own manifest version, else its sha256 prefix).
+    #[arg(long)]
+    version: Option<String>,
+    /// The training data (a file or a dataset directory); its sha256 goes into the manifest.
+    #[arg(long)]
+    training_data: Option<PathBuf>,
+    /// Oldest tmod version that may load it (default: this tmoctl's version).
+    #[arg(long)]
+    min_daemon_version: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct RollbackArgs {
+    #[command(flatten)]
+    broker: BrokerArgs,
+    /// The device group.
+    #[arg(long)]
+    group: GroupName,
+    /// Go back to this version (if the device still has it) instead of the previous one.
+    #[arg(long = "to")]
+    to_version: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct CollectArgs {
+    #[command(flatten)]
+    broker: BrokerArgs,
+    /// The dataset directory (created if missing): DIR/<YYYY-MM-DD>/<device>.jsonl.
+    #[arg(long)]
+    out: PathBuf,
+    /// The shared-subscription group: collectors with the same name split the batches.
+    #[arg(long, default_value = fleet::DEFAULT_SHARE)]
+    share: ShareGroup,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    broker: BrokerArgs,
+    /// Keep the table live (redrawn as messages arrive) until interrupted.
+    #[arg(long)]
+    watch: bool,
+    /// Print once no retained message arrived for this long, ms.
+    #[arg(long, default_value_t = 500)]
+    wait_ms: u64,
+}
+
+pub fn run(command: FleetCommand) -> anyhow::Result<()> {
+    match command {
+        FleetCommand::Keygen { out } => keygen(&out),
+        FleetCommand::Push(args) => runtime()?.block_on(push(args)),
+        FleetCommand::Rollback(args) => runtime()?.block_on(rollback(args)),
+        FleetCommand::Collect(args) => runtime()?.block_on(collect(args)),
+        FleetCommand::Status(args) => runtime()?.block_on(status(args)),
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the tokio runtime")
+}
+
+fn keygen(out: &std::path::Path) -> anyhow::Result<()> {
+    let key = keys::generate(out).context("making a signing key")?;
+    let public = keys::public_key_hex(&key.verifying_key());
+    println!("secret key: {} (mode 0600; keep it off the devices)", out.display());
+    println!("public key: {} ({})", keys::public_key_path(out).display(), public);
+    println!("add {public} to the trusted keys of tmod's configuration");
+    Ok(())
+}
+
+async fn push(args: PushArgs) -> anyhow::Result<()> {
+    let key = keys::load_signing_key(&args.key).context("loading the signing key")?;
+    let config = args.broker.link_config("push")?;
+    let training_data_sha256 = match &args.training_data {
+        Some(path) => Some(fleet::push::training_data_sha256(path).context("hashing the training data")?),
+        None => None,
+    };
+    let mut spec = BundleSpec {
+        version: args.version.clone(),
+        canary_percent: args.canary,
+        training_data_sha256,
+        ..BundleSpec::new()
+    };
+    if let Some(v) = &args.min_daemon_version {
+        spec.min_daemon_version = v.clone();
+    }
+    let bundle = fleet::build_bundle_from_file(&args.policy, &spec, &key)
+        .with_context(|| format!("building the bundle of {}", args.policy.display()))?;
+    let manifest = fleet::push::manifest_of(&bundle).context("the manifest just signed does not decode")?;
+    let sent = fleet::push_bundle(&config, &args.group, &bundle, args.broker.timeout())
+        .await
+        .with_context(|| format!("pushing to group {}", args.group))?;
+    println!(
+        "pushed policy {} to group {} ({}): schema {}, {} bytes, sha256 {}, opset {}, canary {}, min tmod {}",
+        manifest.version,
+        args.group,
+        sent.topic,
+        manifest.schema,
+        manifest.onnx_size_bytes,
+        manifest.onnx_sha256,
+        manifest.opset.map_or_else(|| "-".into(), |o| o.to_string()),
+        manifest.canary_percent.map_or_else(|| "all".into(), |p| format!("{p}%")),
+        manifest.min_daemon_version,
+    );
+    println!(
+        "signed by {} ({} bytes retained on the broker)",
+        keys::public_key_hex(&key.verifying_key()),
+        sent.payload_bytes
+    );
+    Ok(())
+}
+
+async fn rollback(args: RollbackArgs) -> anyhow::Result<()> {
+    let config = args.broker.link_config("rollback")?;
+    let command = fleet::rollback_command(args.to_version.clone())?;
+    fleet::send_command(&config, &args.group, &command, args.broker.timeout())
+        .await
+        .with_context(|| format!("sending the rollback to group {}", args.group))?;
+    println!(
+        "rollback sent to group {} (command {}, back to {})",
+        args.group,
+        command.command_id,
+        args.to_version.as_deref().unwrap_or("each device's previous policy")
+    );
+    Ok(())
+}
+
+async fn collect(args: CollectArgs) -> anyhow::Result<()> {
+    let config = args.broker.link_config("collect")?;
+    let collector = Collector::start(&config, args.share.clone(), &args.out)
+        .await
+        .with_context(|| format!("starting the collector on {}", args.out.display()))?;
+    if collector.wait_connected(args.broker.timeout()).await {
+        eprintln!(
+            "collecting outcome batches from {}:{} (share group {}) into {}; SIGINT or SIGTERM stops",
+            config.host,
+            config.port,
+            args.share,
+            args.out.display()
+        );
+    } else {
+        eprintln!(
+            "not connected to {}:{} yet; retrying in the background (SIGINT or SIGTERM stops)",
+            config.host, config.port
+        );
+    }
+    wait_for_signal().await?;
+    let stats = collector.shutdown(Duration::from_secs(10)).await;
+    println!(
+        "batches {} rows_written {} duplicates {} rejected_rows {} malformed {} refused_batches {} \
+         write_groups {} write_errors {} acks {} ack_failures {} dropped_queue_full {}",
+        stats.batches,
+        stats.rows_written,
+        stats.duplicates,
+        stats.rejected_rows,
+        stats.malformed,
+        stats.refused_batches,
+        stats.write_groups,
+        stats.write_errors,
+        stats.acks_published,
+        stats.ack_failures,
+        stats.dropped_queue_full
+    );
+    Ok(())
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r.context("waiting for SIGINT")?,
+        _ = term.recv() => {}
+    }
+    Ok(())
+}
+
+async fn status(args: StatusArgs) -> anyhow::Result<()> {
+    let config = args.broker.link_config("status")?;
+    let quiet = Duration::from_millis(args.wait_ms.max(1));
+    if !args.watch {
+        let view = fleet::status::snapshot(&config, args.broker.timeout(), quiet).await?;
+        print_view(&view, false);
+        return Ok(());
+    }
+    let mut link = fleet::net::connect(&config, FleetView::subscriptions(), args.broker.timeout()).await?;
+    let mut view = FleetView::new();
+    fleet::status::collect_until_quiet(&mut link, &mut view, quiet).await;
+    print_view(&view, true);
+    // Redrawn every second: ages move on even without messages.
+    let mut redraw = tokio::time::interval(Duration::from_secs(1));
+    let signal = wait_for_signal();
+    tokio::pin!(signal);
+    loop {
+        tokio::select! {
+            r = &mut signal => { r?; break; }
+            incoming = link.incoming.recv() => {
+                let Some(incoming) = incoming else { break };
+                fleet::status::apply_logged(&mut view, &incoming);
+            }
+            _ = redraw.tick() => print_view(&view, true),
+        }
+    }
+    link.shutdown(Duration::from_secs(2)).await;
+    Ok(())
+}
+
+fn print_view(view: &FleetView, clear: bool) {
+    if clear {
+        // Clear the screen and go home, then draw.
+        print!("\x1b[2J\x1b[H");
+    }
+    if view.devices().is_empty() {
+        println!("no device has published a status or availability message");
+    } else {
+        print!("{}", view.render(fleet::unix_ms_now()));
+    }
+    if view.refused() > 0 {
+        println!("({} malformed status messages ignored)", view.refused());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broker_addresses_parse_or_say_why_not() {
+        assert_eq!("broker.local:8883".parse(), Ok(BrokerAddr { host: "broker.local".into(), port: 8883 }));
+        assert_eq!("[::1]:1883".parse(), Ok(BrokerAddr { host: "::1".into(), port: 1883 }));
+        assert!("nohost".parse::<BrokerAddr>().unwrap_err().contains("HOST:PORT"));
+        assert!("h:99999".parse::<BrokerAddr>().unwrap_err().contains("port"));
+        assert!(":1883".parse::<BrokerAddr>().unwrap_err().contains("no host"));
+    }
+}
