@@ -68,6 +68,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    device_profiles::cpu::exit_unless_supported("tmod");
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_writer(std::io::stderr)

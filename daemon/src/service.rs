@@ -11,8 +11,7 @@ use llm_engine::{Conversation, EngineConfig, FinishReason, GenerationParams};
 use outcome_log::{CloudAttempt, OutcomeLogError, OutcomeWriter, ScoreSource, ScoreUpdate, TurnOutcome};
 use policy_onnx::train::sim::{REFUSAL_MARKERS, argmax};
 use policy_onnx::{
-    Action, Availability, DecisionRequest, Exploration, LoadOptions, ModalitySet, Schema,
-    TaskCategory, Turn,
+    Action, Availability, DecisionRequest, Exploration, LoadOptions, ModalitySet, Schema, TaskCategory, Turn,
 };
 use sensing::{Sensing, SensingHandle};
 use task_classifier::TaskClassifier;
@@ -517,9 +516,11 @@ impl Service {
                     });
                     let produced = produced.map(|mut p| {
                         p.cloud_wait = Duration::from_secs_f64(attempt.wait_secs);
-                        if p.route == "cloud" {
+                        match p.route {
                             // The whole answer arrives in one reply.
-                            p.time_to_first_token = p.cloud_wait;
+                            "cloud" => p.time_to_first_token = p.cloud_wait,
+                            // The local answer started after the cloud's failure.
+                            _ => p.time_to_first_token += p.cloud_wait,
                         }
                         p
                     });

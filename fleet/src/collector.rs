@@ -97,6 +97,9 @@ pub struct CollectorStats {
     pub rows_written: u64,
     /// Rows already in the dataset (acknowledged again, not written).
     pub duplicates: u64,
+    /// Rows already in the dataset with another score (feedback or a judge after the upload),
+    /// written again as their newer version (counted in `rows_written` too).
+    pub rescored: u64,
     /// Rows rejected (listed in the ack's `rejected`).
     pub rejected_rows: u64,
     /// Payloads refused as frames or CBOR (malformed, oversized, wrong version, ...).
@@ -120,6 +123,7 @@ struct Counters {
     batches: AtomicU64,
     rows_written: AtomicU64,
     duplicates: AtomicU64,
+    rescored: AtomicU64,
     rejected_rows: AtomicU64,
     malformed: AtomicU64,
     refused_batches: AtomicU64,
@@ -239,6 +243,7 @@ impl Collector {
             batches: get(&c.batches),
             rows_written: get(&c.rows_written),
             duplicates: get(&c.duplicates),
+            rescored: get(&c.rescored),
             rejected_rows: get(&c.rejected_rows),
             malformed: get(&c.malformed),
             refused_batches: get(&c.refused_batches),
@@ -429,6 +434,7 @@ impl WriterStage {
                 let duplicates: usize = summaries.iter().map(|s| s.duplicates).sum();
                 add(&self.counters.rows_written, written as u64);
                 add(&self.counters.duplicates, duplicates as u64);
+                add(&self.counters.rescored, summaries.iter().map(|s| s.rescored as u64).sum());
                 debug!(
                     batches = acks.len(),
                     written,

@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
-use crate::TurnOutcome;
+use crate::{ScoreSource, TurnOutcome};
 
 /// File name suffix of a device's file in a day directory.
 pub const FILE_SUFFIX: &str = ".jsonl";
@@ -71,6 +71,18 @@ struct KeyLine {
 struct KeyOutcome {
     dialogue_id: String,
     turn: u32,
+    #[serde(default)]
+    score: Option<f64>,
+    #[serde(default)]
+    score_source: Option<ScoreSource>,
+}
+
+/// A stored row's score, as the version of the row the dataset holds: a row sent again with
+/// another score (feedback or a judge after the upload) is written again and supersedes it.
+type StoredScore = Option<(u64, Option<ScoreSource>)>;
+
+fn stored_score(score: Option<f64>, source: Option<ScoreSource>) -> StoredScore {
+    score.map(|s| (s.to_bits(), source))
 }
 
 /// Errors of the dataset, naming the file (and line) concerned.
@@ -164,6 +176,9 @@ pub struct AppendSummary {
     pub written: usize,
     /// Rows already in the dataset (or twice in the call), not written again.
     pub duplicates: usize,
+    /// Rows already in the dataset with another score, written again: the later line
+    /// supersedes the earlier one for readers (counted in `written` too).
+    pub rescored: usize,
 }
 
 /// What [`DatasetWriter::open`] found.
@@ -183,8 +198,8 @@ pub struct OpenReport {
 #[derive(Debug)]
 pub struct DatasetWriter {
     dir: PathBuf,
-    /// Stored keys: device id -> (dialogue id, turn).
-    keys: HashMap<String, HashSet<(String, u32)>>,
+    /// Stored keys: device id -> (dialogue id, turn) -> the stored version's score.
+    keys: HashMap<String, HashMap<(String, u32), StoredScore>>,
     rows: usize,
     /// Day directories known to exist.
     day_dirs: HashSet<String>,
@@ -352,11 +367,12 @@ impl DatasetWriter {
     fn scan_file(&mut self, path: &Path, device: &str) -> Result<(), DatasetError> {
         let mut good_end = 0u64;
         let mut bad: Vec<(SkippedLine, u64)> = Vec::new();
-        let mut keys: Vec<(String, u32)> = Vec::new();
+        let mut keys: Vec<((String, u32), StoredScore)> = Vec::new();
         let (len, _) =
             for_each_line(path, |line_no, line, end| match serde_json::from_slice::<KeyLine>(line) {
                 Ok(k) if k.device_id == device => {
-                    keys.push((k.outcome.dialogue_id, k.outcome.turn));
+                    let score = stored_score(k.outcome.score, k.outcome.score_source);
+                    keys.push(((k.outcome.dialogue_id, k.outcome.turn), score));
                     good_end = end;
                 }
                 Ok(k) => bad.push((
@@ -389,8 +405,9 @@ impl DatasetWriter {
         }
         self.report.skipped_lines.extend(bad.into_iter().map(|(s, _)| s));
         let set = self.keys.entry(device.to_owned()).or_default();
-        for key in keys {
-            if set.insert(key) {
+        for (key, score) in keys {
+            // Lines are in write order: the last version of a row wins.
+            if set.insert(key, score).is_none() {
                 self.rows += 1;
                 self.report.rows += 1;
             }
@@ -415,7 +432,7 @@ impl DatasetWriter {
 
     /// Whether the row (device, dialogue, turn) is stored.
     pub fn contains(&self, device_id: &str, dialogue_id: &str, turn: u32) -> bool {
-        self.keys.get(device_id).is_some_and(|set| set.contains(&(dialogue_id.to_owned(), turn)))
+        self.keys.get(device_id).is_some_and(|set| set.contains_key(&(dialogue_id.to_owned(), turn)))
     }
 
     /// Appends the rows of one device; durable on return. See [`DatasetWriter::append_many`].
@@ -463,16 +480,29 @@ impl DatasetWriter {
         }
 
         let mut summaries = Vec::with_capacity(batches.len());
-        let mut new_keys: HashSet<(&str, &str, u32)> = HashSet::new();
+        let mut new_keys: HashMap<(&str, &str, u32), StoredScore> = HashMap::new();
         let mut by_file: BTreeMap<(&str, &str), Vec<u8>> = BTreeMap::new();
         for ((device_id, rows), row_days) in batches.iter().zip(&days) {
             let mut summary = AppendSummary::default();
             for (row, day) in rows.iter().zip(row_days) {
                 let key = (device_id.as_str(), row.dialogue_id.as_str(), row.turn);
-                if self.contains(device_id, &row.dialogue_id, row.turn) || !new_keys.insert(key) {
-                    summary.duplicates += 1;
-                    continue;
+                let score = stored_score(row.score, row.score_source);
+                let stored = match new_keys.get(&key) {
+                    Some(s) => Some(*s),
+                    None => self
+                        .keys
+                        .get(device_id.as_str())
+                        .and_then(|set| set.get(&(row.dialogue_id.clone(), row.turn)).copied()),
+                };
+                match stored {
+                    Some(s) if s == score => {
+                        summary.duplicates += 1;
+                        continue;
+                    }
+                    Some(_) => summary.rescored += 1,
+                    None => {}
                 }
+                new_keys.insert(key, score);
                 let buf = by_file.entry((day.as_str(), device_id.as_str())).or_default();
                 let record = RecordRef { device_id, received_unix_ms, outcome: row };
                 serde_json::to_writer(&mut *buf, &record)
@@ -489,9 +519,9 @@ impl DatasetWriter {
         }
         self.sync_dirs()?;
 
-        for (device_id, dialogue_id, turn) in new_keys {
+        for ((device_id, dialogue_id, turn), score) in new_keys {
             let set = self.keys.entry(device_id.to_owned()).or_default();
-            if set.insert((dialogue_id.to_owned(), turn)) {
+            if set.insert((dialogue_id.to_owned(), turn), score).is_none() {
                 self.rows += 1;
             }
         }
@@ -651,6 +681,21 @@ pub fn read_dataset(dir: impl AsRef<Path>) -> Result<Dataset, DatasetError> {
             });
         }
     }
+    // A row sent again with a new score was appended after its first version: keep the last
+    // version, in the place of the first.
+    let mut first_index: HashMap<(String, String, u32), usize> = HashMap::new();
+    let mut records: Vec<DatasetRecord> = Vec::with_capacity(dataset.records.len());
+    for record in std::mem::take(&mut dataset.records) {
+        let key = (record.device_id.clone(), record.outcome.dialogue_id.clone(), record.outcome.turn);
+        match first_index.get(&key) {
+            Some(&i) => records[i] = record,
+            None => {
+                first_index.insert(key, records.len());
+                records.push(record);
+            }
+        }
+    }
+    dataset.records = records;
     Ok(dataset)
 }
 
@@ -684,7 +729,10 @@ mod tests {
         let mut w = DatasetWriter::open(dir.path()).unwrap();
         let t0 = 1_790_000_000_000; // 2026-09-21
         let rows = vec![at("d1", 0, t0), at("d1", 1, t0 + DAY_MS), at("d2", 0, t0)];
-        assert_eq!(w.append("dev-b", rows, 42).unwrap(), AppendSummary { written: 3, duplicates: 0 });
+        assert_eq!(
+            w.append("dev-b", rows, 42).unwrap(),
+            AppendSummary { written: 3, duplicates: 0, rescored: 0 }
+        );
         assert_eq!(w.append("dev-a", vec![at("d9", 0, t0)], 43).unwrap().written, 1);
         assert!(dir.path().join("2026-09-21/dev-b.jsonl").is_file());
         assert!(dir.path().join("2026-09-22/dev-b.jsonl").is_file());
@@ -716,10 +764,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut w = DatasetWriter::open(dir.path()).unwrap();
         let s = w.append("dev", vec![sample("d", 0), sample("d", 1), sample("d", 0)], 1).unwrap();
-        assert_eq!(s, AppendSummary { written: 2, duplicates: 1 });
+        assert_eq!(s, AppendSummary { written: 2, duplicates: 1, rescored: 0 });
         assert_eq!(
             w.append("dev", vec![sample("d", 1), sample("d", 2)], 2).unwrap(),
-            AppendSummary { written: 1, duplicates: 1 }
+            AppendSummary { written: 1, duplicates: 1, rescored: 0 }
         );
         // Another device may use the same dialogue id and turn.
         assert_eq!(w.append("other", vec![sample("d", 0)], 2).unwrap().written, 1);
@@ -739,7 +787,10 @@ mod tests {
             .unwrap();
         assert_eq!(
             summaries,
-            vec![AppendSummary { written: 1, duplicates: 1 }, AppendSummary { written: 0, duplicates: 1 }]
+            vec![
+                AppendSummary { written: 1, duplicates: 1, rescored: 0 },
+                AppendSummary { written: 0, duplicates: 1, rescored: 0 }
+            ]
         );
         let ds = read_dataset(dir.path()).unwrap();
         assert_eq!(ds.records.len(), 5);
@@ -751,6 +802,29 @@ mod tests {
         keys.sort();
         keys.dedup();
         assert_eq!(keys.len(), 5);
+    }
+
+    #[test]
+    fn a_row_sent_again_with_a_new_score_supersedes_the_stored_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = DatasetWriter::open(dir.path()).unwrap();
+        w.append("dev", vec![sample("d", 0), sample("d", 1)], 1).unwrap();
+        // The user rated turn 0 after its upload: the device sends the row again.
+        let rated =
+            TurnOutcome { score: Some(0.9), score_source: Some(ScoreSource::Feedback), ..sample("d", 0) };
+        assert_eq!(
+            w.append("dev", vec![rated.clone(), sample("d", 1)], 2).unwrap(),
+            AppendSummary { written: 1, duplicates: 1, rescored: 1 }
+        );
+        // Sent once more (an ack lost): a duplicate, also after reopening.
+        assert_eq!(w.append("dev", vec![rated.clone()], 3).unwrap().duplicates, 1);
+        drop(w);
+        let mut w = DatasetWriter::open(dir.path()).unwrap();
+        assert_eq!(w.rows(), 2);
+        assert_eq!(w.append("dev", vec![rated.clone()], 4).unwrap().duplicates, 1);
+        let ds = read_dataset(dir.path()).unwrap();
+        let turns: Vec<_> = ds.records.iter().map(|r| (r.outcome.turn, r.outcome.score)).collect();
+        assert_eq!(turns, [(0, Some(0.9)), (1, None)], "the last version, in the first one's place");
     }
 
     #[test]
@@ -785,7 +859,7 @@ mod tests {
         // The row that was being written when the crash came is not stored: its device resends it.
         assert_eq!(
             w.append("dev", vec![sample("d", 2), sample("d", 1)], 3).unwrap(),
-            AppendSummary { written: 1, duplicates: 1 }
+            AppendSummary { written: 1, duplicates: 1, rescored: 0 }
         );
         let ds = read_dataset(dir.path()).unwrap();
         assert!(ds.skipped_lines.is_empty(), "{:?}", ds.skipped_lines);

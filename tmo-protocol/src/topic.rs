@@ -14,7 +14,7 @@
 //! | `tmo/v1/dev/<d>/outcomes` | device → collectors (`$share/<g>/tmo/v1/dev/+/outcomes`) | no | framed CBOR [`crate::OutcomeBatch`] |
 //! | `tmo/v1/dev/<d>/outcomes/ack` | collector → device | no | framed CBOR [`crate::OutcomeAck`] |
 //! | `tmo/v1/group/<g>/policy` | fleet → devices | yes | framed CBOR [`crate::PolicyBundle`] |
-//! | `tmo/v1/group/<g>/cmd` | fleet → devices | no | JSON [`crate::GroupCommand`] |
+//! | `tmo/v1/group/<g>/cmd` | fleet → devices | yes | JSON [`crate::GroupCommand`] (applied once per id, only to a policy older than the command) |
 
 use std::fmt;
 
@@ -162,7 +162,8 @@ pub enum Topic {
     OutcomeAck(DeviceId),
     /// `tmo/v1/group/<g>/policy`: retained signed policy bundle.
     Policy(GroupName),
-    /// `tmo/v1/group/<g>/cmd`: group commands (rollback).
+    /// `tmo/v1/group/<g>/cmd`: retained group commands (rollback), so that a device that was
+    /// offline applies them when it reconnects.
     GroupCommand(GroupName),
 }
 
@@ -229,7 +230,7 @@ impl Topic {
 
     /// Whether messages on this topic are published retained.
     pub fn retained(&self) -> bool {
-        matches!(self, Self::Availability(_) | Self::Status(_) | Self::Policy(_))
+        matches!(self, Self::Availability(_) | Self::Status(_) | Self::Policy(_) | Self::GroupCommand(_))
     }
 }
 

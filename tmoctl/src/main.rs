@@ -6,6 +6,7 @@ mod ask;
 mod bench;
 mod chat;
 mod classifier;
+mod fleet;
 mod model;
 mod outcomes;
 mod policy;
@@ -41,9 +42,13 @@ enum Command {
     /// The task classifier's head: train on M4A1 questions, k-fold evaluation.
     #[command(subcommand)]
     Classifier(classifier::ClassifierCommand),
+    /// The fleet: signing keys, policy pushes to device groups, rollback, outcome collection, status.
+    #[command(subcommand)]
+    Fleet(fleet::FleetCommand),
 }
 
 fn main() -> anyhow::Result<()> {
+    device_profiles::cpu::exit_unless_supported("tmoctl");
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_writer(std::io::stderr)
@@ -57,5 +62,6 @@ fn main() -> anyhow::Result<()> {
         Command::Ask(args) => ask::run(args),
         Command::Feedback(args) => ask::feedback(args),
         Command::Classifier(command) => classifier::run(command),
+        Command::Fleet(command) => fleet::run(command),
     }
 }

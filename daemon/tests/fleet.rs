@@ -1,0 +1,345 @@
+//! End to end, the fleet loop: a real Mosquitto, three `tmod run` processes with their own device
+//! ids in group `kitchens`, the outcome collector (the `fleet` crate, in this process) writing a
+//! dataset, and signed policy bundles and commands published on the group's topics. Test names
+//! hold `fleet` so that `cargo test --release --workspace -- fleet` selects them. They need
+//! mosquitto and the models (as `scripts/test` installs them).
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ed25519_dalek::SigningKey;
+use policy_onnx::export::{ExportOptions, mlp_to_onnx};
+use policy_onnx::mlp::{Activation, Dense, Mlp};
+use policy_onnx::{Action, Schema};
+use tmo_protocol::link::{Link, LinkConfig, LinkSetup, QoS, Subscription};
+use tmo_protocol::testing::MosquittoBroker;
+use tmo_protocol::{DeviceStatus, GroupName, JsonMessage, PolicyBundle, PolicyManifest, in_canary};
+use tmod_api::{AskRequest, Client};
+
+#[path = "support/daemon.rs"]
+mod daemon;
+
+use daemon::Daemon;
+
+const WAIT: Duration = Duration::from_secs(90);
+const DEVICES: [&str; 3] = ["kitchen-a", "kitchen-b", "kitchen-c"];
+
+fn group() -> GroupName {
+    "kitchens".parse().expect("group")
+}
+
+/// A real ONNX policy for the x86-dev board: `hidden` ReLU units (their size sets the file's),
+/// a bias that prefers answering locally.
+fn local_policy(hidden: usize, seed: f32) -> Vec<u8> {
+    let schema = Schema::new(3, 5);
+    let (inputs, outputs) = (schema.observation_len(), schema.action_count());
+    let local = schema.action_index(Action::Local).expect("local");
+    let mut bias = vec![-1.0f32; outputs];
+    bias[local] = 4.0;
+    let first = Dense {
+        inputs,
+        outputs: hidden,
+        weights: (0..inputs * hidden).map(|i| ((i as f32 * 0.37 + seed).sin()) * 0.01).collect(),
+        bias: vec![0.0; hidden],
+        activation: Activation::Relu,
+    };
+    let second = Dense {
+        inputs: hidden,
+        outputs,
+        weights: vec![0.001; hidden * outputs],
+        bias,
+        activation: Activation::Identity,
+    };
+    mlp_to_onnx(&Mlp::new(vec![first, second]).expect("mlp"), &ExportOptions::default())
+}
+
+fn manifest(version: &str, onnx: &[u8], canary: Option<u8>) -> PolicyManifest {
+    PolicyManifest {
+        version: version.into(),
+        schema: "v1".into(),
+        onnx_sha256: String::new(),
+        onnx_size_bytes: 0,
+        opset: None,
+        training_data_sha256: None,
+        min_daemon_version: "0.1.0".into(),
+        created_unix_ms: now_ms(),
+        canary_percent: canary,
+    }
+    .describe(onnx)
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+fn device_config(port: u16, trusted: &str) -> String {
+    format!(
+        "[model]\nmax_tokens = 8\n\
+         [policy]\nmax_bytes = 65536\n\
+         [mqtt]\nenabled = true\nhost = \"127.0.0.1\"\nport = {port}\nreconnect_initial_ms = 50\nreconnect_max_ms = 500\n\
+         [fleet]\ngroup = \"kitchens\"\ntrusted_keys = [\"{trusted}\"]\nstatus_interval_secs = 1.0\nack_timeout_secs = 5.0\n"
+    )
+}
+
+/// The fleet manager's view: retained statuses, and a publisher for bundles and commands.
+struct Manager {
+    link: Link,
+    statuses: Arc<Mutex<HashMap<String, DeviceStatus>>>,
+}
+
+impl Manager {
+    async fn start(port: u16) -> Manager {
+        let mut link = Link::start(
+            &LinkConfig::new("127.0.0.1", port, "fleet-manager"),
+            LinkSetup {
+                availability_topic: None,
+                subscriptions: vec![Subscription::new("tmo/v1/dev/+/status", QoS::AtLeastOnce)],
+            },
+        )
+        .expect("manager link");
+        assert!(link.wait_connected(WAIT).await);
+        let statuses = Arc::new(Mutex::new(HashMap::new()));
+        let (_, closed) = tokio::sync::mpsc::channel(1);
+        let mut incoming = std::mem::replace(&mut link.incoming, closed);
+        let seen = statuses.clone();
+        tokio::spawn(async move {
+            while let Some(message) = incoming.recv().await {
+                if let Ok(status) = DeviceStatus::from_json(&message.payload, 1 << 20) {
+                    seen.lock().expect("lock").insert(status.device_id.to_string(), status);
+                }
+            }
+        });
+        Manager { link, statuses }
+    }
+
+    /// Publishes a bundle as `tmoctl fleet push` does (any bundle: broken ones too).
+    async fn push(&self, bundle: &PolicyBundle) {
+        fleet::publish_bundle(&self.link.publisher(), &group(), bundle, WAIT)
+            .await
+            .expect("bundle published");
+    }
+
+    /// Publishes a rollback command as `tmoctl fleet rollback` does.
+    async fn rollback(&self, to_version: Option<&str>) {
+        let command = fleet::rollback_command(to_version.map(str::to_owned)).expect("command");
+        fleet::publish_command(&self.link.publisher(), &group(), &command, WAIT)
+            .await
+            .expect("command published");
+    }
+
+    /// Waits until `check` holds for the latest status of every device in `devices`.
+    async fn wait_for(&self, devices: &[&str], what: &str, check: impl Fn(&DeviceStatus) -> bool) {
+        let started = Instant::now();
+        loop {
+            {
+                let statuses = self.statuses.lock().expect("lock");
+                if devices.iter().all(|d| statuses.get(*d).is_some_and(&check)) {
+                    return;
+                }
+                if started.elapsed() > WAIT {
+                    panic!("{what}: not reached; statuses: {statuses:#?}");
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn policy_of(&self, device: &str) -> Option<String> {
+        self.statuses.lock().expect("lock").get(device).and_then(|s| s.policy_version.clone())
+    }
+}
+
+fn refused_with(status: &DeviceStatus, reason: &str) -> bool {
+    status
+        .last_policy_update
+        .as_ref()
+        .is_some_and(|u| !u.accepted && u.reason.as_deref().is_some_and(|r| r.contains(reason)))
+}
+
+async fn ask(client: &Client) -> tmod_api::AskResponse {
+    let mut request = AskRequest::new(None, "How long should I boil an egg?");
+    request.stream = false;
+    client.ask(&request, |_| {}).await.expect("ask")
+}
+
+/// Rows in the dataset: (device, dialogue, turn) keys, each must be there once.
+fn dataset_keys(dir: &Path) -> Vec<(String, String, u32)> {
+    let dataset = outcome_log::dataset::read_dataset(dir).expect("dataset reads");
+    dataset
+        .records
+        .iter()
+        .map(|r| (r.device_id.clone(), r.outcome.dialogue_id.clone(), r.outcome.turn))
+        .collect()
+}
+
+async fn wait_rows(dir: &Path, rows: usize) -> Vec<(String, String, u32)> {
+    let started = Instant::now();
+    loop {
+        let keys = dataset_keys(dir);
+        if keys.len() >= rows || started.elapsed() > WAIT {
+            let unique: HashSet<_> = keys.iter().collect();
+            assert_eq!(unique.len(), keys.len(), "duplicates in the dataset: {keys:?}");
+            assert_eq!(keys.len(), rows, "{keys:?}");
+            return keys;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_uploads_outcomes_and_pushes_verified_policies_to_a_group() {
+    let mut broker = MosquittoBroker::start().expect("mosquitto (apt-get install mosquitto)");
+    let port = broker.port();
+    let key = SigningKey::from_bytes(&[7; 32]);
+    let stranger = SigningKey::from_bytes(&[9; 32]);
+    let trusted = hex::encode(key.verifying_key().to_bytes());
+
+    let dataset = tempfile::tempdir().expect("tempdir");
+    let collector = fleet::collector::Collector::start(
+        &LinkConfig::new("127.0.0.1", port, "collector-1"),
+        "collectors".parse().expect("share group"),
+        dataset.path(),
+    )
+    .await
+    .expect("collector");
+    assert!(collector.wait_connected(WAIT).await, "collector connects");
+    let manager = Manager::start(port).await;
+
+    let states: Vec<tempfile::TempDir> =
+        DEVICES.iter().map(|_| tempfile::tempdir().expect("tempdir")).collect();
+    let config = device_config(port, &trusted);
+    let mut daemons: Vec<Daemon> =
+        DEVICES.iter().zip(&states).map(|(id, state)| Daemon::start_as(state.path(), id, &config)).collect();
+    manager.wait_for(&DEVICES, "every device reports", |s| s.online && s.policy_version.is_some()).await;
+    let built_in = manager.policy_of(DEVICES[0]).expect("version");
+
+    // Outcomes: one turn per device reaches the collector once, and is marked uploaded.
+    let mut first_dialogues = Vec::new();
+    for daemon in &daemons {
+        first_dialogues.push(ask(&daemon.client()).await.decision.dialogue_id);
+    }
+    let keys = wait_rows(dataset.path(), 3).await;
+    let devices: HashSet<&str> = keys.iter().map(|k| k.0.as_str()).collect();
+    assert_eq!(devices, DEVICES.into_iter().collect());
+    manager.wait_for(&DEVICES, "uploads acknowledged", |s| s.counters.outcomes_uploaded == 1).await;
+
+    // The user rates an answer after its upload: the row goes again and its new version wins.
+    let feedback = tmod_api::FeedbackRequest { dialogue_id: first_dialogues[0].clone(), turn: 0, score: 0.8 };
+    daemons[0].client().feedback(&feedback).await.expect("feedback");
+    let started = Instant::now();
+    loop {
+        let dataset = outcome_log::dataset::read_dataset(dataset.path()).expect("dataset");
+        let rated =
+            dataset.records.iter().find(|r| r.outcome.dialogue_id == first_dialogues[0]).expect("row");
+        if rated.outcome.score == Some(0.8) {
+            assert_eq!(rated.outcome.score_source.map(|s| s.as_str()), Some("feedback"));
+            assert_eq!(dataset.records.len(), 3);
+            break;
+        }
+        assert!(
+            started.elapsed() < WAIT,
+            "the rated row did not reach the dataset: {:?}",
+            rated.outcome.score
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Bad bundles are refused by every device, with the reason, and the old policy serves on.
+    let good_onnx = local_policy(16, 1.0);
+    let by_stranger =
+        PolicyBundle::sign(&manifest("p-stranger", &good_onnx, None), good_onnx.clone(), &stranger)
+            .expect("sign");
+    let mut flipped =
+        PolicyBundle::sign(&manifest("p-flipped", &good_onnx, None), good_onnx.clone(), &key).expect("sign");
+    flipped.onnx[100] ^= 0x01;
+    let other_schema = PolicyBundle::sign(
+        &PolicyManifest { schema: "v2".into(), ..manifest("p-v2", &good_onnx, None) },
+        good_onnx.clone(),
+        &key,
+    )
+    .expect("sign");
+    let big_onnx = local_policy(700, 2.0);
+    assert!(big_onnx.len() > 65536, "{} bytes", big_onnx.len());
+    let too_big = PolicyBundle::sign(&manifest("p-big", &big_onnx, None), big_onnx, &key).expect("sign");
+    for (bundle, reason) in
+        [(&by_stranger, "not trusted"), (&flipped, "sha256"), (&other_schema, "schema"), (&too_big, "size")]
+    {
+        manager.push(bundle).await;
+        manager.wait_for(&DEVICES, reason, |s| refused_with(s, reason)).await;
+        for device in DEVICES {
+            assert_eq!(manager.policy_of(device).as_deref(), Some(built_in.as_str()), "{reason}");
+        }
+    }
+    assert_eq!(ask(&daemons[0].client()).await.decision.policy_version, built_in);
+
+    // A good bundle is adopted by all.
+    let v1 = PolicyBundle::sign(&manifest("fleet-v1", &good_onnx, None), good_onnx, &key).expect("sign");
+    manager.push(&v1).await;
+    manager.wait_for(&DEVICES, "v1 adopted", |s| s.policy_version.as_deref() == Some("fleet-v1")).await;
+    assert_eq!(ask(&daemons[1].client()).await.decision.policy_version, "fleet-v1");
+    manager
+        .wait_for(&DEVICES, "previous kept", |s| {
+            s.previous_policy_version.as_deref() == Some(built_in.as_str())
+        })
+        .await;
+
+    // A canary push reaches only its share of the group, chosen by device id.
+    let v2_onnx = local_policy(16, 3.0);
+    let version = (0..100)
+        .map(|n| format!("fleet-v2-canary-{n}"))
+        .find(|v| {
+            let takers = DEVICES.iter().filter(|d| in_canary(&d.parse().expect("id"), v, 50)).count();
+            takers == 1 || takers == 2
+        })
+        .expect("a version splitting the group");
+    let takers: Vec<&str> =
+        DEVICES.into_iter().filter(|d| in_canary(&d.parse().expect("id"), &version, 50)).collect();
+    let others: Vec<&str> = DEVICES.into_iter().filter(|d| !takers.contains(d)).collect();
+    let v2 = PolicyBundle::sign(&manifest(&version, &v2_onnx, Some(50)), v2_onnx, &key).expect("sign");
+    manager.push(&v2).await;
+    manager
+        .wait_for(&takers, "canary adopted", |s| s.policy_version.as_deref() == Some(version.as_str()))
+        .await;
+    manager.wait_for(&others, "canary skipped", |s| refused_with(s, "canary")).await;
+    for device in &others {
+        assert_eq!(manager.policy_of(device).as_deref(), Some("fleet-v1"));
+    }
+
+    // Rollback to v1: the canary devices go back, the others serve it already.
+    manager.rollback(Some("fleet-v1")).await;
+    manager.wait_for(&DEVICES, "rolled back", |s| s.policy_version.as_deref() == Some("fleet-v1")).await;
+    assert_eq!(ask(&daemons[0].client()).await.decision.policy_version, "fleet-v1");
+
+    // A device offline during a push takes the retained bundle when it comes back.
+    let offline = DEVICES[2];
+    daemons[2].kill();
+    let v3_onnx = local_policy(16, 4.0);
+    let v3 = PolicyBundle::sign(&manifest("fleet-v3", &v3_onnx, None), v3_onnx, &key).expect("sign");
+    manager.push(&v3).await;
+    manager.wait_for(&DEVICES[..2], "v3 adopted", |s| s.policy_version.as_deref() == Some("fleet-v3")).await;
+    assert_eq!(manager.policy_of(offline).as_deref(), Some("fleet-v1"), "its last status, retained");
+    daemons[2] = Daemon::start_as(states[2].path(), offline, &config);
+    manager
+        .wait_for(&[offline], "v3 adopted after reconnecting", |s| {
+            s.policy_version.as_deref() == Some("fleet-v3")
+        })
+        .await;
+
+    // Outcomes made while the broker is away wait in the log and drain once, in order.
+    broker.stop();
+    let mut asked = 0;
+    for daemon in &daemons[..2] {
+        ask(&daemon.client()).await;
+        asked += 1;
+    }
+    broker.restart().expect("broker back");
+    // 3 first turns, 3 checks of the serving policy, and the turns asked during the outage.
+    let keys = wait_rows(dataset.path(), 3 + 3 + asked).await;
+    assert!(keys.iter().all(|k| DEVICES.contains(&k.0.as_str())));
+    let stats = collector.shutdown(Duration::from_secs(5)).await;
+    assert_eq!(stats.rows_written, keys.len() as u64 + stats.rescored, "{stats:?}");
+    assert!(stats.rescored >= 1, "{stats:?}");
+    assert_eq!((stats.malformed, stats.rejected_rows), (0, 0), "{stats:?}");
+}
