@@ -316,7 +316,8 @@ impl Config {
                 .map_err(|e| ("fleet.group", e.to_string()))?;
         }
         for key in &f.fleet.trusted_keys {
-            crate::fleet::parse_public_key(key).map_err(|e| ("fleet.trusted_keys", e))?;
+            tmo_protocol::bundle::public_key_from_hex(key)
+                .map_err(|e| ("fleet.trusted_keys", format!("{key:?}: {e}")))?;
         }
         if !(1..=10_000).contains(&f.fleet.upload_batch_rows) {
             return Err((

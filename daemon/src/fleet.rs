@@ -43,14 +43,6 @@ pub struct FleetConfig {
     pub status_interval: Duration,
 }
 
-/// A hex Ed25519 public key (64 hex digits).
-pub fn parse_public_key(hex_key: &str) -> Result<VerifyingKey, String> {
-    let bytes = hex::decode(hex_key.trim()).map_err(|e| format!("{hex_key:?} is not hex: {e}"))?;
-    let bytes: [u8; 32] =
-        bytes.try_into().map_err(|b: Vec<u8>| format!("{hex_key:?} is {} bytes, a key is 32", b.len()))?;
-    VerifyingKey::from_bytes(&bytes).map_err(|e| format!("{hex_key:?} is not an Ed25519 key: {e}"))
-}
-
 impl FleetConfig {
     pub fn from_config(config: &Config) -> anyhow::Result<Self> {
         let f = &config.file.fleet;
@@ -61,7 +53,7 @@ impl FleetConfig {
         let trusted_keys = f
             .trusted_keys
             .iter()
-            .map(|k| parse_public_key(k))
+            .map(|k| tmo_protocol::bundle::public_key_from_hex(k).map_err(|e| format!("{k:?}: {e}")))
             .collect::<Result<_, _>>()
             .map_err(anyhow::Error::msg)
             .context("fleet.trusted_keys")?;

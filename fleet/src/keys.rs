@@ -77,9 +77,8 @@ pub fn public_key_hex(key: &VerifyingKey) -> String {
 
 /// Parses a public key from its hex form (64 hex digits, surrounding whitespace ignored).
 pub fn parse_public_key(text: &str) -> Result<VerifyingKey, KeyError> {
-    let bad = |reason: String| KeyError::BadPublicKey { text: text.to_owned(), reason };
-    let bytes: [u8; 32] = decode_32(text).map_err(bad)?;
-    VerifyingKey::from_bytes(&bytes).map_err(|e| bad(format!("not a valid curve point ({e})")))
+    tmo_protocol::bundle::public_key_from_hex(text)
+        .map_err(|reason| KeyError::BadPublicKey { text: text.to_owned(), reason })
 }
 
 fn decode_32(text: &str) -> Result<[u8; 32], String> {

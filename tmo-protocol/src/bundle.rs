@@ -100,6 +100,15 @@ pub enum BundleError {
     },
 }
 
+/// A public key from its hex form (64 hex digits, surrounding whitespace ignored): how trust
+/// lists and `.pub` files hold the keys that sign bundles.
+pub fn public_key_from_hex(text: &str) -> Result<VerifyingKey, String> {
+    let bytes = hex::decode(text.trim()).map_err(|e| format!("not hex ({e})"))?;
+    let bytes: [u8; 32] =
+        bytes.as_slice().try_into().map_err(|_| format!("{} bytes, expected 32", bytes.len()))?;
+    VerifyingKey::from_bytes(&bytes).map_err(|e| format!("not a valid curve point ({e})"))
+}
+
 /// Lower-case hex sha256.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
