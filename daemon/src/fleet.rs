@@ -27,7 +27,7 @@ use tokio::sync::oneshot;
 use crate::config::Config;
 use crate::link::DeviceLink;
 use crate::policies::ServingPolicy;
-use crate::service::Service;
+use crate::service::{Service, lock, unix_ms_now};
 
 /// Waits after a failed upload, doubling up to the maximum.
 const UPLOAD_BACKOFF: (Duration, Duration) = (Duration::from_millis(500), Duration::from_secs(30));
@@ -81,10 +81,6 @@ impl FleetConfig {
 
 type AckWaiters = Arc<Mutex<HashMap<u64, oneshot::Sender<OutcomeAck>>>>;
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 /// Starts the uploader, the status publisher and the handler of fleet messages.
 pub fn start(
     service: &Arc<Service>,
@@ -108,7 +104,7 @@ async fn upload(service: Weak<Service>, link: Arc<DeviceLink>, acks: AckWaiters,
     let topic = Topic::Outcomes(device.clone()).name();
     let mut connected = link.connected();
     let mut backoff = UPLOAD_BACKOFF.0;
-    let mut batch_id = outcome_log::now_ms().max(0) as u64;
+    let mut batch_id = unix_ms_now();
     loop {
         if connected.wait_for(|up| *up).await.is_err() {
             return;
@@ -382,7 +378,7 @@ async fn device_status(service: &Service, device: &DeviceId, group: Option<Group
         previous_policy_version: previous,
         last_policy_update: service.last_policy_update(),
         counters,
-        updated_unix_ms: outcome_log::now_ms().max(0) as u64,
+        updated_unix_ms: unix_ms_now(),
         extra: serde_json::Map::new(),
     }
 }

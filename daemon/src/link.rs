@@ -5,7 +5,7 @@
 //! answers locally.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tmo_protocol::chunk::WHOLE_HEADER_BYTES;
@@ -16,6 +16,8 @@ use tmo_protocol::{
     JudgeScore, ReassemblyLimits, ReplyResult, RequestId, Topic,
 };
 use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::service::lock;
 
 /// Largest reply or score accepted (an answer of a few thousand tokens is far below).
 const MAX_REPLY_BYTES: usize = 1 << 20;
@@ -80,10 +82,6 @@ pub struct RequestCost {
 }
 
 type Waiters = Arc<Mutex<HashMap<RequestId, oneshot::Sender<CloudReply>>>>;
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 /// The running MQTT link of the daemon and the requests waiting for replies.
 #[derive(Debug)]

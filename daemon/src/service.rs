@@ -201,7 +201,12 @@ pub struct PendingTurn {
     telemetry: serde_json::Value,
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+/// Now, in unix milliseconds.
+pub(crate) fn unix_ms_now() -> u64 {
+    outcome_log::now_ms().max(0) as u64
+}
+
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding one of these locks leaves consistent data (every critical section
     // is a few assignments), so a poisoned lock is taken over.
     mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -620,7 +625,7 @@ impl Service {
         }
         .fetch_add(1, Ordering::Relaxed);
         c.energy_millijoules.fetch_add((energy_j * 1e3) as u64, Ordering::Relaxed);
-        c.last_outcome_ms.store(outcome_log::now_ms().max(0) as u64, Ordering::Relaxed);
+        c.last_outcome_ms.store(unix_ms_now(), Ordering::Relaxed);
         if let Some(score) = score {
             c.score(score);
         }
@@ -762,8 +767,7 @@ impl Service {
 
     /// Records what became of a bundle or command, for `/v1/status` and the status topic.
     pub fn report_policy_update(&self, version: String, accepted: bool, reason: Option<String>) {
-        let report =
-            PolicyUpdateReport { version, accepted, reason, unix_ms: outcome_log::now_ms().max(0) as u64 };
+        let report = PolicyUpdateReport { version, accepted, reason, unix_ms: unix_ms_now() };
         *lock(&self.last_policy_update) = Some(report);
         self.status_wakeup.notify_one();
     }
@@ -860,7 +864,7 @@ impl Service {
             question: question.to_owned(),
             history,
             attachments: modalities.indices().filter_map(|i| self.attachment(i)).collect(),
-            deadline_unix_ms: outcome_log::now_ms().max(0) as u64 + wait.as_millis() as u64,
+            deadline_unix_ms: unix_ms_now() + wait.as_millis() as u64,
             max_tokens: c.max_tokens,
         };
         (request, wait)
