@@ -74,7 +74,10 @@ pub struct PolicyConfig {
 pub struct ModelConfig {
     pub name: String,
     pub threads: usize,
-    pub requantize: String,
+    /// No longer used (the engine has SIMD kernels for Q4_1); accepted so that configuration
+    /// files written for earlier versions still load.
+    #[serde(default)]
+    pub requantize: Option<String>,
     pub system_prompt: String,
     pub max_tokens: usize,
     pub max_answer_secs: f64,
@@ -259,7 +262,6 @@ impl Config {
         if f.model.name.is_empty() {
             return Err(("model.name", "must name a model".into()));
         }
-        self.requantize().map_err(|e| ("model.requantize", e))?;
         if f.model.threads > 256 {
             return Err(("model.threads", format!("must be at most 256, found {}", f.model.threads)));
         }
@@ -371,16 +373,6 @@ impl Config {
         tcp.parse().map(Some).map_err(|e| format!("{tcp:?} is not an address such as 127.0.0.1:8750: {e}"))
     }
 
-    /// The engine's re-quantization of Q4_1 weights.
-    pub fn requantize(&self) -> Result<Option<llm_engine::FastFormat>, String> {
-        match self.file.model.requantize.as_str() {
-            "none" => Ok(None),
-            "q8_0" => Ok(Some(llm_engine::FastFormat::Q8_0)),
-            "q4_0" => Ok(Some(llm_engine::FastFormat::Q4_0)),
-            other => Err(format!("must be \"none\", \"q8_0\" or \"q4_0\", found {other:?}")),
-        }
-    }
-
     /// `path` resolved against the state directory when relative.
     pub fn state_path(&self, path: &Path) -> PathBuf {
         self.file.state_dir.join(path)
@@ -460,7 +452,6 @@ mod tests {
             ("[model]\nmax_tokens = 0", "model.max_tokens"),
             ("[api]\ntcp = \"0.0.0.0:80\"", "api.tcp"),
             ("[policy]\nexploration = \"epsilon\"", "policy.epsilon"),
-            ("[model]\nrequantize = \"q2\"", "model.requantize"),
             ("profile = \"no-such-board\"", "profile"),
             ("[sensing.views.kitchen]\nsource = \"test_pattern\"", "sensing.views"),
             ("[mqtt]\ncert_file = \"c.pem\"", "mqtt.key_file"),

@@ -242,8 +242,12 @@ impl Service {
         let engine_config = EngineConfig {
             threads: (file.model.threads > 0).then_some(file.model.threads),
             max_context_tokens: None,
-            requantize_q4_1: config.requantize().map_err(anyhow::Error::msg)?,
         };
+        if file.model.requantize.is_some() {
+            tracing::warn!(
+                "[model] requantize is no longer used and is ignored: remove it from the configuration"
+            );
+        }
         let llm = LocalLlm::start(&model, engine_config, file.model.queue_limit, &file.model.system_prompt)
             .with_context(|| format!("loading {}", model.display()))?;
         tracing::info!(model = %model.display(), load_ms = llm.info().load_time.as_millis(), "local model ready");

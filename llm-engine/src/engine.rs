@@ -4,14 +4,11 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use std::io::Cursor;
-
-use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
 use candle_core::{Device, Tensor};
 use candle_transformers::generation::{LogitsProcessor, Sampling};
-use candle_transformers::models::{quantized_gemma3, quantized_llama, quantized_qwen2};
 use tokenizers::Tokenizer;
 
+use crate::decoder::Decoder;
 use crate::error::{EngineError, Result};
 use crate::gguf::{Architecture, MappedGguf};
 use crate::template::{ChatMessage, ChatTemplate};
@@ -20,68 +17,11 @@ use crate::tokenizer::{TextStream, encode, load_tokenizer};
 /// How the engine is set up.
 #[derive(Debug, Clone, Default)]
 pub struct EngineConfig {
-    /// Compute threads. candle's pool is process-wide and sized from `CANDLE_NUM_THREADS`
-    /// when first used: `Some(n)` is checked against it (see [`effective_threads`]).
+    /// Compute threads of the engine's own pool; `None`: one per CPU this process may use.
     pub threads: Option<usize>,
     /// Cap on the context length in tokens (prompt plus answer); `None` keeps the model's
     /// (at most 4096).
     pub max_context_tokens: Option<usize>,
-    /// Re-quantize Q4_1 weights at load into a format with SIMD kernels in candle (its Q4_1
-    /// dot product is scalar). `None` keeps the file's formats.
-    pub requantize_q4_1: Option<FastFormat>,
-}
-
-/// Weight formats with SIMD dot products in candle's CPU backend.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FastFormat {
-    /// 8-bit, blocks of 32: nearly lossless from Q4_1, about 1.7x its size.
-    Q8_0,
-    /// 4-bit symmetric, blocks of 32: Q4_1's size, but adds rounding error.
-    Q4_0,
-}
-
-impl FastFormat {
-    fn ggml(self) -> GgmlDType {
-        match self {
-            Self::Q8_0 => GgmlDType::Q8_0,
-            Self::Q4_0 => GgmlDType::Q4_0,
-        }
-    }
-}
-
-/// Rewrites a GGUF in memory with its Q4_1 tensors re-quantized to `format`.
-fn requantize_q4_1(content: &gguf_file::Content, bytes: &[u8], format: FastFormat) -> Result<Vec<u8>> {
-    let target = format.ggml();
-    let mut reader = Cursor::new(bytes);
-    let mut names: Vec<&String> = content.tensor_infos.keys().collect();
-    names.sort();
-    let mut tensors = Vec::with_capacity(names.len());
-    for name in names {
-        let tensor = content.tensor(&mut reader, name, &Device::Cpu)?;
-        let row = tensor.shape().dims().last().copied().unwrap_or(0);
-        let tensor = if tensor.dtype() == GgmlDType::Q4_1 && row % target.block_size() == 0 {
-            QTensor::quantize(&tensor.dequantize(&Device::Cpu)?, target)?
-        } else {
-            tensor
-        };
-        tensors.push((name.as_str(), tensor));
-    }
-    let metadata: Vec<(&str, &gguf_file::Value)> =
-        content.metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (*n, t)).collect();
-    let mut out = Cursor::new(Vec::with_capacity(bytes.len() * 2));
-    gguf_file::write(&mut out, &metadata, &tensor_refs)?;
-    Ok(out.into_inner())
-}
-
-/// The thread count candle's CPU kernels use in this process (`CANDLE_NUM_THREADS`, else
-/// `RAYON_NUM_THREADS`, else the CPUs this process may run on).
-pub fn effective_threads() -> usize {
-    std::env::var("CANDLE_NUM_THREADS")
-        .ok()
-        .and_then(|s| s.parse::<usize>().ok())
-        .filter(|n| *n > 0)
-        .unwrap_or_else(candle_core::utils::get_num_threads)
 }
 
 /// How to pick tokens and when to stop.
@@ -218,48 +158,16 @@ pub struct ModelInfo {
     pub vocab_size: usize,
 }
 
-enum Weights {
-    Llama(quantized_llama::ModelWeights),
-    Qwen2(quantized_qwen2::ModelWeights),
-    Gemma3(quantized_gemma3::ModelWeights),
-}
-
-impl std::fmt::Debug for Weights {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Self::Llama(_) => "Weights::Llama",
-            Self::Qwen2(_) => "Weights::Qwen2",
-            Self::Gemma3(_) => "Weights::Gemma3",
-        })
-    }
-}
-
-impl Weights {
-    fn forward(&mut self, input: &Tensor, index_pos: usize) -> candle_core::Result<Tensor> {
-        match self {
-            Self::Llama(m) => m.forward(input, index_pos),
-            Self::Qwen2(m) => m.forward(input, index_pos),
-            Self::Gemma3(m) => m.forward(input, index_pos),
-        }
-    }
-
-    /// candle's Gemma 3 masks out the cached positions when several tokens are fed at a
-    /// non-zero position, so it must be fed one token at a time there.
-    fn multi_token_after_cache(&self) -> bool {
-        !matches!(self, Self::Gemma3(_))
-    }
-}
-
 /// A loaded model ready to generate. `Send`: the daemon keeps it on a dedicated thread.
 #[derive(Debug)]
 pub struct Engine {
-    weights: Weights,
+    decoder: Decoder,
     tokenizer: Tokenizer,
     info: ModelInfo,
     stop_tokens: Vec<u32>,
     /// Tokens whose keys and values are in the model's KV cache, in order.
     cached: Vec<u32>,
-    device: Device,
+    threads: usize,
 }
 
 const MAX_CONTEXT: usize = 4096;
@@ -268,12 +176,6 @@ impl Engine {
     /// Loads a GGUF model (memory-mapped while loading) with its tokenizer and chat template.
     pub fn load(path: &Path, config: &EngineConfig) -> Result<Self> {
         let started = Instant::now();
-        if let Some(configured) = config.threads {
-            let effective = effective_threads();
-            if configured != effective {
-                return Err(EngineError::ThreadCount { configured, effective });
-            }
-        }
         let gguf = MappedGguf::open(path)?;
         let tokenizer = load_tokenizer(path, &gguf.content)?;
         let template =
@@ -287,30 +189,11 @@ impl Engine {
         let name = gguf.metadata_str("general.name").map(str::to_string);
         let architecture = gguf.architecture;
         let file_bytes = gguf.file_bytes;
-        let device = Device::Cpu;
+        let threads = config
+            .threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get));
         let MappedGguf { content, map, .. } = gguf;
-        let rewritten;
-        let (content, bytes): (gguf_file::Content, &[u8]) = match config.requantize_q4_1 {
-            Some(format) if content.tensor_infos.values().any(|t| t.ggml_dtype == GgmlDType::Q4_1) => {
-                rewritten = requantize_q4_1(&content, &map[..], format)?;
-                let parsed = gguf_file::Content::read(&mut Cursor::new(&rewritten[..]))?;
-                (parsed, &rewritten[..])
-            }
-            _ => (content, &map[..]),
-        };
-        let mut reader = Cursor::new(bytes);
-        let weights = match architecture {
-            Architecture::Llama => {
-                Weights::Llama(quantized_llama::ModelWeights::from_gguf(content, &mut reader, &device)?)
-            }
-            Architecture::Qwen2 => {
-                Weights::Qwen2(quantized_qwen2::ModelWeights::from_gguf(content, &mut reader, &device)?)
-            }
-            Architecture::Gemma3 => {
-                Weights::Gemma3(quantized_gemma3::ModelWeights::from_gguf(content, &mut reader, &device)?)
-            }
-        };
-        drop(map);
+        let decoder = Decoder::new(architecture, &content, map, threads)?;
         let mut stop_tokens: Vec<u32> =
             template.end_of_turn_tokens().iter().filter_map(|t| tokenizer.token_to_id(t)).collect();
         stop_tokens.sort_unstable();
@@ -330,13 +213,25 @@ impl Engine {
             load_time: started.elapsed(),
             vocab_size: tokenizer.get_vocab_size(true),
         };
+        if decoder.spec().vocab < info.vocab_size {
+            return Err(EngineError::Tokenizer(format!(
+                "the tokenizer has {} tokens but the model's embedding table {}",
+                info.vocab_size,
+                decoder.spec().vocab
+            )));
+        }
         tracing::info!(
             architecture = ?info.architecture,
             template = ?info.template,
             load_ms = info.load_time.as_millis() as u64,
             "model loaded"
         );
-        Ok(Self { weights, tokenizer, info, stop_tokens, cached: Vec::new(), device })
+        Ok(Self { decoder, tokenizer, info, stop_tokens, cached: Vec::new(), threads })
+    }
+
+    /// The compute threads of the engine's pool.
+    pub fn threads(&self) -> usize {
+        self.threads
     }
 
     /// What was loaded.
@@ -406,15 +301,11 @@ impl Engine {
                 context_len,
             });
         }
-        let mut sampler = LogitsProcessor::from_sampling(params.seed, params.sampling()?);
-        let reused = if !self.cached.is_empty()
-            && self.cached.len() < prompt.len()
-            && prompt.starts_with(&self.cached)
-        {
-            self.cached.len()
-        } else {
-            0
-        };
+        let sampling = params.sampling()?;
+        let greedy = matches!(sampling, Sampling::ArgMax);
+        let mut sampler = LogitsProcessor::from_sampling(params.seed, sampling);
+        // The KV cache holds the longest common prefix; at least one prompt token is run.
+        let reused = self.cached.iter().zip(prompt).take_while(|(a, b)| a == b).count().min(prompt.len() - 1);
         let is_stopped = |now: Instant| -> Option<FinishReason> {
             if cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
                 Some(FinishReason::Cancelled)
@@ -441,7 +332,7 @@ impl Engine {
             return Ok(Generation { text: String::new(), tokens: Vec::new(), report });
         }
         self.cached.truncate(reused);
-        let mut logits = match self.prompt_pass(&prompt[reused..], reused) {
+        let mut logits = match self.forward(&prompt[reused..], reused) {
             Ok(logits) => logits,
             Err(e) => {
                 self.cached.clear();
@@ -458,13 +349,13 @@ impl Engine {
         loop {
             if params.repeat_penalty != 1.0 {
                 let window_start = self.cached.len().saturating_sub(params.repeat_last_n);
-                logits = candle_transformers::utils::apply_repeat_penalty(
-                    &logits,
-                    params.repeat_penalty,
-                    &self.cached[window_start..],
-                )?;
+                apply_repeat_penalty(&mut logits, params.repeat_penalty, &self.cached[window_start..]);
             }
-            let next = sampler.sample(&logits)?;
+            let next = if greedy {
+                arg_max(&logits)
+            } else {
+                sampler.sample(&Tensor::from_slice(&logits, logits.len(), &Device::Cpu)?)?
+            };
             let now = Instant::now();
             if first_token_at.is_none() {
                 first_token_at = Some(now);
@@ -515,22 +406,33 @@ impl Engine {
         Ok(Generation { text: stream.text(&self.tokenizer)?, tokens: generated, report })
     }
 
-    fn prompt_pass(&mut self, tokens: &[u32], position: usize) -> Result<Tensor> {
-        if position == 0 || self.weights.multi_token_after_cache() {
-            return self.forward(tokens, position);
-        }
-        let mut logits = None;
-        for (offset, token) in tokens.iter().enumerate() {
-            logits = Some(self.forward(&[*token], position + offset)?);
-        }
-        logits.ok_or_else(|| EngineError::InvalidParams("empty prompt".into()))
+    fn forward(&mut self, tokens: &[u32], position: usize) -> Result<Vec<f32>> {
+        self.decoder.forward(tokens, position)
     }
+}
 
-    fn forward(&mut self, tokens: &[u32], position: usize) -> Result<Tensor> {
-        let input = Tensor::new(tokens, &self.device)?.unsqueeze(0)?;
-        let logits = self.weights.forward(&input, position)?;
-        Ok(logits.squeeze(0)?.to_dtype(candle_core::DType::F32)?)
+/// Divides positive logits and multiplies negative ones of the tokens in `recent` by
+/// `penalty` (once per distinct token), as candle-transformers and llama.cpp do.
+fn apply_repeat_penalty(logits: &mut [f32], penalty: f32, recent: &[u32]) {
+    let mut seen = std::collections::HashSet::with_capacity(recent.len());
+    for &token in recent {
+        if let Some(logit) = logits.get_mut(token as usize)
+            && seen.insert(token)
+        {
+            *logit = if *logit >= 0.0 { *logit / penalty } else { *logit * penalty };
+        }
     }
+}
+
+/// The index of the largest logit (the first one on ties).
+fn arg_max(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, v) in logits.iter().enumerate() {
+        if *v > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
 }
 
 /// A multi-turn dialogue whose tokens stay in the engine's KV cache between turns: each turn
@@ -644,35 +546,6 @@ mod tests {
         fn assert_send<T: Send>() {}
         assert_send::<Engine>();
         assert_send::<Conversation>();
-    }
-
-    #[test]
-    fn requantize_turns_q4_1_into_q8_0_with_close_values() {
-        let values: Vec<f32> = (0..256).map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0).collect();
-        let tensor = Tensor::from_vec(values, (4, 64), &Device::Cpu).expect("tensor");
-        let q4_1 = QTensor::quantize(&tensor, GgmlDType::Q4_1).expect("quantize");
-        let name = gguf_file::Value::String("llama".into());
-        let mut file = Cursor::new(Vec::new());
-        gguf_file::write(&mut file, &[("general.architecture", &name)], &[("w", &q4_1)]).expect("write");
-        let bytes = file.into_inner();
-        let content = gguf_file::Content::read(&mut Cursor::new(&bytes[..])).expect("read");
-        let rewritten = requantize_q4_1(&content, &bytes, FastFormat::Q8_0).expect("requantize");
-        let mut reader = Cursor::new(&rewritten[..]);
-        let content = gguf_file::Content::read(&mut reader).expect("read rewritten");
-        let q8 = content.tensor(&mut reader, "w", &Device::Cpu).expect("tensor");
-        assert_eq!(q8.dtype(), GgmlDType::Q8_0);
-        let before: Vec<f32> = q4_1
-            .dequantize(&Device::Cpu)
-            .and_then(|t| t.flatten_all())
-            .and_then(|t| t.to_vec1())
-            .expect("values");
-        let after: Vec<f32> = q8
-            .dequantize(&Device::Cpu)
-            .and_then(|t| t.flatten_all())
-            .and_then(|t| t.to_vec1())
-            .expect("values");
-        let worst = before.iter().zip(&after).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-        assert!(worst < 0.01, "largest difference {worst}");
     }
 
     #[test]

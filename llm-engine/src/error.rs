@@ -73,17 +73,6 @@ pub enum EngineError {
         /// The model's context length.
         context_len: usize,
     },
-    /// The configured thread count differs from the one candle's process-wide pool uses.
-    #[error(
-        "configured {configured} threads but candle's process-wide pool uses {effective}: \
-         set CANDLE_NUM_THREADS={configured} in the environment before the process starts"
-    )]
-    ThreadCount {
-        /// Threads asked for in the configuration.
-        configured: usize,
-        /// Threads candle will use.
-        effective: usize,
-    },
     /// A model name that is neither a known registry model nor an existing path.
     #[error("unknown model `{name}`: not a file and not one of the known models ({known})")]
     UnknownModel {

@@ -1,4 +1,4 @@
-//! Local LLM engine: quantized GGUF chat models on candle, streamed through a callback.
+//! Local LLM engine: quantized GGUF chat models on the CPU, streamed through a callback.
 //!
 //! Synchronous and runtime-free: the daemon runs an [`Engine`] on a dedicated thread.
 //! [`resolve_model`] turns a model name (installed by `tmoctl model fetch`) or a path into a
@@ -6,16 +6,18 @@
 //! tokenizer and chat template from its metadata; [`Engine::chat`] and [`Conversation::send`]
 //! generate, reusing the KV cache of the dialogue so far.
 
+mod decoder;
 mod engine;
 mod error;
 mod gguf;
+mod kernels;
 pub mod registry;
 mod template;
 mod tokenizer;
 
 pub use engine::{
-    Conversation, Engine, EngineConfig, FastFormat, FinishReason, Generation, GenerationParams,
-    GenerationReport, ModelInfo, effective_threads,
+    Conversation, Engine, EngineConfig, FinishReason, Generation, GenerationParams, GenerationReport,
+    ModelInfo,
 };
 pub use error::{EngineError, Result};
 pub use gguf::Architecture;

@@ -12,7 +12,10 @@ use tokenizers::decoders::sequence::Sequence as DecoderSequence;
 use tokenizers::decoders::strip::Strip;
 use tokenizers::models::bpe::{BPE, Vocab};
 use tokenizers::normalizers::{Prepend, Replace, Sequence as NormalizerSequence};
-use tokenizers::{AddedToken, DecoderWrapper, NormalizerWrapper, Tokenizer};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::{AddedToken, DecoderWrapper, NormalizerWrapper, PreTokenizerWrapper, Tokenizer};
 
 use crate::error::{EngineError, Result};
 
@@ -28,7 +31,15 @@ pub fn load_tokenizer(model_path: &Path, content: &gguf_file::Content) -> Result
         .and_then(|v| v.to_string().ok())
         .map(|s| s.to_lowercase());
     match kind.as_deref() {
-        Some("gpt2") => Tokenizer::from_gguf(content).map_err(|e| EngineError::Tokenizer(e.to_string())),
+        Some("gpt2") => {
+            let mut tokenizer =
+                Tokenizer::from_gguf(content).map_err(|e| EngineError::Tokenizer(e.to_string()))?;
+            let pre = content.metadata.get("tokenizer.ggml.pre").and_then(|v| v.to_string().ok());
+            if let Some(pre_tokenizer) = byte_level_pre_tokenizer(pre.map(String::as_str)) {
+                tokenizer.with_pre_tokenizer(Some(pre_tokenizer));
+            }
+            Ok(tokenizer)
+        }
         Some("llama") => sentencepiece_bpe(content),
         other => {
             let beside = model_path.parent().map(|dir| dir.join("tokenizer.json")).filter(|p| p.is_file());
@@ -41,6 +52,20 @@ pub fn load_tokenizer(model_path: &Path, content: &gguf_file::Content) -> Result
                 ))),
             }
         }
+    }
+}
+
+/// candle's GGUF conversion knows the qwen2 and llama3 pre-tokenizers; for the others it takes
+/// `ByteLevel::default()`, which adds a space before every text segment (after each special
+/// token too: `<|im_start|>system` becomes ` system`), unlike GPT-2 and its descendants.
+/// Those get GPT-2's byte-level splitting, and SmolLM's one digit per token before it, as
+/// their tokenizer.json files and llama.cpp have them.
+fn byte_level_pre_tokenizer(pre: Option<&str>) -> Option<PreTokenizerWrapper> {
+    let byte_level = || PreTokenizerWrapper::from(ByteLevel::new(false, true, true));
+    match pre {
+        Some("qwen2" | "smaug-bpe" | "lfm2" | "llama3") => None,
+        Some("smollm") => Some(Sequence::new(vec![Digits::new(true).into(), byte_level()]).into()),
+        _ => Some(byte_level()),
     }
 }
 

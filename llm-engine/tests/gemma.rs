@@ -41,3 +41,18 @@ fn gemma3_answers_and_reuses_its_cache() {
     assert!(turn2.report.reused_prompt_tokens > 0, "{:?}", turn2.report);
     assert!(turn2.report.processed_prompt_tokens < turn2.report.prompt_tokens / 2);
 }
+
+/// Token ids that llama.cpp (llama-cpp-python 0.3, `tokenize(..., special=True)`) gives for
+/// the same Gemma turn.
+#[test]
+fn gemma3_tokenization_equals_llama_cpp() {
+    let engine = engine();
+    let text = "<start_of_turn>user\nBake 250 g of flour at 180°C for 12-15 minutes, then cool.<end_of_turn>\n\
+                <start_of_turn>model\n";
+    let llama_cpp = [
+        105, 2364, 107, 236799, 873, 236743, 236778, 236810, 236771, 549, 529, 18763, 657, 236743, 236770,
+        236828, 236771, 237366, 236780, 573, 236743, 236770, 236778, 236772, 236770, 236810, 4310, 236764,
+        1299, 5427, 236761, 106, 107, 105, 4368, 107,
+    ];
+    assert_eq!(engine.encode(text).expect("encodes"), llama_cpp);
+}

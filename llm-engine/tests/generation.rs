@@ -199,3 +199,18 @@ fn a_turn_answered_elsewhere_joins_the_next_local_prompt() {
     let next = conversation.prompt_for(&engine, "Thanks!").expect("prompt 3");
     assert!(next.starts_with(&prompt));
 }
+
+/// Token ids that llama.cpp (llama-cpp-python 0.3, `tokenize(..., special=True)`) gives for
+/// the same text: special tokens, a segment right after one (no space added), digits one by
+/// one, a degree sign.
+#[test]
+fn tokenization_equals_llama_cpp() {
+    let engine = engine();
+    let text = "<|im_start|>user\nBake 250 g of flour at 180°C for 12-15 minutes, then cool.<|im_end|>\n\
+                <|im_start|>assistant\n";
+    let llama_cpp = [
+        1, 4093, 198, 50, 575, 216, 34, 37, 32, 310, 282, 7367, 418, 216, 33, 40, 32, 4742, 51, 327, 216, 33,
+        34, 29, 33, 37, 3487, 28, 965, 3122, 30, 2, 198, 1, 520, 9531, 198,
+    ];
+    assert_eq!(engine.encode(text).expect("encodes"), llama_cpp);
+}

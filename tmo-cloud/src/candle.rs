@@ -49,11 +49,8 @@ impl CandleBackend {
     pub fn start(config: &CandleConfig) -> Result<Self, CandleSetupError> {
         let model_err = |source| CandleSetupError::Model { model: config.model.clone(), source };
         let path = resolve_model(&config.model).map_err(model_err)?;
-        let engine_config = EngineConfig {
-            threads: config.threads,
-            max_context_tokens: config.max_context_tokens,
-            requantize_q4_1: None,
-        };
+        let engine_config =
+            EngineConfig { threads: config.threads, max_context_tokens: config.max_context_tokens };
         let engine = Engine::load(&path, &engine_config).map_err(model_err)?;
         info!(
             model = %config.model,

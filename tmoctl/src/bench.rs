@@ -5,9 +5,7 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
-use llm_engine::{
-    Conversation, Engine, EngineConfig, FastFormat, GenerationParams, effective_threads, resolve_model,
-};
+use llm_engine::{Conversation, Engine, EngineConfig, GenerationParams, resolve_model};
 
 /// Benchmarks.
 #[derive(Debug, Subcommand)]
@@ -22,8 +20,7 @@ pub struct LlmBenchArgs {
     /// Model name (installed by `tmoctl model fetch`) or path to a GGUF file.
     #[arg(long, default_value = "smollm2-135m")]
     pub model: String,
-    /// Compute threads (candle's pool is process-wide: the command re-executes itself with
-    /// CANDLE_NUM_THREADS set when needed).
+    /// Compute threads of the engine (default: one per CPU).
     #[arg(long)]
     pub threads: Option<usize>,
     /// Prompt length in tokens.
@@ -35,9 +32,6 @@ pub struct LlmBenchArgs {
     /// Measured runs (the best and the median are printed).
     #[arg(long, default_value_t = 3)]
     pub runs: usize,
-    /// Re-quantize Q4_1 weights at load to a format with SIMD kernels: q8_0 or q4_0.
-    #[arg(long, value_parser = ["q8_0", "q4_0"])]
-    pub requantize: Option<String>,
     /// Turns of the multi-turn dialogue measurement (0 skips it).
     #[arg(long, default_value_t = 4)]
     pub dialogue_turns: usize,
@@ -64,29 +58,14 @@ fn resident_kib() -> anyhow::Result<u64> {
         .context("no VmRSS in /proc/self/status")
 }
 
-fn reexec_with_threads(threads: usize) -> anyhow::Result<()> {
-    let exe = std::env::current_exe().context("locating the tmoctl executable")?;
-    let status = std::process::Command::new(exe)
-        .args(std::env::args_os().skip(1))
-        .env("CANDLE_NUM_THREADS", threads.to_string())
-        .status()
-        .context("re-executing with CANDLE_NUM_THREADS")?;
-    std::process::exit(status.code().unwrap_or(1));
-}
-
 fn median(values: &mut [f64]) -> f64 {
     values.sort_by(f64::total_cmp);
     values[values.len() / 2]
 }
 
 fn llm(args: LlmBenchArgs) -> anyhow::Result<()> {
-    if let Some(threads) = args.threads {
-        if threads == 0 {
-            bail!("--threads must be at least 1");
-        }
-        if effective_threads() != threads {
-            return reexec_with_threads(threads);
-        }
+    if args.threads == Some(0) {
+        bail!("--threads must be at least 1");
     }
     if args.runs == 0 || args.gen_tokens == 0 || args.prompt_tokens == 0 {
         bail!("--runs, --gen-tokens and --prompt-tokens must be at least 1");
@@ -94,21 +73,14 @@ fn llm(args: LlmBenchArgs) -> anyhow::Result<()> {
     let path = resolve_model(&args.model).context("resolving the model")?;
     let rss_before = resident_kib()?;
     let started = Instant::now();
-    let config = EngineConfig {
-        requantize_q4_1: match args.requantize.as_deref() {
-            Some("q8_0") => Some(FastFormat::Q8_0),
-            Some("q4_0") => Some(FastFormat::Q4_0),
-            _ => None,
-        },
-        ..EngineConfig::default()
-    };
+    let config = EngineConfig { threads: args.threads, ..EngineConfig::default() };
     let mut engine = Engine::load(&path, &config).with_context(|| format!("loading {}", path.display()))?;
     let load_secs = started.elapsed().as_secs_f64();
     let rss_after = resident_kib()?;
     let info = engine.info().clone();
     let file_mib = info.file_bytes as f64 / (1024.0 * 1024.0);
     println!("model        {} ({:?})", path.display(), info.architecture);
-    println!("threads      {}", effective_threads());
+    println!("threads      {}", engine.threads());
     println!("load         {load_secs:.3} s");
     println!(
         "resident     {:.1} MiB after load ({:.1} MiB before), file {:.1} MiB, ratio {:.2}",
@@ -156,7 +128,10 @@ fn llm(args: LlmBenchArgs) -> anyhow::Result<()> {
         median(&mut decode),
         args.gen_tokens
     );
-    println!("peak rss     {:.1} MiB", resident_kib()? as f64 / 1024.0);
+    // The weights are used in place from the mapped file: after the runs every page of them
+    // has been read, so this is the resident size of the loaded model in use.
+    let rss_used = resident_kib()? as f64 / 1024.0;
+    println!("resident     {rss_used:.1} MiB after the runs, ratio {:.2} to the file", rss_used / file_mib);
     if args.dialogue_turns > 0 {
         dialogue(&mut engine, args.dialogue_turns)?;
     }
