@@ -13,12 +13,15 @@
 use std::ops::Range;
 
 use candle_core::quantized::gguf_file;
+use half::f16;
+use half::slice::HalfFloatSliceExt;
 use memmap2::Mmap;
-use rayon::prelude::*;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::error::{EngineError, Result};
 use crate::gguf::Architecture;
 use crate::kernels::{Input, QMatrix, dot};
+use crate::pool::ComputePool;
 
 /// Where a weight matrix lies in the file.
 #[derive(Debug, Clone)]
@@ -71,9 +74,10 @@ pub(crate) struct Spec {
 
 #[derive(Debug, Default)]
 struct KvCache {
-    /// Per layer: positions x kv_heads x head_dim.
-    keys: Vec<Vec<f32>>,
-    values: Vec<Vec<f32>>,
+    /// Per layer: positions x kv_heads x head_dim, in f16 (as llama.cpp keeps it): half the
+    /// memory of f32, which for a long dialogue is as much as the model itself.
+    keys: Vec<Vec<f16>>,
+    values: Vec<Vec<f16>>,
     len: usize,
 }
 
@@ -89,8 +93,7 @@ pub(crate) struct Decoder {
     /// Inverse rotary frequencies, one table per distinct base.
     rope: Vec<Vec<f32>>,
     cache: KvCache,
-    pool: std::sync::Arc<rayon::ThreadPool>,
-    threads: usize,
+    pool: ComputePool,
 }
 
 struct Meta<'a> {
@@ -292,15 +295,10 @@ impl Decoder {
             gemma,
             attention_scale: 1.0 / (head_dim as f32).sqrt(),
         };
-        let threads = threads.max(1);
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .thread_name(|i| format!("llm-{i}"))
-            .build()
-            .map(std::sync::Arc::new)
-            .map_err(|e| EngineError::InvalidParams(format!("thread pool: {e}")))?;
+        let pool = ComputePool::new(threads)
+            .map_err(|e| EngineError::InvalidParams(format!("starting {threads} compute threads: {e}")))?;
         let cache = KvCache { keys: vec![Vec::new(); layers_n], values: vec![Vec::new(); layers_n], len: 0 };
-        Ok(Self { map, spec, embeddings, output, output_norm, layers, rope, cache, pool, threads })
+        Ok(Self { map, spec, embeddings, output, output_norm, layers, rope, cache, pool })
     }
 
     pub fn spec(&self) -> &Spec {
@@ -325,8 +323,7 @@ impl Decoder {
         }
         let position = position.min(self.cache.len);
         self.truncate(position);
-        let pool = std::sync::Arc::clone(&self.pool);
-        Ok(pool.install(|| self.run(tokens, position)))
+        Ok(self.run(tokens, position))
     }
 
     /// Forgets cached positions from `len` on.
@@ -396,8 +393,8 @@ impl Decoder {
             let (cos, sin) = &angles[layer.rope];
             rotate(&mut q, s.head_dim, s.rope_dim, s.neox, cos, sin);
             rotate(&mut k, s.head_dim, s.rope_dim, s.neox, cos, sin);
-            self.cache.keys[li].extend_from_slice(&k);
-            self.cache.values[li].extend_from_slice(&v);
+            append_f16(&mut self.cache.keys[li], &k);
+            append_f16(&mut self.cache.values[li], &v);
             self.attention(li, &q, position, &mut attn);
             let layer = &self.layers[li];
             input.set(&attn, t, q_dim);
@@ -409,10 +406,18 @@ impl Decoder {
             rms_norm(&x, &layer.ffn_norm, s.eps, &mut h);
             input.set(&h, t, s.hidden);
             self.matmul(&mut input, t, &mut [(&layer.gate, &mut gate), (&layer.up, &mut up)]);
-            if s.gemma {
-                gate.iter_mut().zip(&up).for_each(|(g, u)| *g = gelu(*g) * u);
+            let activate = |i: usize, gate: &mut [f32]| {
+                let up = &up[i * ffn..(i + 1) * ffn];
+                if s.gemma {
+                    gate.iter_mut().zip(up).for_each(|(g, u)| *g = gelu(*g) * u);
+                } else {
+                    gate.iter_mut().zip(up).for_each(|(g, u)| *g = *g / (1.0 + (-*g).exp()) * u);
+                }
+            };
+            if t == 1 {
+                activate(0, &mut gate);
             } else {
-                gate.iter_mut().zip(&up).for_each(|(g, u)| *g = *g / (1.0 + (-*g).exp()) * u);
+                self.pool.for_each_chunk(&mut gate, ffn, &activate);
             }
             input.set(&gate, t, ffn);
             self.matmul(&mut input, t, &mut [(&layer.down, &mut o)]);
@@ -437,10 +442,10 @@ impl Decoder {
     fn matmul(&self, input: &mut Input, tokens: usize, outs: &mut [(&Weight, &mut Vec<f32>)]) {
         let matrices: Vec<QMatrix<'_>> = outs.iter().map(|(w, _)| self.matrix(w)).collect();
         for m in &matrices {
-            input.prepare(m.input_format());
+            input.prepare(m.input_format(), &self.pool);
         }
         let total_rows: usize = matrices.iter().map(|m| m.rows).sum();
-        let chunk = total_rows.div_ceil(self.threads * 8).max(16);
+        let chunk = total_rows.div_ceil(self.pool.threads() * 8).max(16);
         let mut tasks: Vec<(usize, Range<usize>, Out)> = Vec::new();
         for (i, (m, (_, out))) in matrices.iter().zip(outs.iter_mut()).enumerate() {
             debug_assert_eq!(out.len(), tokens * m.rows);
@@ -453,20 +458,10 @@ impl Decoder {
             }
         }
         let input = &*input;
-        tasks.into_par_iter().for_each(|(i, rows, out)| {
-            let m = &matrices[i];
-            let mut buf = vec![0f32; rows.len()];
-            for token in 0..tokens {
-                m.dot_rows(input, token, rows.clone(), &mut buf);
-                // SAFETY: every task writes its own rows of each token's output, which has
-                // tokens * m.rows elements (checked above); the outputs outlive this call.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(
-                        buf.as_ptr(),
-                        out.0.add(token * m.rows + rows.start),
-                        rows.len(),
-                    );
-                }
+        let next = AtomicUsize::new(0);
+        self.pool.run(&|_| {
+            while let Some((i, rows, out)) = tasks.get(next.fetch_add(1, Ordering::Relaxed)).cloned() {
+                matmul_task(&matrices[i], input, tokens, rows, out);
             }
         });
     }
@@ -479,16 +474,18 @@ impl Decoder {
         let kv_dim = s.kv_heads * s.head_dim;
         let group = s.heads / s.kv_heads;
         let window = self.layers[layer].window;
-        out.par_chunks_mut(s.head_dim).enumerate().for_each(|(index, out)| {
+        self.pool.for_each_chunk(out, s.head_dim, &|index, out| {
             let (token, head) = (index / s.heads, index % s.heads);
             let p = position + token;
             let first = window.map_or(0, |w| (p + 1).saturating_sub(w));
             let query = &q[index * s.head_dim..(index + 1) * s.head_dim];
             let offset = (head / group) * s.head_dim;
+            let mut row = vec![0f32; s.head_dim];
             let mut scores: Vec<f32> = (first..=p)
                 .map(|j| {
-                    dot(query, &keys[j * kv_dim + offset..j * kv_dim + offset + s.head_dim])
-                        * s.attention_scale
+                    keys[j * kv_dim + offset..j * kv_dim + offset + s.head_dim]
+                        .convert_to_f32_slice(&mut row);
+                    dot(query, &row) * s.attention_scale
                 })
                 .collect();
             let max = scores.iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v));
@@ -500,10 +497,30 @@ impl Decoder {
             out.fill(0.0);
             for (j, w) in (first..=p).zip(&scores) {
                 let w = w / sum;
-                let value = &values[j * kv_dim + offset..j * kv_dim + offset + s.head_dim];
-                out.iter_mut().zip(value).for_each(|(o, v)| *o += w * v);
+                values[j * kv_dim + offset..j * kv_dim + offset + s.head_dim].convert_to_f32_slice(&mut row);
+                out.iter_mut().zip(&row).for_each(|(o, v)| *o += w * v);
             }
         });
+    }
+}
+
+/// One task of `Decoder::matmul`: rows `rows` of `m` for every token, into `out`.
+fn matmul_task(m: &QMatrix<'_>, input: &Input, tokens: usize, rows: Range<usize>, out: Out) {
+    if tokens == 1 {
+        // SAFETY: this task's rows of the one token's output, written by no other
+        // task; the output has m.rows elements (checked above) and outlives this call.
+        let part = unsafe { std::slice::from_raw_parts_mut(out.0.add(rows.start), rows.len()) };
+        m.dot_tile(input, 1, rows, part);
+        return;
+    }
+    let mut buf = vec![0f32; rows.len() * tokens];
+    m.dot_tile(input, tokens, rows.clone(), &mut buf);
+    for (token, part) in buf.chunks_exact(rows.len()).enumerate() {
+        // SAFETY: every task writes its own rows of each token's output, which has
+        // tokens * m.rows elements (checked above); the outputs outlive this call.
+        unsafe {
+            std::ptr::copy_nonoverlapping(part.as_ptr(), out.0.add(token * m.rows + rows.start), rows.len());
+        }
     }
 }
 
@@ -513,6 +530,12 @@ struct Out(*mut f32);
 // SAFETY: the tasks write disjoint ranges (see `Decoder::matmul`).
 unsafe impl Send for Out {}
 unsafe impl Sync for Out {}
+
+fn append_f16(cache: &mut Vec<f16>, values: &[f32]) {
+    let start = cache.len();
+    cache.resize(start + values.len(), f16::ZERO);
+    cache[start..].convert_from_f32_slice(values);
+}
 
 fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     let n = weight.len();
@@ -603,30 +626,34 @@ mod tests {
             let worst = ours.iter().zip(&theirs).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
             assert!(worst < 0.05 * scale, "position {position}: largest difference {worst} (scale {scale})");
         }
-        // Greedy continuations agree token for token (they part at the 22nd token, where the
-        // two ways of rounding meet a near tie; llama.cpp's logits are as far from either).
-        let argmax =
-            |v: &[f32]| v.iter().enumerate().fold(0, |b, (i, x)| if *x > v[b] { i } else { b }) as u32;
-        let (mut ours, mut theirs) = (vec![], vec![]);
-        let mut last = decoder.forward(&prompt, 0).expect("forward");
-        for i in 0..16 {
-            let next = argmax(&last);
-            ours.push(next);
-            last = decoder.forward(&[next], prompt.len() + i).expect("forward");
-        }
+        // Teacher-forced along candle's greedy continuation: wherever candle's best token
+        // leads its runner-up by a clear margin, ours picks the same one.
+        let argmax = |v: &[f32]| v.iter().enumerate().fold(0, |b, (i, x)| if *x > v[b] { i } else { b });
         let input = Tensor::new(prompt.as_slice(), &Device::Cpu).and_then(|t| t.unsqueeze(0)).expect("input");
-        let mut last: Vec<f32> =
-            reference.forward(&input, 0).and_then(|t| t.squeeze(0)).and_then(|t| t.to_vec1()).expect("fw");
-        for i in 0..16 {
-            let next = argmax(&last);
-            theirs.push(next);
+        let mut theirs: Vec<f32> = reference
+            .forward(&input, 0)
+            .and_then(|t| t.squeeze(0))
+            .and_then(|t| t.to_vec1())
+            .expect("candle");
+        let mut ours = decoder.forward(&prompt, 0).expect("forward");
+        let mut checked = 0;
+        for i in 0..24 {
+            let best = argmax(&theirs);
+            let runner_up =
+                theirs.iter().enumerate().filter(|(j, _)| *j != best).fold(f32::MIN, |m, (_, v)| m.max(*v));
+            if theirs[best] - runner_up > 0.5 {
+                assert_eq!(argmax(&ours), best, "step {i}");
+                checked += 1;
+            }
+            let next = best as u32;
             let input = Tensor::new(&[next], &Device::Cpu).and_then(|t| t.unsqueeze(0)).expect("input");
-            last = reference
+            theirs = reference
                 .forward(&input, prompt.len() + i)
                 .and_then(|t| t.squeeze(0))
                 .and_then(|t| t.to_vec1())
-                .expect("fw");
+                .expect("candle");
+            ours = decoder.forward(&[next], prompt.len() + i).expect("forward");
         }
-        assert_eq!(ours, theirs);
+        assert!(checked >= 12, "only {checked} of 24 steps had a clear best token");
     }
 }

@@ -126,10 +126,11 @@ impl MappedGguf {
 
 #[allow(unsafe_code)]
 fn map_file(file: &File) -> std::io::Result<Mmap> {
-    // SAFETY: the file is opened read-only and the map lives only while the model loads (the
-    // weights are copied into candle's own buffers). A concurrent truncation of the model file
-    // by another process during those few hundred milliseconds is the one hazard, as for every
-    // memory-mapped model loader.
+    // SAFETY: the file is opened read-only and the engine uses the weights in place for its
+    // whole life. Another process truncating or rewriting the model file meanwhile is the one
+    // hazard (SIGBUS or changed weights), as for every memory-mapped model runtime (llama.cpp
+    // maps by default too): model files are installed once and replaced by a new name
+    // (`tmoctl model fetch` writes to a temporary file and renames it).
     unsafe { Mmap::map(file) }
 }
 

@@ -143,69 +143,119 @@ impl<'a> QMatrix<'a> {
         }
     }
 
-    /// `out[i] = row(rows.start + i) . x` for one quantized input row.
-    pub fn dot_rows(&self, x: &Input, token: usize, rows: Range<usize>, out: &mut [f32]) {
+    /// `out[t * rows.len() + i] = row(rows.start + i) . input(t)` for the first `tokens` input
+    /// rows: each weight row is read once for all of them, and Q4_1/Q5_0 blocks are unpacked
+    /// once for four tokens.
+    pub fn dot_tile(&self, x: &Input, tokens: usize, rows: Range<usize>, out: &mut [f32]) {
         let rb = self.row_bytes();
         let w = &self.bytes[rows.start * rb..rows.end * rb];
         let n = self.cols;
         match self.dtype {
             GgmlDType::Q4_1 => {
-                let xs = x.q8_1(token);
-                let kernel = q4_1_kernel();
-                for (o, row) in out.iter_mut().zip(w.chunks_exact(rb)) {
-                    *o = kernel(cast(row), xs);
-                }
+                let (one, four) = (q4_1_kernel(), q4_1_x4_kernel());
+                tile(
+                    w,
+                    rb,
+                    tokens,
+                    out,
+                    |row, t| one(cast(row), x.q8_1(t)),
+                    |row, t| four(cast(row), [x.q8_1(t), x.q8_1(t + 1), x.q8_1(t + 2), x.q8_1(t + 3)]),
+                );
             }
             GgmlDType::Q5_0 => {
-                let xs = x.q8_0(token);
-                let kernel = q5_0_kernel();
-                for (o, row) in out.iter_mut().zip(w.chunks_exact(rb)) {
-                    *o = kernel(cast(row), xs);
-                }
+                let (one, four) = (q5_0_kernel(), q5_0_x4_kernel());
+                tile(
+                    w,
+                    rb,
+                    tokens,
+                    out,
+                    |row, t| one(cast(row), x.q8_0(t)),
+                    |row, t| four(cast(row), [x.q8_0(t), x.q8_0(t + 1), x.q8_0(t + 2), x.q8_0(t + 3)]),
+                );
             }
-            GgmlDType::Q4_0 => candle_dots::<BlockQ4_0>(n, w, rb, cast(x.q8_0(token)), out),
-            GgmlDType::Q8_0 => candle_dots::<BlockQ8_0>(n, w, rb, cast(x.q8_0(token)), out),
-            GgmlDType::Q5_1 => candle_dots::<BlockQ5_1>(n, w, rb, cast(x.q8_1(token)), out),
-            GgmlDType::Q2K => candle_dots::<BlockQ2K>(n, w, rb, x.q8k(token), out),
-            GgmlDType::Q3K => candle_dots::<BlockQ3K>(n, w, rb, x.q8k(token), out),
-            GgmlDType::Q4K => candle_dots::<BlockQ4K>(n, w, rb, x.q8k(token), out),
-            GgmlDType::Q5K => candle_dots::<BlockQ5K>(n, w, rb, x.q8k(token), out),
-            GgmlDType::Q6K => candle_dots::<BlockQ6K>(n, w, rb, x.q8k(token), out),
+            GgmlDType::Q4_0 => candle_tile::<BlockQ4_0>(n, w, rb, tokens, out, |t| cast(x.q8_0(t))),
+            GgmlDType::Q8_0 => match q8_0_kernels() {
+                Some((one, four)) => tile(
+                    w,
+                    rb,
+                    tokens,
+                    out,
+                    |row, t| one(cast(row), x.q8_0(t)),
+                    |row, t| four(cast(row), [x.q8_0(t), x.q8_0(t + 1), x.q8_0(t + 2), x.q8_0(t + 3)]),
+                ),
+                None => candle_tile::<BlockQ8_0>(n, w, rb, tokens, out, |t| cast(x.q8_0(t))),
+            },
+            GgmlDType::Q5_1 => candle_tile::<BlockQ5_1>(n, w, rb, tokens, out, |t| cast(x.q8_1(t))),
+            GgmlDType::Q2K => candle_tile::<BlockQ2K>(n, w, rb, tokens, out, |t| x.q8k(t)),
+            GgmlDType::Q3K => candle_tile::<BlockQ3K>(n, w, rb, tokens, out, |t| x.q8k(t)),
+            GgmlDType::Q4K => candle_tile::<BlockQ4K>(n, w, rb, tokens, out, |t| x.q8k(t)),
+            GgmlDType::Q5K => candle_tile::<BlockQ5K>(n, w, rb, tokens, out, |t| x.q8k(t)),
+            GgmlDType::Q6K => candle_tile::<BlockQ6K>(n, w, rb, tokens, out, |t| x.q8k(t)),
             GgmlDType::F32 => {
-                let xs = x.f32(token);
-                for (o, row) in out.iter_mut().zip(w.chunks_exact(rb)) {
-                    *o = dot_f32(cast(row), xs);
-                }
+                let one = |row: &[u8], t: usize| dot_f32(cast(row), x.f32(t));
+                tile(w, rb, tokens, out, one, |row, t| std::array::from_fn(|j| one(row, t + j)));
             }
             GgmlDType::F16 => {
-                let xs = x.f32(token);
-                for (o, row) in out.iter_mut().zip(w.chunks_exact(rb)) {
+                let one = |row: &[u8], t: usize| {
                     let row: &[f16] = cast(row);
-                    *o = row.iter().zip(xs).map(|(w, x)| w.to_f32() * x).sum();
-                }
+                    row.iter().zip(x.f32(t)).map(|(w, x)| w.to_f32() * x).sum()
+                };
+                tile(w, rb, tokens, out, one, |row, t| std::array::from_fn(|j| one(row, t + j)));
             }
             other => unreachable!("checked in QMatrix::new: {other:?}"),
         }
     }
 }
 
-fn to_float<T: GgmlType>(bytes: &[u8], out: &mut [f32]) {
-    T::to_float(cast(bytes), out);
-}
-
-fn candle_dots<T: GgmlType>(n: usize, w: &[u8], rb: usize, xs: &[T::VecDotType], out: &mut [f32]) {
-    for (o, row) in out.iter_mut().zip(w.chunks_exact(rb)) {
-        // candle's NEON dot products issue SDOT whatever the build's features: an ARMv8.0
-        // build (no dotprod) takes its portable ones.
-        #[cfg(all(target_arch = "aarch64", not(target_feature = "dotprod")))]
-        {
-            *o = T::vec_dot_unopt(n, cast(row), xs);
+/// The row-major walk of `dot_tile`: `four` for groups of four tokens, `one` for the rest.
+fn tile(
+    w: &[u8],
+    rb: usize,
+    tokens: usize,
+    out: &mut [f32],
+    one: impl Fn(&[u8], usize) -> f32,
+    four: impl Fn(&[u8], usize) -> [f32; 4],
+) {
+    let rows = w.len() / rb;
+    for (i, row) in w.chunks_exact(rb).enumerate() {
+        let mut t = 0;
+        while t + 4 <= tokens {
+            for (j, v) in four(row, t).into_iter().enumerate() {
+                out[(t + j) * rows + i] = v;
+            }
+            t += 4;
         }
-        #[cfg(not(all(target_arch = "aarch64", not(target_feature = "dotprod"))))]
-        {
-            *o = T::vec_dot(n, cast(row), xs);
+        for t in t..tokens {
+            out[t * rows + i] = one(row, t);
         }
     }
+}
+
+fn candle_tile<'a, T: GgmlType>(
+    n: usize,
+    w: &[u8],
+    rb: usize,
+    tokens: usize,
+    out: &mut [f32],
+    x: impl Fn(usize) -> &'a [T::VecDotType],
+) where
+    T::VecDotType: 'a,
+{
+    let one = |row: &[u8], t: usize| candle_dot::<T>(n, cast(row), x(t));
+    tile(w, rb, tokens, out, one, |row, t| std::array::from_fn(|j| one(row, t + j)));
+}
+
+fn candle_dot<T: GgmlType>(n: usize, w: &[T], x: &[T::VecDotType]) -> f32 {
+    // candle's NEON dot products issue SDOT whatever the build's features: an ARMv8.0 build
+    // (no dotprod) takes its portable ones.
+    #[cfg(all(target_arch = "aarch64", not(target_feature = "dotprod")))]
+    return T::vec_dot_unopt(n, w, x);
+    #[cfg(not(all(target_arch = "aarch64", not(target_feature = "dotprod"))))]
+    T::vec_dot(n, w, x)
+}
+
+fn to_float<T: GgmlType>(bytes: &[u8], out: &mut [f32]) {
+    T::to_float(cast(bytes), out);
 }
 
 fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
@@ -268,37 +318,38 @@ impl Input {
         self.ready = [false; 3];
     }
 
-    /// Quantizes the rows for `format` (once per `set`).
-    pub fn prepare(&mut self, format: InputFormat) {
+    /// Quantizes the rows for `format` (once per `set`), the rows spread over `pool`.
+    pub fn prepare(&mut self, format: InputFormat, pool: &crate::pool::ComputePool) {
         let (cols, tokens) = (self.cols, self.tokens);
+        let values = &self.f32;
         match format {
             InputFormat::F32 => {}
             InputFormat::Q8_0 if !self.ready[0] => {
                 self.q8_0.resize(tokens * cols / 32, Q8_0 { d: f16::ZERO, qs: [0; 32] });
-                for (row, blocks) in self.f32.chunks_exact(cols).zip(self.q8_0.chunks_exact_mut(cols / 32)) {
-                    for (x, b) in row.chunks_exact(32).zip(blocks) {
+                rows(pool, tokens, &mut self.q8_0, cols / 32, &|t, blocks| {
+                    for (x, b) in values[t * cols..(t + 1) * cols].chunks_exact(32).zip(blocks) {
                         let (d, qs) = quantize_block(x);
                         *b = Q8_0 { d: f16::from_f32(d), qs };
                     }
-                }
+                });
                 self.ready[0] = true;
             }
             InputFormat::Q8_1 if !self.ready[1] => {
                 self.q8_1.resize(tokens * cols / 32, Q8_1 { d: f16::ZERO, s: f16::ZERO, qs: [0; 32] });
-                for (row, blocks) in self.f32.chunks_exact(cols).zip(self.q8_1.chunks_exact_mut(cols / 32)) {
-                    for (x, b) in row.chunks_exact(32).zip(blocks) {
+                rows(pool, tokens, &mut self.q8_1, cols / 32, &|t, blocks| {
+                    for (x, b) in values[t * cols..(t + 1) * cols].chunks_exact(32).zip(blocks) {
                         let (d, qs) = quantize_block(x);
                         let sum: i32 = qs.iter().map(|&q| i32::from(q)).sum();
                         *b = Q8_1 { d: f16::from_f32(d), s: f16::from_f32(d * sum as f32), qs };
                     }
-                }
+                });
                 self.ready[1] = true;
             }
             InputFormat::Q8K if !self.ready[2] => {
                 self.q8k.resize(tokens * cols / 256, BlockQ8K::zeros());
-                for (row, blocks) in self.f32.chunks_exact(cols).zip(self.q8k.chunks_exact_mut(cols / 256)) {
-                    BlockQ8K::from_float(row, blocks);
-                }
+                rows(pool, tokens, &mut self.q8k, cols / 256, &|t, blocks| {
+                    BlockQ8K::from_float(&values[t * cols..(t + 1) * cols], blocks);
+                });
                 self.ready[2] = true;
             }
             _ => {}
@@ -322,6 +373,22 @@ impl Input {
     }
 }
 
+/// `f(token, blocks)` for each token's row of `blocks` (`per_row` blocks each): in parallel
+/// for a batch of tokens, on the calling thread for one.
+fn rows<T: Send>(
+    pool: &crate::pool::ComputePool,
+    tokens: usize,
+    blocks: &mut [T],
+    per_row: usize,
+    f: &(dyn Fn(usize, &mut [T]) + Sync),
+) {
+    if tokens == 1 {
+        f(0, blocks);
+    } else {
+        pool.for_each_chunk(blocks, per_row, f);
+    }
+}
+
 /// Symmetric 8-bit quantization of 32 values (ggml's `quantize_row_q8_0`).
 fn quantize_block(x: &[f32]) -> (f32, [i8; 32]) {
     let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
@@ -336,27 +403,42 @@ fn quantize_block(x: &[f32]) -> (f32, [i8; 32]) {
 
 type Q4_1Kernel = fn(&[Q4_1], &[Q8_1]) -> f32;
 type Q5_0Kernel = fn(&[Q5_0], &[Q8_0]) -> f32;
+type Q8_0Kernel = fn(&[Q8_0], &[Q8_0]) -> f32;
+type Q4_1x4Kernel = fn(&[Q4_1], [&[Q8_1]; 4]) -> [f32; 4];
+type Q5_0x4Kernel = fn(&[Q5_0], [&[Q8_0]; 4]) -> [f32; 4];
+type Q8_0x4Kernel = fn(&[Q8_0], [&[Q8_0]; 4]) -> [f32; 4];
 
-fn q4_1_kernel() -> Q4_1Kernel {
-    #[cfg(target_arch = "x86_64")]
-    if x86::available() {
-        return x86::q4_1_q8_1;
-    }
-    #[cfg(all(target_arch = "aarch64", target_feature = "dotprod"))]
-    return neon::q4_1_q8_1;
-    #[allow(unreachable_code)]
-    scalar::q4_1_q8_1
+/// Picks the kernel of the best instruction set: the x86 level found at run time, NEON with
+/// SDOT when the build has dotprod, else the portable one.
+macro_rules! dispatch {
+    ($name:ident, $kind:ty, $field:ident, $neon:expr, $portable:expr) => {
+        fn $name() -> $kind {
+            #[cfg(target_arch = "x86_64")]
+            if let Some(k) = x86::kernels() {
+                return k.$field;
+            }
+            #[cfg(all(target_arch = "aarch64", target_feature = "dotprod"))]
+            return $neon;
+            #[allow(unreachable_code)]
+            $portable
+        }
+    };
 }
 
-fn q5_0_kernel() -> Q5_0Kernel {
+dispatch!(q4_1_kernel, Q4_1Kernel, q4_1, neon::q4_1_q8_1, scalar::q4_1_q8_1);
+dispatch!(q5_0_kernel, Q5_0Kernel, q5_0, neon::q5_0_q8_0, scalar::q5_0_q8_0);
+dispatch!(q4_1_x4_kernel, Q4_1x4Kernel, q4_1_x4, neon::q4_1_q8_1_x4, |w, x| x
+    .map(|x| scalar::q4_1_q8_1(w, x)));
+dispatch!(q5_0_x4_kernel, Q5_0x4Kernel, q5_0_x4, neon::q5_0_q8_0_x4, |w, x| x
+    .map(|x| scalar::q5_0_q8_0(w, x)));
+
+/// Q8_0 weights: ours on x86 (VNNI where the CPU has it), candle's elsewhere.
+fn q8_0_kernels() -> Option<(Q8_0Kernel, Q8_0x4Kernel)> {
     #[cfg(target_arch = "x86_64")]
-    if x86::available() {
-        return x86::q5_0_q8_0;
+    if let Some(k) = x86::kernels() {
+        return Some((k.q8_0, k.q8_0_x4));
     }
-    #[cfg(all(target_arch = "aarch64", target_feature = "dotprod"))]
-    return neon::q5_0_q8_0;
-    #[allow(unreachable_code)]
-    scalar::q5_0_q8_0
+    None
 }
 
 /// For byte `b`, the eight bytes `((b >> i) & 1) << 4`: Q5_0's fifth bits, eight at a time.
@@ -421,97 +503,235 @@ mod scalar {
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::*;
-    use std::arch::x86_64::*;
 
-    pub(super) fn available() -> bool {
-        is_x86_feature_detected!("avx2")
+    /// The x86 kernels of one instruction-set level.
+    pub(super) struct Kernels {
+        pub q4_1: Q4_1Kernel,
+        pub q4_1_x4: Q4_1x4Kernel,
+        pub q5_0: Q5_0Kernel,
+        pub q5_0_x4: Q5_0x4Kernel,
+        pub q8_0: Q8_0Kernel,
+        pub q8_0_x4: Q8_0x4Kernel,
+    }
+
+    /// The best level this CPU has: AVX-512 VNNI, AVX-VNNI or AVX2 (each with FMA and F16C);
+    /// `None` below AVX2 (the portable kernels run then).
+    pub(super) fn kernels() -> Option<&'static Kernels> {
+        static LEVEL: std::sync::OnceLock<Option<&'static Kernels>> = std::sync::OnceLock::new();
+        *LEVEL.get_or_init(|| {
+            let base = is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c");
+            if !base {
+                None
+            } else if is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl") {
+                Some(&vnni512::KERNELS)
+            } else if is_x86_feature_detected!("avxvnni") {
+                Some(&avxvnni::KERNELS)
+            } else {
+                Some(&avx2::KERNELS)
+            }
+        })
+    }
+
+    /// Every level this CPU runs, for the tests to hold each to the portable kernels.
+    #[cfg(test)]
+    pub(super) fn every_level() -> Vec<(&'static str, &'static Kernels)> {
+        let base = is_x86_feature_detected!("avx2")
             && is_x86_feature_detected!("fma")
-            && is_x86_feature_detected!("f16c")
-    }
-
-    /// Sum of the eight f32 lanes.
-    #[target_feature(enable = "avx2,fma")]
-    fn hsum(v: __m256) -> f32 {
-        let lo = _mm256_castps256_ps128(v);
-        let hi = _mm256_extractf128_ps::<1>(v);
-        let s = _mm_add_ps(lo, hi);
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-        _mm_cvtss_f32(s)
-    }
-
-    /// The 32 nibbles of 16 bytes, low halves in the first 16 lanes.
-    #[target_feature(enable = "avx2,fma")]
-    fn nibbles(qs: &[u8; 16]) -> __m256i {
-        // SAFETY: 16 readable bytes.
-        let packed = unsafe { _mm_loadu_si128(qs.as_ptr().cast()) };
-        let mask = _mm_set1_epi8(0x0f);
-        let lo = _mm_and_si128(packed, mask);
-        let hi = _mm_and_si128(_mm_srli_epi16::<4>(packed), mask);
-        _mm256_set_m128i(hi, lo)
-    }
-
-    /// Eight i32 partial sums of u8 x i8 products (each pair fits in i16: 31 * 127 * 2).
-    #[target_feature(enable = "avx2,fma")]
-    fn dot_u8_i8(u: __m256i, s: __m256i) -> __m256 {
-        let pairs = _mm256_maddubs_epi16(u, s);
-        _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
-    }
-
-    pub(super) fn q4_1_q8_1(w: &[Q4_1], x: &[Q8_1]) -> f32 {
-        // SAFETY: `available()` was checked by the caller's dispatch.
-        unsafe { q4_1_q8_1_avx2(w, x) }
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    fn q4_1_q8_1_avx2(w: &[Q4_1], x: &[Q8_1]) -> f32 {
-        let mut acc = _mm256_setzero_ps();
-        let mut offset = 0f32;
-        for (w, x) in w.iter().zip(x) {
-            let q = nibbles(&w.qs);
-            // SAFETY: 32 readable bytes.
-            let y = unsafe { _mm256_loadu_si256(x.qs.as_ptr().cast()) };
-            let scale = _mm256_set1_ps(w.d.to_f32() * x.d.to_f32());
-            acc = _mm256_fmadd_ps(scale, dot_u8_i8(q, y), acc);
-            offset += w.m.to_f32() * x.s.to_f32();
+            && is_x86_feature_detected!("f16c");
+        let mut levels = Vec::new();
+        if base {
+            levels.push(("avx2", &avx2::KERNELS));
+            if is_x86_feature_detected!("avxvnni") {
+                levels.push(("avx-vnni", &avxvnni::KERNELS));
+            }
+            if is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl") {
+                levels.push(("avx512-vnni", &vnni512::KERNELS));
+            }
         }
-        hsum(acc) + offset
+        levels
     }
 
-    pub(super) fn q5_0_q8_0(w: &[Q5_0], x: &[Q8_0]) -> f32 {
-        // SAFETY: `available()` was checked by the caller's dispatch.
-        unsafe { q5_0_q8_0_avx2(w, x) }
+    /// One set of kernels compiled for `$features`, with `$dot` the eight f32 partial sums of
+    /// the u8 x i8 products of two 32-byte vectors.
+    macro_rules! kernel_set {
+        ($name:ident, $features:literal, |$u:ident, $s:ident| $dot:expr) => {
+            mod $name {
+                use super::super::{Q4_1, Q5_0, Q8_0, Q8_1};
+                use half::f16;
+                use std::arch::x86_64::*;
+
+                pub(in super::super) static KERNELS: super::Kernels = super::Kernels {
+                    // SAFETY (all six): `kernels()` hands these out only when the CPU has
+                    // `$features`.
+                    q4_1: |w, x| unsafe { q4_1(w, x) },
+                    q4_1_x4: |w, x| unsafe { q4_1_x4(w, x) },
+                    q5_0: |w, x| unsafe { q5_0(w, x) },
+                    q5_0_x4: |w, x| unsafe { q5_0_x4(w, x) },
+                    q8_0: |w, x| unsafe { q8_0(w, x) },
+                    q8_0_x4: |w, x| unsafe { q8_0_x4(w, x) },
+                };
+
+                #[target_feature(enable = $features)]
+                fn dot($u: __m256i, $s: __m256i) -> __m256 {
+                    $dot
+                }
+
+                /// Sum of the eight lanes.
+                #[target_feature(enable = $features)]
+                fn hsum(v: __m256) -> f32 {
+                    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+                    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+                    _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+                }
+
+                /// f16 to f32 in one instruction (`half` calls out of line for it).
+                #[target_feature(enable = $features)]
+                fn f32_of(h: f16) -> f32 {
+                    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(h.to_bits()))))
+                }
+
+                /// The 32 nibbles of 16 bytes, low halves in the first 16 lanes.
+                #[target_feature(enable = $features)]
+                fn nibbles(qs: &[u8; 16]) -> __m256i {
+                    // SAFETY: 16 readable bytes.
+                    let packed = unsafe { _mm256_broadcastsi128_si256(_mm_loadu_si128(qs.as_ptr().cast())) };
+                    // The upper copy shifted by four: its low nibbles are the high ones.
+                    let shifted = _mm256_srlv_epi64(packed, _mm256_set_epi64x(4, 4, 0, 0));
+                    _mm256_and_si256(shifted, _mm256_set1_epi8(0x0f))
+                }
+
+                /// The 32 bits of `qh` as bytes of 16 (set) or 0, in element order.
+                #[target_feature(enable = $features)]
+                fn fifth_bits(qh: [u8; 4]) -> __m256i {
+                    // Byte i takes byte i / 8 of the bits; OR-ing every bit but bit i % 8 and
+                    // comparing with all ones tells whether bit i % 8 is set.
+                    let spread = _mm256_shuffle_epi8(
+                        _mm256_set1_epi32(i32::from_le_bytes(qh)),
+                        _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0),
+                    );
+                    let others = _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe_u64 as i64);
+                    let set = _mm256_cmpeq_epi8(_mm256_or_si256(spread, others), _mm256_set1_epi64x(-1));
+                    _mm256_and_si256(set, _mm256_set1_epi8(16))
+                }
+
+                #[target_feature(enable = $features)]
+                fn load(qs: &[i8; 32]) -> __m256i {
+                    // SAFETY: 32 readable bytes.
+                    unsafe { _mm256_loadu_si256(qs.as_ptr().cast()) }
+                }
+
+                /// Signed weights `q` (-127..127) times activations: |q| . sign(y, q).
+                #[target_feature(enable = $features)]
+                fn signed_dot(q: __m256i, magnitude: __m256i, y: __m256i) -> __m256 {
+                    dot(magnitude, _mm256_sign_epi8(y, q))
+                }
+
+                #[target_feature(enable = $features)]
+                fn q5_0_values(w: &Q5_0) -> __m256i {
+                    _mm256_sub_epi8(_mm256_or_si256(nibbles(&w.qs), fifth_bits(w.qh)), _mm256_set1_epi8(16))
+                }
+
+                #[target_feature(enable = $features)]
+                fn q4_1(w: &[Q4_1], x: &[Q8_1]) -> f32 {
+                    let mut acc = _mm256_setzero_ps();
+                    let mut offset = 0f32;
+                    for (w, x) in w.iter().zip(x) {
+                        let scale = _mm256_set1_ps(f32_of(w.d) * f32_of(x.d));
+                        acc = _mm256_fmadd_ps(scale, dot(nibbles(&w.qs), load(&x.qs)), acc);
+                        offset += f32_of(w.m) * f32_of(x.s);
+                    }
+                    hsum(acc) + offset
+                }
+
+                #[target_feature(enable = $features)]
+                fn q4_1_x4(w: &[Q4_1], x: [&[Q8_1]; 4]) -> [f32; 4] {
+                    let mut acc = [_mm256_setzero_ps(); 4];
+                    let mut offset = [0f32; 4];
+                    for (b, w) in w.iter().enumerate() {
+                        let q = nibbles(&w.qs);
+                        let (d, m) = (f32_of(w.d), f32_of(w.m));
+                        for j in 0..4 {
+                            let x = &x[j][b];
+                            acc[j] =
+                                _mm256_fmadd_ps(_mm256_set1_ps(d * f32_of(x.d)), dot(q, load(&x.qs)), acc[j]);
+                            offset[j] += m * f32_of(x.s);
+                        }
+                    }
+                    std::array::from_fn(|j| hsum(acc[j]) + offset[j])
+                }
+
+                #[target_feature(enable = $features)]
+                fn q5_0(w: &[Q5_0], x: &[Q8_0]) -> f32 {
+                    let mut acc = _mm256_setzero_ps();
+                    for (w, x) in w.iter().zip(x) {
+                        let q = q5_0_values(w);
+                        let products = signed_dot(q, _mm256_sign_epi8(q, q), load(&x.qs));
+                        acc = _mm256_fmadd_ps(_mm256_set1_ps(f32_of(w.d) * f32_of(x.d)), products, acc);
+                    }
+                    hsum(acc)
+                }
+
+                #[target_feature(enable = $features)]
+                fn q5_0_x4(w: &[Q5_0], x: [&[Q8_0]; 4]) -> [f32; 4] {
+                    let mut acc = [_mm256_setzero_ps(); 4];
+                    for (b, w) in w.iter().enumerate() {
+                        let q = q5_0_values(w);
+                        let magnitude = _mm256_sign_epi8(q, q);
+                        let d = f32_of(w.d);
+                        for j in 0..4 {
+                            let x = &x[j][b];
+                            let products = signed_dot(q, magnitude, load(&x.qs));
+                            acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(d * f32_of(x.d)), products, acc[j]);
+                        }
+                    }
+                    std::array::from_fn(|j| hsum(acc[j]))
+                }
+
+                #[target_feature(enable = $features)]
+                fn q8_0(w: &[Q8_0], x: &[Q8_0]) -> f32 {
+                    let mut acc = _mm256_setzero_ps();
+                    for (w, x) in w.iter().zip(x) {
+                        let q = load(&w.qs);
+                        let products = signed_dot(q, _mm256_sign_epi8(q, q), load(&x.qs));
+                        acc = _mm256_fmadd_ps(_mm256_set1_ps(f32_of(w.d) * f32_of(x.d)), products, acc);
+                    }
+                    hsum(acc)
+                }
+
+                #[target_feature(enable = $features)]
+                fn q8_0_x4(w: &[Q8_0], x: [&[Q8_0]; 4]) -> [f32; 4] {
+                    let mut acc = [_mm256_setzero_ps(); 4];
+                    for (b, w) in w.iter().enumerate() {
+                        let q = load(&w.qs);
+                        let magnitude = _mm256_sign_epi8(q, q);
+                        let d = f32_of(w.d);
+                        for j in 0..4 {
+                            let x = &x[j][b];
+                            let products = signed_dot(q, magnitude, load(&x.qs));
+                            acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(d * f32_of(x.d)), products, acc[j]);
+                        }
+                    }
+                    std::array::from_fn(|j| hsum(acc[j]))
+                }
+            }
+        };
     }
 
-    /// The 32 bits of `qh` as bytes of 16 (set) or 0, in element order.
-    #[target_feature(enable = "avx2,fma")]
-    fn fifth_bits(qh: [u8; 4]) -> __m256i {
-        // Byte i takes byte i / 8 of the bits; OR-ing every bit but bit i % 8 and comparing
-        // with all ones tells whether bit i % 8 is set.
-        let spread = _mm256_shuffle_epi8(
-            _mm256_set1_epi32(i32::from_le_bytes(qh)),
-            _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0),
-        );
-        let others = _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe_u64 as i64);
-        let set = _mm256_cmpeq_epi8(_mm256_or_si256(spread, others), _mm256_set1_epi64x(-1));
-        _mm256_and_si256(set, _mm256_set1_epi8(16))
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    fn q5_0_q8_0_avx2(w: &[Q5_0], x: &[Q8_0]) -> f32 {
-        let mut acc = _mm256_setzero_ps();
-        let sixteen = _mm256_set1_epi8(16);
-        for (w, x) in w.iter().zip(x) {
-            // SAFETY: 32 readable bytes.
-            let y = unsafe { _mm256_loadu_si256(x.qs.as_ptr().cast()) };
-            // q in -16..15 as i8; |q| * sign(y, q) keeps maddubs' unsigned operand.
-            let q = _mm256_sub_epi8(_mm256_or_si256(nibbles(&w.qs), fifth_bits(w.qh)), sixteen);
-            let products = dot_u8_i8(_mm256_sign_epi8(q, q), _mm256_sign_epi8(y, q));
-            let scale = _mm256_set1_ps(w.d.to_f32() * x.d.to_f32());
-            acc = _mm256_fmadd_ps(scale, products, acc);
-        }
-        hsum(acc)
-    }
+    // maddubs pairs stay within i16: 2 * 127 * 127 at most (activations are -127..127).
+    kernel_set!(avx2, "avx2,fma,f16c", |u, s| _mm256_cvtepi32_ps(_mm256_madd_epi16(
+        _mm256_maddubs_epi16(u, s),
+        _mm256_set1_epi16(1)
+    )));
+    kernel_set!(avxvnni, "avx2,fma,f16c,avxvnni", |u, s| _mm256_cvtepi32_ps(_mm256_dpbusd_avx_epi32(
+        _mm256_setzero_si256(),
+        u,
+        s
+    )));
+    kernel_set!(vnni512, "avx2,fma,f16c,avx512vnni,avx512vl", |u, s| _mm256_cvtepi32_ps(
+        _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s)
+    ));
 }
 
 #[cfg(all(target_arch = "aarch64", target_feature = "dotprod"))]
@@ -536,19 +756,60 @@ mod neon {
         out
     }
 
+    /// A Q4_1 block's nibbles as two signed vectors (elements 0..15, 16..31).
+    #[inline(always)]
+    fn q4_1_values(w: &Q4_1) -> (int8x16_t, int8x16_t) {
+        // SAFETY: NEON is part of aarch64; 16 readable bytes.
+        unsafe {
+            let packed = vld1q_u8(w.qs.as_ptr());
+            let lo = vreinterpretq_s8_u8(vandq_u8(packed, vdupq_n_u8(0x0f)));
+            let hi = vreinterpretq_s8_u8(vshrq_n_u8::<4>(packed));
+            (lo, hi)
+        }
+    }
+
+    /// A Q5_0 block's values minus 16 as two signed vectors.
+    #[inline(always)]
+    fn q5_0_values(w: &Q5_0) -> (int8x16_t, int8x16_t) {
+        let high = fifth_bits(w.qh);
+        // SAFETY: NEON is part of aarch64; every load reads 16 bytes of a block or of `high`.
+        unsafe {
+            let packed = vld1q_u8(w.qs.as_ptr());
+            let lo = vorrq_u8(vandq_u8(packed, vdupq_n_u8(0x0f)), vld1q_u8(high.as_ptr()));
+            let hi = vorrq_u8(vshrq_n_u8::<4>(packed), vld1q_u8(high.as_ptr().add(16)));
+            let sixteen = vdupq_n_s8(16);
+            (vsubq_s8(vreinterpretq_s8_u8(lo), sixteen), vsubq_s8(vreinterpretq_s8_u8(hi), sixteen))
+        }
+    }
+
+    /// The integer dot product of a block's values with 32 activations.
+    #[inline(always)]
+    fn block_dot((lo, hi): (int8x16_t, int8x16_t), qs: &[i8; 32]) -> i32 {
+        // SAFETY: NEON is part of aarch64; 32 readable bytes.
+        unsafe {
+            let y0 = vld1q_s8(qs.as_ptr());
+            let y1 = vld1q_s8(qs.as_ptr().add(16));
+            vaddvq_s32(sdot(sdot(vdupq_n_s32(0), lo, y0), hi, y1))
+        }
+    }
+
     pub(super) fn q4_1_q8_1(w: &[Q4_1], x: &[Q8_1]) -> f32 {
         let mut sum = 0f32;
-        // SAFETY: NEON is part of aarch64; every load reads 16 bytes inside a block.
-        unsafe {
-            let mask = vdupq_n_u8(0x0f);
-            for (w, x) in w.iter().zip(x) {
-                let packed = vld1q_u8(w.qs.as_ptr());
-                let lo = vreinterpretq_s8_u8(vandq_u8(packed, mask));
-                let hi = vreinterpretq_s8_u8(vshrq_n_u8::<4>(packed));
-                let y0 = vld1q_s8(x.qs.as_ptr());
-                let y1 = vld1q_s8(x.qs.as_ptr().add(16));
-                let dot = sdot(sdot(vdupq_n_s32(0), lo, y0), hi, y1);
-                sum += w.d.to_f32() * x.d.to_f32() * vaddvq_s32(dot) as f32 + w.m.to_f32() * x.s.to_f32();
+        for (w, x) in w.iter().zip(x) {
+            let dot = block_dot(q4_1_values(w), &x.qs);
+            sum += w.d.to_f32() * x.d.to_f32() * dot as f32 + w.m.to_f32() * x.s.to_f32();
+        }
+        sum
+    }
+
+    pub(super) fn q4_1_q8_1_x4(w: &[Q4_1], x: [&[Q8_1]; 4]) -> [f32; 4] {
+        let mut sum = [0f32; 4];
+        for (b, w) in w.iter().enumerate() {
+            let values = q4_1_values(w);
+            let (d, m) = (w.d.to_f32(), w.m.to_f32());
+            for j in 0..4 {
+                let x = &x[j][b];
+                sum[j] += d * x.d.to_f32() * block_dot(values, &x.qs) as f32 + m * x.s.to_f32();
             }
         }
         sum
@@ -556,21 +817,20 @@ mod neon {
 
     pub(super) fn q5_0_q8_0(w: &[Q5_0], x: &[Q8_0]) -> f32 {
         let mut sum = 0f32;
-        // SAFETY: NEON is part of aarch64; every load reads 16 bytes inside a block or table.
-        unsafe {
-            let mask = vdupq_n_u8(0x0f);
-            let sixteen = vdupq_n_s8(16);
-            for (w, x) in w.iter().zip(x) {
-                let high = fifth_bits(w.qh);
-                let packed = vld1q_u8(w.qs.as_ptr());
-                let lo = vorrq_u8(vandq_u8(packed, mask), vld1q_u8(high.as_ptr()));
-                let hi = vorrq_u8(vshrq_n_u8::<4>(packed), vld1q_u8(high.as_ptr().add(16)));
-                let lo = vsubq_s8(vreinterpretq_s8_u8(lo), sixteen);
-                let hi = vsubq_s8(vreinterpretq_s8_u8(hi), sixteen);
-                let y0 = vld1q_s8(x.qs.as_ptr());
-                let y1 = vld1q_s8(x.qs.as_ptr().add(16));
-                let dot = sdot(sdot(vdupq_n_s32(0), lo, y0), hi, y1);
-                sum += w.d.to_f32() * x.d.to_f32() * vaddvq_s32(dot) as f32;
+        for (w, x) in w.iter().zip(x) {
+            sum += w.d.to_f32() * x.d.to_f32() * block_dot(q5_0_values(w), &x.qs) as f32;
+        }
+        sum
+    }
+
+    pub(super) fn q5_0_q8_0_x4(w: &[Q5_0], x: [&[Q8_0]; 4]) -> [f32; 4] {
+        let mut sum = [0f32; 4];
+        for (b, w) in w.iter().enumerate() {
+            let values = q5_0_values(w);
+            let d = w.d.to_f32();
+            for j in 0..4 {
+                let x = &x[j][b];
+                sum[j] += d * x.d.to_f32() * block_dot(values, &x.qs) as f32;
             }
         }
         sum
@@ -601,7 +861,9 @@ mod tests {
     fn every_type_matches_the_dequantized_product() {
         let (rows, cols) = (8, 512);
         let weights = values(rows * cols, 1);
-        let input = values(cols, 2);
+        // Six tokens: one group of four and two single ones.
+        let tokens = 6;
+        let input = values(tokens * cols, 2);
         let tensor = Tensor::from_vec(weights, (rows, cols), &Device::Cpu).expect("tensor");
         for dtype in [
             GgmlDType::F32,
@@ -629,16 +891,22 @@ mod tests {
             view.copy_from_slice(&bytes);
             let matrix = QMatrix::new(dtype, rows, cols, view).expect("matrix");
             let mut x = Input::default();
-            x.set(&input, 1, cols);
-            x.prepare(matrix.input_format());
-            let mut got = vec![0f32; rows];
-            matrix.dot_rows(&x, 0, 0..rows, &mut got);
+            x.set(&input, tokens, cols);
+            x.prepare(matrix.input_format(), &crate::pool::ComputePool::new(2).expect("pool"));
+            let mut got = vec![0f32; rows * tokens];
+            matrix.dot_tile(&x, tokens, 0..rows, &mut got);
             let mut row = vec![0f32; cols];
-            for (r, got) in got.iter().enumerate() {
+            for r in 0..rows {
                 matrix.row_to_f32(r, &mut row);
-                let want: f32 = row.iter().zip(&input).map(|(a, b)| a * b).sum();
-                let scale: f32 = row.iter().zip(&input).map(|(a, b)| (a * b).abs()).sum();
-                assert!((got - want).abs() <= 0.02 * scale + 1e-4, "{dtype:?} row {r}: {got} vs {want}");
+                for (t, input) in input.chunks_exact(cols).enumerate() {
+                    let got = got[t * rows + r];
+                    let want: f32 = row.iter().zip(input).map(|(a, b)| a * b).sum();
+                    let scale: f32 = row.iter().zip(input).map(|(a, b)| (a * b).abs()).sum();
+                    assert!(
+                        (got - want).abs() <= 0.02 * scale + 1e-4,
+                        "{dtype:?} row {r} token {t}: {got} vs {want}"
+                    );
+                }
             }
         }
     }
@@ -649,8 +917,8 @@ mod tests {
         let tensor = Tensor::from_vec(values(cols, 3), (1, cols), &Device::Cpu).expect("tensor");
         let mut x = Input::default();
         x.set(&values(cols, 4), 1, cols);
-        x.prepare(InputFormat::Q8_0);
-        x.prepare(InputFormat::Q8_1);
+        x.prepare(InputFormat::Q8_0, &crate::pool::ComputePool::new(2).expect("pool"));
+        x.prepare(InputFormat::Q8_1, &crate::pool::ComputePool::new(2).expect("pool"));
         let q41 =
             QTensor::quantize(&tensor, GgmlDType::Q4_1).expect("q4_1").data().expect("data").into_owned();
         let q50 =
@@ -675,5 +943,92 @@ mod tests {
         assert!((a - b).abs() <= 1e-3 * b.abs().max(1.0), "q4_1 {a} vs {b}");
         let (a, b) = (q5_0_kernel()(&w50, x.q8_0(0)), scalar::q5_0_q8_0(&w50, x.q8_0(0)));
         assert!((a - b).abs() <= 1e-3 * b.abs().max(1.0), "q5_0 {a} vs {b}");
+        let (mut x4, inputs) = (Input::default(), values(4 * cols, 5));
+        x4.set(&inputs, 4, cols);
+        x4.prepare(InputFormat::Q8_0, &crate::pool::ComputePool::new(2).expect("pool"));
+        x4.prepare(InputFormat::Q8_1, &crate::pool::ComputePool::new(2).expect("pool"));
+        let four = q4_1_x4_kernel()(&w41, std::array::from_fn(|t| x4.q8_1(t)));
+        for (t, a) in four.into_iter().enumerate() {
+            let b = scalar::q4_1_q8_1(&w41, x4.q8_1(t));
+            assert!((a - b).abs() <= 1e-3 * b.abs().max(1.0), "q4_1 x4 token {t}: {a} vs {b}");
+        }
+        let four = q5_0_x4_kernel()(&w50, std::array::from_fn(|t| x4.q8_0(t)));
+        for (t, a) in four.into_iter().enumerate() {
+            let b = scalar::q5_0_q8_0(&w50, x4.q8_0(t));
+            assert!((a - b).abs() <= 1e-3 * b.abs().max(1.0), "q5_0 x4 token {t}: {a} vs {b}");
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn every_x86_level_equals_the_portable_kernels() {
+        let cols = 1024;
+        let tensor = Tensor::from_vec(values(cols, 6), (1, cols), &Device::Cpu).expect("tensor");
+        let mut x = Input::default();
+        x.set(&values(4 * cols, 7), 4, cols);
+        x.prepare(InputFormat::Q8_0, &crate::pool::ComputePool::new(2).expect("pool"));
+        x.prepare(InputFormat::Q8_1, &crate::pool::ComputePool::new(2).expect("pool"));
+        let blocks = |dtype| QTensor::quantize(&tensor, dtype).and_then(|q| q.data().map(|d| d.into_owned()));
+        let (q41, q50, q80) = (
+            blocks(GgmlDType::Q4_1).expect("q4_1"),
+            blocks(GgmlDType::Q5_0).expect("q5_0"),
+            blocks(GgmlDType::Q8_0).expect("q8_0"),
+        );
+        let w41: Vec<Q4_1> = q41
+            .chunks_exact(20)
+            .map(|b| Q4_1 {
+                d: f16::from_le_bytes([b[0], b[1]]),
+                m: f16::from_le_bytes([b[2], b[3]]),
+                qs: b[4..20].try_into().expect("16"),
+            })
+            .collect();
+        let w50: Vec<Q5_0> = q50
+            .chunks_exact(22)
+            .map(|b| Q5_0 {
+                d: f16::from_le_bytes([b[0], b[1]]),
+                qh: b[2..6].try_into().expect("4"),
+                qs: b[6..22].try_into().expect("16"),
+            })
+            .collect();
+        let w80: Vec<Q8_0> = q80
+            .chunks_exact(34)
+            .map(|b| Q8_0 {
+                d: f16::from_le_bytes([b[0], b[1]]),
+                qs: std::array::from_fn(|i| b[2 + i] as i8),
+            })
+            .collect();
+        let close = |a: f32, b: f32| (a - b).abs() <= 1e-3 * b.abs().max(1.0);
+        let levels = x86::every_level();
+        assert!(!levels.is_empty(), "no AVX2 on this machine: the portable kernels ran everywhere");
+        for (level, k) in levels {
+            for t in 0..4 {
+                let want41 = scalar::q4_1_q8_1(&w41, x.q8_1(t));
+                let want50 = scalar::q5_0_q8_0(&w50, x.q8_0(t));
+                let want80: f32 = w80
+                    .iter()
+                    .zip(x.q8_0(t))
+                    .map(|(w, x)| {
+                        let dot: i32 =
+                            w.qs.iter().zip(&x.qs).map(|(a, b)| i32::from(*a) * i32::from(*b)).sum();
+                        w.d.to_f32() * x.d.to_f32() * dot as f32
+                    })
+                    .sum();
+                assert!(close((k.q4_1)(&w41, x.q8_1(t)), want41), "{level} q4_1 token {t}");
+                assert!(close((k.q5_0)(&w50, x.q8_0(t)), want50), "{level} q5_0 token {t}");
+                assert!(close((k.q8_0)(&w80, x.q8_0(t)), want80), "{level} q8_0 token {t}");
+                assert!(
+                    close((k.q4_1_x4)(&w41, std::array::from_fn(|j| x.q8_1(j)))[t], want41),
+                    "{level} q4_1 x4"
+                );
+                assert!(
+                    close((k.q5_0_x4)(&w50, std::array::from_fn(|j| x.q8_0(j)))[t], want50),
+                    "{level} q5_0 x4"
+                );
+                assert!(
+                    close((k.q8_0_x4)(&w80, std::array::from_fn(|j| x.q8_0(j)))[t], want80),
+                    "{level} q8_0 x4"
+                );
+            }
+        }
     }
 }

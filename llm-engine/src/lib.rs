@@ -11,6 +11,7 @@ mod engine;
 mod error;
 mod gguf;
 mod kernels;
+mod pool;
 pub mod registry;
 mod template;
 mod tokenizer;

@@ -175,14 +175,18 @@ fn sentencepiece_bpe(content: &gguf_file::Content) -> Result<Tokenizer> {
     }
     tokenizer.with_decoder(Some(DecoderWrapper::Sequence(DecoderSequence::new(decoders))));
 
-    // Control (3) and user-defined (4) tokens are matched whole in the text.
-    let specials: Vec<AddedToken> = tokens
-        .iter()
-        .zip(&types)
-        .filter(|(_, t)| matches!(**t as i64, 3 | 4))
-        .map(|(tok, _)| AddedToken::from(tok.clone(), true))
-        .collect();
-    tokenizer.add_special_tokens(specials).map_err(|e| EngineError::Tokenizer(e.to_string()))?;
+    // Control (3) and user-defined (4) tokens are matched whole in the text; control tokens
+    // are special (left out of decoded text), user-defined ones are text (Gemma's "\n\n").
+    let whole = |kind: i64, special: bool| -> Vec<AddedToken> {
+        tokens
+            .iter()
+            .zip(&types)
+            .filter(|(_, t)| **t as i64 == kind)
+            .map(|(tok, _)| AddedToken::from(tok.clone(), special))
+            .collect()
+    };
+    tokenizer.add_special_tokens(whole(3, true)).map_err(|e| EngineError::Tokenizer(e.to_string()))?;
+    tokenizer.add_tokens(whole(4, false)).map_err(|e| EngineError::Tokenizer(e.to_string()))?;
     Ok(tokenizer)
 }
 

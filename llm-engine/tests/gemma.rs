@@ -36,6 +36,13 @@ fn gemma3_answers_and_reuses_its_cache() {
         .expect("turn 1");
     assert!(!turn1.text.trim().is_empty());
     assert!(matches!(turn1.report.finish, FinishReason::EndOfTurn | FinishReason::MaxTokens));
+    // This is the pretrained (not instruction-tuned) 270M model: it echoes the turn. llama.cpp
+    // gives the same greedy answer on the same file (llama-cpp-python 0.3, temperature 0):
+    // "You are a helpful kitchen assistant.\n\nName one herb that goes well with tomatoes.
+    // mendatang\nYou are a helpful kitchen".
+    let llama_cpp_start =
+        "You are a helpful kitchen assistant.\n\nName one herb that goes well with tomatoes.";
+    assert!(turn1.text.starts_with(llama_cpp_start), "{:?} is not llama.cpp's answer", turn1.text);
     let turn2 = conversation.send(&mut engine, "And one spice?", &params, None, &mut |_| {}).expect("turn 2");
     assert!(!turn2.text.trim().is_empty());
     assert!(turn2.report.reused_prompt_tokens > 0, "{:?}", turn2.report);

@@ -9,7 +9,10 @@ use llm_engine::{
 };
 
 const SYSTEM: &str = "You are a helpful kitchen assistant. Answer in one short sentence.";
-const QUESTION: &str = "How long should I boil an egg for a soft yolk?";
+const QUESTION: &str = "How do I keep cut apples from turning brown?";
+/// llama.cpp's greedy answer to QUESTION on the same file starts so (llama-cpp-python 0.3,
+/// temperature 0, no repeat penalty).
+const LLAMA_CPP_START: &str = "To keep apples from turning brown, you can use";
 
 fn engine() -> Engine {
     let path = match resolve_model("smollm2-135m") {
@@ -39,6 +42,7 @@ fn greedy_answer_is_deterministic_and_ends_its_turn() {
         .chat(&kitchen_question(), &params, None, &mut |piece| streamed.push_str(piece))
         .expect("generates");
     assert!(!first.text.trim().is_empty(), "empty answer");
+    assert!(first.text.starts_with(LLAMA_CPP_START), "{:?} is not llama.cpp's answer", first.text);
     assert_eq!(streamed, first.text, "streamed pieces add up to the answer");
     assert_eq!(first.report.finish, FinishReason::EndOfTurn, "{first:?}");
     assert!(first.report.generated_tokens < 64);
