@@ -133,8 +133,11 @@ impl<'a> QMatrix<'a> {
         }
     }
 
-    /// The activation format this matrix's dot product takes.
-    pub fn input_format(&self) -> InputFormat {
+    /// The activation format this matrix's products with `tokens` input rows take.
+    pub fn input_format(&self, tokens: usize) -> InputFormat {
+        if self.packs(tokens) {
+            return InputFormat::Packed;
+        }
         match self.dtype {
             GgmlDType::Q4_0 | GgmlDType::Q5_0 | GgmlDType::Q8_0 => InputFormat::Q8_0,
             GgmlDType::Q4_1 | GgmlDType::Q5_1 => InputFormat::Q8_1,
@@ -147,6 +150,11 @@ impl<'a> QMatrix<'a> {
     /// rows: each weight row is read once for all of them, and Q4_1/Q5_0 blocks are unpacked
     /// once for four tokens.
     pub fn dot_tile(&self, x: &Input, tokens: usize, rows: Range<usize>, out: &mut [f32]) {
+        if self.packs(tokens)
+            && let Some(kernel) = packed_kernel()
+        {
+            return self.packed_tile(kernel, x, tokens, rows, out);
+        }
         let rb = self.row_bytes();
         let w = &self.bytes[rows.start * rb..rows.end * rb];
         let n = self.cols;
@@ -203,6 +211,193 @@ impl<'a> QMatrix<'a> {
                 tile(w, rb, tokens, out, one, |row, t| std::array::from_fn(|j| one(row, t + j)));
             }
             other => unreachable!("checked in QMatrix::new: {other:?}"),
+        }
+    }
+}
+
+/// Batches of at least this many tokens take the packed path (where the CPU has it).
+const PACKED_MIN_TOKENS: usize = 4;
+
+/// Two weight rows against four tokens, in the packed form (see `PackedRow`); `x` activations
+/// plus 128, `xd` their blocks' scale and scale times sum.
+type PackedKernel = fn(w: [&PackedRow; 2], x: [&[u8]; 4], xd: [&[[f32; 2]]; 4]) -> [[f32; 4]; 2];
+
+/// A weight row for the packed path: per block of 32, 8-bit values `q` with the value being
+/// `scale * q + offset`, and -128 x the sum of the block's `q`.
+#[derive(Debug, Default)]
+pub(crate) struct PackedRow {
+    q: Vec<i8>,
+    scale: Vec<f32>,
+    offset: Vec<f32>,
+    /// Per block, per group of four values (a 32-bit lane): -128 x their sum.
+    correction: Vec<[i32; 8]>,
+    /// Every offset is zero (symmetric formats): the offset terms are skipped.
+    symmetric: bool,
+}
+
+fn packed_kernel() -> Option<PackedKernel> {
+    #[cfg(target_arch = "x86_64")]
+    return x86::kernels().and_then(|k| k.packed);
+    #[allow(unreachable_code)]
+    None
+}
+
+impl QMatrix<'_> {
+    /// Whether products with `tokens` input rows take the packed path: batches, on VNNI
+    /// CPUs, for the types whose one-token kernels are ours (Q4_1, Q5_0, Q8_0), because the
+    /// packed path then computes bit for bit what they compute. A prompt's last token, alone
+    /// in the next call once the rest is cached, must give the same logits as in the batch.
+    fn packs(&self, tokens: usize) -> bool {
+        tokens >= PACKED_MIN_TOKENS
+            && matches!(self.dtype, GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q8_0)
+            && packed_kernel().is_some()
+    }
+
+    /// The batch path on VNNI CPUs, for every weight type: each weight row is turned once into
+    /// 8-bit blocks (dequantized, then quantized as Q8_0 is: a rounding of a quarter percent of
+    /// the block's largest value at most, far below the 4-6-bit weights' own), and multiplied
+    /// two rows by four tokens with u8 x i8 dot products: activations plus 128 are unsigned,
+    /// and 128 x the weights' sum, subtracted, makes up for it.
+    fn packed_tile(
+        &self,
+        kernel: PackedKernel,
+        x: &Input,
+        tokens: usize,
+        rows: Range<usize>,
+        out: &mut [f32],
+    ) {
+        let n = rows.len();
+        let mut packed = [PackedRow::default(), PackedRow::default()];
+        let mut values = vec![0f32; self.cols];
+        let mut i = 0;
+        while i < n {
+            let pair = [i, (i + 1).min(n - 1)];
+            for (k, &r) in pair.iter().enumerate() {
+                self.pack_row(rows.start + r, &mut packed[k], &mut values);
+            }
+            let mut t = 0;
+            while t < tokens {
+                // The last group repeats its last token to fill four; the extra results are dropped.
+                let ts: [usize; 4] = std::array::from_fn(|j| (t + j).min(tokens - 1));
+                let xs: [(&[u8], &[[f32; 2]]); 4] = ts.map(|t| x.packed(t));
+                let r = kernel([&packed[0], &packed[1]], xs.map(|x| x.0), xs.map(|x| x.1));
+                for j in 0..4.min(tokens - t) {
+                    out[(t + j) * n + i] = r[0][j];
+                    if pair[1] != i {
+                        out[(t + j) * n + pair[1]] = r[1][j];
+                    }
+                }
+                t += 4;
+            }
+            i += 2;
+        }
+    }
+
+    /// Row `row` in the packed form: exactly for Q4_0, Q4_1, Q5_0, Q8_0 and Q4_K (their values
+    /// are `scale * q + offset` per block of 32 with small integer `q`), and quantized as Q8_0
+    /// is for the others (Q6_K's scales change every 16 values): a rounding of at most a
+    /// quarter percent of the block's largest value.
+    fn pack_row(&self, row: usize, out: &mut PackedRow, values: &mut [f32]) {
+        let (cols, blocks) = (self.cols, self.cols / 32);
+        out.q.resize(cols, 0);
+        out.scale.resize(blocks, 0.0);
+        out.offset.resize(blocks, 0.0);
+        out.correction.resize(blocks, [0; 8]);
+        let rb = self.row_bytes();
+        let bytes = &self.bytes[row * rb..(row + 1) * rb];
+        out.symmetric = true;
+        match self.dtype {
+            GgmlDType::Q8_0 => {
+                for (b, w) in cast::<u8, Q8_0>(bytes).iter().enumerate() {
+                    out.q[b * 32..b * 32 + 32].copy_from_slice(&w.qs);
+                    out.scale[b] = w.d.to_f32();
+                    out.offset[b] = 0.0;
+                }
+            }
+            GgmlDType::Q4_0 => {
+                for (b, chunk) in bytes.chunks_exact(18).enumerate() {
+                    let d = f16::from_le_bytes([chunk[0], chunk[1]]).to_f32();
+                    let q = &mut out.q[b * 32..b * 32 + 32];
+                    for j in 0..16 {
+                        q[j] = (chunk[2 + j] & 0x0f) as i8 - 8;
+                        q[j + 16] = (chunk[2 + j] >> 4) as i8 - 8;
+                    }
+                    out.scale[b] = d;
+                    out.offset[b] = 0.0;
+                }
+            }
+            GgmlDType::Q4_1 => {
+                out.symmetric = false;
+                for (b, w) in cast::<u8, Q4_1>(bytes).iter().enumerate() {
+                    let q = &mut out.q[b * 32..b * 32 + 32];
+                    for j in 0..16 {
+                        q[j] = (w.qs[j] & 0x0f) as i8;
+                        q[j + 16] = (w.qs[j] >> 4) as i8;
+                    }
+                    out.scale[b] = w.d.to_f32();
+                    out.offset[b] = w.m.to_f32();
+                }
+            }
+            GgmlDType::Q5_0 => {
+                for (b, w) in cast::<u8, Q5_0>(bytes).iter().enumerate() {
+                    let high = fifth_bits(w.qh);
+                    let q = &mut out.q[b * 32..b * 32 + 32];
+                    for j in 0..16 {
+                        q[j] = ((w.qs[j] & 0x0f) | high[j]) as i8 - 16;
+                        q[j + 16] = ((w.qs[j] >> 4) | high[j + 16]) as i8 - 16;
+                    }
+                    out.scale[b] = w.d.to_f32();
+                    out.offset[b] = 0.0;
+                }
+            }
+            GgmlDType::Q4K => {
+                out.symmetric = false;
+                // ggml's block_q4_K: d, dmin (f16), 12 bytes of 6-bit scales and mins for the
+                // eight sub-blocks of 32, then 128 bytes of nibbles (64 values per 32 bytes,
+                // low nibbles first).
+                for (sb, chunk) in bytes.chunks_exact(144).enumerate() {
+                    let d = f16::from_le_bytes([chunk[0], chunk[1]]).to_f32();
+                    let dmin = f16::from_le_bytes([chunk[2], chunk[3]]).to_f32();
+                    let scales = &chunk[4..16];
+                    let qs = &chunk[16..144];
+                    for j in 0..8 {
+                        let (sc, m) = if j < 4 {
+                            (scales[j] & 63, scales[j + 4] & 63)
+                        } else {
+                            (
+                                (scales[j + 4] & 0x0f) | ((scales[j - 4] >> 6) << 4),
+                                (scales[j + 4] >> 4) | ((scales[j] >> 6) << 4),
+                            )
+                        };
+                        let b = sb * 8 + j;
+                        let nibbles = &qs[(j / 2) * 32..(j / 2) * 32 + 32];
+                        let q = &mut out.q[b * 32..b * 32 + 32];
+                        for l in 0..32 {
+                            q[l] = if j % 2 == 0 { nibbles[l] & 0x0f } else { nibbles[l] >> 4 } as i8;
+                        }
+                        out.scale[b] = d * f32::from(sc);
+                        out.offset[b] = -dmin * f32::from(m);
+                    }
+                }
+            }
+            _ => {
+                self.row_to_f32(row, values);
+                for (b, v) in values.chunks_exact(32).enumerate() {
+                    let (d, qs) = quantize_block(v);
+                    out.q[b * 32..b * 32 + 32].copy_from_slice(&qs);
+                    out.scale[b] = d;
+                    out.offset[b] = 0.0;
+                }
+            }
+        }
+        for (b, c) in out.correction.iter_mut().enumerate() {
+            for (lane, c) in c.iter_mut().enumerate() {
+                *c = -128
+                    * out.q[b * 32 + lane * 4..b * 32 + lane * 4 + 4]
+                        .iter()
+                        .map(|&v| i32::from(v))
+                        .sum::<i32>();
+            }
         }
     }
 }
@@ -271,9 +466,110 @@ fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + ar.iter().zip(br).map(|(x, y)| x * y).sum::<f32>()
 }
 
-/// Dot product of two f32 vectors (attention scores).
+/// Dot product of two f32 vectors (attention scores). Explicit SIMD: release builds optimise
+/// for size, and LLVM does not vectorise loops at that level.
 pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if x86::kernels().is_some() {
+        // SAFETY: AVX2 and FMA are there (`kernels()` is Some only then).
+        return unsafe { float_simd::dot_avx2(a, b) };
+    }
+    #[cfg(target_arch = "aarch64")]
+    return float_simd::dot_neon(a, b);
+    #[allow(unreachable_code)]
     dot_f32(a, b)
+}
+
+/// `y += a * x` (attention's weighted sum of values), explicit SIMD as `dot`.
+pub(crate) fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if x86::kernels().is_some() {
+        // SAFETY: AVX2 and FMA are there (`kernels()` is Some only then).
+        return unsafe { float_simd::axpy_avx2(y, a, x) };
+    }
+    #[cfg(target_arch = "aarch64")]
+    return float_simd::axpy_neon(y, a, x);
+    #[allow(unreachable_code)]
+    y.iter_mut().zip(x).for_each(|(y, x)| *y += a * x);
+}
+
+mod float_simd {
+    #[cfg(target_arch = "x86_64")]
+    use std::arch::x86_64::*;
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len().min(b.len());
+        let mut acc = _mm256_setzero_ps();
+        let mut i = 0;
+        while i + 8 <= n {
+            // SAFETY: i + 8 <= n, inside both slices.
+            let (x, y) = unsafe { (_mm256_loadu_ps(a.as_ptr().add(i)), _mm256_loadu_ps(b.as_ptr().add(i))) };
+            acc = _mm256_fmadd_ps(x, y, acc);
+            i += 8;
+        }
+        let mut lanes = [0f32; 8];
+        // SAFETY: 8 writable floats.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc) };
+        lanes.iter().sum::<f32>() + a[i..n].iter().zip(&b[i..n]).map(|(x, y)| x * y).sum::<f32>()
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn axpy_avx2(y: &mut [f32], a: f32, x: &[f32]) {
+        let n = y.len().min(x.len());
+        let scale = _mm256_set1_ps(a);
+        let mut i = 0;
+        while i + 8 <= n {
+            // SAFETY: i + 8 <= n, inside both slices.
+            unsafe {
+                let sum = _mm256_fmadd_ps(
+                    scale,
+                    _mm256_loadu_ps(x.as_ptr().add(i)),
+                    _mm256_loadu_ps(y.as_ptr().add(i)),
+                );
+                _mm256_storeu_ps(y.as_mut_ptr().add(i), sum);
+            }
+            i += 8;
+        }
+        y[i..n].iter_mut().zip(&x[i..n]).for_each(|(y, x)| *y += a * x);
+    }
+
+    #[cfg(target_arch = "aarch64")]
+    pub(super) fn dot_neon(a: &[f32], b: &[f32]) -> f32 {
+        use std::arch::aarch64::*;
+        let n = a.len().min(b.len());
+        let mut i = 0;
+        // SAFETY: NEON is part of aarch64; every load is inside both slices (i + 4 <= n).
+        let mut sum = unsafe {
+            let mut acc = vdupq_n_f32(0.0);
+            while i + 4 <= n {
+                acc = vfmaq_f32(acc, vld1q_f32(a.as_ptr().add(i)), vld1q_f32(b.as_ptr().add(i)));
+                i += 4;
+            }
+            vaddvq_f32(acc)
+        };
+        sum += a[i..n].iter().zip(&b[i..n]).map(|(x, y)| x * y).sum::<f32>();
+        sum
+    }
+
+    #[cfg(target_arch = "aarch64")]
+    pub(super) fn axpy_neon(y: &mut [f32], a: f32, x: &[f32]) {
+        use std::arch::aarch64::*;
+        let n = y.len().min(x.len());
+        let mut i = 0;
+        // SAFETY: NEON is part of aarch64; every access is inside both slices (i + 4 <= n).
+        unsafe {
+            let scale = vdupq_n_f32(a);
+            while i + 4 <= n {
+                let sum = vfmaq_f32(vld1q_f32(y.as_ptr().add(i)), scale, vld1q_f32(x.as_ptr().add(i)));
+                vst1q_f32(y.as_mut_ptr().add(i), sum);
+                i += 4;
+            }
+        }
+        y[i..n].iter_mut().zip(&x[i..n]).for_each(|(y, x)| *y += a * x);
+    }
 }
 
 /// Reinterprets bytes as blocks. The blocks are plain `repr(C)` data of f16/integers, valid for
@@ -294,6 +590,9 @@ pub(crate) enum InputFormat {
     Q8_0,
     Q8_1,
     Q8K,
+    /// Batches on VNNI CPUs: 8-bit values plus 128 as bytes, contiguous per token, and the
+    /// blocks' scales as f32 (see `packed_tile`).
+    Packed,
 }
 
 /// Input rows (one per token), quantized on demand into each format a matrix asks for.
@@ -305,7 +604,10 @@ pub(crate) struct Input {
     q8_0: Vec<Q8_0>,
     q8_1: Vec<Q8_1>,
     q8k: Vec<BlockQ8K>,
-    ready: [bool; 3],
+    packed_q: Vec<u8>,
+    /// Per block: the scale and the scale times the sum of the 8-bit values.
+    packed_d: Vec<[f32; 2]>,
+    ready: [bool; 4],
 }
 
 impl Input {
@@ -315,7 +617,7 @@ impl Input {
         self.tokens = tokens;
         self.f32.clear();
         self.f32.extend_from_slice(&values[..tokens * cols]);
-        self.ready = [false; 3];
+        self.ready = [false; 4];
     }
 
     /// Quantizes the rows for `format` (once per `set`), the rows spread over `pool`.
@@ -345,6 +647,30 @@ impl Input {
                 });
                 self.ready[1] = true;
             }
+            InputFormat::Packed if !self.ready[3] => {
+                self.packed_q.resize(tokens * cols, 0);
+                self.packed_d.resize(tokens * cols / 32, [0.0; 2]);
+                let scales = crate::pool::SharedSlice::new(&mut self.packed_d);
+                rows(pool, tokens, &mut self.packed_q, cols, &|t, bytes| {
+                    for (b, (x, q)) in values[t * cols..(t + 1) * cols]
+                        .chunks_exact(32)
+                        .zip(bytes.chunks_exact_mut(32))
+                        .enumerate()
+                    {
+                        let (d, qs) = quantize_block(x);
+                        for (q, v) in q.iter_mut().zip(qs) {
+                            *q = (i16::from(v) + 128) as u8;
+                        }
+                        let sum: i32 = qs.iter().map(|&v| i32::from(v)).sum();
+                        // Rounded through f16 as in Q8_0/Q8_1, so that a token gives the same
+                        // numbers in a batch as alone.
+                        let scale = [f16::from_f32(d).to_f32(), f16::from_f32(d * sum as f32).to_f32()];
+                        // SAFETY: token t's scales, written only by the task of token t.
+                        unsafe { scales.write(t * cols / 32 + b, scale) };
+                    }
+                });
+                self.ready[3] = true;
+            }
             InputFormat::Q8K if !self.ready[2] => {
                 self.q8k.resize(tokens * cols / 256, BlockQ8K::zeros());
                 rows(pool, tokens, &mut self.q8k, cols / 256, &|t, blocks| {
@@ -366,6 +692,13 @@ impl Input {
     fn q8_1(&self, token: usize) -> &[Q8_1] {
         let n = self.cols / 32;
         &self.q8_1[token * n..(token + 1) * n]
+    }
+    fn packed(&self, token: usize) -> (&[u8], &[[f32; 2]]) {
+        let n = self.cols / 32;
+        (
+            &self.packed_q[token * self.cols..(token + 1) * self.cols],
+            &self.packed_d[token * n..(token + 1) * n],
+        )
     }
     fn q8k(&self, token: usize) -> &[BlockQ8K] {
         let n = self.cols / 256;
@@ -396,7 +729,9 @@ fn quantize_block(x: &[f32]) -> (f32, [i8; 32]) {
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
     let mut qs = [0i8; 32];
     for (q, v) in qs.iter_mut().zip(x) {
-        *q = (v * id).round() as i8;
+        // Rounding half away from zero (as `roundf`) without a libm call: |v * id| <= 127.
+        let scaled = v * id;
+        *q = (scaled + 0.5f32.copysign(scaled)) as i32 as i8;
     }
     (d, qs)
 }
@@ -512,6 +847,8 @@ mod x86 {
         pub q5_0_x4: Q5_0x4Kernel,
         pub q8_0: Q8_0Kernel,
         pub q8_0_x4: Q8_0x4Kernel,
+        /// Only with VNNI (AVX2's maddubs would saturate on activations plus 128).
+        pub packed: Option<PackedKernel>,
     }
 
     /// The best level this CPU has: AVX-512 VNNI, AVX-VNNI or AVX2 (each with FMA and F16C);
@@ -556,9 +893,10 @@ mod x86 {
     /// One set of kernels compiled for `$features`, with `$dot` the eight f32 partial sums of
     /// the u8 x i8 products of two 32-byte vectors.
     macro_rules! kernel_set {
-        ($name:ident, $features:literal, |$u:ident, $s:ident| $dot:expr) => {
+        ($name:ident, $features:literal, $packed:expr, |$u:ident, $s:ident| $dot:expr,
+         |$a:ident, $pu:ident, $ps:ident| $dpbusd:expr) => {
             mod $name {
-                use super::super::{Q4_1, Q5_0, Q8_0, Q8_1};
+                use super::super::{PackedRow, Q4_1, Q5_0, Q8_0, Q8_1};
                 use half::f16;
                 use std::arch::x86_64::*;
 
@@ -571,11 +909,47 @@ mod x86 {
                     q5_0_x4: |w, x| unsafe { q5_0_x4(w, x) },
                     q8_0: |w, x| unsafe { q8_0(w, x) },
                     q8_0_x4: |w, x| unsafe { q8_0_x4(w, x) },
+                    packed: $packed,
                 };
+
+                /// The packed two-row, four-token product (VNNI levels only; see `packed_tile`).
+                #[allow(dead_code)]
+                #[target_feature(enable = $features)]
+                fn packed_2x4(w: [&PackedRow; 2], x: [&[u8]; 4], xd: [&[[f32; 2]]; 4]) -> [[f32; 4]; 2] {
+                    let mut acc = [[_mm256_setzero_ps(); 4]; 2];
+                    let mut offsets = [[0f32; 4]; 2];
+                    for b in 0..w[0].scale.len() {
+                        // SAFETY (loads): 32 bytes at block b of rows of whole blocks.
+                        let wv =
+                            [0, 1].map(|r| unsafe { _mm256_loadu_si256(w[r].q.as_ptr().add(b * 32).cast()) });
+                        let start =
+                            [0, 1].map(|r| unsafe { _mm256_loadu_si256(w[r].correction[b].as_ptr().cast()) });
+                        for j in 0..4 {
+                            let xv = unsafe { _mm256_loadu_si256(x[j].as_ptr().add(b * 32).cast()) };
+                            let [dx, sx] = xd[j][b];
+                            for r in 0..2 {
+                                let sum = _mm256_cvtepi32_ps(dpbusd(start[r], xv, wv[r]));
+                                acc[r][j] =
+                                    _mm256_fmadd_ps(sum, _mm256_set1_ps(w[r].scale[b] * dx), acc[r][j]);
+                                if !w[r].symmetric {
+                                    offsets[r][j] += w[r].offset[b] * sx;
+                                }
+                            }
+                        }
+                    }
+                    [0, 1].map(|r| std::array::from_fn(|j| hsum(acc[r][j]) + offsets[r][j]))
+                }
 
                 #[target_feature(enable = $features)]
                 fn dot($u: __m256i, $s: __m256i) -> __m256 {
                     $dot
+                }
+
+                /// `acc` plus the u8 x i8 dot products by groups of four bytes.
+                #[allow(dead_code)]
+                #[target_feature(enable = $features)]
+                fn dpbusd($a: __m256i, $pu: __m256i, $ps: __m256i) -> __m256i {
+                    $dpbusd
                 }
 
                 /// Sum of the eight lanes.
@@ -720,18 +1094,29 @@ mod x86 {
     }
 
     // maddubs pairs stay within i16: 2 * 127 * 127 at most (activations are -127..127).
-    kernel_set!(avx2, "avx2,fma,f16c", |u, s| _mm256_cvtepi32_ps(_mm256_madd_epi16(
-        _mm256_maddubs_epi16(u, s),
-        _mm256_set1_epi16(1)
-    )));
-    kernel_set!(avxvnni, "avx2,fma,f16c,avxvnni", |u, s| _mm256_cvtepi32_ps(_mm256_dpbusd_avx_epi32(
-        _mm256_setzero_si256(),
-        u,
-        s
-    )));
-    kernel_set!(vnni512, "avx2,fma,f16c,avx512vnni,avx512vl", |u, s| _mm256_cvtepi32_ps(
-        _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s)
-    ));
+    kernel_set!(
+        avx2,
+        "avx2,fma,f16c",
+        None,
+        |u, s| _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1))),
+        |a, u, s| _mm256_add_epi32(a, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)))
+    );
+    kernel_set!(
+        avxvnni,
+        "avx2,fma,f16c,avxvnni",
+        // SAFETY: handed out by `kernels()` only when the CPU has AVX-VNNI.
+        Some(|w, x, xd| unsafe { packed_2x4(w, x, xd) }),
+        |u, s| _mm256_cvtepi32_ps(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s)),
+        |a, u, s| _mm256_dpbusd_avx_epi32(a, u, s)
+    );
+    kernel_set!(
+        vnni512,
+        "avx2,fma,f16c,avx512vnni,avx512vl",
+        // SAFETY: handed out by `kernels()` only when the CPU has AVX-512 VNNI.
+        Some(|w, x, xd| unsafe { packed_2x4(w, x, xd) }),
+        |u, s| _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s)),
+        |a, u, s| _mm256_dpbusd_epi32(a, u, s)
+    );
 }
 
 #[cfg(all(target_arch = "aarch64", target_feature = "dotprod"))]
@@ -892,7 +1277,7 @@ mod tests {
             let matrix = QMatrix::new(dtype, rows, cols, view).expect("matrix");
             let mut x = Input::default();
             x.set(&input, tokens, cols);
-            x.prepare(matrix.input_format(), &crate::pool::ComputePool::new(2).expect("pool"));
+            x.prepare(matrix.input_format(tokens), &crate::pool::ComputePool::new(2).expect("pool"));
             let mut got = vec![0f32; rows * tokens];
             matrix.dot_tile(&x, tokens, 0..rows, &mut got);
             let mut row = vec![0f32; cols];
@@ -1028,6 +1413,39 @@ mod tests {
                     close((k.q8_0_x4)(&w80, std::array::from_fn(|j| x.q8_0(j)))[t], want80),
                     "{level} q8_0 x4"
                 );
+            }
+        }
+    }
+
+    /// A token's products are the same numbers in a batch (the packed path on VNNI CPUs, the
+    /// four-token kernels elsewhere) as alone, for the types with kernels of ours.
+    #[test]
+    fn a_token_gives_the_same_products_in_a_batch_as_alone() {
+        let (rows, cols, tokens) = (6, 256, 7);
+        let tensor = Tensor::from_vec(values(rows * cols, 8), (rows, cols), &Device::Cpu).expect("tensor");
+        let input = values(tokens * cols, 9);
+        let pool = crate::pool::ComputePool::new(2).expect("pool");
+        for dtype in [GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q8_0] {
+            let bytes =
+                QTensor::quantize(&tensor, dtype).and_then(|q| q.data().map(|d| d.into_owned())).expect("q");
+            let mut aligned = vec![0u32; bytes.len().div_ceil(4)];
+            // SAFETY: u32 storage viewed as its bytes.
+            let view =
+                unsafe { std::slice::from_raw_parts_mut(aligned.as_mut_ptr().cast::<u8>(), bytes.len()) };
+            view.copy_from_slice(&bytes);
+            let matrix = QMatrix::new(dtype, rows, cols, view).expect("matrix");
+            let mut batch = Input::default();
+            batch.set(&input, tokens, cols);
+            batch.prepare(matrix.input_format(tokens), &pool);
+            let mut together = vec![0f32; rows * tokens];
+            matrix.dot_tile(&batch, tokens, 0..rows, &mut together);
+            for t in 0..tokens {
+                let mut one = Input::default();
+                one.set(&input[t * cols..(t + 1) * cols], 1, cols);
+                one.prepare(matrix.input_format(1), &pool);
+                let mut alone = vec![0f32; rows];
+                matrix.dot_tile(&one, 1, 0..rows, &mut alone);
+                assert_eq!(&together[t * rows..(t + 1) * rows], &alone[..], "{dtype:?} token {t}");
             }
         }
     }

@@ -146,6 +146,30 @@ impl ComputePool {
     }
 }
 
+/// A buffer several threads write at distinct indices.
+pub(crate) struct SharedSlice<'a, T> {
+    ptr: *mut T,
+    len: usize,
+    _borrow: std::marker::PhantomData<&'a mut [T]>,
+}
+
+// SAFETY: writes go to distinct indices (the caller's promise in `write`); `T: Send`.
+unsafe impl<T: Send> Sync for SharedSlice<'_, T> {}
+
+impl<'a, T> SharedSlice<'a, T> {
+    pub fn new(data: &'a mut [T]) -> Self {
+        Self { ptr: data.as_mut_ptr(), len: data.len(), _borrow: std::marker::PhantomData }
+    }
+
+    /// # Safety
+    /// No other thread reads or writes index `i` meanwhile.
+    pub unsafe fn write(&self, i: usize, value: T) {
+        assert!(i < self.len, "index {i} outside {}", self.len);
+        // SAFETY: in bounds (checked); exclusive by the caller's promise.
+        unsafe { self.ptr.add(i).write(value) };
+    }
+}
+
 /// A pointer into a buffer whose disjoint parts several threads write.
 struct SendPtr<T>(*mut T);
 // SAFETY: used only by `for_each_chunk`, which hands each part to one thread; `T: Send`.
