@@ -94,6 +94,8 @@ pub(crate) struct Decoder {
     rope: Vec<Vec<f32>>,
     cache: KvCache,
     pool: ComputePool,
+    /// The cached keys and values of one layer in f32, reused by `attention`.
+    attention_scratch: std::cell::RefCell<Vec<f32>>,
 }
 
 struct Meta<'a> {
@@ -298,7 +300,18 @@ impl Decoder {
         let pool = ComputePool::new(threads)
             .map_err(|e| EngineError::InvalidParams(format!("starting {threads} compute threads: {e}")))?;
         let cache = KvCache { keys: vec![Vec::new(); layers_n], values: vec![Vec::new(); layers_n], len: 0 };
-        Ok(Self { map, spec, embeddings, output, output_norm, layers, rope, cache, pool })
+        Ok(Self {
+            map,
+            spec,
+            embeddings,
+            output,
+            output_norm,
+            layers,
+            rope,
+            cache,
+            pool,
+            attention_scratch: std::cell::RefCell::default(),
+        })
     }
 
     pub fn spec(&self) -> &Spec {
@@ -477,10 +490,15 @@ impl Decoder {
         // The cached positions any of the queries sees, in f32 once for all heads and queries.
         let start = window.map_or(0, |w| (position + 1).saturating_sub(w));
         let end = position + tokens;
-        let mut keys = vec![0f32; (end - start) * kv_dim];
-        let mut values = vec![0f32; (end - start) * kv_dim];
+        // Kept between calls: a fresh buffer of this size would be a fresh mapping, page faults
+        // included, in every layer.
+        let mut scratch = std::mem::take(&mut *self.attention_scratch.borrow_mut());
+        scratch.clear();
+        scratch.resize(2 * (end - start) * kv_dim, 0.0);
+        let (keys, values) = scratch.split_at_mut((end - start) * kv_dim);
         let rows_per_chunk = 64;
-        for (cache, into) in [(&self.cache.keys[layer], &mut keys), (&self.cache.values[layer], &mut values)]
+        for (cache, into) in
+            [(&self.cache.keys[layer], &mut *keys), (&self.cache.values[layer], &mut *values)]
         {
             let cache = &cache[start * kv_dim..end * kv_dim];
             self.pool.for_each_chunk(into, rows_per_chunk * kv_dim, &|i, chunk| {
@@ -488,7 +506,7 @@ impl Decoder {
                 cache[from..from + chunk.len()].convert_to_f32_slice(chunk);
             });
         }
-        let (keys, values) = (&keys, &values);
+        let (keys, values) = (&*keys, &*values);
         self.pool.for_each_chunk(out, s.head_dim, &|index, out| {
             let (token, head) = (index / s.heads, index % s.heads);
             let p = position + token;
@@ -510,6 +528,7 @@ impl Decoder {
                 axpy(out, w, &values[row(j)]);
             }
         });
+        *self.attention_scratch.borrow_mut() = scratch;
     }
 }
 
@@ -522,13 +541,26 @@ fn matmul_task(m: &QMatrix<'_>, input: &Input, tokens: usize, rows: Range<usize>
         m.dot_tile(input, 1, rows, part);
         return;
     }
-    let mut buf = vec![0f32; rows.len() * tokens];
-    m.dot_tile(input, tokens, rows.clone(), &mut buf);
-    for (token, part) in buf.chunks_exact(rows.len()).enumerate() {
+    // Reused per thread: a fresh buffer this large would be a fresh mapping (and page faults)
+    // at every call.
+    thread_local! {
+        static BUFFER: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    BUFFER.with_borrow_mut(|buf| {
+        buf.clear();
+        buf.resize(rows.len() * tokens, 0.0);
+        m.dot_tile(input, tokens, rows.clone(), buf);
+        copy_rows(buf, out, m.rows, rows.start, rows.len());
+    });
+}
+
+/// Writes `buf` (tokens x `len`) into rows `start..start + len` of each token's output.
+fn copy_rows(buf: &[f32], out: Out, stride: usize, start: usize, len: usize) {
+    for (token, part) in buf.chunks_exact(len).enumerate() {
         // SAFETY: every task writes its own rows of each token's output, which has
-        // tokens * m.rows elements (checked above); the outputs outlive this call.
+        // tokens * stride elements (checked in `Decoder::matmul`); the outputs outlive the call.
         unsafe {
-            std::ptr::copy_nonoverlapping(part.as_ptr(), out.0.add(token * m.rows + rows.start), rows.len());
+            std::ptr::copy_nonoverlapping(part.as_ptr(), out.0.add(token * stride + start), len);
         }
     }
 }

@@ -916,28 +916,43 @@ mod x86 {
                 #[allow(dead_code)]
                 #[target_feature(enable = $features)]
                 fn packed_2x4(w: [&PackedRow; 2], x: [&[u8]; 4], xd: [&[[f32; 2]]; 4]) -> [[f32; 4]; 2] {
+                    // No closures in here: they would not inherit the target features, and the
+                    // intrinsics in them would become calls.
                     let mut acc = [[_mm256_setzero_ps(); 4]; 2];
                     let mut offsets = [[0f32; 4]; 2];
+                    let symmetric = w[0].symmetric && w[1].symmetric;
                     for b in 0..w[0].scale.len() {
-                        // SAFETY (loads): 32 bytes at block b of rows of whole blocks.
-                        let wv =
-                            [0, 1].map(|r| unsafe { _mm256_loadu_si256(w[r].q.as_ptr().add(b * 32).cast()) });
-                        let start =
-                            [0, 1].map(|r| unsafe { _mm256_loadu_si256(w[r].correction[b].as_ptr().cast()) });
+                        // SAFETY (loads): 32 bytes at block b of rows of whole blocks, 8 lanes of
+                        // corrections, 32 bytes of each token's activations.
+                        let (w0, w1, c0, c1) = unsafe {
+                            (
+                                _mm256_loadu_si256(w[0].q.as_ptr().add(b * 32).cast()),
+                                _mm256_loadu_si256(w[1].q.as_ptr().add(b * 32).cast()),
+                                _mm256_loadu_si256(w[0].correction[b].as_ptr().cast()),
+                                _mm256_loadu_si256(w[1].correction[b].as_ptr().cast()),
+                            )
+                        };
+                        let (s0, s1) = (w[0].scale[b], w[1].scale[b]);
                         for j in 0..4 {
                             let xv = unsafe { _mm256_loadu_si256(x[j].as_ptr().add(b * 32).cast()) };
                             let [dx, sx] = xd[j][b];
-                            for r in 0..2 {
-                                let sum = _mm256_cvtepi32_ps(dpbusd(start[r], xv, wv[r]));
-                                acc[r][j] =
-                                    _mm256_fmadd_ps(sum, _mm256_set1_ps(w[r].scale[b] * dx), acc[r][j]);
-                                if !w[r].symmetric {
-                                    offsets[r][j] += w[r].offset[b] * sx;
-                                }
+                            let p0 = _mm256_cvtepi32_ps(dpbusd(c0, xv, w0));
+                            let p1 = _mm256_cvtepi32_ps(dpbusd(c1, xv, w1));
+                            acc[0][j] = _mm256_fmadd_ps(p0, _mm256_set1_ps(s0 * dx), acc[0][j]);
+                            acc[1][j] = _mm256_fmadd_ps(p1, _mm256_set1_ps(s1 * dx), acc[1][j]);
+                            if !symmetric {
+                                offsets[0][j] += w[0].offset[b] * sx;
+                                offsets[1][j] += w[1].offset[b] * sx;
                             }
                         }
                     }
-                    [0, 1].map(|r| std::array::from_fn(|j| hsum(acc[r][j]) + offsets[r][j]))
+                    let mut out = [[0f32; 4]; 2];
+                    for r in 0..2 {
+                        for j in 0..4 {
+                            out[r][j] = hsum(acc[r][j]) + offsets[r][j];
+                        }
+                    }
+                    out
                 }
 
                 #[target_feature(enable = $features)]
@@ -1033,7 +1048,12 @@ mod x86 {
                             offset[j] += m * f32_of(x.s);
                         }
                     }
-                    std::array::from_fn(|j| hsum(acc[j]) + offset[j])
+                    [
+                        hsum(acc[0]) + offset[0],
+                        hsum(acc[1]) + offset[1],
+                        hsum(acc[2]) + offset[2],
+                        hsum(acc[3]) + offset[3],
+                    ]
                 }
 
                 #[target_feature(enable = $features)]
@@ -1060,7 +1080,7 @@ mod x86 {
                             acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(d * f32_of(x.d)), products, acc[j]);
                         }
                     }
-                    std::array::from_fn(|j| hsum(acc[j]))
+                    [hsum(acc[0]), hsum(acc[1]), hsum(acc[2]), hsum(acc[3])]
                 }
 
                 #[target_feature(enable = $features)]
@@ -1087,7 +1107,7 @@ mod x86 {
                             acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(d * f32_of(x.d)), products, acc[j]);
                         }
                     }
-                    std::array::from_fn(|j| hsum(acc[j]))
+                    [hsum(acc[0]), hsum(acc[1]), hsum(acc[2]), hsum(acc[3])]
                 }
             }
         };
