@@ -253,11 +253,10 @@ impl QMatrix<'_> {
             && packed_kernel().is_some()
     }
 
-    /// The batch path on VNNI CPUs, for every weight type: each weight row is turned once into
-    /// 8-bit blocks (dequantized, then quantized as Q8_0 is: a rounding of a quarter percent of
-    /// the block's largest value at most, far below the 4-6-bit weights' own), and multiplied
-    /// two rows by four tokens with u8 x i8 dot products: activations plus 128 are unsigned,
-    /// and 128 x the weights' sum, subtracted, makes up for it.
+    /// The batch path on VNNI CPUs: each weight row is unpacked once into 8-bit values with
+    /// their block scales (and offsets), and multiplied two rows by four tokens with u8 x i8 dot
+    /// products: activations plus 128 are unsigned, and 128 x the weights' sum per lane,
+    /// subtracted, makes up for it.
     fn packed_tile(
         &self,
         kernel: PackedKernel,
@@ -268,12 +267,11 @@ impl QMatrix<'_> {
     ) {
         let n = rows.len();
         let mut packed = [PackedRow::default(), PackedRow::default()];
-        let mut values = vec![0f32; self.cols];
         let mut i = 0;
         while i < n {
             let pair = [i, (i + 1).min(n - 1)];
             for (k, &r) in pair.iter().enumerate() {
-                self.pack_row(rows.start + r, &mut packed[k], &mut values);
+                self.pack_row(rows.start + r, &mut packed[k]);
             }
             let mut t = 0;
             while t < tokens {
@@ -293,11 +291,9 @@ impl QMatrix<'_> {
         }
     }
 
-    /// Row `row` in the packed form: exactly for Q4_0, Q4_1, Q5_0, Q8_0 and Q4_K (their values
-    /// are `scale * q + offset` per block of 32 with small integer `q`), and quantized as Q8_0
-    /// is for the others (Q6_K's scales change every 16 values): a rounding of at most a
-    /// quarter percent of the block's largest value.
-    fn pack_row(&self, row: usize, out: &mut PackedRow, values: &mut [f32]) {
+    /// Row `row` in the packed form, exactly: Q4_1, Q5_0 and Q8_0 values are `scale * q +
+    /// offset` per block of 32 with small integer `q`.
+    fn pack_row(&self, row: usize, out: &mut PackedRow) {
         let (cols, blocks) = (self.cols, self.cols / 32);
         out.q.resize(cols, 0);
         out.scale.resize(blocks, 0.0);
@@ -311,18 +307,6 @@ impl QMatrix<'_> {
                 for (b, w) in cast::<u8, Q8_0>(bytes).iter().enumerate() {
                     out.q[b * 32..b * 32 + 32].copy_from_slice(&w.qs);
                     out.scale[b] = w.d.to_f32();
-                    out.offset[b] = 0.0;
-                }
-            }
-            GgmlDType::Q4_0 => {
-                for (b, chunk) in bytes.chunks_exact(18).enumerate() {
-                    let d = f16::from_le_bytes([chunk[0], chunk[1]]).to_f32();
-                    let q = &mut out.q[b * 32..b * 32 + 32];
-                    for j in 0..16 {
-                        q[j] = (chunk[2 + j] & 0x0f) as i8 - 8;
-                        q[j + 16] = (chunk[2 + j] >> 4) as i8 - 8;
-                    }
-                    out.scale[b] = d;
                     out.offset[b] = 0.0;
                 }
             }
@@ -350,45 +334,7 @@ impl QMatrix<'_> {
                     out.offset[b] = 0.0;
                 }
             }
-            GgmlDType::Q4K => {
-                out.symmetric = false;
-                // ggml's block_q4_K: d, dmin (f16), 12 bytes of 6-bit scales and mins for the
-                // eight sub-blocks of 32, then 128 bytes of nibbles (64 values per 32 bytes,
-                // low nibbles first).
-                for (sb, chunk) in bytes.chunks_exact(144).enumerate() {
-                    let d = f16::from_le_bytes([chunk[0], chunk[1]]).to_f32();
-                    let dmin = f16::from_le_bytes([chunk[2], chunk[3]]).to_f32();
-                    let scales = &chunk[4..16];
-                    let qs = &chunk[16..144];
-                    for j in 0..8 {
-                        let (sc, m) = if j < 4 {
-                            (scales[j] & 63, scales[j + 4] & 63)
-                        } else {
-                            (
-                                (scales[j + 4] & 0x0f) | ((scales[j - 4] >> 6) << 4),
-                                (scales[j + 4] >> 4) | ((scales[j] >> 6) << 4),
-                            )
-                        };
-                        let b = sb * 8 + j;
-                        let nibbles = &qs[(j / 2) * 32..(j / 2) * 32 + 32];
-                        let q = &mut out.q[b * 32..b * 32 + 32];
-                        for l in 0..32 {
-                            q[l] = if j % 2 == 0 { nibbles[l] & 0x0f } else { nibbles[l] >> 4 } as i8;
-                        }
-                        out.scale[b] = d * f32::from(sc);
-                        out.offset[b] = -dmin * f32::from(m);
-                    }
-                }
-            }
-            _ => {
-                self.row_to_f32(row, values);
-                for (b, v) in values.chunks_exact(32).enumerate() {
-                    let (d, qs) = quantize_block(v);
-                    out.q[b * 32..b * 32 + 32].copy_from_slice(&qs);
-                    out.scale[b] = d;
-                    out.offset[b] = 0.0;
-                }
-            }
+            other => unreachable!("`packs` admits Q4_1, Q5_0 and Q8_0 only, not {other:?}"),
         }
         for (b, c) in out.correction.iter_mut().enumerate() {
             for (lane, c) in c.iter_mut().enumerate() {
