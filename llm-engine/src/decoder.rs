@@ -578,17 +578,13 @@ fn append_f16(cache: &mut Vec<f16>, values: &[f32]) {
     cache[start..].convert_from_f32_slice(values);
 }
 
+/// RMS norm of each `weight.len()`-long row of `x`, into `out`.
 fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
-    let n = weight.len();
-    for (row, out) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
-        let mean = row.iter().map(|v| v * v).sum::<f32>() / n as f32;
-        let scale = 1.0 / (mean + eps).sqrt();
-        for ((o, v), w) in out.iter_mut().zip(row).zip(weight) {
-            *o = v * scale * w;
-        }
-    }
+    out.copy_from_slice(x);
+    rms_norm_in_place(out, weight, eps);
 }
 
+/// RMS norm of each `weight.len()`-long row of `x`, in place.
 fn rms_norm_in_place(x: &mut [f32], weight: &[f32], eps: f32) {
     let n = weight.len();
     for row in x.chunks_exact_mut(n) {

@@ -1206,6 +1206,37 @@ mod tests {
             .collect()
     }
 
+    /// `tensor` quantized to `dtype`, in u32 storage (the alignment a mapped file gives), and
+    /// the length of its bytes.
+    fn quantized(tensor: &Tensor, dtype: GgmlDType) -> (Vec<u32>, usize) {
+        let bytes = QTensor::quantize(tensor, dtype)
+            .and_then(|q| q.data().map(|d| d.into_owned()))
+            .expect("quantize");
+        let mut storage = vec![0u32; bytes.len().div_ceil(4)];
+        for (word, chunk) in storage.iter_mut().zip(bytes.chunks(4)) {
+            let mut four = [0u8; 4];
+            four[..chunk.len()].copy_from_slice(chunk);
+            *word = u32::from_ne_bytes(four);
+        }
+        (storage, bytes.len())
+    }
+
+    /// The blocks of `tensor` quantized to `dtype`, as one of our block types.
+    fn blocks<T: Copy>(tensor: &Tensor, dtype: GgmlDType) -> Vec<T> {
+        let (storage, len) = quantized(tensor, dtype);
+        cast::<u8, T>(&cast::<u32, u8>(&storage)[..len]).to_vec()
+    }
+
+    /// `tokens` input rows quantized as Q8_0 and Q8_1.
+    fn prepared(values: &[f32], tokens: usize, cols: usize) -> Input {
+        let pool = crate::pool::ComputePool::new(2).expect("pool");
+        let mut x = Input::default();
+        x.set(values, tokens, cols);
+        x.prepare(InputFormat::Q8_0, &pool);
+        x.prepare(InputFormat::Q8_1, &pool);
+        x
+    }
+
     /// Each supported type's dot products against the f32 product of its own dequantized
     /// weights with the unquantized input: equal up to the input's 8-bit rounding.
     #[test]
@@ -1230,17 +1261,8 @@ mod tests {
             GgmlDType::Q5K,
             GgmlDType::Q6K,
         ] {
-            let q = QTensor::quantize(&tensor, dtype).expect("quantize");
-            let bytes = q.data().expect("bytes").into_owned();
-            // Copy into u32 storage for the alignment a mapped file gives.
-            let mut aligned = vec![0u32; bytes.len().div_ceil(4)];
-            let view: &mut [u8] = {
-                let len = bytes.len();
-                // SAFETY: u32 storage viewed as its bytes.
-                unsafe { std::slice::from_raw_parts_mut(aligned.as_mut_ptr().cast::<u8>(), len) }
-            };
-            view.copy_from_slice(&bytes);
-            let matrix = QMatrix::new(dtype, rows, cols, view).expect("matrix");
+            let (storage, len) = quantized(&tensor, dtype);
+            let matrix = QMatrix::new(dtype, rows, cols, &cast::<u32, u8>(&storage)[..len]).expect("matrix");
             let mut x = Input::default();
             x.set(&input, tokens, cols);
             x.prepare(matrix.input_format(tokens), &crate::pool::ComputePool::new(2).expect("pool"));
@@ -1266,38 +1288,14 @@ mod tests {
     fn simd_kernels_equal_the_scalar_ones() {
         let cols = 1024;
         let tensor = Tensor::from_vec(values(cols, 3), (1, cols), &Device::Cpu).expect("tensor");
-        let mut x = Input::default();
-        x.set(&values(cols, 4), 1, cols);
-        x.prepare(InputFormat::Q8_0, &crate::pool::ComputePool::new(2).expect("pool"));
-        x.prepare(InputFormat::Q8_1, &crate::pool::ComputePool::new(2).expect("pool"));
-        let q41 =
-            QTensor::quantize(&tensor, GgmlDType::Q4_1).expect("q4_1").data().expect("data").into_owned();
-        let q50 =
-            QTensor::quantize(&tensor, GgmlDType::Q5_0).expect("q5_0").data().expect("data").into_owned();
-        let w41: Vec<Q4_1> = q41
-            .chunks_exact(20)
-            .map(|b| Q4_1 {
-                d: f16::from_le_bytes([b[0], b[1]]),
-                m: f16::from_le_bytes([b[2], b[3]]),
-                qs: b[4..20].try_into().expect("16"),
-            })
-            .collect();
-        let w50: Vec<Q5_0> = q50
-            .chunks_exact(22)
-            .map(|b| Q5_0 {
-                d: f16::from_le_bytes([b[0], b[1]]),
-                qh: b[2..6].try_into().expect("4"),
-                qs: b[6..22].try_into().expect("16"),
-            })
-            .collect();
+        let x = prepared(&values(cols, 4), 1, cols);
+        let w41: Vec<Q4_1> = blocks(&tensor, GgmlDType::Q4_1);
+        let w50: Vec<Q5_0> = blocks(&tensor, GgmlDType::Q5_0);
         let (a, b) = (q4_1_kernel()(&w41, x.q8_1(0)), scalar::q4_1_q8_1(&w41, x.q8_1(0)));
         assert!((a - b).abs() <= 1e-3 * b.abs().max(1.0), "q4_1 {a} vs {b}");
         let (a, b) = (q5_0_kernel()(&w50, x.q8_0(0)), scalar::q5_0_q8_0(&w50, x.q8_0(0)));
         assert!((a - b).abs() <= 1e-3 * b.abs().max(1.0), "q5_0 {a} vs {b}");
-        let (mut x4, inputs) = (Input::default(), values(4 * cols, 5));
-        x4.set(&inputs, 4, cols);
-        x4.prepare(InputFormat::Q8_0, &crate::pool::ComputePool::new(2).expect("pool"));
-        x4.prepare(InputFormat::Q8_1, &crate::pool::ComputePool::new(2).expect("pool"));
+        let x4 = prepared(&values(4 * cols, 5), 4, cols);
         let four = q4_1_x4_kernel()(&w41, std::array::from_fn(|t| x4.q8_1(t)));
         for (t, a) in four.into_iter().enumerate() {
             let b = scalar::q4_1_q8_1(&w41, x4.q8_1(t));
@@ -1315,39 +1313,10 @@ mod tests {
     fn every_x86_level_equals_the_portable_kernels() {
         let cols = 1024;
         let tensor = Tensor::from_vec(values(cols, 6), (1, cols), &Device::Cpu).expect("tensor");
-        let mut x = Input::default();
-        x.set(&values(4 * cols, 7), 4, cols);
-        x.prepare(InputFormat::Q8_0, &crate::pool::ComputePool::new(2).expect("pool"));
-        x.prepare(InputFormat::Q8_1, &crate::pool::ComputePool::new(2).expect("pool"));
-        let blocks = |dtype| QTensor::quantize(&tensor, dtype).and_then(|q| q.data().map(|d| d.into_owned()));
-        let (q41, q50, q80) = (
-            blocks(GgmlDType::Q4_1).expect("q4_1"),
-            blocks(GgmlDType::Q5_0).expect("q5_0"),
-            blocks(GgmlDType::Q8_0).expect("q8_0"),
-        );
-        let w41: Vec<Q4_1> = q41
-            .chunks_exact(20)
-            .map(|b| Q4_1 {
-                d: f16::from_le_bytes([b[0], b[1]]),
-                m: f16::from_le_bytes([b[2], b[3]]),
-                qs: b[4..20].try_into().expect("16"),
-            })
-            .collect();
-        let w50: Vec<Q5_0> = q50
-            .chunks_exact(22)
-            .map(|b| Q5_0 {
-                d: f16::from_le_bytes([b[0], b[1]]),
-                qh: b[2..6].try_into().expect("4"),
-                qs: b[6..22].try_into().expect("16"),
-            })
-            .collect();
-        let w80: Vec<Q8_0> = q80
-            .chunks_exact(34)
-            .map(|b| Q8_0 {
-                d: f16::from_le_bytes([b[0], b[1]]),
-                qs: std::array::from_fn(|i| b[2 + i] as i8),
-            })
-            .collect();
+        let x = prepared(&values(4 * cols, 7), 4, cols);
+        let w41: Vec<Q4_1> = blocks(&tensor, GgmlDType::Q4_1);
+        let w50: Vec<Q5_0> = blocks(&tensor, GgmlDType::Q5_0);
+        let w80: Vec<Q8_0> = blocks(&tensor, GgmlDType::Q8_0);
         let close = |a: f32, b: f32| (a - b).abs() <= 1e-3 * b.abs().max(1.0);
         let levels = x86::every_level();
         assert!(!levels.is_empty(), "no AVX2 on this machine: the portable kernels ran everywhere");
@@ -1392,14 +1361,8 @@ mod tests {
         let input = values(tokens * cols, 9);
         let pool = crate::pool::ComputePool::new(2).expect("pool");
         for dtype in [GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q8_0] {
-            let bytes =
-                QTensor::quantize(&tensor, dtype).and_then(|q| q.data().map(|d| d.into_owned())).expect("q");
-            let mut aligned = vec![0u32; bytes.len().div_ceil(4)];
-            // SAFETY: u32 storage viewed as its bytes.
-            let view =
-                unsafe { std::slice::from_raw_parts_mut(aligned.as_mut_ptr().cast::<u8>(), bytes.len()) };
-            view.copy_from_slice(&bytes);
-            let matrix = QMatrix::new(dtype, rows, cols, view).expect("matrix");
+            let (storage, len) = quantized(&tensor, dtype);
+            let matrix = QMatrix::new(dtype, rows, cols, &cast::<u32, u8>(&storage)[..len]).expect("matrix");
             let mut batch = Input::default();
             batch.set(&input, tokens, cols);
             batch.prepare(matrix.input_format(tokens), &pool);
