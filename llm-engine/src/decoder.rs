@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::error::{EngineError, Result};
 use crate::gguf::Architecture;
-use crate::kernels::{Input, QMatrix, axpy, dot};
+use crate::kernels::{Input, QMatrix, axpy_f16, dot_f16};
 use crate::pool::ComputePool;
 
 /// Where a weight matrix lies in the file.
@@ -94,8 +94,6 @@ pub(crate) struct Decoder {
     rope: Vec<Vec<f32>>,
     cache: KvCache,
     pool: ComputePool,
-    /// The cached keys and values of one layer in f32, reused by `attention`.
-    attention_scratch: std::cell::RefCell<Vec<f32>>,
 }
 
 struct Meta<'a> {
@@ -300,18 +298,7 @@ impl Decoder {
         let pool = ComputePool::new(threads)
             .map_err(|e| EngineError::InvalidParams(format!("starting {threads} compute threads: {e}")))?;
         let cache = KvCache { keys: vec![Vec::new(); layers_n], values: vec![Vec::new(); layers_n], len: 0 };
-        Ok(Self {
-            map,
-            spec,
-            embeddings,
-            output,
-            output_norm,
-            layers,
-            rope,
-            cache,
-            pool,
-            attention_scratch: std::cell::RefCell::default(),
-        })
+        Ok(Self { map, spec, embeddings, output, output_norm, layers, rope, cache, pool })
     }
 
     pub fn spec(&self) -> &Spec {
@@ -455,7 +442,7 @@ impl Decoder {
     fn matmul(&self, input: &mut Input, tokens: usize, outs: &mut [(&Weight, &mut Vec<f32>)]) {
         let matrices: Vec<QMatrix<'_>> = outs.iter().map(|(w, _)| self.matrix(w)).collect();
         for m in &matrices {
-            input.prepare(m.input_format(tokens), &self.pool);
+            input.prepare(m.input_format(), &self.pool);
         }
         let total_rows: usize = matrices.iter().map(|m| m.rows).sum();
         let chunk = total_rows.div_ceil(self.pool.threads() * 8).max(16);
@@ -480,42 +467,22 @@ impl Decoder {
     }
 
     /// Causal attention of `t` new queries at `position..` over the cache, one task per
-    /// (token, head).
+    /// (token, head), in one parallel round: keys and values are read in f16 from the cache.
     fn attention(&self, layer: usize, q: &[f32], position: usize, out: &mut [f32]) {
         let s = &self.spec;
         let kv_dim = s.kv_heads * s.head_dim;
         let group = s.heads / s.kv_heads;
         let window = self.layers[layer].window;
-        let tokens = out.len() / (s.heads * s.head_dim);
-        // The cached positions any of the queries sees, in f32 once for all heads and queries.
-        let start = window.map_or(0, |w| (position + 1).saturating_sub(w));
-        let end = position + tokens;
-        // Kept between calls: a fresh buffer of this size would be a fresh mapping, page faults
-        // included, in every layer.
-        let mut scratch = std::mem::take(&mut *self.attention_scratch.borrow_mut());
-        scratch.clear();
-        scratch.resize(2 * (end - start) * kv_dim, 0.0);
-        let (keys, values) = scratch.split_at_mut((end - start) * kv_dim);
-        let rows_per_chunk = 64;
-        for (cache, into) in
-            [(&self.cache.keys[layer], &mut *keys), (&self.cache.values[layer], &mut *values)]
-        {
-            let cache = &cache[start * kv_dim..end * kv_dim];
-            self.pool.for_each_chunk(into, rows_per_chunk * kv_dim, &|i, chunk| {
-                let from = i * rows_per_chunk * kv_dim;
-                cache[from..from + chunk.len()].convert_to_f32_slice(chunk);
-            });
-        }
-        let (keys, values) = (&*keys, &*values);
+        let (keys, values) = (&self.cache.keys[layer], &self.cache.values[layer]);
         self.pool.for_each_chunk(out, s.head_dim, &|index, out| {
             let (token, head) = (index / s.heads, index % s.heads);
             let p = position + token;
             let first = window.map_or(0, |w| (p + 1).saturating_sub(w));
             let query = &q[index * s.head_dim..(index + 1) * s.head_dim];
             let offset = (head / group) * s.head_dim;
-            let row = |j: usize| (j - start) * kv_dim + offset..(j - start) * kv_dim + offset + s.head_dim;
+            let row = |j: usize| j * kv_dim + offset..j * kv_dim + offset + s.head_dim;
             let mut scores: Vec<f32> =
-                (first..=p).map(|j| dot(query, &keys[row(j)]) * s.attention_scale).collect();
+                (first..=p).map(|j| dot_f16(query, &keys[row(j)]) * s.attention_scale).collect();
             let max = scores.iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v));
             let mut sum = 0f32;
             for v in &mut scores {
@@ -524,11 +491,9 @@ impl Decoder {
             }
             out.fill(0.0);
             for (j, w) in (first..=p).zip(&scores) {
-                let w = w / sum;
-                axpy(out, w, &values[row(j)]);
+                axpy_f16(out, w / sum, &values[row(j)]);
             }
         });
-        *self.attention_scratch.borrow_mut() = scratch;
     }
 }
 

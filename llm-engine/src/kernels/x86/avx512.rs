@@ -1,0 +1,312 @@
+//! The AVX-512 VNNI level: two blocks of 32 per instruction.
+//!
+//! Every kernel here sums in the same order: even blocks in lanes 0..8 and odd blocks in lanes
+//! 8..16 of one accumulator, the two halves added, an odd last block added to that in 256
+//! bits, then the eight lanes summed. Scale products are `[d0, m0, d1, m1] x [dx0, sx0, dx1,
+//! sx1]` in one multiply, whose odd lanes are the offsets, summed in their own lanes. The
+//! packed batch kernel repeats these steps exactly, so a token gives the same numbers in a
+//! batch as alone.
+
+use super::super::{PackedRow, Q4_1, Q4K, Q5_0, Q8_0, Q8Row};
+use half::f16;
+use std::arch::x86_64::*;
+
+pub(in super::super) static KERNELS: super::Kernels = super::Kernels {
+    // SAFETY (all): `kernels()` hands these out only when the CPU has AVX-512 F, BW, VL and
+    // VNNI (and AVX2, FMA, F16C).
+    q4_1: |w, x| unsafe { q4_1(w, x) },
+    q4_1_x4: |w, x| x.map(|x| unsafe { q4_1(w, x) }),
+    q5_0: |w, x| unsafe { q5_0(w, x) },
+    q5_0_x4: |w, x| x.map(|x| unsafe { q5_0(w, x) }),
+    q8_0: |w, x| unsafe { q8_0(w, x) },
+    q8_0_x4: |w, x| x.map(|x| unsafe { q8_0(w, x) }),
+    q4_k: Some(|w, x| unsafe { q4_k(w, x) }),
+    packed: Some(|w, x| unsafe { packed_2x4(w, x) }),
+};
+
+/// The kernel of one token for a weight type whose blocks `$pair` decodes two at a time (64
+/// values in one register and their `[d0, m0, d1, m1]`) and `$single` one at a time; the
+/// values are unsigned with an offset, or signed (`$signed`) without one.
+macro_rules! one_token {
+    ($name:ident, $block:ty, $pair:ident, $single:ident, $signed:literal) => {
+        #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+        fn $name(w: &[$block], x: Q8Row<'_>) -> f32 {
+            assert!(x.qs.len() >= w.len() * 32 && x.scales.len() >= w.len(), "activations too short");
+            let mut acc = _mm512_setzero_ps();
+            let mut offsets = _mm_setzero_ps();
+            let pairs = w.len() / 2;
+            for k in 0..pairs {
+                let (q, wdm) = $pair(&w[2 * k], &w[2 * k + 1]);
+                // SAFETY: blocks 2k and 2k + 1 of the activations (lengths asserted above).
+                let (xv, xs) = unsafe {
+                    (
+                        _mm512_loadu_si512(x.qs.as_ptr().add(64 * k).cast()),
+                        _mm_loadu_ps(x.scales.as_ptr().add(2 * k).cast()),
+                    )
+                };
+                let scales = _mm_mul_ps(wdm, xs);
+                offsets = _mm_add_ps(offsets, scales);
+                acc = _mm512_fmadd_ps(spread(scales), products(q, xv, $signed), acc);
+            }
+            let mut acc = halves(acc);
+            if w.len() % 2 == 1 {
+                let b = w.len() - 1;
+                let (q, wdm) = $single(&w[b]);
+                // SAFETY: block b of the activations.
+                let (xv, xs) = unsafe {
+                    (
+                        _mm256_loadu_si256(x.qs.as_ptr().add(32 * b).cast()),
+                        _mm_castpd_ps(_mm_load_sd(x.scales.as_ptr().add(b).cast())),
+                    )
+                };
+                let scales = _mm_mul_ps(wdm, xs);
+                offsets = _mm_add_ps(offsets, scales);
+                acc = _mm256_fmadd_ps(_mm256_broadcastss_ps(scales), products_256(q, xv, $signed), acc);
+            }
+            finish(acc, offsets)
+        }
+    };
+}
+
+one_token!(q4_1, Q4_1, q4_1_pair, q4_1_single, false);
+one_token!(q5_0, Q5_0, q5_0_pair, q5_0_single, true);
+one_token!(q8_0, Q8_0, q8_0_pair, q8_0_single, true);
+
+/// Q4_K: each run of 32 bytes holds two sub-blocks of 32 (low nibbles, then high ones), taken
+/// as a pair in the steps of `one_token!`, with the sub-blocks' `[d * sc, -dmin * m]`.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn q4_k(w: &[Q4K], x: Q8Row<'_>) -> f32 {
+    assert!(x.qs.len() >= w.len() * 256 && x.scales.len() >= w.len() * 8, "activations too short");
+    let mut acc = _mm512_setzero_ps();
+    let mut offsets = _mm_setzero_ps();
+    for (i, block) in w.iter().enumerate() {
+        let so = block.scale_offsets();
+        for run in 0..4 {
+            let k = i * 4 + run;
+            // SAFETY: 32 bytes of the block's nibbles; blocks 2k and 2k + 1 of the
+            // activations (lengths asserted above); four floats of `so`.
+            let (q, xv, xs, wdm) = unsafe {
+                let packed = _mm256_loadu_si256(block.qs.as_ptr().add(32 * run).cast());
+                let both =
+                    _mm512_inserti64x4::<1>(_mm512_castsi256_si512(packed), _mm256_srli_epi16::<4>(packed));
+                (
+                    _mm512_and_si512(both, _mm512_set1_epi8(0x0f)),
+                    _mm512_loadu_si512(x.qs.as_ptr().add(64 * k).cast()),
+                    _mm_loadu_ps(x.scales.as_ptr().add(2 * k).cast()),
+                    _mm_loadu_ps(so.as_ptr().add(2 * run).cast()),
+                )
+            };
+            let scales = _mm_mul_ps(wdm, xs);
+            offsets = _mm_add_ps(offsets, scales);
+            acc = _mm512_fmadd_ps(spread(scales), products(q, xv, false), acc);
+        }
+    }
+    finish(halves(acc), offsets)
+}
+
+/// Two weight rows against four tokens in the packed form, in the steps of `one_token!`:
+/// activations plus 128 are unsigned, and the rows' corrections (-128 x their values' sums)
+/// make the integer products exact.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn packed_2x4(w: [&PackedRow; 2], x: [Q8Row<'_>; 4]) -> [[f32; 4]; 2] {
+    // No closures in here: they would not inherit the target features.
+    let blocks = w[0].scale_offset.len();
+    for r in w {
+        assert!(r.q.len() >= blocks * 32 && r.correction.len() >= blocks && r.scale_offset.len() >= blocks);
+    }
+    for t in x {
+        assert!(t.qs.len() >= blocks * 32 && t.scales.len() >= blocks, "activations too short");
+    }
+    let flip = _mm512_set1_epi8(-128);
+    let mut acc = [[_mm512_setzero_ps(); 4]; 2];
+    let mut offsets = [[_mm_setzero_ps(); 4]; 2];
+    for k in 0..blocks / 2 {
+        // SAFETY (all loads): blocks 2k and 2k + 1 of rows and activations of at least
+        // `blocks` blocks (asserted above).
+        let (q, c, so) = unsafe {
+            (
+                [
+                    _mm512_loadu_si512(w[0].q.as_ptr().add(64 * k).cast()),
+                    _mm512_loadu_si512(w[1].q.as_ptr().add(64 * k).cast()),
+                ],
+                [
+                    _mm512_loadu_si512(w[0].correction.as_ptr().add(2 * k).cast()),
+                    _mm512_loadu_si512(w[1].correction.as_ptr().add(2 * k).cast()),
+                ],
+                [
+                    _mm_loadu_ps(w[0].scale_offset.as_ptr().add(2 * k).cast()),
+                    _mm_loadu_ps(w[1].scale_offset.as_ptr().add(2 * k).cast()),
+                ],
+            )
+        };
+        for j in 0..4 {
+            let (xv, xs) = unsafe {
+                (
+                    _mm512_xor_si512(_mm512_loadu_si512(x[j].qs.as_ptr().add(64 * k).cast()), flip),
+                    _mm_loadu_ps(x[j].scales.as_ptr().add(2 * k).cast()),
+                )
+            };
+            for r in 0..2 {
+                let p = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(c[r], xv, q[r]));
+                let scales = _mm_mul_ps(so[r], xs);
+                offsets[r][j] = _mm_add_ps(offsets[r][j], scales);
+                acc[r][j] = _mm512_fmadd_ps(spread(scales), p, acc[r][j]);
+            }
+        }
+    }
+    let mut out = [[0f32; 4]; 2];
+    for r in 0..2 {
+        for j in 0..4 {
+            let mut sum = halves(acc[r][j]);
+            let mut offset = offsets[r][j];
+            if blocks % 2 == 1 {
+                let b = blocks - 1;
+                // SAFETY: block b of rows and activations of `blocks` blocks.
+                let (q, c, so, xv, xs) = unsafe {
+                    (
+                        _mm256_loadu_si256(w[r].q.as_ptr().add(32 * b).cast()),
+                        _mm256_loadu_si256(w[r].correction.as_ptr().add(b).cast()),
+                        _mm_castpd_ps(_mm_load_sd(w[r].scale_offset.as_ptr().add(b).cast())),
+                        _mm256_xor_si256(
+                            _mm256_loadu_si256(x[j].qs.as_ptr().add(32 * b).cast()),
+                            _mm256_set1_epi8(-128),
+                        ),
+                        _mm_castpd_ps(_mm_load_sd(x[j].scales.as_ptr().add(b).cast())),
+                    )
+                };
+                let p = _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(c, xv, q));
+                let scales = _mm_mul_ps(so, xs);
+                offset = _mm_add_ps(offset, scales);
+                sum = _mm256_fmadd_ps(_mm256_broadcastss_ps(scales), p, sum);
+            }
+            out[r][j] = finish(sum, offset);
+        }
+    }
+    out
+}
+
+/// The i32 dot products by groups of four of 64 weights `q` (unsigned, or signed when
+/// `signed`) with 64 signed activations, as f32.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn products(q: __m512i, x: __m512i, signed: bool) -> __m512 {
+    let zero = _mm512_setzero_si512();
+    let sums = if signed {
+        // |q| . (x with q's sign): VNNI takes unsigned times signed.
+        let negative = _mm512_movepi8_mask(q);
+        _mm512_dpbusd_epi32(zero, _mm512_abs_epi8(q), _mm512_mask_sub_epi8(x, negative, zero, x))
+    } else {
+        _mm512_dpbusd_epi32(zero, q, x)
+    };
+    _mm512_cvtepi32_ps(sums)
+}
+
+/// `products` for one block.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn products_256(q: __m256i, x: __m256i, signed: bool) -> __m256 {
+    let zero = _mm256_setzero_si256();
+    let sums = if signed {
+        _mm256_dpbusd_epi32(zero, _mm256_abs_epi8(q), _mm256_sign_epi8(x, q))
+    } else {
+        _mm256_dpbusd_epi32(zero, q, x)
+    };
+    _mm256_cvtepi32_ps(sums)
+}
+
+/// Lanes 0 and 2 of `[s0, o0, s1, o1]` (the two blocks' scales) over the two halves.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn spread(scales: __m128) -> __m512 {
+    let index = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2);
+    _mm512_permutexvar_ps(index, _mm512_castps128_ps512(scales))
+}
+
+/// The even-block and odd-block halves added.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn halves(acc: __m512) -> __m256 {
+    let high = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(acc)));
+    _mm256_add_ps(_mm512_castps512_ps256(acc), high)
+}
+
+/// The eight lanes summed, plus the offsets (lanes 1 and 3 of `offsets`).
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn finish(acc: __m256, offsets: __m128) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps::<1>(acc));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let sum = _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+    let mut lanes = [0f32; 4];
+    // SAFETY: four writable floats.
+    unsafe { _mm_storeu_ps(lanes.as_mut_ptr(), offsets) };
+    sum + (lanes[1] + lanes[3])
+}
+
+/// Two f16 as the two halves of a 32-bit lane.
+fn halves_bits(low: f16, high: f16) -> i32 {
+    (u32::from(low.to_bits()) | (u32::from(high.to_bits()) << 16)) as i32
+}
+
+/// `[d0, m0, d1, m1]` from each block's `d | m << 16`.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn scales(first: i32, second: i32) -> __m128 {
+    _mm_cvtph_ps(_mm_setr_epi32(first, second, 0, 0))
+}
+
+/// 16 bytes of nibbles of each of two blocks as 64 values: the first block's low then high
+/// nibbles, then the second's.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn nibbles_pair(first: &[u8; 16], second: &[u8; 16]) -> __m512i {
+    // SAFETY: 16 readable bytes each.
+    let both = unsafe { _mm256_loadu2_m128i(second.as_ptr().cast(), first.as_ptr().cast()) };
+    let doubled =
+        _mm512_permutexvar_epi64(_mm512_setr_epi64(0, 1, 0, 1, 2, 3, 2, 3), _mm512_castsi256_si512(both));
+    let shifted = _mm512_srlv_epi64(doubled, _mm512_setr_epi64(0, 0, 4, 4, 0, 0, 4, 4));
+    _mm512_and_si512(shifted, _mm512_set1_epi8(0x0f))
+}
+
+/// One block's nibbles as 32 values, low ones first.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn nibbles(qs: &[u8; 16]) -> __m256i {
+    // SAFETY: 16 readable bytes.
+    let packed = unsafe { _mm256_broadcastsi128_si256(_mm_loadu_si128(qs.as_ptr().cast())) };
+    _mm256_and_si256(_mm256_srlv_epi64(packed, _mm256_set_epi64x(4, 4, 0, 0)), _mm256_set1_epi8(0x0f))
+}
+
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn q4_1_pair(a: &Q4_1, b: &Q4_1) -> (__m512i, __m128) {
+    (nibbles_pair(&a.qs, &b.qs), scales(halves_bits(a.d, a.m), halves_bits(b.d, b.m)))
+}
+
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn q4_1_single(a: &Q4_1) -> (__m256i, __m128) {
+    (nibbles(&a.qs), scales(halves_bits(a.d, a.m), 0))
+}
+
+/// Q5_0 values minus 16: 16 is taken off where the fifth bit (bit i of `qh` for value i) is
+/// clear.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn q5_0_pair(a: &Q5_0, b: &Q5_0) -> (__m512i, __m128) {
+    let high = u64::from(u32::from_le_bytes(a.qh)) | (u64::from(u32::from_le_bytes(b.qh)) << 32);
+    let q = nibbles_pair(&a.qs, &b.qs);
+    let values = _mm512_mask_sub_epi8(q, !high, q, _mm512_set1_epi8(16));
+    (values, scales(halves_bits(a.d, f16::ZERO), halves_bits(b.d, f16::ZERO)))
+}
+
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn q5_0_single(a: &Q5_0) -> (__m256i, __m128) {
+    let q = nibbles(&a.qs);
+    let values = _mm256_mask_sub_epi8(q, !u32::from_le_bytes(a.qh), q, _mm256_set1_epi8(16));
+    (values, scales(halves_bits(a.d, f16::ZERO), 0))
+}
+
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn q8_0_pair(a: &Q8_0, b: &Q8_0) -> (__m512i, __m128) {
+    // SAFETY: 32 readable bytes each.
+    let (low, high) =
+        unsafe { (_mm256_loadu_si256(a.qs.as_ptr().cast()), _mm256_loadu_si256(b.qs.as_ptr().cast())) };
+    let values = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(low), high);
+    (values, scales(halves_bits(a.d, f16::ZERO), halves_bits(b.d, f16::ZERO)))
+}
+
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn q8_0_single(a: &Q8_0) -> (__m256i, __m128) {
+    // SAFETY: 32 readable bytes.
+    (unsafe { _mm256_loadu_si256(a.qs.as_ptr().cast()) }, scales(halves_bits(a.d, f16::ZERO), 0))
+}
