@@ -64,6 +64,38 @@ impl Q4K {
     }
 }
 
+/// Q6_K weights: 256 values `x = d * sc * (q - 32)` with a signed 8-bit `sc` per 16 values
+/// and 6-bit `q`: low four bits in `ql`, high two in `qh` (see `values`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Q6K {
+    ql: [u8; 128],
+    qh: [u8; 64],
+    scales: [i8; 16],
+    d: f16,
+}
+
+impl Q6K {
+    /// The 256 values `q - 32` in order. Per half of 128: values `l`, `l + 32`, `l + 64` and
+    /// `l + 96` take the low nibble of `ql[l]`, of `ql[l + 32]`, the high nibble of `ql[l]`,
+    /// of `ql[l + 32]`, and bits 0-1, 2-3, 4-5, 6-7 of `qh[l]` (l < 32) above them.
+    fn values(&self) -> [i8; 256] {
+        let mut out = [0i8; 256];
+        for half in 0..2 {
+            let (ql, qh) = (&self.ql[64 * half..64 * half + 64], &self.qh[32 * half..32 * half + 32]);
+            let out = &mut out[128 * half..128 * half + 128];
+            for l in 0..32 {
+                let high = |shift: u32| ((qh[l] >> shift) & 3) << 4;
+                out[l] = ((ql[l] & 0x0f) | high(0)) as i8 - 32;
+                out[l + 32] = ((ql[l + 32] & 0x0f) | high(2)) as i8 - 32;
+                out[l + 64] = ((ql[l] >> 4) | high(4)) as i8 - 32;
+                out[l + 96] = ((ql[l + 32] >> 4) | high(6)) as i8 - 32;
+            }
+        }
+        out
+    }
+}
+
 /// Q8_0 weights and activations (candle's Q4_0 products): `x = q * d`.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
@@ -102,6 +134,7 @@ impl Q8Row<'_> {
 const _: () = assert!(std::mem::size_of::<Q4_1>() == std::mem::size_of::<BlockQ4_1>());
 const _: () = assert!(std::mem::size_of::<Q8_0>() == std::mem::size_of::<BlockQ8_0>());
 const _: () = assert!(std::mem::size_of::<Q4K>() == std::mem::size_of::<BlockQ4K>());
+const _: () = assert!(std::mem::size_of::<Q6K>() == std::mem::size_of::<BlockQ6K>());
 const _: () = assert!(std::mem::size_of::<Q8_1>() == std::mem::size_of::<BlockQ8_1>());
 const _: () = assert!(std::mem::align_of::<Q8_0>() == std::mem::align_of::<BlockQ8_0>());
 const _: () = assert!(std::mem::align_of::<Q8_1>() == std::mem::align_of::<BlockQ8_1>());
@@ -186,6 +219,7 @@ impl<'a> QMatrix<'a> {
         match self.dtype {
             GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q8_0 => InputFormat::Q8,
             GgmlDType::Q4K if q4_k_kernel().is_some() => InputFormat::Q8,
+            GgmlDType::Q6K if q6_k_kernel().is_some() => InputFormat::Q8,
             GgmlDType::Q4_0 => InputFormat::Q8_0,
             GgmlDType::Q5_1 => InputFormat::Q8_1,
             GgmlDType::F32 | GgmlDType::F16 => InputFormat::F32,
@@ -255,7 +289,17 @@ impl<'a> QMatrix<'a> {
                 None => candle_tile::<BlockQ4K>(n, w, rb, tokens, out, |t| x.q8k(t)),
             },
             GgmlDType::Q5K => candle_tile::<BlockQ5K>(n, w, rb, tokens, out, |t| x.q8k(t)),
-            GgmlDType::Q6K => candle_tile::<BlockQ6K>(n, w, rb, tokens, out, |t| x.q8k(t)),
+            GgmlDType::Q6K => match q6_k_kernel() {
+                Some(one) => tile(
+                    w,
+                    rb,
+                    tokens,
+                    out,
+                    |row, t| one(cast(row), x.q8(t)),
+                    |row, t| std::array::from_fn(|j| one(cast(row), x.q8(t + j))),
+                ),
+                None => candle_tile::<BlockQ6K>(n, w, rb, tokens, out, |t| x.q8k(t)),
+            },
             GgmlDType::F32 => {
                 let one = |row: &[u8], t: usize| dot_f32(cast(row), x.f32(t));
                 tile(w, rb, tokens, out, one, |row, t| std::array::from_fn(|j| one(row, t + j)));
@@ -287,6 +331,8 @@ pub(crate) struct PackedRow {
     scale_offset: Vec<[f32; 2]>,
     /// Per block, per group of four values (a 32-bit lane): -128 x their sum.
     correction: Vec<[i32; 8]>,
+    /// Q6_K only (empty otherwise): per block, per lane, the integer scale of its values.
+    lane_scales: Vec<[i32; 8]>,
 }
 
 fn packed_kernel() -> Option<PackedKernel> {
@@ -298,14 +344,15 @@ fn packed_kernel() -> Option<PackedKernel> {
 
 impl QMatrix<'_> {
     /// Whether products with `tokens` input rows take the packed path: batches, on VNNI
-    /// CPUs, for the types whose one-token kernels are ours (Q4_1, Q5_0, Q8_0, and Q4_K on
-    /// AVX-512), because the packed path then computes bit for bit what they compute. A
+    /// CPUs, for the types whose one-token kernels are ours (Q4_1, Q5_0, Q8_0, and the K-quants
+    /// Q4_K and Q6_K on AVX-512), because the packed path then computes bit for bit what they compute. A
     /// prompt's last token, alone in the next call once the rest is cached, must give the same
     /// logits as in the batch.
     fn packs(&self, tokens: usize) -> bool {
         let ours = match self.dtype {
             GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q8_0 => true,
             GgmlDType::Q4K => q4_k_kernel().is_some(),
+            GgmlDType::Q6K => q6_k_kernel().is_some(),
             _ => false,
         };
         tokens >= PACKED_MIN_TOKENS && ours && packed_kernel().is_some()
@@ -355,6 +402,7 @@ impl QMatrix<'_> {
         out.q.resize(cols, 0);
         out.scale_offset.resize(blocks, [0.0; 2]);
         out.correction.resize(blocks, [0; 8]);
+        out.lane_scales.clear();
         let rb = self.row_bytes();
         let bytes = &self.bytes[row * rb..(row + 1) * rb];
         match self.dtype {
@@ -397,7 +445,18 @@ impl QMatrix<'_> {
                     out.scale_offset[i * 8..i * 8 + 8].copy_from_slice(&w.scale_offsets());
                 }
             }
-            other => unreachable!("`packs` admits Q4_1, Q5_0, Q8_0 and Q4_K only, not {other:?}"),
+            GgmlDType::Q6K => {
+                out.lane_scales.resize(blocks, [0; 8]);
+                for (i, w) in cast::<u8, Q6K>(bytes).iter().enumerate() {
+                    out.q[i * 256..i * 256 + 256].copy_from_slice(&w.values());
+                    for b in 0..8 {
+                        out.scale_offset[i * 8 + b] = [w.d.to_f32(), 0.0];
+                        out.lane_scales[i * 8 + b] =
+                            std::array::from_fn(|lane| i32::from(w.scales[2 * b + lane / 4]));
+                    }
+                }
+            }
+            other => unreachable!("`packs` admits Q4_1, Q5_0, Q8_0, Q4_K and Q6_K only, not {other:?}"),
         }
         for (b, c) in out.correction.iter_mut().enumerate() {
             for (lane, c) in c.iter_mut().enumerate() {
@@ -783,6 +842,7 @@ type Q4_1x4Kernel = fn(&[Q4_1], [Q8Row<'_>; 4]) -> [f32; 4];
 type Q5_0x4Kernel = fn(&[Q5_0], [Q8Row<'_>; 4]) -> [f32; 4];
 type Q8_0x4Kernel = fn(&[Q8_0], [Q8Row<'_>; 4]) -> [f32; 4];
 type Q4KKernel = fn(&[Q4K], Q8Row<'_>) -> f32;
+type Q6KKernel = fn(&[Q6K], Q8Row<'_>) -> f32;
 
 /// Picks the kernel of the best instruction set: the x86 level found at run time, NEON with
 /// SDOT when the build has dotprod, else the portable one.
@@ -810,6 +870,14 @@ dispatch!(q5_0_x4_kernel, Q5_0x4Kernel, q5_0_x4, neon::q5_0_x4, |w, x| x.map(|x|
 fn q4_k_kernel() -> Option<Q4KKernel> {
     #[cfg(target_arch = "x86_64")]
     return x86::kernels().and_then(|k| k.q4_k);
+    #[allow(unreachable_code)]
+    None
+}
+
+/// Q6_K weights: ours at the AVX-512 level, candle's (with Q8_K activations) elsewhere.
+fn q6_k_kernel() -> Option<Q6KKernel> {
+    #[cfg(target_arch = "x86_64")]
+    return x86::kernels().and_then(|k| k.q6_k);
     #[allow(unreachable_code)]
     None
 }
@@ -1060,6 +1128,7 @@ mod tests {
             }
         }
         same_products_in_a_batch_as_alone(GgmlDType::Q4K, 512);
+        same_products_in_a_batch_as_alone(GgmlDType::Q6K, 512);
     }
 
     fn same_products_in_a_batch_as_alone(dtype: GgmlDType, cols: usize) {

@@ -17,6 +17,7 @@ pub(super) struct Kernels {
     pub q8_0_x4: Q8_0x4Kernel,
     /// Only at the AVX-512 level (candle's elsewhere).
     pub q4_k: Option<Q4KKernel>,
+    pub q6_k: Option<Q6KKernel>,
     /// Only with VNNI (AVX2's maddubs would saturate on activations plus 128).
     pub packed: Option<PackedKernel>,
 }
@@ -88,6 +89,7 @@ macro_rules! kernel_set {
                 q8_0: |w, x| unsafe { q8_0(w, x) },
                 q8_0_x4: |w, x| unsafe { q8_0_x4(w, x) },
                 q4_k: None,
+                q6_k: None,
                 packed: $packed,
             };
 
@@ -100,6 +102,8 @@ macro_rules! kernel_set {
                 let mut acc = [[_mm256_setzero_ps(); 4]; 2];
                 let mut offsets = [[0f32; 4]; 2];
                 let flip = _mm256_set1_epi8(-128);
+                // Q6_K rows (with lane scales) pack only at the AVX-512 level.
+                assert!(w[0].lane_scales.is_empty() && w[1].lane_scales.is_empty());
                 for b in 0..w[0].scale_offset.len() {
                     // SAFETY (loads): 32 bytes at block b of rows of whole blocks, 8 lanes of
                     // corrections.

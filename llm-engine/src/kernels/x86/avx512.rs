@@ -7,7 +7,7 @@
 //! packed batch kernel repeats these steps exactly, so a token gives the same numbers in a
 //! batch as alone.
 
-use super::super::{PackedRow, Q4_1, Q4K, Q5_0, Q8_0, Q8Row};
+use super::super::{PackedRow, Q4_1, Q4K, Q5_0, Q6K, Q8_0, Q8Row};
 use half::f16;
 use std::arch::x86_64::*;
 
@@ -21,6 +21,7 @@ pub(in super::super) static KERNELS: super::Kernels = super::Kernels {
     q8_0: |w, x| unsafe { q8_0(w, x) },
     q8_0_x4: |w, x| x.map(|x| unsafe { q8_0(w, x) }),
     q4_k: Some(|w, x| unsafe { q4_k(w, x) }),
+    q6_k: Some(|w, x| unsafe { q6_k(w, x) }),
     packed: Some(|w, x| unsafe { packed_2x4(w, x) }),
 };
 
@@ -104,6 +105,75 @@ fn q4_k(w: &[Q4K], x: Q8Row<'_>) -> f32 {
     finish(halves(acc), offsets)
 }
 
+/// Q6_K: pairs of sub-blocks of 32 in the steps of `one_token!`, the signed values' integer
+/// products by lanes of four multiplied by their 16-value sub-block's scale before the block
+/// scale `d` (exact: at most 4 x 32 x 127 x 128).
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn q6_k(w: &[Q6K], x: Q8Row<'_>) -> f32 {
+    assert!(x.qs.len() >= w.len() * 256 && x.scales.len() >= w.len() * 8, "activations too short");
+    let mut acc = _mm512_setzero_ps();
+    let mut offsets = _mm_setzero_ps();
+    let low_nibbles = _mm512_set1_epi8(0x0f);
+    let two_bits = _mm512_set1_epi8(3);
+    for (i, block) in w.iter().enumerate() {
+        // SAFETY: 16 bytes of scales.
+        let sixteen = _mm512_cvtepi8_epi32(unsafe { _mm_loadu_si128(block.scales.as_ptr().cast()) });
+        let d = block.d.to_f32();
+        let wdm = _mm_setr_ps(d, 0.0, d, 0.0);
+        for half in 0..2 {
+            // SAFETY: 64 bytes of `ql` and 32 of `qh` in this half.
+            let (low, high) = unsafe {
+                (
+                    _mm512_loadu_si512(block.ql.as_ptr().add(64 * half).cast()),
+                    _mm256_loadu_si256(block.qh.as_ptr().add(32 * half).cast()),
+                )
+            };
+            // `qh` for values 0..32 and (shifted by two) for 32..64 of each pair.
+            let high = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(high), _mm256_srli_epi16::<2>(high));
+            for pair in 0..2 {
+                let (nibbles, bits) = if pair == 0 {
+                    (_mm512_and_si512(low, low_nibbles), _mm512_and_si512(high, two_bits))
+                } else {
+                    (
+                        _mm512_and_si512(_mm512_srli_epi16::<4>(low), low_nibbles),
+                        _mm512_and_si512(_mm512_srli_epi16::<4>(high), two_bits),
+                    )
+                };
+                let q = _mm512_sub_epi8(
+                    _mm512_or_si512(nibbles, _mm512_slli_epi16::<4>(bits)),
+                    _mm512_set1_epi8(32),
+                );
+                let first = 4 * (2 * half + pair) as i32;
+                let index = _mm512_add_epi32(
+                    _mm512_set1_epi32(first),
+                    _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3),
+                );
+                let lane_scales = _mm512_permutexvar_epi32(index, sixteen);
+                let k = i * 4 + 2 * half + pair;
+                // SAFETY: blocks 2k and 2k + 1 of the activations (lengths asserted above).
+                let (xv, xs) = unsafe {
+                    (
+                        _mm512_loadu_si512(x.qs.as_ptr().add(64 * k).cast()),
+                        _mm_loadu_ps(x.scales.as_ptr().add(2 * k).cast()),
+                    )
+                };
+                let scales = _mm_mul_ps(wdm, xs);
+                offsets = _mm_add_ps(offsets, scales);
+                let negative = _mm512_movepi8_mask(q);
+                let zero = _mm512_setzero_si512();
+                let sums = _mm512_dpbusd_epi32(
+                    zero,
+                    _mm512_abs_epi8(q),
+                    _mm512_mask_sub_epi8(xv, negative, zero, xv),
+                );
+                let p = _mm512_cvtepi32_ps(_mm512_mullo_epi32(sums, lane_scales));
+                acc = _mm512_fmadd_ps(spread(scales), p, acc);
+            }
+        }
+    }
+    finish(halves(acc), offsets)
+}
+
 /// Two weight rows against four tokens in the packed form, in the steps of `one_token!`:
 /// activations plus 128 are unsigned, and the rows' corrections (-128 x their values' sums)
 /// make the integer products exact.
@@ -116,6 +186,11 @@ fn packed_2x4(w: [&PackedRow; 2], x: [Q8Row<'_>; 4]) -> [[f32; 4]; 2] {
     }
     for t in x {
         assert!(t.qs.len() >= blocks * 32 && t.scales.len() >= blocks, "activations too short");
+    }
+    // Q6_K rows: integer scales per lane (both rows are of one matrix).
+    let scaled = !w[0].lane_scales.is_empty();
+    for r in w {
+        assert!(!scaled || r.lane_scales.len() >= blocks);
     }
     let flip = _mm512_set1_epi8(-128);
     let mut acc = [[_mm512_setzero_ps(); 4]; 2];
@@ -147,7 +222,14 @@ fn packed_2x4(w: [&PackedRow; 2], x: [Q8Row<'_>; 4]) -> [[f32; 4]; 2] {
                 )
             };
             for r in 0..2 {
-                let p = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(c[r], xv, q[r]));
+                let mut sums = _mm512_dpbusd_epi32(c[r], xv, q[r]);
+                if scaled {
+                    // SAFETY: blocks 2k and 2k + 1 of `lane_scales` (asserted above).
+                    let lane_scales =
+                        unsafe { _mm512_loadu_si512(w[r].lane_scales.as_ptr().add(2 * k).cast()) };
+                    sums = _mm512_mullo_epi32(sums, lane_scales);
+                }
+                let p = _mm512_cvtepi32_ps(sums);
                 let scales = _mm_mul_ps(so[r], xs);
                 offsets[r][j] = _mm_add_ps(offsets[r][j], scales);
                 acc[r][j] = _mm512_fmadd_ps(spread(scales), p, acc[r][j]);
@@ -160,6 +242,8 @@ fn packed_2x4(w: [&PackedRow; 2], x: [Q8Row<'_>; 4]) -> [[f32; 4]; 2] {
             let mut sum = halves(acc[r][j]);
             let mut offset = offsets[r][j];
             if blocks % 2 == 1 {
+                // Never a K-quant row (eight sub-blocks per block): no lane scales here.
+                assert!(!scaled, "lane scales on an odd number of blocks");
                 let b = blocks - 1;
                 // SAFETY: block b of rows and activations of `blocks` blocks.
                 let (q, c, so, xv, xs) = unsafe {
