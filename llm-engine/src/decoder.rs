@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::error::{EngineError, Result};
 use crate::gguf::Architecture;
-use crate::kernels::{Input, QMatrix, axpy_f16, dot_f16};
+use crate::kernels::{Input, QMatrix, axpy_f16, dot_f16, gelu_mul, silu_mul};
 use crate::pool::ComputePool;
 
 /// Where a weight matrix lies in the file.
@@ -408,11 +408,7 @@ impl Decoder {
             self.matmul(&mut input, t, &mut [(&layer.gate, &mut gate), (&layer.up, &mut up)]);
             let activate = |i: usize, gate: &mut [f32]| {
                 let up = &up[i * ffn..(i + 1) * ffn];
-                if s.gemma {
-                    gate.iter_mut().zip(up).for_each(|(g, u)| *g = gelu(*g) * u);
-                } else {
-                    gate.iter_mut().zip(up).for_each(|(g, u)| *g = *g / (1.0 + (-*g).exp()) * u);
-                }
+                if s.gemma { gelu_mul(gate, up) } else { silu_mul(gate, up) }
             };
             if t == 1 {
                 activate(0, &mut gate);
@@ -581,12 +577,6 @@ fn rotate(x: &mut [f32], head_dim: usize, rope_dim: usize, neox: bool, cos: &[f3
             }
         }
     }
-}
-
-/// GELU, tanh approximation (Gemma's `gelu_pytorch_tanh`).
-fn gelu(x: f32) -> f32 {
-    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
-    0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x)).tanh())
 }
 
 #[cfg(test)]

@@ -323,14 +323,12 @@ const PACKED_MIN_TOKENS: usize = 4;
 type PackedKernel = fn(w: [&PackedRow; 2], x: [Q8Row<'_>; 4]) -> [[f32; 4]; 2];
 
 /// A weight row for the packed path: per block of 32, 8-bit values `q` with the value being
-/// `scale * q + offset`, and -128 x the sum of the block's `q`.
+/// `scale * q + offset`.
 #[derive(Debug, Default)]
 pub(crate) struct PackedRow {
     q: Vec<i8>,
     /// Per block, `[scale, offset]`.
     scale_offset: Vec<[f32; 2]>,
-    /// Per block, per group of four values (a 32-bit lane): -128 x their sum.
-    correction: Vec<[i32; 8]>,
     /// Q6_K only (empty otherwise): per block, per lane, the integer scale of its values.
     lane_scales: Vec<[i32; 8]>,
 }
@@ -401,7 +399,6 @@ impl QMatrix<'_> {
         let (cols, blocks) = (self.cols, self.cols / 32);
         out.q.resize(cols, 0);
         out.scale_offset.resize(blocks, [0.0; 2]);
-        out.correction.resize(blocks, [0; 8]);
         out.lane_scales.clear();
         let rb = self.row_bytes();
         let bytes = &self.bytes[row * rb..(row + 1) * rb];
@@ -457,15 +454,6 @@ impl QMatrix<'_> {
                 }
             }
             other => unreachable!("`packs` admits Q4_1, Q5_0, Q8_0, Q4_K and Q6_K only, not {other:?}"),
-        }
-        for (b, c) in out.correction.iter_mut().enumerate() {
-            for (lane, c) in c.iter_mut().enumerate() {
-                *c = -128
-                    * out.q[b * 32 + lane * 4..b * 32 + lane * 4 + 4]
-                        .iter()
-                        .map(|&v| i32::from(v))
-                        .sum::<i32>();
-            }
         }
     }
 }
@@ -570,6 +558,35 @@ pub(crate) fn axpy_f16(y: &mut [f32], a: f32, x: &[f16]) {
     }
 }
 
+/// `gate[i] = silu(gate[i]) * up[i]` (the llama family's FFN): `g / (1 + exp(-g))`.
+pub(crate) fn silu_mul(gate: &mut [f32], up: &[f32]) {
+    gated(gate, up, false);
+}
+
+/// `gate[i] = gelu(gate[i]) * up[i]` with GELU's tanh approximation (Gemma's
+/// `gelu_pytorch_tanh`), as `g / (1 + exp(-2 sqrt(2 / pi) (g + 0.044715 g^3)))`, which is
+/// `0.5 g (1 + tanh(sqrt(2 / pi) (g + 0.044715 g^3)))`.
+pub(crate) fn gelu_mul(gate: &mut [f32], up: &[f32]) {
+    gated(gate, up, true);
+}
+
+/// `-2 sqrt(2 / pi)`.
+const GELU_SCALE: f32 = -1.595_769_1;
+const GELU_CUBIC: f32 = 0.044_715;
+
+fn gated(gate: &mut [f32], up: &[f32], gelu: bool) {
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if x86::kernels().is_some() {
+        // SAFETY: AVX2, FMA and F16C are there (`kernels()` is Some only then).
+        done = unsafe { float_simd::gated_avx2(gate, up, gelu) };
+    }
+    for (g, u) in gate[done..].iter_mut().zip(&up[done..]) {
+        let z = if gelu { GELU_SCALE * (*g + GELU_CUBIC * *g * *g * *g) } else { -*g };
+        *g = *g / (1.0 + z.exp()) * u;
+    }
+}
+
 /// Values converted from f16 at a time off x86 (`half` converts slices with the CPU's own
 /// instructions where it has them).
 const F16_CHUNK: usize = 64;
@@ -602,6 +619,51 @@ mod float_simd {
         assert!(i + 8 <= x.len());
         // SAFETY: eight floats inside `x` (asserted).
         unsafe { _mm256_loadu_ps(x.as_ptr().add(i)) }
+    }
+
+    /// `gated` over whole groups of eight; returns how many values it did.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) fn gated_avx2(gate: &mut [f32], up: &[f32], gelu: bool) -> usize {
+        let n = gate.len().min(up.len()) / 8 * 8;
+        let mut i = 0;
+        while i < n {
+            let g = load(gate, i);
+            let z = if gelu {
+                let cubic = _mm256_mul_ps(_mm256_mul_ps(g, g), _mm256_set1_ps(super::GELU_CUBIC));
+                _mm256_mul_ps(_mm256_set1_ps(super::GELU_SCALE), _mm256_fmadd_ps(cubic, g, g))
+            } else {
+                _mm256_sub_ps(_mm256_setzero_ps(), g)
+            };
+            let denominator = _mm256_add_ps(_mm256_set1_ps(1.0), exp_avx2(z));
+            let value = _mm256_mul_ps(_mm256_div_ps(g, denominator), load(up, i));
+            // SAFETY: i + 8 <= n, inside `gate`.
+            unsafe { _mm256_storeu_ps(gate.as_mut_ptr().add(i), value) };
+            i += 8;
+        }
+        n
+    }
+
+    /// `exp` of eight floats (Cephes' `expf`: within 2 ulp of the true value for inputs in
+    /// -87.3..88.3, clamped outside).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) fn exp_avx2(x: __m256) -> __m256 {
+        let x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3)), _mm256_set1_ps(88.3));
+        // x = n ln 2 + r, |r| <= ln 2 / 2, with ln 2 in two parts for an exact product.
+        let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
+            x,
+            _mm256_set1_ps(std::f32::consts::LOG2_E),
+        ));
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
+        let mut y = _mm256_set1_ps(1.987_569_1e-4);
+        for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 5.000_000_1e-1] {
+            y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(c));
+        }
+        let y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0)));
+        let two_n = _mm256_slli_epi32::<23>(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)));
+        _mm256_mul_ps(y, _mm256_castsi256_ps(two_n))
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -1052,6 +1114,54 @@ mod tests {
                         "{dtype:?} row {r} token {t}: {got} vs {want}"
                     );
                 }
+            }
+        }
+    }
+
+    /// The SIMD exp and the gated activations against f64 references.
+    #[test]
+    fn activations_match_their_formulas() {
+        let gate: Vec<f32> = values(1003, 10).iter().map(|v| v * 12.0).collect();
+        let up = values(1003, 11);
+        for gelu in [false, true] {
+            let mut got = gate.clone();
+            if gelu {
+                gelu_mul(&mut got, &up);
+            } else {
+                silu_mul(&mut got, &up);
+            }
+            for ((g, u), got) in gate.iter().zip(&up).zip(&got) {
+                let (g, u) = (f64::from(*g), f64::from(*u));
+                let activated = if gelu {
+                    0.5 * g
+                        * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (g + 0.044715 * g * g * g)).tanh())
+                } else {
+                    g / (1.0 + (-g).exp())
+                };
+                let want = activated * u;
+                // f32 rounding of the exponent (up to about 20 here) grows by that factor in exp.
+                assert!(
+                    (f64::from(*got) - want).abs() <= 5e-6 * want.abs().max(1e-3),
+                    "gelu {gelu}: {g} {got} {want}"
+                );
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        if x86::kernels().is_some() {
+            // Inside the range it does not clamp.
+            for x in (-890..=900).map(|i| i as f32 * 0.0977) {
+                let mut lanes = [0f32; 8];
+                // SAFETY: AVX2, FMA and F16C are there; eight writable floats.
+                unsafe {
+                    use std::arch::x86_64::*;
+                    _mm256_storeu_ps(lanes.as_mut_ptr(), float_simd::exp_avx2(_mm256_set1_ps(x)));
+                }
+                let want = f64::from(x).exp();
+                assert!(
+                    (f64::from(lanes[0]) - want).abs() <= 3e-7 * want,
+                    "exp({x}) = {} vs {want}",
+                    lanes[0]
+                );
             }
         }
     }

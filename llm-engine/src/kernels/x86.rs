@@ -105,16 +105,18 @@ macro_rules! kernel_set {
                 // Q6_K rows (with lane scales) pack only at the AVX-512 level.
                 assert!(w[0].lane_scales.is_empty() && w[1].lane_scales.is_empty());
                 for b in 0..w[0].scale_offset.len() {
-                    // SAFETY (loads): 32 bytes at block b of rows of whole blocks, 8 lanes of
-                    // corrections.
-                    let (w0, w1, c0, c1) = unsafe {
+                    // SAFETY (loads): 32 bytes at block b of rows of whole blocks.
+                    let (w0, w1) = unsafe {
                         (
                             _mm256_loadu_si256(w[0].q.as_ptr().add(b * 32).cast()),
                             _mm256_loadu_si256(w[1].q.as_ptr().add(b * 32).cast()),
-                            _mm256_loadu_si256(w[0].correction[b].as_ptr().cast()),
-                            _mm256_loadu_si256(w[1].correction[b].as_ptr().cast()),
                         )
                     };
+                    // -128 x the sum of each lane's four weights, which the 128 added to the
+                    // activations puts in.
+                    let zero = _mm256_setzero_si256();
+                    let c0 = _mm256_sub_epi32(zero, dpbusd(zero, flip, w0));
+                    let c1 = _mm256_sub_epi32(zero, dpbusd(zero, flip, w1));
                     let ([s0, o0], [s1, o1]) = (w[0].scale_offset[b], w[1].scale_offset[b]);
                     for j in 0..4 {
                         // Activations plus 128: unsigned.

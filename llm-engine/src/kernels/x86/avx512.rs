@@ -175,14 +175,14 @@ fn q6_k(w: &[Q6K], x: Q8Row<'_>) -> f32 {
 }
 
 /// Two weight rows against four tokens in the packed form, in the steps of `one_token!`:
-/// activations plus 128 are unsigned, and the rows' corrections (-128 x their values' sums)
+/// activations plus 128 are unsigned, and corrections (-128 x the weights' sums per lane)
 /// make the integer products exact.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 fn packed_2x4(w: [&PackedRow; 2], x: [Q8Row<'_>; 4]) -> [[f32; 4]; 2] {
     // No closures in here: they would not inherit the target features.
     let blocks = w[0].scale_offset.len();
     for r in w {
-        assert!(r.q.len() >= blocks * 32 && r.correction.len() >= blocks && r.scale_offset.len() >= blocks);
+        assert!(r.q.len() >= blocks * 32 && r.scale_offset.len() >= blocks);
     }
     for t in x {
         assert!(t.qs.len() >= blocks * 32 && t.scales.len() >= blocks, "activations too short");
@@ -198,15 +198,11 @@ fn packed_2x4(w: [&PackedRow; 2], x: [Q8Row<'_>; 4]) -> [[f32; 4]; 2] {
     for k in 0..blocks / 2 {
         // SAFETY (all loads): blocks 2k and 2k + 1 of rows and activations of at least
         // `blocks` blocks (asserted above).
-        let (q, c, so) = unsafe {
+        let (q, so) = unsafe {
             (
                 [
                     _mm512_loadu_si512(w[0].q.as_ptr().add(64 * k).cast()),
                     _mm512_loadu_si512(w[1].q.as_ptr().add(64 * k).cast()),
-                ],
-                [
-                    _mm512_loadu_si512(w[0].correction.as_ptr().add(2 * k).cast()),
-                    _mm512_loadu_si512(w[1].correction.as_ptr().add(2 * k).cast()),
                 ],
                 [
                     _mm_loadu_ps(w[0].scale_offset.as_ptr().add(2 * k).cast()),
@@ -214,7 +210,9 @@ fn packed_2x4(w: [&PackedRow; 2], x: [Q8Row<'_>; 4]) -> [[f32; 4]; 2] {
                 ],
             )
         };
+        let c = [correction(q[0]), correction(q[1])];
         for j in 0..4 {
+            // SAFETY: as above.
             let (xv, xs) = unsafe {
                 (
                     _mm512_xor_si512(_mm512_loadu_si512(x[j].qs.as_ptr().add(64 * k).cast()), flip),
@@ -246,10 +244,9 @@ fn packed_2x4(w: [&PackedRow; 2], x: [Q8Row<'_>; 4]) -> [[f32; 4]; 2] {
                 assert!(!scaled, "lane scales on an odd number of blocks");
                 let b = blocks - 1;
                 // SAFETY: block b of rows and activations of `blocks` blocks.
-                let (q, c, so, xv, xs) = unsafe {
+                let (q, so, xv, xs) = unsafe {
                     (
                         _mm256_loadu_si256(w[r].q.as_ptr().add(32 * b).cast()),
-                        _mm256_loadu_si256(w[r].correction.as_ptr().add(b).cast()),
                         _mm_castpd_ps(_mm_load_sd(w[r].scale_offset.as_ptr().add(b).cast())),
                         _mm256_xor_si256(
                             _mm256_loadu_si256(x[j].qs.as_ptr().add(32 * b).cast()),
@@ -258,6 +255,8 @@ fn packed_2x4(w: [&PackedRow; 2], x: [Q8Row<'_>; 4]) -> [[f32; 4]; 2] {
                         _mm_castpd_ps(_mm_load_sd(x[j].scales.as_ptr().add(b).cast())),
                     )
                 };
+                let zero = _mm256_setzero_si256();
+                let c = _mm256_sub_epi32(zero, _mm256_dpbusd_epi32(zero, _mm256_set1_epi8(-128), q));
                 let p = _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(c, xv, q));
                 let scales = _mm_mul_ps(so, xs);
                 offset = _mm_add_ps(offset, scales);
@@ -267,6 +266,13 @@ fn packed_2x4(w: [&PackedRow; 2], x: [Q8Row<'_>; 4]) -> [[f32; 4]; 2] {
         }
     }
     out
+}
+
+/// -128 x the sum of each lane's four weights: what adding 128 to the activations puts in.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn correction(q: __m512i) -> __m512i {
+    let zero = _mm512_setzero_si512();
+    _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, _mm512_set1_epi8(-128), q))
 }
 
 /// The i32 dot products by groups of four of 64 weights `q` (unsigned, or signed when
