@@ -571,7 +571,7 @@ pub(crate) fn gelu_mul(gate: &mut [f32], up: &[f32]) {
 }
 
 /// `-2 sqrt(2 / pi)`.
-const GELU_SCALE: f32 = -1.595_769_1;
+const GELU_SCALE: f32 = -1.595_769;
 const GELU_CUBIC: f32 = 0.044_715;
 
 fn gated(gate: &mut [f32], up: &[f32], gelu: bool) {
@@ -658,7 +658,7 @@ mod float_simd {
         let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
         let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
         let mut y = _mm256_set1_ps(1.987_569_1e-4);
-        for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 5.000_000_1e-1] {
+        for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 5e-1] {
             y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(c));
         }
         let y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0)));
