@@ -333,6 +333,13 @@ pub(crate) struct PackedRow {
     lane_scales: Vec<[i32; 8]>,
 }
 
+fn unpack_kernel() -> Option<fn(GgmlDType, &[u8], &mut [i8]) -> bool> {
+    #[cfg(target_arch = "x86_64")]
+    return x86::kernels().and_then(|k| k.unpack);
+    #[allow(unreachable_code)]
+    None
+}
+
 fn packed_kernel() -> Option<PackedKernel> {
     #[cfg(target_arch = "x86_64")]
     return x86::kernels().and_then(|k| k.packed);
@@ -393,8 +400,8 @@ impl QMatrix<'_> {
         }
     }
 
-    /// Row `row` in the packed form, exactly: Q4_1, Q5_0 and Q8_0 values are `scale * q +
-    /// offset` per block of 32 with small integer `q`.
+    /// Row `row` in the packed form, exactly: per block of 32, `scale * q + offset` with small
+    /// integer `q` (Q6_K: with an integer scale per lane too).
     fn pack_row(&self, row: usize, out: &mut PackedRow) {
         let (cols, blocks) = (self.cols, self.cols / 32);
         out.q.resize(cols, 0);
@@ -402,50 +409,34 @@ impl QMatrix<'_> {
         out.lane_scales.clear();
         let rb = self.row_bytes();
         let bytes = &self.bytes[row * rb..(row + 1) * rb];
+        // The values in SIMD where the kernels' level has it.
+        if !unpack_kernel().is_some_and(|unpack| unpack(self.dtype, bytes, &mut out.q)) {
+            portable_values(self.dtype, bytes, &mut out.q);
+        }
         match self.dtype {
             GgmlDType::Q8_0 => {
                 for (b, w) in cast::<u8, Q8_0>(bytes).iter().enumerate() {
-                    out.q[b * 32..b * 32 + 32].copy_from_slice(&w.qs);
                     out.scale_offset[b] = [w.d.to_f32(), 0.0];
                 }
             }
             GgmlDType::Q4_1 => {
                 for (b, w) in cast::<u8, Q4_1>(bytes).iter().enumerate() {
-                    let q = &mut out.q[b * 32..b * 32 + 32];
-                    for j in 0..16 {
-                        q[j] = (w.qs[j] & 0x0f) as i8;
-                        q[j + 16] = (w.qs[j] >> 4) as i8;
-                    }
                     out.scale_offset[b] = [w.d.to_f32(), w.m.to_f32()];
                 }
             }
             GgmlDType::Q5_0 => {
                 for (b, w) in cast::<u8, Q5_0>(bytes).iter().enumerate() {
-                    let high = fifth_bits(w.qh);
-                    let q = &mut out.q[b * 32..b * 32 + 32];
-                    for j in 0..16 {
-                        q[j] = ((w.qs[j] & 0x0f) | high[j]) as i8 - 16;
-                        q[j + 16] = ((w.qs[j] >> 4) | high[j + 16]) as i8 - 16;
-                    }
                     out.scale_offset[b] = [w.d.to_f32(), 0.0];
                 }
             }
             GgmlDType::Q4K => {
                 for (i, w) in cast::<u8, Q4K>(bytes).iter().enumerate() {
-                    let q = &mut out.q[i * 256..i * 256 + 256];
-                    for run in 0..4 {
-                        for l in 0..32 {
-                            q[run * 64 + l] = (w.qs[run * 32 + l] & 0x0f) as i8;
-                            q[run * 64 + 32 + l] = (w.qs[run * 32 + l] >> 4) as i8;
-                        }
-                    }
                     out.scale_offset[i * 8..i * 8 + 8].copy_from_slice(&w.scale_offsets());
                 }
             }
             GgmlDType::Q6K => {
                 out.lane_scales.resize(blocks, [0; 8]);
                 for (i, w) in cast::<u8, Q6K>(bytes).iter().enumerate() {
-                    out.q[i * 256..i * 256 + 256].copy_from_slice(&w.values());
                     for b in 0..8 {
                         out.scale_offset[i * 8 + b] = [w.d.to_f32(), 0.0];
                         out.lane_scales[i * 8 + b] =
@@ -455,6 +446,53 @@ impl QMatrix<'_> {
             }
             other => unreachable!("`packs` admits Q4_1, Q5_0, Q8_0, Q4_K and Q6_K only, not {other:?}"),
         }
+    }
+}
+
+/// The integer values `q` of a row of blocks of `dtype` (one of the packed types), in order.
+fn portable_values(dtype: GgmlDType, bytes: &[u8], q: &mut [i8]) {
+    match dtype {
+        GgmlDType::Q8_0 => {
+            for (b, w) in cast::<u8, Q8_0>(bytes).iter().enumerate() {
+                q[b * 32..b * 32 + 32].copy_from_slice(&w.qs);
+            }
+        }
+        GgmlDType::Q4_1 => {
+            for (b, w) in cast::<u8, Q4_1>(bytes).iter().enumerate() {
+                let q = &mut q[b * 32..b * 32 + 32];
+                for j in 0..16 {
+                    q[j] = (w.qs[j] & 0x0f) as i8;
+                    q[j + 16] = (w.qs[j] >> 4) as i8;
+                }
+            }
+        }
+        GgmlDType::Q5_0 => {
+            for (b, w) in cast::<u8, Q5_0>(bytes).iter().enumerate() {
+                let high = fifth_bits(w.qh);
+                let q = &mut q[b * 32..b * 32 + 32];
+                for j in 0..16 {
+                    q[j] = ((w.qs[j] & 0x0f) | high[j]) as i8 - 16;
+                    q[j + 16] = ((w.qs[j] >> 4) | high[j + 16]) as i8 - 16;
+                }
+            }
+        }
+        GgmlDType::Q4K => {
+            for (i, w) in cast::<u8, Q4K>(bytes).iter().enumerate() {
+                let q = &mut q[i * 256..i * 256 + 256];
+                for run in 0..4 {
+                    for l in 0..32 {
+                        q[run * 64 + l] = (w.qs[run * 32 + l] & 0x0f) as i8;
+                        q[run * 64 + 32 + l] = (w.qs[run * 32 + l] >> 4) as i8;
+                    }
+                }
+            }
+        }
+        GgmlDType::Q6K => {
+            for (i, w) in cast::<u8, Q6K>(bytes).iter().enumerate() {
+                q[i * 256..i * 256 + 256].copy_from_slice(&w.values());
+            }
+        }
+        other => unreachable!("`packs` admits Q4_1, Q5_0, Q8_0, Q4_K and Q6_K only, not {other:?}"),
     }
 }
 
@@ -644,6 +682,43 @@ mod float_simd {
         n
     }
 
+    /// `quantize_block` of 32 values into `q`, and their sum.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) fn quantize_avx2(x: &[f32], q: &mut [i8; 32]) -> (f32, i32) {
+        let v = [load(x, 0), load(x, 8), load(x, 16), load(x, 24)];
+        let magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+        let mut max = _mm256_setzero_ps();
+        for v in v {
+            max = _mm256_max_ps(max, _mm256_and_ps(v, magnitude));
+        }
+        let max = _mm_max_ps(_mm256_castps256_ps128(max), _mm256_extractf128_ps::<1>(max));
+        let max = _mm_max_ps(max, _mm_movehl_ps(max, max));
+        let amax = _mm_cvtss_f32(_mm_max_ss(max, _mm_movehdup_ps(max)));
+        let d = amax / 127.0;
+        let id = _mm256_set1_ps(if d != 0.0 { 1.0 / d } else { 0.0 });
+        // Rounding half away from zero, as `quantize_block`: + 0.5 with the value's sign, cut.
+        let sign = _mm256_castsi256_ps(_mm256_set1_epi32(i32::MIN));
+        let half = _mm256_set1_ps(0.5);
+        let mut ints = [_mm256_setzero_si256(); 4];
+        for (int, v) in ints.iter_mut().zip(v) {
+            let scaled = _mm256_mul_ps(v, id);
+            let rounded = _mm256_add_ps(scaled, _mm256_or_ps(_mm256_and_ps(scaled, sign), half));
+            *int = _mm256_cvttps_epi32(rounded);
+        }
+        let sum = _mm256_add_epi32(_mm256_add_epi32(ints[0], ints[1]), _mm256_add_epi32(ints[2], ints[3]));
+        let sum = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256::<1>(sum));
+        let sum = _mm_add_epi32(sum, _mm_shuffle_epi32::<0b01_00_11_10>(sum));
+        let sum = _mm_cvtsi128_si32(_mm_add_epi32(sum, _mm_shuffle_epi32::<0b10_11_00_01>(sum)));
+        // i32 -> i16 -> i8 pack within 128-bit lanes; the permutation puts them in order.
+        let words = [_mm256_packs_epi32(ints[0], ints[1]), _mm256_packs_epi32(ints[2], ints[3])];
+        let bytes = _mm256_packs_epi16(words[0], words[1]);
+        let ordered = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        // SAFETY: 32 writable bytes.
+        unsafe { _mm256_storeu_si256(q.as_mut_ptr().cast(), ordered) };
+        (d, sum)
+    }
+
     /// `exp` of eight floats (Cephes' `expf`: within 2 ulp of the true value for inputs in
     /// -87.3..88.3, clamped outside).
     #[cfg(target_arch = "x86_64")]
@@ -802,9 +877,7 @@ impl Input {
                         .zip(qs.chunks_exact_mut(32))
                         .enumerate()
                     {
-                        let (d, block) = quantize_block(x);
-                        q.copy_from_slice(&block);
-                        let sum: i32 = block.iter().map(|&v| i32::from(v)).sum();
+                        let (d, sum) = quantize_q8(x, q.try_into().expect("32 values"));
                         // SAFETY: token t's scales, written only by the task of token t.
                         unsafe { scales.write(t * cols / 32 + b, [d, d * sum as f32]) };
                     }
@@ -881,6 +954,19 @@ fn rows<T: Send>(
     } else {
         pool.for_each_chunk(blocks, per_row, f);
     }
+}
+
+/// `quantize_block` into `q`, and the sum of the 8-bit values: in SIMD on x86 (the same
+/// numbers: the same operations lane by lane).
+fn quantize_q8(x: &[f32], q: &mut [i8; 32]) -> (f32, i32) {
+    #[cfg(target_arch = "x86_64")]
+    if x86::kernels().is_some() {
+        // SAFETY: AVX2, FMA and F16C are there (`kernels()` is Some only then).
+        return unsafe { float_simd::quantize_avx2(x, q) };
+    }
+    let (d, block) = quantize_block(x);
+    *q = block;
+    (d, block.iter().map(|&v| i32::from(v)).sum())
 }
 
 /// Symmetric 8-bit quantization of 32 values (ggml's `quantize_row_q8_0`).
@@ -1115,6 +1201,43 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    /// Activation quantization in SIMD gives the portable numbers.
+    #[test]
+    fn quantization_equals_the_portable_one() {
+        let x: Vec<f32> = values(32 * 40, 13).iter().enumerate().map(|(i, v)| v * (i % 7) as f32).collect();
+        for block in x.chunks_exact(32).chain([[0f32; 32].as_slice()]) {
+            let (d, want) = quantize_block(block);
+            let mut got = [0i8; 32];
+            let (got_d, sum) = quantize_q8(block, &mut got);
+            assert_eq!((got_d, got), (d, want));
+            assert_eq!(sum, want.iter().map(|&v| i32::from(v)).sum::<i32>());
+        }
+    }
+
+    /// The packed path's values decoded in SIMD equal the portable decoding, for every type
+    /// it takes (an odd number of blocks for the 32-value types).
+    #[test]
+    fn simd_unpacking_equals_the_portable_one() {
+        let Some(unpack) = unpack_kernel() else {
+            return;
+        };
+        for (dtype, cols) in [
+            (GgmlDType::Q4_1, 160),
+            (GgmlDType::Q5_0, 160),
+            (GgmlDType::Q8_0, 160),
+            (GgmlDType::Q4K, 512),
+            (GgmlDType::Q6K, 512),
+        ] {
+            let tensor = Tensor::from_vec(values(cols, 12), (1, cols), &Device::Cpu).expect("tensor");
+            let (storage, len) = quantized(&tensor, dtype);
+            let bytes = &cast::<u32, u8>(&storage)[..len];
+            let (mut simd, mut portable) = (vec![0i8; cols], vec![0i8; cols]);
+            assert!(unpack(dtype, bytes, &mut simd), "{dtype:?} not unpacked");
+            portable_values(dtype, bytes, &mut portable);
+            assert_eq!(simd, portable, "{dtype:?}");
         }
     }
 

@@ -18,6 +18,9 @@ pub(super) struct Kernels {
     /// Only at the AVX-512 level (candle's elsewhere).
     pub q4_k: Option<Q4KKernel>,
     pub q6_k: Option<Q6KKernel>,
+    /// The packed path's values of a row of blocks in SIMD (false: a type it does not take);
+    /// pack_row's portable loops otherwise.
+    pub unpack: Option<fn(GgmlDType, &[u8], &mut [i8]) -> bool>,
     /// Only with VNNI (AVX2's maddubs would saturate on activations plus 128).
     pub packed: Option<PackedKernel>,
 }
@@ -90,6 +93,7 @@ macro_rules! kernel_set {
                 q8_0_x4: |w, x| unsafe { q8_0_x4(w, x) },
                 q4_k: None,
                 q6_k: None,
+                unpack: None,
                 packed: $packed,
             };
 

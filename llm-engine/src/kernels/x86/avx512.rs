@@ -7,7 +7,8 @@
 //! packed batch kernel repeats these steps exactly, so a token gives the same numbers in a
 //! batch as alone.
 
-use super::super::{PackedRow, Q4_1, Q4K, Q5_0, Q6K, Q8_0, Q8Row};
+use super::super::{PackedRow, Q4_1, Q4K, Q5_0, Q6K, Q8_0, Q8Row, cast};
+use candle_core::quantized::GgmlDType;
 use half::f16;
 use std::arch::x86_64::*;
 
@@ -22,8 +23,29 @@ pub(in super::super) static KERNELS: super::Kernels = super::Kernels {
     q8_0_x4: |w, x| x.map(|x| unsafe { q8_0(w, x) }),
     q4_k: Some(|w, x| unsafe { q4_k(w, x) }),
     q6_k: Some(|w, x| unsafe { q6_k(w, x) }),
+    unpack: Some(|dtype, bytes, q| unsafe { unpack(dtype, bytes, q) }),
     packed: Some(|w, x| unsafe { packed_2x4(w, x) }),
 };
+
+/// Stores the values of blocks taken two at a time by `$pair` (and a last odd one by
+/// `$single`) into `$q`.
+macro_rules! unpack_pairs {
+    ($w:expr, $q:ident, $pair:ident, $single:ident) => {{
+        let w = $w;
+        assert!($q.len() >= w.len() * 32);
+        for k in 0..w.len() / 2 {
+            // SAFETY: 64 bytes at 64 k, inside `q` (asserted).
+            unsafe {
+                _mm512_storeu_si512($q.as_mut_ptr().add(64 * k).cast(), $pair(&w[2 * k], &w[2 * k + 1]).0)
+            };
+        }
+        if w.len() % 2 == 1 {
+            let b = w.len() - 1;
+            // SAFETY: 32 bytes at 32 b, inside `q`.
+            unsafe { _mm256_storeu_si256($q.as_mut_ptr().add(32 * b).cast(), $single(&w[b]).0) };
+        }
+    }};
+}
 
 /// The kernel of one token for a weight type whose blocks `$pair` decodes two at a time (64
 /// values in one register and their `[d0, m0, d1, m1]`) and `$single` one at a time; the
@@ -84,14 +106,10 @@ fn q4_k(w: &[Q4K], x: Q8Row<'_>) -> f32 {
         let so = block.scale_offsets();
         for run in 0..4 {
             let k = i * 4 + run;
-            // SAFETY: 32 bytes of the block's nibbles; blocks 2k and 2k + 1 of the
-            // activations (lengths asserted above); four floats of `so`.
-            let (q, xv, xs, wdm) = unsafe {
-                let packed = _mm256_loadu_si256(block.qs.as_ptr().add(32 * run).cast());
-                let both =
-                    _mm512_inserti64x4::<1>(_mm512_castsi256_si512(packed), _mm256_srli_epi16::<4>(packed));
+            // SAFETY: blocks 2k and 2k + 1 of the activations (lengths asserted above); four
+            // floats of `so`.
+            let (xv, xs, wdm) = unsafe {
                 (
-                    _mm512_and_si512(both, _mm512_set1_epi8(0x0f)),
                     _mm512_loadu_si512(x.qs.as_ptr().add(64 * k).cast()),
                     _mm_loadu_ps(x.scales.as_ptr().add(2 * k).cast()),
                     _mm_loadu_ps(so.as_ptr().add(2 * run).cast()),
@@ -99,7 +117,7 @@ fn q4_k(w: &[Q4K], x: Q8Row<'_>) -> f32 {
             };
             let scales = _mm_mul_ps(wdm, xs);
             offsets = _mm_add_ps(offsets, scales);
-            acc = _mm512_fmadd_ps(spread(scales), products(q, xv, false), acc);
+            acc = _mm512_fmadd_ps(spread(scales), products(q4_k_run(block, run), xv, false), acc);
         }
     }
     finish(halves(acc), offsets)
@@ -113,65 +131,76 @@ fn q6_k(w: &[Q6K], x: Q8Row<'_>) -> f32 {
     assert!(x.qs.len() >= w.len() * 256 && x.scales.len() >= w.len() * 8, "activations too short");
     let mut acc = _mm512_setzero_ps();
     let mut offsets = _mm_setzero_ps();
-    let low_nibbles = _mm512_set1_epi8(0x0f);
-    let two_bits = _mm512_set1_epi8(3);
     for (i, block) in w.iter().enumerate() {
         // SAFETY: 16 bytes of scales.
         let sixteen = _mm512_cvtepi8_epi32(unsafe { _mm_loadu_si128(block.scales.as_ptr().cast()) });
         let d = block.d.to_f32();
         let wdm = _mm_setr_ps(d, 0.0, d, 0.0);
-        for half in 0..2 {
-            // SAFETY: 64 bytes of `ql` and 32 of `qh` in this half.
-            let (low, high) = unsafe {
+        for pair in 0..4 {
+            // Lanes of four values: 16 values (four lanes) per scale.
+            let index = _mm512_add_epi32(
+                _mm512_set1_epi32(4 * pair as i32),
+                _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3),
+            );
+            let lane_scales = _mm512_permutexvar_epi32(index, sixteen);
+            let k = i * 4 + pair;
+            // SAFETY: blocks 2k and 2k + 1 of the activations (lengths asserted above).
+            let (xv, xs) = unsafe {
                 (
-                    _mm512_loadu_si512(block.ql.as_ptr().add(64 * half).cast()),
-                    _mm256_loadu_si256(block.qh.as_ptr().add(32 * half).cast()),
+                    _mm512_loadu_si512(x.qs.as_ptr().add(64 * k).cast()),
+                    _mm_loadu_ps(x.scales.as_ptr().add(2 * k).cast()),
                 )
             };
-            // `qh` for values 0..32 and (shifted by two) for 32..64 of each pair.
-            let high = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(high), _mm256_srli_epi16::<2>(high));
-            for pair in 0..2 {
-                let (nibbles, bits) = if pair == 0 {
-                    (_mm512_and_si512(low, low_nibbles), _mm512_and_si512(high, two_bits))
-                } else {
-                    (
-                        _mm512_and_si512(_mm512_srli_epi16::<4>(low), low_nibbles),
-                        _mm512_and_si512(_mm512_srli_epi16::<4>(high), two_bits),
-                    )
-                };
-                let q = _mm512_sub_epi8(
-                    _mm512_or_si512(nibbles, _mm512_slli_epi16::<4>(bits)),
-                    _mm512_set1_epi8(32),
-                );
-                let first = 4 * (2 * half + pair) as i32;
-                let index = _mm512_add_epi32(
-                    _mm512_set1_epi32(first),
-                    _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3),
-                );
-                let lane_scales = _mm512_permutexvar_epi32(index, sixteen);
-                let k = i * 4 + 2 * half + pair;
-                // SAFETY: blocks 2k and 2k + 1 of the activations (lengths asserted above).
-                let (xv, xs) = unsafe {
-                    (
-                        _mm512_loadu_si512(x.qs.as_ptr().add(64 * k).cast()),
-                        _mm_loadu_ps(x.scales.as_ptr().add(2 * k).cast()),
-                    )
-                };
-                let scales = _mm_mul_ps(wdm, xs);
-                offsets = _mm_add_ps(offsets, scales);
-                let negative = _mm512_movepi8_mask(q);
-                let zero = _mm512_setzero_si512();
-                let sums = _mm512_dpbusd_epi32(
-                    zero,
-                    _mm512_abs_epi8(q),
-                    _mm512_mask_sub_epi8(xv, negative, zero, xv),
-                );
-                let p = _mm512_cvtepi32_ps(_mm512_mullo_epi32(sums, lane_scales));
-                acc = _mm512_fmadd_ps(spread(scales), p, acc);
-            }
+            let scales = _mm_mul_ps(wdm, xs);
+            offsets = _mm_add_ps(offsets, scales);
+            let sums = _mm512_mullo_epi32(signed_sums(q6_k_pair(block, pair), xv), lane_scales);
+            acc = _mm512_fmadd_ps(spread(scales), _mm512_cvtepi32_ps(sums), acc);
         }
     }
     finish(halves(acc), offsets)
+}
+
+/// The values the packed path multiplies, for a row of `dtype` blocks, decoded as the kernels
+/// above decode them; false for a type it does not take.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn unpack(dtype: GgmlDType, bytes: &[u8], q: &mut [i8]) -> bool {
+    match dtype {
+        GgmlDType::Q4_1 => unpack_pairs!(cast::<u8, Q4_1>(bytes), q, q4_1_pair, q4_1_single),
+        GgmlDType::Q5_0 => unpack_pairs!(cast::<u8, Q5_0>(bytes), q, q5_0_pair, q5_0_single),
+        GgmlDType::Q8_0 => unpack_pairs!(cast::<u8, Q8_0>(bytes), q, q8_0_pair, q8_0_single),
+        GgmlDType::Q4K => {
+            let w: &[Q4K] = cast(bytes);
+            assert!(q.len() >= w.len() * 256);
+            for (i, block) in w.iter().enumerate() {
+                for run in 0..4 {
+                    // SAFETY: 64 bytes at 256 i + 64 run < 256 (i + 1) <= q.len().
+                    unsafe {
+                        _mm512_storeu_si512(
+                            q.as_mut_ptr().add(256 * i + 64 * run).cast(),
+                            q4_k_run(block, run),
+                        )
+                    };
+                }
+            }
+        }
+        GgmlDType::Q6K => {
+            let w: &[Q6K] = cast(bytes);
+            assert!(q.len() >= w.len() * 256);
+            for (i, block) in w.iter().enumerate() {
+                for pair in 0..4 {
+                    // SAFETY: as for Q4_K.
+                    unsafe {
+                        _mm512_storeu_si512(
+                            q.as_mut_ptr().add(256 * i + 64 * pair).cast(),
+                            q6_k_pair(block, pair),
+                        )
+                    };
+                }
+            }
+        }
+        _ => return false,
+    }
+    true
 }
 
 /// Two weight rows against four tokens in the packed form, in the steps of `one_token!`:
@@ -279,15 +308,17 @@ fn correction(q: __m512i) -> __m512i {
 /// `signed`) with 64 signed activations, as f32.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 fn products(q: __m512i, x: __m512i, signed: bool) -> __m512 {
-    let zero = _mm512_setzero_si512();
-    let sums = if signed {
-        // |q| . (x with q's sign): VNNI takes unsigned times signed.
-        let negative = _mm512_movepi8_mask(q);
-        _mm512_dpbusd_epi32(zero, _mm512_abs_epi8(q), _mm512_mask_sub_epi8(x, negative, zero, x))
-    } else {
-        _mm512_dpbusd_epi32(zero, q, x)
-    };
+    let sums = if signed { signed_sums(q, x) } else { _mm512_dpbusd_epi32(_mm512_setzero_si512(), q, x) };
     _mm512_cvtepi32_ps(sums)
+}
+
+/// The i32 dot products by groups of four of signed weights and activations: |q| . (x with
+/// q's sign), since VNNI takes unsigned times signed.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn signed_sums(q: __m512i, x: __m512i) -> __m512i {
+    let zero = _mm512_setzero_si512();
+    let negative = _mm512_movepi8_mask(q);
+    _mm512_dpbusd_epi32(zero, _mm512_abs_epi8(q), _mm512_mask_sub_epi8(x, negative, zero, x))
 }
 
 /// `products` for one block.
@@ -399,4 +430,36 @@ fn q8_0_pair(a: &Q8_0, b: &Q8_0) -> (__m512i, __m128) {
 fn q8_0_single(a: &Q8_0) -> (__m256i, __m128) {
     // SAFETY: 32 readable bytes.
     (unsafe { _mm256_loadu_si256(a.qs.as_ptr().cast()) }, scales(halves_bits(a.d, f16::ZERO), 0))
+}
+
+/// Run `run` of a Q4_K block: its 32 bytes' low nibbles (sub-block 2 run), then high ones.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn q4_k_run(block: &Q4K, run: usize) -> __m512i {
+    assert!(run < 4);
+    // SAFETY: 32 bytes at 32 run of the 128.
+    let packed = unsafe { _mm256_loadu_si256(block.qs.as_ptr().add(32 * run).cast()) };
+    let both = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(packed), _mm256_srli_epi16::<4>(packed));
+    _mm512_and_si512(both, _mm512_set1_epi8(0x0f))
+}
+
+/// Values `64 pair..64 pair + 64` of a Q6_K block minus 32 (the layout of `Q6K::values`).
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn q6_k_pair(block: &Q6K, pair: usize) -> __m512i {
+    let (half, upper) = (pair / 2, pair % 2 == 1);
+    assert!(half < 2);
+    // SAFETY: 64 bytes of `ql` and 32 of `qh` in this half.
+    let (low, high) = unsafe {
+        (
+            _mm512_loadu_si512(block.ql.as_ptr().add(64 * half).cast()),
+            _mm256_loadu_si256(block.qh.as_ptr().add(32 * half).cast()),
+        )
+    };
+    // `qh` for values 0..32 and (shifted by two) for 32..64 of the pair; the upper pair takes
+    // the high nibbles and the bits four above.
+    let high = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(high), _mm256_srli_epi16::<2>(high));
+    let (nibbles, bits) =
+        if upper { (_mm512_srli_epi16::<4>(low), _mm512_srli_epi16::<4>(high)) } else { (low, high) };
+    let nibbles = _mm512_and_si512(nibbles, _mm512_set1_epi8(0x0f));
+    let bits = _mm512_and_si512(bits, _mm512_set1_epi8(3));
+    _mm512_sub_epi8(_mm512_or_si512(nibbles, _mm512_slli_epi16::<4>(bits)), _mm512_set1_epi8(32))
 }
