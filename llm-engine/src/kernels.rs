@@ -333,7 +333,10 @@ pub(crate) struct PackedRow {
     lane_scales: Vec<[i32; 8]>,
 }
 
-fn unpack_kernel() -> Option<fn(GgmlDType, &[u8], &mut [i8]) -> bool> {
+/// Decodes a row of blocks into the packed path's values; false for a type it does not take.
+type UnpackKernel = fn(GgmlDType, &[u8], &mut [i8]) -> bool;
+
+fn unpack_kernel() -> Option<UnpackKernel> {
     #[cfg(target_arch = "x86_64")]
     return x86::kernels().and_then(|k| k.unpack);
     #[allow(unreachable_code)]

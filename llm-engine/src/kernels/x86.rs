@@ -20,7 +20,7 @@ pub(super) struct Kernels {
     pub q6_k: Option<Q6KKernel>,
     /// The packed path's values of a row of blocks in SIMD (false: a type it does not take);
     /// pack_row's portable loops otherwise.
-    pub unpack: Option<fn(GgmlDType, &[u8], &mut [i8]) -> bool>,
+    pub unpack: Option<UnpackKernel>,
     /// Only with VNNI (AVX2's maddubs would saturate on activations plus 128).
     pub packed: Option<PackedKernel>,
 }
