@@ -616,12 +616,11 @@ const GELU_SCALE: f32 = -1.595_769;
 const GELU_CUBIC: f32 = 0.044_715;
 
 fn gated(gate: &mut [f32], up: &[f32], gelu: bool) {
-    let mut done = 0;
+    // SAFETY: AVX2, FMA and F16C are there (`kernels()` is Some only then).
     #[cfg(target_arch = "x86_64")]
-    if x86::kernels().is_some() {
-        // SAFETY: AVX2, FMA and F16C are there (`kernels()` is Some only then).
-        done = unsafe { float_simd::gated_avx2(gate, up, gelu) };
-    }
+    let done = if x86::kernels().is_some() { unsafe { float_simd::gated_avx2(gate, up, gelu) } } else { 0 };
+    #[cfg(not(target_arch = "x86_64"))]
+    let done = 0;
     for (g, u) in gate[done..].iter_mut().zip(&up[done..]) {
         let z = if gelu { GELU_SCALE * (*g + GELU_CUBIC * *g * *g * *g) } else { -*g };
         *g = *g / (1.0 + z.exp()) * u;
