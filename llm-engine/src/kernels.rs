@@ -240,64 +240,20 @@ impl<'a> QMatrix<'a> {
         let w = &self.bytes[rows.start * rb..rows.end * rb];
         let n = self.cols;
         match self.dtype {
-            GgmlDType::Q4_1 => {
-                let (one, four) = (q4_1_kernel(), q4_1_x4_kernel());
-                tile(
-                    w,
-                    rb,
-                    tokens,
-                    out,
-                    |row, t| one(cast(row), x.q8(t)),
-                    |row, t| four(cast(row), std::array::from_fn(|j| x.q8(t + j))),
-                );
-            }
-            GgmlDType::Q5_0 => {
-                let (one, four) = (q5_0_kernel(), q5_0_x4_kernel());
-                tile(
-                    w,
-                    rb,
-                    tokens,
-                    out,
-                    |row, t| one(cast(row), x.q8(t)),
-                    |row, t| four(cast(row), std::array::from_fn(|j| x.q8(t + j))),
-                );
-            }
+            GgmlDType::Q4_1 => own_tile(cast(w), tokens, out, x, q4_1_kernel(), Some(q4_1_x4_kernel())),
+            GgmlDType::Q5_0 => own_tile(cast(w), tokens, out, x, q5_0_kernel(), Some(q5_0_x4_kernel())),
+            GgmlDType::Q8_0 => own_tile(cast(w), tokens, out, x, q8_0_kernel(), Some(q8_0_x4_kernel())),
             GgmlDType::Q4_0 => candle_tile::<BlockQ4_0>(n, w, rb, tokens, out, |t| cast(x.q8_0(t))),
-            GgmlDType::Q8_0 => {
-                let (one, four) = (q8_0_kernel(), q8_0_x4_kernel());
-                tile(
-                    w,
-                    rb,
-                    tokens,
-                    out,
-                    |row, t| one(cast(row), x.q8(t)),
-                    |row, t| four(cast(row), std::array::from_fn(|j| x.q8(t + j))),
-                );
-            }
             GgmlDType::Q5_1 => candle_tile::<BlockQ5_1>(n, w, rb, tokens, out, |t| cast(x.q8_1(t))),
             GgmlDType::Q2K => candle_tile::<BlockQ2K>(n, w, rb, tokens, out, |t| x.q8k(t)),
             GgmlDType::Q3K => candle_tile::<BlockQ3K>(n, w, rb, tokens, out, |t| x.q8k(t)),
             GgmlDType::Q4K => match q4_k_kernel() {
-                Some(one) => tile(
-                    w,
-                    rb,
-                    tokens,
-                    out,
-                    |row, t| one(cast(row), x.q8(t)),
-                    |row, t| std::array::from_fn(|j| one(cast(row), x.q8(t + j))),
-                ),
+                Some(rows) => own_tile(cast(w), tokens, out, x, rows, None),
                 None => candle_tile::<BlockQ4K>(n, w, rb, tokens, out, |t| x.q8k(t)),
             },
             GgmlDType::Q5K => candle_tile::<BlockQ5K>(n, w, rb, tokens, out, |t| x.q8k(t)),
             GgmlDType::Q6K => match q6_k_kernel() {
-                Some(one) => tile(
-                    w,
-                    rb,
-                    tokens,
-                    out,
-                    |row, t| one(cast(row), x.q8(t)),
-                    |row, t| std::array::from_fn(|j| one(cast(row), x.q8(t + j))),
-                ),
+                Some(rows) => own_tile(cast(w), tokens, out, x, rows, None),
                 None => candle_tile::<BlockQ6K>(n, w, rb, tokens, out, |t| x.q8k(t)),
             },
             GgmlDType::F32 => {
@@ -496,6 +452,35 @@ fn portable_values(dtype: GgmlDType, bytes: &[u8], q: &mut [i8]) {
             }
         }
         other => unreachable!("`packs` admits Q4_1, Q5_0, Q8_0, Q4_K and Q6_K only, not {other:?}"),
+    }
+}
+
+/// `dot_tile` with kernels of ours: `four` (when there is one) for groups of four tokens row by
+/// row, and `rows` for the other tokens, over all the rows in one call.
+fn own_tile<B>(
+    w: &[B],
+    tokens: usize,
+    out: &mut [f32],
+    x: &Input,
+    rows: RowsKernel<B>,
+    four: Option<FourKernel<B>>,
+) {
+    let n = out.len() / tokens;
+    let mut t = 0;
+    if let Some(four) = four {
+        let blocks = w.len() / n;
+        while t + 4 <= tokens {
+            let xs = std::array::from_fn(|j| x.q8(t + j));
+            for (i, row) in w.chunks_exact(blocks).enumerate() {
+                for (j, v) in four(row, xs).into_iter().enumerate() {
+                    out[(t + j) * n + i] = v;
+                }
+            }
+            t += 4;
+        }
+    }
+    for t in t..tokens {
+        rows(w, x.q8(t), &mut out[t * n..(t + 1) * n]);
     }
 }
 
@@ -985,14 +970,30 @@ fn quantize_block(x: &[f32]) -> (f32, [i8; 32]) {
     (d, qs)
 }
 
-type Q4_1Kernel = fn(&[Q4_1], Q8Row<'_>) -> f32;
-type Q5_0Kernel = fn(&[Q5_0], Q8Row<'_>) -> f32;
-type Q8_0Kernel = fn(&[Q8_0], Q8Row<'_>) -> f32;
-type Q4_1x4Kernel = fn(&[Q4_1], [Q8Row<'_>; 4]) -> [f32; 4];
-type Q5_0x4Kernel = fn(&[Q5_0], [Q8Row<'_>; 4]) -> [f32; 4];
-type Q8_0x4Kernel = fn(&[Q8_0], [Q8Row<'_>; 4]) -> [f32; 4];
-type Q4KKernel = fn(&[Q4K], Q8Row<'_>) -> f32;
-type Q6KKernel = fn(&[Q6K], Q8Row<'_>) -> f32;
+/// One token's products with `out.len()` rows of blocks `B`, all in one call (`w` holds the
+/// rows one after the other).
+type RowsKernel<B> = fn(&[B], Q8Row<'_>, &mut [f32]);
+/// One row's products with four tokens.
+type FourKernel<B> = fn(&[B], [Q8Row<'_>; 4]) -> [f32; 4];
+type Q4_1Kernel = RowsKernel<Q4_1>;
+type Q5_0Kernel = RowsKernel<Q5_0>;
+type Q8_0Kernel = RowsKernel<Q8_0>;
+type Q4_1x4Kernel = FourKernel<Q4_1>;
+type Q5_0x4Kernel = FourKernel<Q5_0>;
+type Q8_0x4Kernel = FourKernel<Q8_0>;
+type Q4KKernel = RowsKernel<Q4K>;
+type Q6KKernel = RowsKernel<Q6K>;
+
+/// A kernel of rows from a kernel of one row (the portable and NEON levels; the x86 levels
+/// have the loop inside their target features).
+fn each_row<B>(w: &[B], x: Q8Row<'_>, out: &mut [f32], one: fn(&[B], Q8Row<'_>) -> f32) {
+    if out.is_empty() {
+        return;
+    }
+    for (row, o) in w.chunks_exact(w.len() / out.len()).zip(out) {
+        *o = one(row, x);
+    }
+}
 
 /// Picks the kernel of the best instruction set: the x86 level found at run time, NEON with
 /// SDOT when the build has dotprod, else the portable one.
@@ -1011,8 +1012,18 @@ macro_rules! dispatch {
     };
 }
 
-dispatch!(q4_1_kernel, Q4_1Kernel, q4_1, neon::q4_1, scalar::q4_1);
-dispatch!(q5_0_kernel, Q5_0Kernel, q5_0, neon::q5_0, scalar::q5_0);
+dispatch!(q4_1_kernel, Q4_1Kernel, q4_1, |w, x, out| each_row(w, x, out, neon::q4_1), |w, x, out| each_row(
+    w,
+    x,
+    out,
+    scalar::q4_1
+));
+dispatch!(q5_0_kernel, Q5_0Kernel, q5_0, |w, x, out| each_row(w, x, out, neon::q5_0), |w, x, out| each_row(
+    w,
+    x,
+    out,
+    scalar::q5_0
+));
 dispatch!(q4_1_x4_kernel, Q4_1x4Kernel, q4_1_x4, neon::q4_1_x4, |w, x| x.map(|x| scalar::q4_1(w, x)));
 dispatch!(q5_0_x4_kernel, Q5_0x4Kernel, q5_0_x4, neon::q5_0_x4, |w, x| x.map(|x| scalar::q5_0(w, x)));
 
@@ -1032,7 +1043,12 @@ fn q6_k_kernel() -> Option<Q6KKernel> {
     None
 }
 
-dispatch!(q8_0_kernel, Q8_0Kernel, q8_0, neon::q8_0, scalar::q8_0);
+dispatch!(q8_0_kernel, Q8_0Kernel, q8_0, |w, x, out| each_row(w, x, out, neon::q8_0), |w, x, out| each_row(
+    w,
+    x,
+    out,
+    scalar::q8_0
+));
 dispatch!(q8_0_x4_kernel, Q8_0x4Kernel, q8_0_x4, neon::q8_0_x4, |w, x| x.map(|x| scalar::q8_0(w, x)));
 
 /// For byte `b`, the eight bytes `((b >> i) & 1) << 4`: Q5_0's fifth bits, eight at a time.
@@ -1148,6 +1164,13 @@ mod tests {
     fn blocks<T: Copy>(tensor: &Tensor, dtype: GgmlDType) -> Vec<T> {
         let (storage, len) = quantized(tensor, dtype);
         cast::<u8, T>(&cast::<u32, u8>(&storage)[..len]).to_vec()
+    }
+
+    /// A rows kernel's product with one row.
+    fn one_row<B>(kernel: RowsKernel<B>, w: &[B], x: Q8Row<'_>) -> f32 {
+        let mut out = [0f32];
+        kernel(w, x, &mut out);
+        out[0]
     }
 
     /// `tokens` input rows quantized for the kernels of ours.
@@ -1298,9 +1321,9 @@ mod tests {
         let x = prepared(&values(cols, 4), 1, cols);
         let w41: Vec<Q4_1> = blocks(&tensor, GgmlDType::Q4_1);
         let w50: Vec<Q5_0> = blocks(&tensor, GgmlDType::Q5_0);
-        let (a, b) = (q4_1_kernel()(&w41, x.q8(0)), scalar::q4_1(&w41, x.q8(0)));
+        let (a, b) = (one_row(q4_1_kernel(), &w41, x.q8(0)), scalar::q4_1(&w41, x.q8(0)));
         assert!((a - b).abs() <= 1e-3 * b.abs().max(1.0), "q4_1 {a} vs {b}");
-        let (a, b) = (q5_0_kernel()(&w50, x.q8(0)), scalar::q5_0(&w50, x.q8(0)));
+        let (a, b) = (one_row(q5_0_kernel(), &w50, x.q8(0)), scalar::q5_0(&w50, x.q8(0)));
         assert!((a - b).abs() <= 1e-3 * b.abs().max(1.0), "q5_0 {a} vs {b}");
         let x4 = prepared(&values(4 * cols, 5), 4, cols);
         let four = q4_1_x4_kernel()(&w41, std::array::from_fn(|t| x4.q8(t)));
@@ -1333,9 +1356,9 @@ mod tests {
                 let want41 = scalar::q4_1(&w41, x.q8(t));
                 let want50 = scalar::q5_0(&w50, x.q8(t));
                 let want80 = scalar::q8_0(&w80, x.q8(t));
-                assert!(close((k.q4_1)(&w41, x.q8(t)), want41), "{level} q4_1 token {t}");
-                assert!(close((k.q5_0)(&w50, x.q8(t)), want50), "{level} q5_0 token {t}");
-                assert!(close((k.q8_0)(&w80, x.q8(t)), want80), "{level} q8_0 token {t}");
+                assert!(close(one_row(k.q4_1, &w41, x.q8(t)), want41), "{level} q4_1 token {t}");
+                assert!(close(one_row(k.q5_0, &w50, x.q8(t)), want50), "{level} q5_0 token {t}");
+                assert!(close(one_row(k.q8_0, &w80, x.q8(t)), want80), "{level} q8_0 token {t}");
                 assert!(
                     close((k.q4_1_x4)(&w41, std::array::from_fn(|j| x.q8(j)))[t], want41),
                     "{level} q4_1 x4"

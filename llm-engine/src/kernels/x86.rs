@@ -72,6 +72,22 @@ pub(super) fn every_level() -> Vec<(&'static str, &'static Kernels)> {
     levels
 }
 
+/// A kernel over rows (`RowsKernel`) from a one-row kernel compiled for the same features,
+/// which inlines into the loop.
+macro_rules! rows_kernel {
+    ($features:literal, $name:ident, $one:ident, $block:ty) => {
+        #[target_feature(enable = $features)]
+        fn $name(w: &[$block], x: Q8Row<'_>, out: &mut [f32]) {
+            if out.is_empty() {
+                return;
+            }
+            for (row, o) in w.chunks_exact(w.len() / out.len()).zip(out) {
+                *o = $one(row, x);
+            }
+        }
+    };
+}
+
 /// One set of 256-bit kernels compiled for `$features`, with `$dot` the eight f32 partial sums
 /// of the u8 x i8 products of two 32-byte vectors.
 macro_rules! kernel_set {
@@ -85,17 +101,21 @@ macro_rules! kernel_set {
             pub(in super::super) static KERNELS: super::Kernels = super::Kernels {
                 // SAFETY (all six): `kernels()` hands these out only when the CPU has
                 // `$features`.
-                q4_1: |w, x| unsafe { q4_1(w, x) },
+                q4_1: |w, x, out| unsafe { q4_1_rows(w, x, out) },
                 q4_1_x4: |w, x| unsafe { q4_1_x4(w, x) },
-                q5_0: |w, x| unsafe { q5_0(w, x) },
+                q5_0: |w, x, out| unsafe { q5_0_rows(w, x, out) },
                 q5_0_x4: |w, x| unsafe { q5_0_x4(w, x) },
-                q8_0: |w, x| unsafe { q8_0(w, x) },
+                q8_0: |w, x, out| unsafe { q8_0_rows(w, x, out) },
                 q8_0_x4: |w, x| unsafe { q8_0_x4(w, x) },
                 q4_k: None,
                 q6_k: None,
                 unpack: None,
                 packed: $packed,
             };
+
+            rows_kernel!($features, q4_1_rows, q4_1, Q4_1);
+            rows_kernel!($features, q5_0_rows, q5_0, Q5_0);
+            rows_kernel!($features, q8_0_rows, q8_0, Q8_0);
 
             /// The packed two-row, four-token product (VNNI levels only; see `packed_tile`).
             #[allow(dead_code)]

@@ -15,14 +15,14 @@ use std::arch::x86_64::*;
 pub(in super::super) static KERNELS: super::Kernels = super::Kernels {
     // SAFETY (all): `kernels()` hands these out only when the CPU has AVX-512 F, BW, VL and
     // VNNI (and AVX2, FMA, F16C).
-    q4_1: |w, x| unsafe { q4_1(w, x) },
+    q4_1: |w, x, out| unsafe { q4_1_rows(w, x, out) },
     q4_1_x4: |w, x| x.map(|x| unsafe { q4_1(w, x) }),
-    q5_0: |w, x| unsafe { q5_0(w, x) },
+    q5_0: |w, x, out| unsafe { q5_0_rows(w, x, out) },
     q5_0_x4: |w, x| x.map(|x| unsafe { q5_0(w, x) }),
-    q8_0: |w, x| unsafe { q8_0(w, x) },
+    q8_0: |w, x, out| unsafe { q8_0_rows(w, x, out) },
     q8_0_x4: |w, x| x.map(|x| unsafe { q8_0(w, x) }),
-    q4_k: Some(|w, x| unsafe { q4_k(w, x) }),
-    q6_k: Some(|w, x| unsafe { q6_k(w, x) }),
+    q4_k: Some(|w, x, out| unsafe { q4_k_rows(w, x, out) }),
+    q6_k: Some(|w, x, out| unsafe { q6_k_rows(w, x, out) }),
     unpack: Some(|dtype, bytes, q| unsafe { unpack(dtype, bytes, q) }),
     packed: Some(|w, x| unsafe { packed_2x4(w, x) }),
 };
@@ -94,6 +94,12 @@ macro_rules! one_token {
 one_token!(q4_1, Q4_1, q4_1_pair, q4_1_single, false);
 one_token!(q5_0, Q5_0, q5_0_pair, q5_0_single, true);
 one_token!(q8_0, Q8_0, q8_0_pair, q8_0_single, true);
+
+rows_kernel!("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni", q4_1_rows, q4_1, Q4_1);
+rows_kernel!("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni", q5_0_rows, q5_0, Q5_0);
+rows_kernel!("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni", q8_0_rows, q8_0, Q8_0);
+rows_kernel!("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni", q4_k_rows, q4_k, Q4K);
+rows_kernel!("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni", q6_k_rows, q6_k, Q6K);
 
 /// Q4_K: each run of 32 bytes holds two sub-blocks of 32 (low nibbles, then high ones), taken
 /// as a pair in the steps of `one_token!`, with the sub-blocks' `[d * sc, -dmin * m]`.
