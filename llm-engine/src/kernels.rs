@@ -275,8 +275,9 @@ impl<'a> QMatrix<'a> {
 /// Batches of at least this many tokens take the packed path (where the CPU has it).
 const PACKED_MIN_TOKENS: usize = 4;
 
-/// Two weight rows against four tokens, in the packed form (see `PackedRow`).
-type PackedKernel = fn(w: [&PackedRow; 2], x: [Q8Row<'_>; 4]) -> [[f32; 4]; 2];
+/// Two weight rows against every token, in the packed form (see `PackedRow`):
+/// `out[t] = [row 0 . x[t], row 1 . x[t]]`.
+type PackedKernel = fn(w: [&PackedRow; 2], x: &[Q8Row<'_>], out: &mut [[f32; 2]]);
 
 /// A weight row for the packed path: per block of 32, 8-bit values `q` with the value being
 /// `scale * q + offset`.
@@ -336,24 +337,21 @@ impl QMatrix<'_> {
     ) {
         let n = rows.len();
         let mut packed = [PackedRow::default(), PackedRow::default()];
+        let xs: Vec<Q8Row<'_>> = (0..tokens).map(|t| x.q8(t)).collect();
+        let mut products = vec![[0f32; 2]; tokens];
         let mut i = 0;
         while i < n {
+            // An odd last row is paired with itself; its second results are dropped.
             let pair = [i, (i + 1).min(n - 1)];
             for (k, &r) in pair.iter().enumerate() {
                 self.pack_row(rows.start + r, &mut packed[k]);
             }
-            let mut t = 0;
-            while t < tokens {
-                // The last group repeats its last token to fill four; the extra results are dropped.
-                let xs: [Q8Row<'_>; 4] = std::array::from_fn(|j| x.q8((t + j).min(tokens - 1)));
-                let r = kernel([&packed[0], &packed[1]], xs);
-                for j in 0..4.min(tokens - t) {
-                    out[(t + j) * n + i] = r[0][j];
-                    if pair[1] != i {
-                        out[(t + j) * n + pair[1]] = r[1][j];
-                    }
+            kernel([&packed[0], &packed[1]], &xs, &mut products);
+            for (t, [first, second]) in products.iter().enumerate() {
+                out[t * n + i] = *first;
+                if pair[1] != i {
+                    out[t * n + pair[1]] = *second;
                 }
-                t += 4;
             }
             i += 2;
         }
@@ -1371,6 +1369,40 @@ mod tests {
                     close((k.q8_0_x4)(&w80, std::array::from_fn(|j| x.q8(j)))[t], want80),
                     "{level} q8_0 x4"
                 );
+            }
+        }
+    }
+
+    /// At every x86 level with a packed path (AVX-VNNI as well as AVX-512), the packed products
+    /// are the numbers of that level's one-token kernels.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn every_packed_level_equals_its_one_token_kernels() {
+        let (rows, cols, tokens) = (2, 160, 6);
+        let tensor = Tensor::from_vec(values(rows * cols, 14), (rows, cols), &Device::Cpu).expect("tensor");
+        let x = prepared(&values(tokens * cols, 15), tokens, cols);
+        let xs: Vec<Q8Row<'_>> = (0..tokens).map(|t| x.q8(t)).collect();
+        for (level, k) in x86::every_level() {
+            let Some(packed) = k.packed else { continue };
+            for dtype in [GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q8_0] {
+                let (storage, len) = quantized(&tensor, dtype);
+                let bytes = &cast::<u32, u8>(&storage)[..len];
+                let matrix = QMatrix::new(dtype, rows, cols, bytes).expect("matrix");
+                let mut packed_rows = [PackedRow::default(), PackedRow::default()];
+                for (r, p) in packed_rows.iter_mut().enumerate() {
+                    matrix.pack_row(r, p);
+                }
+                let mut got = vec![[0f32; 2]; tokens];
+                packed([&packed_rows[0], &packed_rows[1]], &xs, &mut got);
+                for (t, got) in got.iter().enumerate() {
+                    let mut want = [0f32; 2];
+                    match dtype {
+                        GgmlDType::Q4_1 => (k.q4_1)(cast(bytes), xs[t], &mut want),
+                        GgmlDType::Q5_0 => (k.q5_0)(cast(bytes), xs[t], &mut want),
+                        _ => (k.q8_0)(cast(bytes), xs[t], &mut want),
+                    }
+                    assert_eq!(*got, want, "{level} {dtype:?} token {t}");
+                }
             }
         }
     }

@@ -117,6 +117,24 @@ macro_rules! kernel_set {
             rows_kernel!($features, q5_0_rows, q5_0, Q5_0);
             rows_kernel!($features, q8_0_rows, q8_0, Q8_0);
 
+            /// `PackedKernel`: groups of four tokens through `packed_2x4`, the last group repeating its
+            /// last token (the extra results are dropped).
+            #[allow(dead_code)]
+            #[target_feature(enable = $features)]
+            fn packed_rows(w: [&PackedRow; 2], x: &[Q8Row<'_>], out: &mut [[f32; 2]]) {
+                let tokens = x.len().min(out.len());
+                let mut t = 0;
+                while t < tokens {
+                    let last = tokens - 1;
+                    let group = [x[t], x[(t + 1).min(last)], x[(t + 2).min(last)], x[(t + 3).min(last)]];
+                    let r = packed_2x4(w, group);
+                    for j in 0..4.min(tokens - t) {
+                        out[t + j] = [r[0][j], r[1][j]];
+                    }
+                    t += 4;
+                }
+            }
+
             /// The packed two-row, four-token product (VNNI levels only; see `packed_tile`).
             #[allow(dead_code)]
             #[target_feature(enable = $features)]
@@ -331,7 +349,7 @@ kernel_set!(
     avxvnni,
     "avx2,fma,f16c,avxvnni",
     // SAFETY: handed out by `kernels()` only when the CPU has AVX-VNNI.
-    Some(|w, x| unsafe { packed_2x4(w, x) }),
+    Some(|w, x, out| unsafe { packed_rows(w, x, out) }),
     |u, s| _mm256_cvtepi32_ps(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s)),
     |a, u, s| _mm256_dpbusd_avx_epi32(a, u, s)
 );

@@ -24,7 +24,7 @@ pub(in super::super) static KERNELS: super::Kernels = super::Kernels {
     q4_k: Some(|w, x, out| unsafe { q4_k_rows(w, x, out) }),
     q6_k: Some(|w, x, out| unsafe { q6_k_rows(w, x, out) }),
     unpack: Some(|dtype, bytes, q| unsafe { unpack(dtype, bytes, q) }),
-    packed: Some(|w, x| unsafe { packed_2x4(w, x) }),
+    packed: Some(|w, x, out| unsafe { packed_rows(w, x, out) }),
 };
 
 /// Stores the values of blocks taken two at a time by `$pair` (and a last odd one by
@@ -207,6 +207,23 @@ fn unpack(dtype: GgmlDType, bytes: &[u8], q: &mut [i8]) -> bool {
         _ => return false,
     }
     true
+}
+
+/// `PackedKernel`: groups of four tokens through `packed_2x4`, the last group repeating its
+/// last token (the extra results are dropped).
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn packed_rows(w: [&PackedRow; 2], x: &[Q8Row<'_>], out: &mut [[f32; 2]]) {
+    let tokens = x.len().min(out.len());
+    let mut t = 0;
+    while t < tokens {
+        let last = tokens - 1;
+        let group = [x[t], x[(t + 1).min(last)], x[(t + 2).min(last)], x[(t + 3).min(last)]];
+        let r = packed_2x4(w, group);
+        for j in 0..4.min(tokens - t) {
+            out[t + j] = [r[0][j], r[1][j]];
+        }
+        t += 4;
+    }
 }
 
 /// Two weight rows against four tokens in the packed form, in the steps of `one_token!`:
