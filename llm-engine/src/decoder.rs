@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::error::{EngineError, Result};
 use crate::gguf::Architecture;
-use crate::kernels::{Input, QMatrix, axpy_f16, dot_f16, gelu_mul, silu_mul};
+use crate::kernels::{Input, QMatrix, add_assign, axpy_f16, dot_f16, gelu_mul, rms_norm_rows, silu_mul};
 use crate::pool::ComputePool;
 
 /// Where a weight matrix lies in the file.
@@ -387,8 +387,8 @@ impl Decoder {
                 add_rows(&mut v, bv);
             }
             if let Some([qn, kn]) = &layer.qk_norms {
-                rms_norm_in_place(&mut q, qn, s.eps);
-                rms_norm_in_place(&mut k, kn, s.eps);
+                rms_norm_rows(&mut q, qn, s.eps);
+                rms_norm_rows(&mut k, kn, s.eps);
             }
             let (cos, sin) = &angles[layer.rope];
             rotate(&mut q, s.head_dim, s.rope_dim, s.neox, cos, sin);
@@ -400,9 +400,9 @@ impl Decoder {
             input.set(&attn, t, q_dim);
             self.matmul(&mut input, t, &mut [(&layer.wo, &mut o)]);
             if let Some([post, _]) = &layer.post_norms {
-                rms_norm_in_place(&mut o, post, s.eps);
+                rms_norm_rows(&mut o, post, s.eps);
             }
-            x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
+            add_assign(&mut x, &o);
             rms_norm(&x, &layer.ffn_norm, s.eps, &mut h);
             input.set(&h, t, s.hidden);
             self.matmul(&mut input, t, &mut [(&layer.gate, &mut gate), (&layer.up, &mut up)]);
@@ -418,9 +418,9 @@ impl Decoder {
             input.set(&gate, t, ffn);
             self.matmul(&mut input, t, &mut [(&layer.down, &mut o)]);
             if let Some([_, post]) = &layer.post_norms {
-                rms_norm_in_place(&mut o, post, s.eps);
+                rms_norm_rows(&mut o, post, s.eps);
             }
-            x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
+            add_assign(&mut x, &o);
         }
         self.cache.len = position + t;
         let last = &x[(t - 1) * s.hidden..];
@@ -542,17 +542,7 @@ fn append_f16(cache: &mut Vec<f16>, values: &[f32]) {
 /// RMS norm of each `weight.len()`-long row of `x`, into `out`.
 fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     out.copy_from_slice(x);
-    rms_norm_in_place(out, weight, eps);
-}
-
-/// RMS norm of each `weight.len()`-long row of `x`, in place.
-fn rms_norm_in_place(x: &mut [f32], weight: &[f32], eps: f32) {
-    let n = weight.len();
-    for row in x.chunks_exact_mut(n) {
-        let mean = row.iter().map(|v| v * v).sum::<f32>() / n as f32;
-        let scale = 1.0 / (mean + eps).sqrt();
-        row.iter_mut().zip(weight).for_each(|(v, w)| *v = *v * scale * w);
-    }
+    rms_norm_rows(out, weight, eps);
 }
 
 fn add_rows(x: &mut [f32], bias: &[f32]) {

@@ -534,6 +534,11 @@ fn to_float<T: GgmlType>(bytes: &[u8], out: &mut [f32]) {
 }
 
 fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if x86::kernels().is_some() {
+        // SAFETY: AVX2, FMA and F16C are there (`kernels()` is Some only then).
+        return unsafe { float_simd::dot_avx2(a, b) };
+    }
     #[cfg(target_arch = "aarch64")]
     return float_simd::dot_neon(a, b);
     // Eight lanes so the compiler vectorises the sum.
@@ -547,6 +552,43 @@ fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
         }
     }
     acc.iter().sum::<f32>() + ar.iter().zip(br).map(|(x, y)| x * y).sum::<f32>()
+}
+
+/// `x += y` (the residual additions). Explicit SIMD, as everything on the forward pass:
+/// release builds optimise for size, and LLVM does not vectorise loops at that level.
+pub(crate) fn add_assign(x: &mut [f32], y: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if x86::kernels().is_some() {
+        // SAFETY: AVX2, FMA and F16C are there (`kernels()` is Some only then).
+        return unsafe { float_simd::add_avx2(x, y) };
+    }
+    #[cfg(target_arch = "aarch64")]
+    return float_simd::add_neon(x, y);
+    #[allow(unreachable_code)]
+    x.iter_mut().zip(y).for_each(|(x, y)| *x += y);
+}
+
+/// RMS norm of each `weight.len()`-long row of `x`, in place: `x * weight / sqrt(mean(x^2) +
+/// eps)`.
+pub(crate) fn rms_norm_rows(x: &mut [f32], weight: &[f32], eps: f32) {
+    let n = weight.len();
+    for row in x.chunks_exact_mut(n) {
+        let mean = dot_f32(row, row) / n as f32;
+        let scale = 1.0 / (mean + eps).sqrt();
+        #[cfg(target_arch = "x86_64")]
+        if x86::kernels().is_some() {
+            // SAFETY: AVX2, FMA and F16C are there (`kernels()` is Some only then).
+            unsafe { float_simd::scale_avx2(row, weight, scale) };
+            continue;
+        }
+        #[cfg(target_arch = "aarch64")]
+        {
+            float_simd::scale_neon(row, weight, scale);
+            continue;
+        }
+        #[allow(unreachable_code)]
+        row.iter_mut().zip(weight).for_each(|(v, w)| *v = *v * scale * w);
+    }
 }
 
 /// `a . b` with `b` in f16 (attention scores over the cached keys). Explicit SIMD: release
@@ -642,6 +684,62 @@ mod float_simd {
         assert!(i + 8 <= x.len());
         // SAFETY: eight floats inside `x` (asserted).
         unsafe { _mm256_loadu_ps(x.as_ptr().add(i)) }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len().min(b.len());
+        let (mut even, mut odd) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut i = 0;
+        while i + 16 <= n {
+            even = _mm256_fmadd_ps(load(a, i), load(b, i), even);
+            odd = _mm256_fmadd_ps(load(a, i + 8), load(b, i + 8), odd);
+            i += 16;
+        }
+        if i + 8 <= n {
+            even = _mm256_fmadd_ps(load(a, i), load(b, i), even);
+            i += 8;
+        }
+        hsum(_mm256_add_ps(even, odd)) + a[i..n].iter().zip(&b[i..n]).map(|(x, y)| x * y).sum::<f32>()
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) fn add_avx2(x: &mut [f32], y: &[f32]) {
+        let n = x.len().min(y.len());
+        let mut i = 0;
+        while i + 8 <= n {
+            let sum = _mm256_add_ps(load(x, i), load(y, i));
+            // SAFETY: i + 8 <= n, inside `x`.
+            unsafe { _mm256_storeu_ps(x.as_mut_ptr().add(i), sum) };
+            i += 8;
+        }
+        x[i..n].iter_mut().zip(&y[i..n]).for_each(|(x, y)| *x += y);
+    }
+
+    /// `x[i] = x[i] * scale * w[i]`, the products in that order as the portable loop.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) fn scale_avx2(x: &mut [f32], w: &[f32], scale: f32) {
+        let n = x.len().min(w.len());
+        let s = _mm256_set1_ps(scale);
+        let mut i = 0;
+        while i + 8 <= n {
+            let v = _mm256_mul_ps(_mm256_mul_ps(load(x, i), s), load(w, i));
+            // SAFETY: i + 8 <= n, inside `x`.
+            unsafe { _mm256_storeu_ps(x.as_mut_ptr().add(i), v) };
+            i += 8;
+        }
+        x[i..n].iter_mut().zip(&w[i..n]).for_each(|(v, w)| *v = *v * scale * w);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
     }
 
     /// `gated` over whole groups of eight; returns how many values it did.
@@ -741,11 +839,8 @@ mod float_simd {
             even = _mm256_fmadd_ps(load(a, i), load_f16(b, i), even);
             i += 8;
         }
-        let v = _mm256_add_ps(even, odd);
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let sum = _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-        sum + a[i..n].iter().zip(&b[i..n]).map(|(x, y)| x * y.to_f32()).sum::<f32>()
+        hsum(_mm256_add_ps(even, odd))
+            + a[i..n].iter().zip(&b[i..n]).map(|(x, y)| x * y.to_f32()).sum::<f32>()
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -779,6 +874,42 @@ mod float_simd {
         };
         sum += a[i..n].iter().zip(&b[i..n]).map(|(x, y)| x * y).sum::<f32>();
         sum
+    }
+
+    #[cfg(target_arch = "aarch64")]
+    pub(super) fn add_neon(x: &mut [f32], y: &[f32]) {
+        use std::arch::aarch64::*;
+        let n = x.len().min(y.len());
+        let mut i = 0;
+        // SAFETY: NEON is part of aarch64; every access is inside both slices (i + 4 <= n).
+        unsafe {
+            while i + 4 <= n {
+                vst1q_f32(
+                    x.as_mut_ptr().add(i),
+                    vaddq_f32(vld1q_f32(x.as_ptr().add(i)), vld1q_f32(y.as_ptr().add(i))),
+                );
+                i += 4;
+            }
+        }
+        x[i..n].iter_mut().zip(&y[i..n]).for_each(|(x, y)| *x += y);
+    }
+
+    /// `x[i] = x[i] * scale * w[i]`, the products in that order as the portable loop.
+    #[cfg(target_arch = "aarch64")]
+    pub(super) fn scale_neon(x: &mut [f32], w: &[f32], scale: f32) {
+        use std::arch::aarch64::*;
+        let n = x.len().min(w.len());
+        let mut i = 0;
+        // SAFETY: NEON is part of aarch64; every access is inside both slices (i + 4 <= n).
+        unsafe {
+            let s = vdupq_n_f32(scale);
+            while i + 4 <= n {
+                let v = vmulq_f32(vmulq_f32(vld1q_f32(x.as_ptr().add(i)), s), vld1q_f32(w.as_ptr().add(i)));
+                vst1q_f32(x.as_mut_ptr().add(i), v);
+                i += 4;
+            }
+        }
+        x[i..n].iter_mut().zip(&w[i..n]).for_each(|(v, w)| *v = *v * scale * w);
     }
 
     #[cfg(target_arch = "aarch64")]
