@@ -81,38 +81,48 @@ pub(super) fn q4_1_x4(w: &[Q4_1], x: [Q8Row<'_>; 4]) -> [f32; 4] {
 }
 
 pub(super) fn q5_0(w: &[Q5_0], x: Q8Row<'_>) -> f32 {
-    let mut sum = 0f32;
-    for (b, w) in w.iter().enumerate() {
-        sum += w.d.to_f32() * x.scales[b][0] * block_dot(q5_0_values(w), x.block(b)) as f32;
-    }
-    sum
+    symmetric(w, x, |w| w.d, q5_0_values)
 }
 
 pub(super) fn q5_0_x4(w: &[Q5_0], x: [Q8Row<'_>; 4]) -> [f32; 4] {
-    let mut sum = [0f32; 4];
-    for (b, w) in w.iter().enumerate() {
-        let values = q5_0_values(w);
-        let d = w.d.to_f32();
-        for j in 0..4 {
-            sum[j] += d * x[j].scales[b][0] * block_dot(values, x[j].block(b)) as f32;
-        }
-    }
-    sum
+    symmetric_x4(w, x, |w| w.d, q5_0_values)
 }
 
 pub(super) fn q8_0(w: &[Q8_0], x: Q8Row<'_>) -> f32 {
+    symmetric(w, x, |w| w.d, q8_0_values)
+}
+
+pub(super) fn q8_0_x4(w: &[Q8_0], x: [Q8Row<'_>; 4]) -> [f32; 4] {
+    symmetric_x4(w, x, |w| w.d, q8_0_values)
+}
+
+/// One token's product with a row of a symmetric type (`x = d * q`): `d` the block scale and
+/// `values` the block's 32 signed values.
+#[inline(always)]
+fn symmetric<B>(
+    w: &[B],
+    x: Q8Row<'_>,
+    d: impl Fn(&B) -> half::f16,
+    values: impl Fn(&B) -> (int8x16_t, int8x16_t),
+) -> f32 {
     let mut sum = 0f32;
     for (b, w) in w.iter().enumerate() {
-        sum += w.d.to_f32() * x.scales[b][0] * block_dot(q8_0_values(w), x.block(b)) as f32;
+        sum += d(w).to_f32() * x.scales[b][0] * block_dot(values(w), x.block(b)) as f32;
     }
     sum
 }
 
-pub(super) fn q8_0_x4(w: &[Q8_0], x: [Q8Row<'_>; 4]) -> [f32; 4] {
+/// `symmetric` for four tokens, each block decoded once.
+#[inline(always)]
+fn symmetric_x4<B>(
+    w: &[B],
+    x: [Q8Row<'_>; 4],
+    d: impl Fn(&B) -> half::f16,
+    values: impl Fn(&B) -> (int8x16_t, int8x16_t),
+) -> [f32; 4] {
     let mut sum = [0f32; 4];
     for (b, w) in w.iter().enumerate() {
-        let values = q8_0_values(w);
-        let d = w.d.to_f32();
+        let (values, d) = (values(w), d(w).to_f32());
         for j in 0..4 {
             sum[j] += d * x[j].scales[b][0] * block_dot(values, x[j].block(b)) as f32;
         }

@@ -88,6 +88,60 @@ macro_rules! rows_kernel {
     };
 }
 
+/// `PackedKernel` from a level's `packed_2x4`: groups of four tokens, the last group repeating
+/// its last token (the extra results are dropped).
+macro_rules! packed_rows_kernel {
+    ($features:literal) => {
+        #[allow(dead_code)]
+        #[target_feature(enable = $features)]
+        fn packed_rows(w: [&PackedRow; 2], x: &[Q8Row<'_>], out: &mut [[f32; 2]]) {
+            let tokens = x.len().min(out.len());
+            let mut t = 0;
+            while t < tokens {
+                let last = tokens - 1;
+                let group = [x[t], x[(t + 1).min(last)], x[(t + 2).min(last)], x[(t + 3).min(last)]];
+                let r = packed_2x4(w, group);
+                for j in 0..4.min(tokens - t) {
+                    out[t + j] = [r[0][j], r[1][j]];
+                }
+                t += 4;
+            }
+        }
+    };
+}
+
+/// The 256-bit one-token and four-token kernels of a symmetric type (`x = d * q`, signed `q`)
+/// whose 32 values `$values` decodes.
+macro_rules! signed_kernels {
+    ($features:literal, $one:ident, $four:ident, $block:ty, $values:ident) => {
+        #[target_feature(enable = $features)]
+        fn $one(w: &[$block], x: Q8Row<'_>) -> f32 {
+            let mut acc = _mm256_setzero_ps();
+            for (b, w) in w.iter().enumerate() {
+                let q = $values(w);
+                let products = signed_dot(q, _mm256_sign_epi8(q, q), load(x.block(b)));
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(f32_of(w.d) * x.scales[b][0]), products, acc);
+            }
+            hsum(acc)
+        }
+
+        #[target_feature(enable = $features)]
+        fn $four(w: &[$block], x: [Q8Row<'_>; 4]) -> [f32; 4] {
+            let mut acc = [_mm256_setzero_ps(); 4];
+            for (b, w) in w.iter().enumerate() {
+                let q = $values(w);
+                let magnitude = _mm256_sign_epi8(q, q);
+                let d = f32_of(w.d);
+                for j in 0..4 {
+                    let products = signed_dot(q, magnitude, load(x[j].block(b)));
+                    acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(d * x[j].scales[b][0]), products, acc[j]);
+                }
+            }
+            [hsum(acc[0]), hsum(acc[1]), hsum(acc[2]), hsum(acc[3])]
+        }
+    };
+}
+
 /// One set of 256-bit kernels compiled for `$features`, with `$dot` the eight f32 partial sums
 /// of the u8 x i8 products of two 32-byte vectors.
 macro_rules! kernel_set {
@@ -117,23 +171,7 @@ macro_rules! kernel_set {
             rows_kernel!($features, q5_0_rows, q5_0, Q5_0);
             rows_kernel!($features, q8_0_rows, q8_0, Q8_0);
 
-            /// `PackedKernel`: groups of four tokens through `packed_2x4`, the last group repeating its
-            /// last token (the extra results are dropped).
-            #[allow(dead_code)]
-            #[target_feature(enable = $features)]
-            fn packed_rows(w: [&PackedRow; 2], x: &[Q8Row<'_>], out: &mut [[f32; 2]]) {
-                let tokens = x.len().min(out.len());
-                let mut t = 0;
-                while t < tokens {
-                    let last = tokens - 1;
-                    let group = [x[t], x[(t + 1).min(last)], x[(t + 2).min(last)], x[(t + 3).min(last)]];
-                    let r = packed_2x4(w, group);
-                    for j in 0..4.min(tokens - t) {
-                        out[t + j] = [r[0][j], r[1][j]];
-                    }
-                    t += 4;
-                }
-            }
+            packed_rows_kernel!($features);
 
             /// The packed two-row, four-token product (VNNI levels only; see `packed_tile`).
             #[allow(dead_code)]
@@ -282,56 +320,12 @@ macro_rules! kernel_set {
                 ]
             }
 
-            #[target_feature(enable = $features)]
-            fn q5_0(w: &[Q5_0], x: Q8Row<'_>) -> f32 {
-                let mut acc = _mm256_setzero_ps();
-                for (b, w) in w.iter().enumerate() {
-                    let q = q5_0_values(w);
-                    let products = signed_dot(q, _mm256_sign_epi8(q, q), load(x.block(b)));
-                    acc = _mm256_fmadd_ps(_mm256_set1_ps(f32_of(w.d) * x.scales[b][0]), products, acc);
-                }
-                hsum(acc)
-            }
+            signed_kernels!($features, q5_0, q5_0_x4, Q5_0, q5_0_values);
+            signed_kernels!($features, q8_0, q8_0_x4, Q8_0, q8_0_values);
 
             #[target_feature(enable = $features)]
-            fn q5_0_x4(w: &[Q5_0], x: [Q8Row<'_>; 4]) -> [f32; 4] {
-                let mut acc = [_mm256_setzero_ps(); 4];
-                for (b, w) in w.iter().enumerate() {
-                    let q = q5_0_values(w);
-                    let magnitude = _mm256_sign_epi8(q, q);
-                    let d = f32_of(w.d);
-                    for j in 0..4 {
-                        let products = signed_dot(q, magnitude, load(x[j].block(b)));
-                        acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(d * x[j].scales[b][0]), products, acc[j]);
-                    }
-                }
-                [hsum(acc[0]), hsum(acc[1]), hsum(acc[2]), hsum(acc[3])]
-            }
-
-            #[target_feature(enable = $features)]
-            fn q8_0(w: &[Q8_0], x: Q8Row<'_>) -> f32 {
-                let mut acc = _mm256_setzero_ps();
-                for (b, w) in w.iter().enumerate() {
-                    let q = load(&w.qs);
-                    let products = signed_dot(q, _mm256_sign_epi8(q, q), load(x.block(b)));
-                    acc = _mm256_fmadd_ps(_mm256_set1_ps(f32_of(w.d) * x.scales[b][0]), products, acc);
-                }
-                hsum(acc)
-            }
-
-            #[target_feature(enable = $features)]
-            fn q8_0_x4(w: &[Q8_0], x: [Q8Row<'_>; 4]) -> [f32; 4] {
-                let mut acc = [_mm256_setzero_ps(); 4];
-                for (b, w) in w.iter().enumerate() {
-                    let q = load(&w.qs);
-                    let magnitude = _mm256_sign_epi8(q, q);
-                    let d = f32_of(w.d);
-                    for j in 0..4 {
-                        let products = signed_dot(q, magnitude, load(x[j].block(b)));
-                        acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(d * x[j].scales[b][0]), products, acc[j]);
-                    }
-                }
-                [hsum(acc[0]), hsum(acc[1]), hsum(acc[2]), hsum(acc[3])]
+            fn q8_0_values(w: &Q8_0) -> __m256i {
+                load(&w.qs)
             }
         }
     };

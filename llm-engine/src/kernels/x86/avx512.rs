@@ -47,6 +47,22 @@ macro_rules! unpack_pairs {
     }};
 }
 
+/// Stores the 256 values of each K-quant block, 64 at a time by `$part(block, 0..4)`, into `$q`.
+macro_rules! unpack_super_blocks {
+    ($w:expr, $q:ident, $part:ident) => {{
+        let w = $w;
+        assert!($q.len() >= w.len() * 256);
+        for (i, block) in w.iter().enumerate() {
+            for part in 0..4 {
+                // SAFETY: 64 bytes at 256 i + 64 part < 256 (i + 1) <= q.len() (asserted).
+                unsafe {
+                    _mm512_storeu_si512($q.as_mut_ptr().add(256 * i + 64 * part).cast(), $part(block, part))
+                };
+            }
+        }
+    }};
+}
+
 /// The kernel of one token for a weight type whose blocks `$pair` decodes two at a time (64
 /// values in one register and their `[d0, m0, d1, m1]`) and `$single` one at a time; the
 /// values are unsigned with an offset, or signed (`$signed`) without one.
@@ -174,57 +190,14 @@ fn unpack(dtype: GgmlDType, bytes: &[u8], q: &mut [i8]) -> bool {
         GgmlDType::Q4_1 => unpack_pairs!(cast::<u8, Q4_1>(bytes), q, q4_1_pair, q4_1_single),
         GgmlDType::Q5_0 => unpack_pairs!(cast::<u8, Q5_0>(bytes), q, q5_0_pair, q5_0_single),
         GgmlDType::Q8_0 => unpack_pairs!(cast::<u8, Q8_0>(bytes), q, q8_0_pair, q8_0_single),
-        GgmlDType::Q4K => {
-            let w: &[Q4K] = cast(bytes);
-            assert!(q.len() >= w.len() * 256);
-            for (i, block) in w.iter().enumerate() {
-                for run in 0..4 {
-                    // SAFETY: 64 bytes at 256 i + 64 run < 256 (i + 1) <= q.len().
-                    unsafe {
-                        _mm512_storeu_si512(
-                            q.as_mut_ptr().add(256 * i + 64 * run).cast(),
-                            q4_k_run(block, run),
-                        )
-                    };
-                }
-            }
-        }
-        GgmlDType::Q6K => {
-            let w: &[Q6K] = cast(bytes);
-            assert!(q.len() >= w.len() * 256);
-            for (i, block) in w.iter().enumerate() {
-                for pair in 0..4 {
-                    // SAFETY: as for Q4_K.
-                    unsafe {
-                        _mm512_storeu_si512(
-                            q.as_mut_ptr().add(256 * i + 64 * pair).cast(),
-                            q6_k_pair(block, pair),
-                        )
-                    };
-                }
-            }
-        }
+        GgmlDType::Q4K => unpack_super_blocks!(cast::<u8, Q4K>(bytes), q, q4_k_run),
+        GgmlDType::Q6K => unpack_super_blocks!(cast::<u8, Q6K>(bytes), q, q6_k_pair),
         _ => return false,
     }
     true
 }
 
-/// `PackedKernel`: groups of four tokens through `packed_2x4`, the last group repeating its
-/// last token (the extra results are dropped).
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-fn packed_rows(w: [&PackedRow; 2], x: &[Q8Row<'_>], out: &mut [[f32; 2]]) {
-    let tokens = x.len().min(out.len());
-    let mut t = 0;
-    while t < tokens {
-        let last = tokens - 1;
-        let group = [x[t], x[(t + 1).min(last)], x[(t + 2).min(last)], x[(t + 3).min(last)]];
-        let r = packed_2x4(w, group);
-        for j in 0..4.min(tokens - t) {
-            out[t + j] = [r[0][j], r[1][j]];
-        }
-        t += 4;
-    }
-}
+packed_rows_kernel!("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni");
 
 /// Two weight rows against four tokens in the packed form, in the steps of `one_token!`:
 /// activations plus 128 are unsigned, and corrections (-128 x the weights' sums per lane)
