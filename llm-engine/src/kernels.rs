@@ -1,12 +1,12 @@
 //! Quantized matrix-vector products over GGUF weights in place (memory-mapped, never copied).
 //!
 //! Activations are quantized once per input row to the 8-bit format each weight type's dot
-//! product takes (as llama.cpp does). Q4_1, Q5_0 and (on x86) Q8_0 weights have kernels of
-//! ours, which take `Q8Row`s: blocks of 32 signed bytes, contiguous, with each block's scale
-//! and scale times sum as f32 beside them. They run at the best level the CPU has: AVX-512
-//! VNNI (two blocks per instruction), AVX-VNNI, AVX2, NEON with SDOT, or portable code. The
-//! other types go through candle's block dot products, with candle's activation blocks (Q8_0
-//! for Q4_0, Q8_1 for Q5_1, Q8_K for the K-quants).
+//! product takes (as llama.cpp does). Q4_1, Q5_0 and Q8_0 weights have kernels of ours on
+//! every CPU, Q4_K and Q6_K on x86; they take `Q8Row`s: blocks of 32 signed bytes, contiguous,
+//! with each block's scale and scale times sum as f32 beside them. They run at the best level
+//! the CPU has: AVX-512 VNNI (two blocks per instruction), AVX-VNNI, AVX2, NEON with SDOT, or
+//! portable code. The other types go through candle's block dot products, with candle's
+//! activation blocks (Q8_0 for Q4_0, Q8_1 for Q5_1, Q8_K for the K-quants off x86).
 #![allow(unsafe_code)]
 
 use std::ops::Range;
@@ -295,7 +295,7 @@ type UnpackKernel = fn(GgmlDType, &[u8], &mut [i8]) -> bool;
 
 fn unpack_kernel() -> Option<UnpackKernel> {
     #[cfg(target_arch = "x86_64")]
-    return x86::kernels().and_then(|k| k.unpack);
+    return x86::kernels().map(|k| k.unpack);
     #[allow(unreachable_code)]
     None
 }
@@ -309,8 +309,8 @@ fn packed_kernel() -> Option<PackedKernel> {
 
 impl QMatrix<'_> {
     /// Whether products with `tokens` input rows take the packed path: batches, on VNNI
-    /// CPUs, for the types whose one-token kernels are ours (Q4_1, Q5_0, Q8_0, and the K-quants
-    /// Q4_K and Q6_K on AVX-512), because the packed path then computes bit for bit what they compute. A
+    /// CPUs, for the types whose one-token kernels are ours (Q4_1, Q5_0, Q8_0, Q4_K and Q6_K
+    /// on x86), because the packed path then computes bit for bit what they compute. A
     /// prompt's last token, alone in the next call once the rest is cached, must give the same
     /// logits as in the batch.
     fn packs(&self, tokens: usize) -> bool {
@@ -1124,6 +1124,17 @@ fn each_row<B>(w: &[B], x: Q8Row<'_>, out: &mut [f32], one: fn(&[B], Q8Row<'_>) 
     }
 }
 
+/// The instruction-set level the kernels run at: `avx512-vnni`, `avx-vnni`, `avx2`,
+/// `neon-dotprod` or `portable`.
+pub fn kernel_level() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    return x86::level().map_or("portable", |(name, _)| name);
+    #[cfg(all(target_arch = "aarch64", target_feature = "dotprod"))]
+    return "neon-dotprod";
+    #[allow(unreachable_code)]
+    "portable"
+}
+
 /// Picks the kernel of the best instruction set: the x86 level found at run time, NEON with
 /// SDOT when the build has dotprod, else the portable one.
 macro_rules! dispatch {
@@ -1156,18 +1167,18 @@ dispatch!(q5_0_kernel, Q5_0Kernel, q5_0, |w, x, out| each_row(w, x, out, neon::q
 dispatch!(q4_1_x4_kernel, Q4_1x4Kernel, q4_1_x4, neon::q4_1_x4, |w, x| x.map(|x| scalar::q4_1(w, x)));
 dispatch!(q5_0_x4_kernel, Q5_0x4Kernel, q5_0_x4, neon::q5_0_x4, |w, x| x.map(|x| scalar::q5_0(w, x)));
 
-/// Q4_K weights: ours at the AVX-512 level, candle's (with Q8_K activations) elsewhere.
+/// Q4_K weights: ours on x86 (AVX2 and up), candle's (with Q8_K activations) elsewhere.
 fn q4_k_kernel() -> Option<Q4KKernel> {
     #[cfg(target_arch = "x86_64")]
-    return x86::kernels().and_then(|k| k.q4_k);
+    return x86::kernels().map(|k| k.q4_k);
     #[allow(unreachable_code)]
     None
 }
 
-/// Q6_K weights: ours at the AVX-512 level, candle's (with Q8_K activations) elsewhere.
+/// Q6_K weights: ours on x86 (AVX2 and up), candle's (with Q8_K activations) elsewhere.
 fn q6_k_kernel() -> Option<Q6KKernel> {
     #[cfg(target_arch = "x86_64")]
-    return x86::kernels().and_then(|k| k.q6_k);
+    return x86::kernels().map(|k| k.q6_k);
     #[allow(unreachable_code)]
     None
 }
@@ -1371,13 +1382,11 @@ mod tests {
         }
     }
 
-    /// The packed path's values decoded in SIMD equal the portable decoding, for every type
-    /// it takes (an odd number of blocks for the 32-value types).
+    /// The packed path's values decoded in SIMD equal the portable decoding, at every x86 level
+    /// and for every type it takes (an odd number of blocks for the 32-value types).
+    #[cfg(target_arch = "x86_64")]
     #[test]
     fn simd_unpacking_equals_the_portable_one() {
-        let Some(unpack) = unpack_kernel() else {
-            return;
-        };
         for (dtype, cols) in [
             (GgmlDType::Q4_1, 160),
             (GgmlDType::Q5_0, 160),
@@ -1388,10 +1397,13 @@ mod tests {
             let tensor = Tensor::from_vec(values(cols, 12), (1, cols), &Device::Cpu).expect("tensor");
             let (storage, len) = quantized(&tensor, dtype);
             let bytes = &cast::<u32, u8>(&storage)[..len];
-            let (mut simd, mut portable) = (vec![0i8; cols], vec![0i8; cols]);
-            assert!(unpack(dtype, bytes, &mut simd), "{dtype:?} not unpacked");
+            let mut portable = vec![0i8; cols];
             portable_values(dtype, bytes, &mut portable);
-            assert_eq!(simd, portable, "{dtype:?}");
+            for (level, k) in x86::every_level() {
+                let mut simd = vec![0i8; cols];
+                assert!((k.unpack)(dtype, bytes, &mut simd), "{level} {dtype:?} not unpacked");
+                assert_eq!(simd, portable, "{level} {dtype:?}");
+            }
         }
     }
 
@@ -1509,13 +1521,20 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn every_packed_level_equals_its_one_token_kernels() {
-        let (rows, cols, tokens) = (2, 160, 6);
-        let tensor = Tensor::from_vec(values(rows * cols, 14), (rows, cols), &Device::Cpu).expect("tensor");
-        let x = prepared(&values(tokens * cols, 15), tokens, cols);
-        let xs: Vec<Q8Row<'_>> = (0..tokens).map(|t| x.q8(t)).collect();
-        for (level, k) in x86::every_level() {
-            let Some(packed) = k.packed else { continue };
-            for dtype in [GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q8_0] {
+        let (rows, tokens) = (2, 6);
+        for (dtype, cols) in [
+            (GgmlDType::Q4_1, 160),
+            (GgmlDType::Q5_0, 160),
+            (GgmlDType::Q8_0, 160),
+            (GgmlDType::Q4K, 512),
+            (GgmlDType::Q6K, 512),
+        ] {
+            let tensor =
+                Tensor::from_vec(values(rows * cols, 14), (rows, cols), &Device::Cpu).expect("tensor");
+            let x = prepared(&values(tokens * cols, 15), tokens, cols);
+            let xs: Vec<Q8Row<'_>> = (0..tokens).map(|t| x.q8(t)).collect();
+            for (level, k) in x86::every_level() {
+                let Some(packed) = k.packed else { continue };
                 let (storage, len) = quantized(&tensor, dtype);
                 let bytes = &cast::<u32, u8>(&storage)[..len];
                 let matrix = QMatrix::new(dtype, rows, cols, bytes).expect("matrix");
@@ -1530,10 +1549,48 @@ mod tests {
                     match dtype {
                         GgmlDType::Q4_1 => (k.q4_1)(cast(bytes), xs[t], &mut want),
                         GgmlDType::Q5_0 => (k.q5_0)(cast(bytes), xs[t], &mut want),
-                        _ => (k.q8_0)(cast(bytes), xs[t], &mut want),
+                        GgmlDType::Q8_0 => (k.q8_0)(cast(bytes), xs[t], &mut want),
+                        GgmlDType::Q4K => (k.q4_k)(cast(bytes), xs[t], &mut want),
+                        _ => (k.q6_k)(cast(bytes), xs[t], &mut want),
                     }
                     assert_eq!(*got, want, "{level} {dtype:?} token {t}");
                 }
+            }
+        }
+    }
+
+    /// Every x86 level's Q4_K and Q6_K products against candle's dequantized weights times the
+    /// quantized activations, in f64 (within 1e-5 of the terms' magnitude).
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn every_x86_level_computes_the_k_quant_products() {
+        let cols = 768;
+        let tensor = Tensor::from_vec(values(cols, 16), (1, cols), &Device::Cpu).expect("tensor");
+        let x = prepared(&values(cols, 17), 1, cols);
+        let xq = x.q8(0);
+        let activations: Vec<f64> =
+            (0..cols).map(|k| f64::from(xq.qs[k]) * f64::from(xq.scales[k / 32][0])).collect();
+        for dtype in [GgmlDType::Q4K, GgmlDType::Q6K] {
+            let (storage, len) = quantized(&tensor, dtype);
+            let bytes = &cast::<u32, u8>(&storage)[..len];
+            let mut weights = vec![0f32; cols];
+            QMatrix::new(dtype, 1, cols, bytes).expect("matrix").row_to_f32(0, &mut weights);
+            let (mut want, mut magnitude) = (0f64, 0f64);
+            for (w, x) in weights.iter().zip(&activations) {
+                want += f64::from(*w) * x;
+                magnitude += (f64::from(*w) * x).abs();
+            }
+            let levels = x86::every_level();
+            assert!(!levels.is_empty(), "no AVX2 on this machine");
+            for (level, k) in levels {
+                let got = match dtype {
+                    GgmlDType::Q4K => one_row(k.q4_k, cast(bytes), xq),
+                    _ => one_row(k.q6_k, cast(bytes), xq),
+                };
+                assert!(
+                    (f64::from(got) - want).abs() <= 1e-5 * magnitude,
+                    "{level} {dtype:?}: {got} vs {want}"
+                );
             }
         }
     }

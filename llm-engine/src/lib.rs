@@ -22,5 +22,6 @@ pub use engine::{
 };
 pub use error::{EngineError, Result};
 pub use gguf::Architecture;
+pub use kernels::kernel_level;
 pub use registry::{KnownModel, default_model_dir, fetch_model, resolve_model, resolve_model_in};
 pub use template::{ChatMessage, ChatTemplate, Role};

@@ -81,6 +81,7 @@ fn llm(args: LlmBenchArgs) -> anyhow::Result<()> {
     let file_mib = info.file_bytes as f64 / (1024.0 * 1024.0);
     println!("model        {} ({:?})", path.display(), info.architecture);
     println!("threads      {}", engine.threads());
+    println!("kernels      {}", llm_engine::kernel_level());
     println!("load         {load_secs:.3} s");
     println!(
         "resident     {:.1} MiB after load ({:.1} MiB before), file {:.1} MiB, ratio {:.2}",

@@ -15,12 +15,10 @@ pub(super) struct Kernels {
     pub q5_0_x4: Q5_0x4Kernel,
     pub q8_0: Q8_0Kernel,
     pub q8_0_x4: Q8_0x4Kernel,
-    /// Only at the AVX-512 level (candle's elsewhere).
-    pub q4_k: Option<Q4KKernel>,
-    pub q6_k: Option<Q6KKernel>,
-    /// The packed path's values of a row of blocks in SIMD (false: a type it does not take);
-    /// pack_row's portable loops otherwise.
-    pub unpack: Option<UnpackKernel>,
+    pub q4_k: Q4KKernel,
+    pub q6_k: Q6KKernel,
+    /// The packed path's values of a row of blocks in SIMD.
+    pub unpack: UnpackKernel,
     /// Only with VNNI (AVX2's maddubs would saturate on activations plus 128).
     pub packed: Option<PackedKernel>,
 }
@@ -33,28 +31,36 @@ fn avx512() -> bool {
         && is_x86_feature_detected!("avx512vnni")
 }
 
-/// The best level this CPU has: AVX-512 VNNI, AVX-VNNI or AVX2 (each with FMA and F16C);
-/// `None` below AVX2 (the portable kernels run then).
-pub(super) fn kernels() -> Option<&'static Kernels> {
-    static LEVEL: std::sync::OnceLock<Option<&'static Kernels>> = std::sync::OnceLock::new();
+/// Names `TMO_LLM_X86_LEVEL` takes, lowest first.
+const LEVEL_NAMES: [&str; 4] = ["portable", "avx2", "avx-vnni", "avx512-vnni"];
+
+/// The best level this CPU has: AVX-512 VNNI, AVX-VNNI or AVX2 (each with FMA and F16C),
+/// with its name; `None` below AVX2 (the portable kernels run then). `$TMO_LLM_X86_LEVEL`
+/// (one of `LEVEL_NAMES`) caps it, to compare the levels on one machine.
+pub(super) fn level() -> Option<(&'static str, &'static Kernels)> {
+    static LEVEL: std::sync::OnceLock<Option<(&'static str, &'static Kernels)>> = std::sync::OnceLock::new();
     *LEVEL.get_or_init(|| {
-        let base = is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("fma")
-            && is_x86_feature_detected!("f16c");
-        if !base {
-            None
-        } else if avx512() {
-            Some(&avx512::KERNELS)
-        } else if is_x86_feature_detected!("avxvnni") {
-            Some(&avxvnni::KERNELS)
-        } else {
-            Some(&avx2::KERNELS)
-        }
+        let levels = every_level();
+        let cap = match std::env::var("TMO_LLM_X86_LEVEL") {
+            Err(_) => LEVEL_NAMES.len(),
+            Ok(name) => match LEVEL_NAMES.iter().position(|n| *n == name) {
+                Some(rank) => rank,
+                None => {
+                    tracing::warn!("TMO_LLM_X86_LEVEL={name:?} is none of {LEVEL_NAMES:?}: ignored");
+                    LEVEL_NAMES.len()
+                }
+            },
+        };
+        levels.into_iter().rev().find(|(name, _)| LEVEL_NAMES.iter().position(|n| n == name) <= Some(cap))
     })
 }
 
-/// Every level this CPU runs, for the tests to hold each to the portable kernels.
-#[cfg(test)]
+/// The kernels of `level()`.
+pub(super) fn kernels() -> Option<&'static Kernels> {
+    level().map(|(_, k)| k)
+}
+
+/// Every level this CPU runs, lowest first.
 pub(super) fn every_level() -> Vec<(&'static str, &'static Kernels)> {
     let base = is_x86_feature_detected!("avx2")
         && is_x86_feature_detected!("fma")
@@ -148,12 +154,13 @@ macro_rules! kernel_set {
     ($name:ident, $features:literal, $packed:expr, |$u:ident, $s:ident| $dot:expr,
      |$a:ident, $pu:ident, $ps:ident| $dpbusd:expr) => {
         mod $name {
-            use super::super::{PackedRow, Q4_1, Q5_0, Q8_0, Q8Row};
+            use super::super::{PackedRow, Q4_1, Q4K, Q5_0, Q6K, Q8_0, Q8Row, cast};
+            use candle_core::quantized::GgmlDType;
             use half::f16;
             use std::arch::x86_64::*;
 
             pub(in super::super) static KERNELS: super::Kernels = super::Kernels {
-                // SAFETY (all six): `kernels()` hands these out only when the CPU has
+                // SAFETY (all): `kernels()` hands these out only when the CPU has
                 // `$features`.
                 q4_1: |w, x, out| unsafe { q4_1_rows(w, x, out) },
                 q4_1_x4: |w, x| unsafe { q4_1_x4(w, x) },
@@ -161,15 +168,17 @@ macro_rules! kernel_set {
                 q5_0_x4: |w, x| unsafe { q5_0_x4(w, x) },
                 q8_0: |w, x, out| unsafe { q8_0_rows(w, x, out) },
                 q8_0_x4: |w, x| unsafe { q8_0_x4(w, x) },
-                q4_k: None,
-                q6_k: None,
-                unpack: None,
+                q4_k: |w, x, out| unsafe { q4_k_rows(w, x, out) },
+                q6_k: |w, x, out| unsafe { q6_k_rows(w, x, out) },
+                unpack: |dtype, bytes, q| unsafe { unpack(dtype, bytes, q) },
                 packed: $packed,
             };
 
             rows_kernel!($features, q4_1_rows, q4_1, Q4_1);
             rows_kernel!($features, q5_0_rows, q5_0, Q5_0);
             rows_kernel!($features, q8_0_rows, q8_0, Q8_0);
+            rows_kernel!($features, q4_k_rows, q4_k, Q4K);
+            rows_kernel!($features, q6_k_rows, q6_k, Q6K);
 
             packed_rows_kernel!($features);
 
@@ -182,8 +191,8 @@ macro_rules! kernel_set {
                 let mut acc = [[_mm256_setzero_ps(); 4]; 2];
                 let mut offsets = [[0f32; 4]; 2];
                 let flip = _mm256_set1_epi8(-128);
-                // Q6_K rows (with lane scales) pack only at the AVX-512 level.
-                assert!(w[0].lane_scales.is_empty() && w[1].lane_scales.is_empty());
+                // Q6_K rows: integer scales per lane (both rows are of one matrix).
+                let scaled = !w[0].lane_scales.is_empty();
                 for b in 0..w[0].scale_offset.len() {
                     // SAFETY (loads): 32 bytes at block b of rows of whole blocks.
                     let (w0, w1) = unsafe {
@@ -198,12 +207,21 @@ macro_rules! kernel_set {
                     let c0 = _mm256_sub_epi32(zero, dpbusd(zero, flip, w0));
                     let c1 = _mm256_sub_epi32(zero, dpbusd(zero, flip, w1));
                     let ([s0, o0], [s1, o1]) = (w[0].scale_offset[b], w[1].scale_offset[b]);
+                    let (l0, l1) = if scaled {
+                        (lanes(&w[0].lane_scales[b]), lanes(&w[1].lane_scales[b]))
+                    } else {
+                        (zero, zero)
+                    };
                     for j in 0..4 {
                         // Activations plus 128: unsigned.
                         let xv = _mm256_xor_si256(load(x[j].block(b)), flip);
                         let [dx, sx] = x[j].scales[b];
-                        let p0 = _mm256_cvtepi32_ps(dpbusd(c0, xv, w0));
-                        let p1 = _mm256_cvtepi32_ps(dpbusd(c1, xv, w1));
+                        let (mut p0, mut p1) = (dpbusd(c0, xv, w0), dpbusd(c1, xv, w1));
+                        if scaled {
+                            p0 = _mm256_mullo_epi32(p0, l0);
+                            p1 = _mm256_mullo_epi32(p1, l1);
+                        }
+                        let (p0, p1) = (_mm256_cvtepi32_ps(p0), _mm256_cvtepi32_ps(p1));
                         acc[0][j] = _mm256_fmadd_ps(_mm256_set1_ps(s0 * dx), p0, acc[0][j]);
                         acc[1][j] = _mm256_fmadd_ps(_mm256_set1_ps(s1 * dx), p1, acc[1][j]);
                         offsets[0][j] += o0 * sx;
@@ -326,6 +344,178 @@ macro_rules! kernel_set {
             #[target_feature(enable = $features)]
             fn q8_0_values(w: &Q8_0) -> __m256i {
                 load(&w.qs)
+            }
+
+            /// Q4_K: sub-blocks of 32 in Q4_1's steps, with `[d * sc, -dmin * m]` for Q4_1's
+            /// `[d, m]` (the packed path takes the same numbers from its `PackedRow`).
+            #[target_feature(enable = $features)]
+            fn q4_k(w: &[Q4K], x: Q8Row<'_>) -> f32 {
+                let mut acc = _mm256_setzero_ps();
+                let mut offset = 0f32;
+                for (i, block) in w.iter().enumerate() {
+                    let so = block.scale_offsets();
+                    for run in 0..4 {
+                        let values = q4_k_run(block, run);
+                        for half in 0..2 {
+                            let (j, [s, o]) = (2 * run + half, so[2 * run + half]);
+                            let [dx, sx] = x.scales[8 * i + j];
+                            let products = dot(values[half], load(x.block(8 * i + j)));
+                            acc = _mm256_fmadd_ps(_mm256_set1_ps(s * dx), products, acc);
+                            offset += o * sx;
+                        }
+                    }
+                }
+                hsum(acc) + offset
+            }
+
+            /// Q6_K: sub-blocks of 32, whose signed products by lanes of four are multiplied
+            /// by their 16 values' scale (exact: at most 4 x 32 x 127 x 128) before `d`.
+            #[target_feature(enable = $features)]
+            fn q6_k(w: &[Q6K], x: Q8Row<'_>) -> f32 {
+                let mut acc = _mm256_setzero_ps();
+                let mut offset = 0f32;
+                let zero = _mm256_setzero_si256();
+                for (i, block) in w.iter().enumerate() {
+                    let d = f32_of(block.d);
+                    for half in 0..2 {
+                        let values = q6_k_quarters(block, half);
+                        for quarter in 0..4 {
+                            let (j, q) = (4 * half + quarter, values[quarter]);
+                            let [dx, sx] = x.scales[8 * i + j];
+                            let y = _mm256_sign_epi8(load(x.block(8 * i + j)), q);
+                            let sums = dpbusd(zero, _mm256_sign_epi8(q, q), y);
+                            let scales = _mm256_setr_epi32(
+                                i32::from(block.scales[2 * j]),
+                                i32::from(block.scales[2 * j]),
+                                i32::from(block.scales[2 * j]),
+                                i32::from(block.scales[2 * j]),
+                                i32::from(block.scales[2 * j + 1]),
+                                i32::from(block.scales[2 * j + 1]),
+                                i32::from(block.scales[2 * j + 1]),
+                                i32::from(block.scales[2 * j + 1]),
+                            );
+                            let products = _mm256_cvtepi32_ps(_mm256_mullo_epi32(sums, scales));
+                            acc = _mm256_fmadd_ps(_mm256_set1_ps(d * dx), products, acc);
+                            // The packed path adds its rows' zero offsets: the same sum to the
+                            // bit.
+                            offset += 0.0 * sx;
+                        }
+                    }
+                }
+                hsum(acc) + offset
+            }
+
+            /// Run `run` of a Q4_K block: its 32 bytes' low nibbles (sub-block 2 run), then
+            /// the high ones.
+            #[target_feature(enable = $features)]
+            fn q4_k_run(block: &Q4K, run: usize) -> [__m256i; 2] {
+                assert!(run < 4);
+                // SAFETY: 32 bytes at 32 run of the 128.
+                let packed = unsafe { _mm256_loadu_si256(block.qs.as_ptr().add(32 * run).cast()) };
+                let low = _mm256_set1_epi8(0x0f);
+                [_mm256_and_si256(packed, low), _mm256_and_si256(_mm256_srli_epi16::<4>(packed), low)]
+            }
+
+            /// Values `128 half..128 half + 128` of a Q6_K block minus 32, by 32 (the layout
+            /// of `Q6K::values`). The 16-bit shifts carry bits across bytes only into bits
+            /// the masks drop.
+            #[target_feature(enable = $features)]
+            fn q6_k_quarters(block: &Q6K, half: usize) -> [__m256i; 4] {
+                assert!(half < 2);
+                // SAFETY: 64 bytes of `ql` and 32 of `qh` in this half.
+                let (ql0, ql1, qh) = unsafe {
+                    (
+                        _mm256_loadu_si256(block.ql.as_ptr().add(64 * half).cast()),
+                        _mm256_loadu_si256(block.ql.as_ptr().add(64 * half + 32).cast()),
+                        _mm256_loadu_si256(block.qh.as_ptr().add(32 * half).cast()),
+                    )
+                };
+                let (low, bits, minus) =
+                    (_mm256_set1_epi8(0x0f), _mm256_set1_epi8(0x30), _mm256_set1_epi8(32));
+                // Quarter k: the low nibbles of `ql0`, of `ql1`, the high ones of `ql0`, of
+                // `ql1`, with bits 2k and 2k + 1 of `qh` as bits 4 and 5.
+                let v0 = _mm256_or_si256(
+                    _mm256_and_si256(ql0, low),
+                    _mm256_and_si256(_mm256_slli_epi16::<4>(qh), bits),
+                );
+                let v1 = _mm256_or_si256(
+                    _mm256_and_si256(ql1, low),
+                    _mm256_and_si256(_mm256_slli_epi16::<2>(qh), bits),
+                );
+                let v2 = _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(ql0), low),
+                    _mm256_and_si256(qh, bits),
+                );
+                let v3 = _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(ql1), low),
+                    _mm256_and_si256(_mm256_srli_epi16::<2>(qh), bits),
+                );
+                [
+                    _mm256_sub_epi8(v0, minus),
+                    _mm256_sub_epi8(v1, minus),
+                    _mm256_sub_epi8(v2, minus),
+                    _mm256_sub_epi8(v3, minus),
+                ]
+            }
+
+            /// A Q6_K block's eight lane scales for the packed path.
+            #[allow(dead_code)]
+            #[target_feature(enable = $features)]
+            fn lanes(scales: &[i32; 8]) -> __m256i {
+                // SAFETY: 32 readable bytes.
+                unsafe { _mm256_loadu_si256(scales.as_ptr().cast()) }
+            }
+
+            /// The values the packed path multiplies, for a row of `dtype` blocks, decoded as
+            /// the kernels above decode them; false for a type it does not take.
+            #[target_feature(enable = $features)]
+            fn unpack(dtype: GgmlDType, bytes: &[u8], q: &mut [i8]) -> bool {
+                match dtype {
+                    GgmlDType::Q4_1 => {
+                        for (b, w) in cast::<u8, Q4_1>(bytes).iter().enumerate() {
+                            store(q, 32 * b, nibbles(&w.qs));
+                        }
+                    }
+                    GgmlDType::Q5_0 => {
+                        for (b, w) in cast::<u8, Q5_0>(bytes).iter().enumerate() {
+                            store(q, 32 * b, q5_0_values(w));
+                        }
+                    }
+                    GgmlDType::Q8_0 => {
+                        for (b, w) in cast::<u8, Q8_0>(bytes).iter().enumerate() {
+                            store(q, 32 * b, q8_0_values(w));
+                        }
+                    }
+                    GgmlDType::Q4K => {
+                        for (i, w) in cast::<u8, Q4K>(bytes).iter().enumerate() {
+                            for run in 0..4 {
+                                let [low, high] = q4_k_run(w, run);
+                                store(q, 256 * i + 64 * run, low);
+                                store(q, 256 * i + 64 * run + 32, high);
+                            }
+                        }
+                    }
+                    GgmlDType::Q6K => {
+                        for (i, w) in cast::<u8, Q6K>(bytes).iter().enumerate() {
+                            for half in 0..2 {
+                                let values = q6_k_quarters(w, half);
+                                for (k, v) in values.into_iter().enumerate() {
+                                    store(q, 256 * i + 128 * half + 32 * k, v);
+                                }
+                            }
+                        }
+                    }
+                    _ => return false,
+                }
+                true
+            }
+
+            /// 32 values into `q[at..at + 32]`.
+            #[target_feature(enable = $features)]
+            fn store(q: &mut [i8], at: usize, v: __m256i) {
+                let q: &mut [i8; 32] = (&mut q[at..at + 32]).try_into().expect("32 values");
+                // SAFETY: 32 writable bytes.
+                unsafe { _mm256_storeu_si256(q.as_mut_ptr().cast(), v) }
             }
         }
     };
