@@ -2,11 +2,11 @@
 //!
 //! Activations are quantized once per input row to the 8-bit format each weight type's dot
 //! product takes (as llama.cpp does). Q4_1, Q5_0 and Q8_0 weights have kernels of ours on
-//! every CPU, Q4_K and Q6_K on x86; they take `Q8Row`s: blocks of 32 signed bytes, contiguous,
+//! every CPU, Q4_K and Q6_K on AVX-512; they take `Q8Row`s: blocks of 32 signed bytes, contiguous,
 //! with each block's scale and scale times sum as f32 beside them. They run at the best level
 //! the CPU has: AVX-512 VNNI (two blocks per instruction), AVX-VNNI, AVX2, NEON with SDOT, or
 //! portable code. The other types go through candle's block dot products, with candle's
-//! activation blocks (Q8_0 for Q4_0, Q8_1 for Q5_1, Q8_K for the K-quants off x86).
+//! activation blocks (Q8_0 for Q4_0, Q8_1 for Q5_1, Q8_K for the K-quants off AVX-512).
 #![allow(unsafe_code)]
 
 use std::ops::Range;
@@ -309,8 +309,8 @@ fn packed_kernel() -> Option<PackedKernel> {
 
 impl QMatrix<'_> {
     /// Whether products with `tokens` input rows take the packed path: batches, on VNNI
-    /// CPUs, for the types whose one-token kernels are ours (Q4_1, Q5_0, Q8_0, Q4_K and Q6_K
-    /// on x86), because the packed path then computes bit for bit what they compute. A
+    /// CPUs, for the types whose one-token kernels are ours (Q4_1, Q5_0, Q8_0, and Q4_K and
+    /// Q6_K at the AVX-512 level), because the packed path then computes bit for bit what they compute. A
     /// prompt's last token, alone in the next call once the rest is cached, must give the same
     /// logits as in the batch.
     fn packs(&self, tokens: usize) -> bool {
@@ -1167,18 +1167,18 @@ dispatch!(q5_0_kernel, Q5_0Kernel, q5_0, |w, x, out| each_row(w, x, out, neon::q
 dispatch!(q4_1_x4_kernel, Q4_1x4Kernel, q4_1_x4, neon::q4_1_x4, |w, x| x.map(|x| scalar::q4_1(w, x)));
 dispatch!(q5_0_x4_kernel, Q5_0x4Kernel, q5_0_x4, neon::q5_0_x4, |w, x| x.map(|x| scalar::q5_0(w, x)));
 
-/// Q4_K weights: ours on x86 (AVX2 and up), candle's (with Q8_K activations) elsewhere.
+/// Q4_K weights: ours at the AVX-512 level, candle's (with Q8_K activations) elsewhere.
 fn q4_k_kernel() -> Option<Q4KKernel> {
     #[cfg(target_arch = "x86_64")]
-    return x86::kernels().map(|k| k.q4_k);
+    return x86::kernels().and_then(|k| k.q4_k);
     #[allow(unreachable_code)]
     None
 }
 
-/// Q6_K weights: ours on x86 (AVX2 and up), candle's (with Q8_K activations) elsewhere.
+/// Q6_K weights: ours at the AVX-512 level, candle's (with Q8_K activations) elsewhere.
 fn q6_k_kernel() -> Option<Q6KKernel> {
     #[cfg(target_arch = "x86_64")]
-    return x86::kernels().map(|k| k.q6_k);
+    return x86::kernels().and_then(|k| k.q6_k);
     #[allow(unreachable_code)]
     None
 }
@@ -1400,9 +1400,14 @@ mod tests {
             let mut portable = vec![0i8; cols];
             portable_values(dtype, bytes, &mut portable);
             for (level, k) in x86::every_level() {
+                // Every level decodes the types it packs (the K-quants only at AVX-512).
+                let k_quant = matches!(dtype, GgmlDType::Q4K | GgmlDType::Q6K);
                 let mut simd = vec![0i8; cols];
-                assert!((k.unpack)(dtype, bytes, &mut simd), "{level} {dtype:?} not unpacked");
-                assert_eq!(simd, portable, "{level} {dtype:?}");
+                let unpacked = (k.unpack)(dtype, bytes, &mut simd);
+                assert_eq!(unpacked, !k_quant || k.q4_k.is_some(), "{level} {dtype:?}");
+                if unpacked {
+                    assert_eq!(simd, portable, "{level} {dtype:?}");
+                }
             }
         }
     }
@@ -1535,6 +1540,12 @@ mod tests {
             let xs: Vec<Q8Row<'_>> = (0..tokens).map(|t| x.q8(t)).collect();
             for (level, k) in x86::every_level() {
                 let Some(packed) = k.packed else { continue };
+                // The K-quants pack where their one-token kernels are ours (AVX-512).
+                if (dtype == GgmlDType::Q4K && k.q4_k.is_none())
+                    || (dtype == GgmlDType::Q6K && k.q6_k.is_none())
+                {
+                    continue;
+                }
                 let (storage, len) = quantized(&tensor, dtype);
                 let bytes = &cast::<u32, u8>(&storage)[..len];
                 let matrix = QMatrix::new(dtype, rows, cols, bytes).expect("matrix");
@@ -1550,8 +1561,8 @@ mod tests {
                         GgmlDType::Q4_1 => (k.q4_1)(cast(bytes), xs[t], &mut want),
                         GgmlDType::Q5_0 => (k.q5_0)(cast(bytes), xs[t], &mut want),
                         GgmlDType::Q8_0 => (k.q8_0)(cast(bytes), xs[t], &mut want),
-                        GgmlDType::Q4K => (k.q4_k)(cast(bytes), xs[t], &mut want),
-                        _ => (k.q6_k)(cast(bytes), xs[t], &mut want),
+                        GgmlDType::Q4K => k.q4_k.expect("checked above")(cast(bytes), xs[t], &mut want),
+                        _ => k.q6_k.expect("checked above")(cast(bytes), xs[t], &mut want),
                     }
                     assert_eq!(*got, want, "{level} {dtype:?} token {t}");
                 }
@@ -1559,11 +1570,11 @@ mod tests {
         }
     }
 
-    /// Every x86 level's Q4_K and Q6_K products against candle's dequantized weights times the
-    /// quantized activations, in f64 (within 1e-5 of the terms' magnitude).
+    /// The Q4_K and Q6_K kernels of ours (AVX-512) against candle's dequantized weights times
+    /// the quantized activations, in f64 (within 1e-5 of the terms' magnitude).
     #[cfg(target_arch = "x86_64")]
     #[test]
-    fn every_x86_level_computes_the_k_quant_products() {
+    fn the_k_quant_kernels_compute_the_dequantized_products() {
         let cols = 768;
         let tensor = Tensor::from_vec(values(cols, 16), (1, cols), &Device::Cpu).expect("tensor");
         let x = prepared(&values(cols, 17), 1, cols);
@@ -1580,13 +1591,12 @@ mod tests {
                 want += f64::from(*w) * x;
                 magnitude += (f64::from(*w) * x).abs();
             }
-            let levels = x86::every_level();
-            assert!(!levels.is_empty(), "no AVX2 on this machine");
-            for (level, k) in levels {
-                let got = match dtype {
-                    GgmlDType::Q4K => one_row(k.q4_k, cast(bytes), xq),
-                    _ => one_row(k.q6_k, cast(bytes), xq),
+            for (level, k) in x86::every_level() {
+                let kernel = match dtype {
+                    GgmlDType::Q4K => k.q4_k.map(|q4_k| one_row(q4_k, cast(bytes), xq)),
+                    _ => k.q6_k.map(|q6_k| one_row(q6_k, cast(bytes), xq)),
                 };
+                let Some(got) = kernel else { continue };
                 assert!(
                     (f64::from(got) - want).abs() <= 1e-5 * magnitude,
                     "{level} {dtype:?}: {got} vs {want}"

@@ -15,9 +15,13 @@ pub(super) struct Kernels {
     pub q5_0_x4: Q5_0x4Kernel,
     pub q8_0: Q8_0Kernel,
     pub q8_0_x4: Q8_0x4Kernel,
-    pub q4_k: Q4KKernel,
-    pub q6_k: Q6KKernel,
-    /// The packed path's values of a row of blocks in SIMD.
+    /// Only at the AVX-512 level (candle's elsewhere). At the 256-bit levels kernels of ours
+    /// were measured no faster than candle's at AVX-VNNI and slower at AVX2 (see
+    /// ARCHITECTURE.md).
+    pub q4_k: Option<Q4KKernel>,
+    pub q6_k: Option<Q6KKernel>,
+    /// The packed path's values of a row of blocks in SIMD (false: a type it does not take,
+    /// decoded by pack_row's portable loops).
     pub unpack: UnpackKernel,
     /// Only with VNNI (AVX2's maddubs would saturate on activations plus 128).
     pub packed: Option<PackedKernel>,
@@ -154,7 +158,7 @@ macro_rules! kernel_set {
     ($name:ident, $features:literal, $packed:expr, |$u:ident, $s:ident| $dot:expr,
      |$a:ident, $pu:ident, $ps:ident| $dpbusd:expr) => {
         mod $name {
-            use super::super::{PackedRow, Q4_1, Q4K, Q5_0, Q6K, Q8_0, Q8Row, cast};
+            use super::super::{PackedRow, Q4_1, Q5_0, Q8_0, Q8Row, cast};
             use candle_core::quantized::GgmlDType;
             use half::f16;
             use std::arch::x86_64::*;
@@ -168,8 +172,8 @@ macro_rules! kernel_set {
                 q5_0_x4: |w, x| unsafe { q5_0_x4(w, x) },
                 q8_0: |w, x, out| unsafe { q8_0_rows(w, x, out) },
                 q8_0_x4: |w, x| unsafe { q8_0_x4(w, x) },
-                q4_k: |w, x, out| unsafe { q4_k_rows(w, x, out) },
-                q6_k: |w, x, out| unsafe { q6_k_rows(w, x, out) },
+                q4_k: None,
+                q6_k: None,
                 unpack: |dtype, bytes, q| unsafe { unpack(dtype, bytes, q) },
                 packed: $packed,
             };
@@ -177,8 +181,6 @@ macro_rules! kernel_set {
             rows_kernel!($features, q4_1_rows, q4_1, Q4_1);
             rows_kernel!($features, q5_0_rows, q5_0, Q5_0);
             rows_kernel!($features, q8_0_rows, q8_0, Q8_0);
-            rows_kernel!($features, q4_k_rows, q4_k, Q4K);
-            rows_kernel!($features, q6_k_rows, q6_k, Q6K);
 
             packed_rows_kernel!($features);
 
@@ -191,8 +193,8 @@ macro_rules! kernel_set {
                 let mut acc = [[_mm256_setzero_ps(); 4]; 2];
                 let mut offsets = [[0f32; 4]; 2];
                 let flip = _mm256_set1_epi8(-128);
-                // Q6_K rows: integer scales per lane (both rows are of one matrix).
-                let scaled = !w[0].lane_scales.is_empty();
+                // Q6_K rows (with lane scales) pack only at the AVX-512 level.
+                assert!(w[0].lane_scales.is_empty() && w[1].lane_scales.is_empty());
                 for b in 0..w[0].scale_offset.len() {
                     // SAFETY (loads): 32 bytes at block b of rows of whole blocks.
                     let (w0, w1) = unsafe {
@@ -207,21 +209,12 @@ macro_rules! kernel_set {
                     let c0 = _mm256_sub_epi32(zero, dpbusd(zero, flip, w0));
                     let c1 = _mm256_sub_epi32(zero, dpbusd(zero, flip, w1));
                     let ([s0, o0], [s1, o1]) = (w[0].scale_offset[b], w[1].scale_offset[b]);
-                    let (l0, l1) = if scaled {
-                        (lanes(&w[0].lane_scales[b]), lanes(&w[1].lane_scales[b]))
-                    } else {
-                        (zero, zero)
-                    };
                     for j in 0..4 {
                         // Activations plus 128: unsigned.
                         let xv = _mm256_xor_si256(load(x[j].block(b)), flip);
                         let [dx, sx] = x[j].scales[b];
-                        let (mut p0, mut p1) = (dpbusd(c0, xv, w0), dpbusd(c1, xv, w1));
-                        if scaled {
-                            p0 = _mm256_mullo_epi32(p0, l0);
-                            p1 = _mm256_mullo_epi32(p1, l1);
-                        }
-                        let (p0, p1) = (_mm256_cvtepi32_ps(p0), _mm256_cvtepi32_ps(p1));
+                        let p0 = _mm256_cvtepi32_ps(dpbusd(c0, xv, w0));
+                        let p1 = _mm256_cvtepi32_ps(dpbusd(c1, xv, w1));
                         acc[0][j] = _mm256_fmadd_ps(_mm256_set1_ps(s0 * dx), p0, acc[0][j]);
                         acc[1][j] = _mm256_fmadd_ps(_mm256_set1_ps(s1 * dx), p1, acc[1][j]);
                         offsets[0][j] += o0 * sx;
@@ -346,126 +339,6 @@ macro_rules! kernel_set {
                 load(&w.qs)
             }
 
-            /// Q4_K: sub-blocks of 32 in Q4_1's steps, with `[d * sc, -dmin * m]` for Q4_1's
-            /// `[d, m]` (the packed path takes the same numbers from its `PackedRow`).
-            #[target_feature(enable = $features)]
-            fn q4_k(w: &[Q4K], x: Q8Row<'_>) -> f32 {
-                let mut acc = _mm256_setzero_ps();
-                let mut offset = 0f32;
-                for (i, block) in w.iter().enumerate() {
-                    let so = block.scale_offsets();
-                    for run in 0..4 {
-                        let values = q4_k_run(block, run);
-                        for half in 0..2 {
-                            let (j, [s, o]) = (2 * run + half, so[2 * run + half]);
-                            let [dx, sx] = x.scales[8 * i + j];
-                            let products = dot(values[half], load(x.block(8 * i + j)));
-                            acc = _mm256_fmadd_ps(_mm256_set1_ps(s * dx), products, acc);
-                            offset += o * sx;
-                        }
-                    }
-                }
-                hsum(acc) + offset
-            }
-
-            /// Q6_K: sub-blocks of 32, whose signed products by lanes of four are multiplied
-            /// by their 16 values' scale (exact: at most 4 x 32 x 127 x 128) before `d`.
-            #[target_feature(enable = $features)]
-            fn q6_k(w: &[Q6K], x: Q8Row<'_>) -> f32 {
-                let mut acc = _mm256_setzero_ps();
-                let mut offset = 0f32;
-                let zero = _mm256_setzero_si256();
-                for (i, block) in w.iter().enumerate() {
-                    let d = f32_of(block.d);
-                    for half in 0..2 {
-                        let values = q6_k_quarters(block, half);
-                        for quarter in 0..4 {
-                            let (j, q) = (4 * half + quarter, values[quarter]);
-                            let [dx, sx] = x.scales[8 * i + j];
-                            let y = _mm256_sign_epi8(load(x.block(8 * i + j)), q);
-                            let sums = dpbusd(zero, _mm256_sign_epi8(q, q), y);
-                            let scales = _mm256_setr_epi32(
-                                i32::from(block.scales[2 * j]),
-                                i32::from(block.scales[2 * j]),
-                                i32::from(block.scales[2 * j]),
-                                i32::from(block.scales[2 * j]),
-                                i32::from(block.scales[2 * j + 1]),
-                                i32::from(block.scales[2 * j + 1]),
-                                i32::from(block.scales[2 * j + 1]),
-                                i32::from(block.scales[2 * j + 1]),
-                            );
-                            let products = _mm256_cvtepi32_ps(_mm256_mullo_epi32(sums, scales));
-                            acc = _mm256_fmadd_ps(_mm256_set1_ps(d * dx), products, acc);
-                            // The packed path adds its rows' zero offsets: the same sum to the
-                            // bit.
-                            offset += 0.0 * sx;
-                        }
-                    }
-                }
-                hsum(acc) + offset
-            }
-
-            /// Run `run` of a Q4_K block: its 32 bytes' low nibbles (sub-block 2 run), then
-            /// the high ones.
-            #[target_feature(enable = $features)]
-            fn q4_k_run(block: &Q4K, run: usize) -> [__m256i; 2] {
-                assert!(run < 4);
-                // SAFETY: 32 bytes at 32 run of the 128.
-                let packed = unsafe { _mm256_loadu_si256(block.qs.as_ptr().add(32 * run).cast()) };
-                let low = _mm256_set1_epi8(0x0f);
-                [_mm256_and_si256(packed, low), _mm256_and_si256(_mm256_srli_epi16::<4>(packed), low)]
-            }
-
-            /// Values `128 half..128 half + 128` of a Q6_K block minus 32, by 32 (the layout
-            /// of `Q6K::values`). The 16-bit shifts carry bits across bytes only into bits
-            /// the masks drop.
-            #[target_feature(enable = $features)]
-            fn q6_k_quarters(block: &Q6K, half: usize) -> [__m256i; 4] {
-                assert!(half < 2);
-                // SAFETY: 64 bytes of `ql` and 32 of `qh` in this half.
-                let (ql0, ql1, qh) = unsafe {
-                    (
-                        _mm256_loadu_si256(block.ql.as_ptr().add(64 * half).cast()),
-                        _mm256_loadu_si256(block.ql.as_ptr().add(64 * half + 32).cast()),
-                        _mm256_loadu_si256(block.qh.as_ptr().add(32 * half).cast()),
-                    )
-                };
-                let (low, bits, minus) =
-                    (_mm256_set1_epi8(0x0f), _mm256_set1_epi8(0x30), _mm256_set1_epi8(32));
-                // Quarter k: the low nibbles of `ql0`, of `ql1`, the high ones of `ql0`, of
-                // `ql1`, with bits 2k and 2k + 1 of `qh` as bits 4 and 5.
-                let v0 = _mm256_or_si256(
-                    _mm256_and_si256(ql0, low),
-                    _mm256_and_si256(_mm256_slli_epi16::<4>(qh), bits),
-                );
-                let v1 = _mm256_or_si256(
-                    _mm256_and_si256(ql1, low),
-                    _mm256_and_si256(_mm256_slli_epi16::<2>(qh), bits),
-                );
-                let v2 = _mm256_or_si256(
-                    _mm256_and_si256(_mm256_srli_epi16::<4>(ql0), low),
-                    _mm256_and_si256(qh, bits),
-                );
-                let v3 = _mm256_or_si256(
-                    _mm256_and_si256(_mm256_srli_epi16::<4>(ql1), low),
-                    _mm256_and_si256(_mm256_srli_epi16::<2>(qh), bits),
-                );
-                [
-                    _mm256_sub_epi8(v0, minus),
-                    _mm256_sub_epi8(v1, minus),
-                    _mm256_sub_epi8(v2, minus),
-                    _mm256_sub_epi8(v3, minus),
-                ]
-            }
-
-            /// A Q6_K block's eight lane scales for the packed path.
-            #[allow(dead_code)]
-            #[target_feature(enable = $features)]
-            fn lanes(scales: &[i32; 8]) -> __m256i {
-                // SAFETY: 32 readable bytes.
-                unsafe { _mm256_loadu_si256(scales.as_ptr().cast()) }
-            }
-
             /// The values the packed path multiplies, for a row of `dtype` blocks, decoded as
             /// the kernels above decode them; false for a type it does not take.
             #[target_feature(enable = $features)]
@@ -484,25 +357,6 @@ macro_rules! kernel_set {
                     GgmlDType::Q8_0 => {
                         for (b, w) in cast::<u8, Q8_0>(bytes).iter().enumerate() {
                             store(q, 32 * b, q8_0_values(w));
-                        }
-                    }
-                    GgmlDType::Q4K => {
-                        for (i, w) in cast::<u8, Q4K>(bytes).iter().enumerate() {
-                            for run in 0..4 {
-                                let [low, high] = q4_k_run(w, run);
-                                store(q, 256 * i + 64 * run, low);
-                                store(q, 256 * i + 64 * run + 32, high);
-                            }
-                        }
-                    }
-                    GgmlDType::Q6K => {
-                        for (i, w) in cast::<u8, Q6K>(bytes).iter().enumerate() {
-                            for half in 0..2 {
-                                let values = q6_k_quarters(w, half);
-                                for (k, v) in values.into_iter().enumerate() {
-                                    store(q, 256 * i + 128 * half + 32 * k, v);
-                                }
-                            }
                         }
                     }
                     _ => return false,

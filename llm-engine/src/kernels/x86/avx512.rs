@@ -21,8 +21,8 @@ pub(in super::super) static KERNELS: super::Kernels = super::Kernels {
     q5_0_x4: |w, x| x.map(|x| unsafe { q5_0(w, x) }),
     q8_0: |w, x, out| unsafe { q8_0_rows(w, x, out) },
     q8_0_x4: |w, x| x.map(|x| unsafe { q8_0(w, x) }),
-    q4_k: |w, x, out| unsafe { q4_k_rows(w, x, out) },
-    q6_k: |w, x, out| unsafe { q6_k_rows(w, x, out) },
+    q4_k: Some(|w, x, out| unsafe { q4_k_rows(w, x, out) }),
+    q6_k: Some(|w, x, out| unsafe { q6_k_rows(w, x, out) }),
     unpack: |dtype, bytes, q| unsafe { unpack(dtype, bytes, q) },
     packed: Some(|w, x, out| unsafe { packed_rows(w, x, out) }),
 };
