@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::error::{EngineError, Result};
 use crate::gguf::Architecture;
-use crate::kernels::{Input, QMatrix, add_assign, axpy_f16, dot_f16, gelu_mul, rms_norm_rows, silu_mul};
+use crate::kernels::{Input, KvHead, QMatrix, add_assign, attend, gelu_mul, rms_norm_rows, silu_mul};
 use crate::pool::ComputePool;
 
 /// Where a weight matrix lies in the file.
@@ -475,20 +475,8 @@ impl Decoder {
             let p = position + token;
             let first = window.map_or(0, |w| (p + 1).saturating_sub(w));
             let query = &q[index * s.head_dim..(index + 1) * s.head_dim];
-            let offset = (head / group) * s.head_dim;
-            let row = |j: usize| j * kv_dim + offset..j * kv_dim + offset + s.head_dim;
-            let mut scores: Vec<f32> =
-                (first..=p).map(|j| dot_f16(query, &keys[row(j)]) * s.attention_scale).collect();
-            let max = scores.iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v));
-            let mut sum = 0f32;
-            for v in &mut scores {
-                *v = (*v - max).exp();
-                sum += *v;
-            }
-            out.fill(0.0);
-            for (j, w) in (first..=p).zip(&scores) {
-                axpy_f16(out, w / sum, &values[row(j)]);
-            }
+            let kv = KvHead { keys, values, stride: kv_dim, offset: (head / group) * s.head_dim };
+            attend(query, kv, first..p + 1, s.attention_scale, out);
         });
     }
 }

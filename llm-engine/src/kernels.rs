@@ -591,14 +591,9 @@ pub(crate) fn rms_norm_rows(x: &mut [f32], weight: &[f32], eps: f32) {
     }
 }
 
-/// `a . b` with `b` in f16 (attention scores over the cached keys). Explicit SIMD: release
-/// builds optimise for size, and LLVM does not vectorise loops at that level.
-pub(crate) fn dot_f16(a: &[f32], b: &[f16]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if x86::kernels().is_some() {
-        // SAFETY: AVX2, FMA and F16C are there (`kernels()` is Some only then).
-        return unsafe { float_simd::dot_f16_avx2(a, b) };
-    }
+/// `a . b` with `b` in f16 (attention scores over the cached keys), off x86: f16 converted a
+/// chunk at a time, then `dot_f32`.
+fn dot_f16(a: &[f32], b: &[f16]) -> f32 {
     let mut buffer = [0f32; F16_CHUNK];
     let mut sum = 0f32;
     for (a, b) in a.chunks(F16_CHUNK).zip(b.chunks(F16_CHUNK)) {
@@ -609,18 +604,57 @@ pub(crate) fn dot_f16(a: &[f32], b: &[f16]) -> f32 {
     sum
 }
 
-/// `y += a * x` with `x` in f16 (attention's weighted sum of the cached values).
-pub(crate) fn axpy_f16(y: &mut [f32], a: f32, x: &[f16]) {
-    #[cfg(target_arch = "x86_64")]
-    if x86::kernels().is_some() {
-        // SAFETY: AVX2, FMA and F16C are there (`kernels()` is Some only then).
-        return unsafe { float_simd::axpy_f16_avx2(y, a, x) };
-    }
+/// `y += a * x` with `x` in f16 (attention's weighted sum of the cached values), off x86.
+fn axpy_f16(y: &mut [f32], a: f32, x: &[f16]) {
     let mut buffer = [0f32; F16_CHUNK];
     for (y, x) in y.chunks_mut(F16_CHUNK).zip(x.chunks(F16_CHUNK)) {
         let buffer = &mut buffer[..x.len()];
         x.convert_to_f32_slice(buffer);
         axpy_f32(y, a, buffer);
+    }
+}
+
+/// One kv head's cached rows: key (value) `j` is `keys[j * stride + offset..]`
+/// (`values[...]`), as long as the query.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct KvHead<'a> {
+    pub keys: &'a [f16],
+    pub values: &'a [f16],
+    pub stride: usize,
+    pub offset: usize,
+}
+
+/// One query head's attention over cached rows `rows`: `out = sum_j softmax_j(scale q . k_j)
+/// v_j`. One call per head and token, the loops inside (a call per key cost as much as its
+/// dot product), and the exponentials in SIMD.
+pub(crate) fn attend(query: &[f32], kv: KvHead<'_>, rows: Range<usize>, scale: f32, out: &mut [f32]) {
+    assert_eq!(query.len(), out.len());
+    let dim = query.len();
+    assert!(
+        rows.is_empty() || (rows.end - 1) * kv.stride + kv.offset + dim <= kv.keys.len().min(kv.values.len())
+    );
+    #[cfg(target_arch = "x86_64")]
+    if x86::kernels().is_some() {
+        // SAFETY: AVX2, FMA and F16C are there (`kernels()` is Some only then).
+        return unsafe { float_simd::attend_avx2(query, kv, rows, scale, out) };
+    }
+    attend_portable(query, kv, rows, scale, out);
+}
+
+/// `attend` off x86 (NEON for the dot products and axpys on aarch64).
+fn attend_portable(query: &[f32], kv: KvHead<'_>, rows: Range<usize>, scale: f32, out: &mut [f32]) {
+    let dim = query.len();
+    let row = |j: usize| j * kv.stride + kv.offset..j * kv.stride + kv.offset + dim;
+    let mut scores: Vec<f32> = rows.clone().map(|j| dot_f16(query, &kv.keys[row(j)]) * scale).collect();
+    let max = scores.iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v));
+    let mut sum = 0f32;
+    for v in &mut scores {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    out.fill(0.0);
+    for (j, w) in rows.zip(&scores) {
+        axpy_f16(out, w / sum, &kv.values[row(j)]);
     }
 }
 
@@ -822,6 +856,61 @@ mod float_simd {
         let y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0)));
         let two_n = _mm256_slli_epi32::<23>(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)));
         _mm256_mul_ps(y, _mm256_castsi256_ps(two_n))
+    }
+
+    /// `attend` (see there), with the dot products, axpys and exp of this module inlined.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) fn attend_avx2(
+        query: &[f32],
+        kv: super::KvHead<'_>,
+        rows: std::ops::Range<usize>,
+        scale: f32,
+        out: &mut [f32],
+    ) {
+        let dim = query.len();
+        let mut scores = Vec::with_capacity(rows.len());
+        let mut max = f32::NEG_INFINITY;
+        for j in rows.clone() {
+            let at = j * kv.stride + kv.offset;
+            let score = dot_f16_avx2(query, &kv.keys[at..at + dim]) * scale;
+            max = max.max(score);
+            scores.push(score);
+        }
+        let sum = exp_shifted_avx2(&mut scores, max);
+        out.fill(0.0);
+        for (j, w) in rows.zip(&scores) {
+            let at = j * kv.stride + kv.offset;
+            axpy_f16_avx2(out, w / sum, &kv.values[at..at + dim]);
+        }
+    }
+
+    /// `x[i] = exp(x[i] - max)` for every `i` (all in SIMD, a last partial vector too), and
+    /// their sum.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn exp_shifted_avx2(x: &mut [f32], max: f32) -> f32 {
+        let (n, shift) = (x.len(), _mm256_set1_ps(max));
+        let mut acc = _mm256_setzero_ps();
+        let mut i = 0;
+        while i + 8 <= n {
+            let e = exp_avx2(_mm256_sub_ps(load(x, i), shift));
+            // SAFETY: i + 8 <= n, inside `x`.
+            unsafe { _mm256_storeu_ps(x.as_mut_ptr().add(i), e) };
+            acc = _mm256_add_ps(acc, e);
+            i += 8;
+        }
+        let mut sum = hsum(acc);
+        if i < n {
+            let mut last = [max; 8];
+            last[..n - i].copy_from_slice(&x[i..]);
+            let e = exp_avx2(_mm256_sub_ps(load(&last, 0), shift));
+            // SAFETY: eight writable floats.
+            unsafe { _mm256_storeu_ps(last.as_mut_ptr(), e) };
+            x[i..].copy_from_slice(&last[..n - i]);
+            sum += x[i..].iter().sum::<f32>();
+        }
+        sum
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -1408,6 +1497,45 @@ mod tests {
                 if unpacked {
                     assert_eq!(simd, portable, "{level} {dtype:?}");
                 }
+            }
+        }
+    }
+
+    /// Attention of one head (at this CPU's level and portable) against its formula in f64:
+    /// softmax over the scaled scores of rows with a stride and an offset, with a last
+    /// partial vector of scores.
+    #[test]
+    fn attention_matches_its_formula() {
+        let (dim, stride, offset, rows) = (72, 200, 64, 3..40);
+        let query: Vec<f32> = values(dim, 18).iter().map(|v| v * 3.0).collect();
+        let keys: Vec<f16> = values(40 * stride, 19).iter().map(|v| f16::from_f32(*v)).collect();
+        let values_: Vec<f16> = values(40 * stride, 20).iter().map(|v| f16::from_f32(*v)).collect();
+        let kv = KvHead { keys: &keys, values: &values_, stride, offset };
+        let scale = 0.125;
+        let row = |j: usize| j * stride + offset..j * stride + offset + dim;
+        let scores: Vec<f64> = rows
+            .clone()
+            .map(|j| {
+                let dot: f64 = query.iter().zip(&keys[row(j)]).map(|(q, k)| f64::from(*q) * k.to_f64()).sum();
+                dot * f64::from(scale)
+            })
+            .collect();
+        let max = scores.iter().fold(f64::NEG_INFINITY, |m, v| m.max(*v));
+        let weights: Vec<f64> = scores.iter().map(|v| (v - max).exp()).collect();
+        let sum: f64 = weights.iter().sum();
+        let mut want = vec![0f64; dim];
+        for (j, w) in rows.clone().zip(&weights) {
+            for (o, v) in want.iter_mut().zip(&values_[row(j)]) {
+                *o += w / sum * v.to_f64();
+            }
+        }
+        let mut simd = vec![f32::NAN; dim];
+        attend(&query, kv, rows.clone(), scale, &mut simd);
+        let mut portable = vec![f32::NAN; dim];
+        attend_portable(&query, kv, rows, scale, &mut portable);
+        for (got, path) in [(simd, "attend"), (portable, "portable")] {
+            for (g, w) in got.iter().zip(&want) {
+                assert!((f64::from(*g) - w).abs() <= 1e-5, "{path}: {g} vs {w}");
             }
         }
     }
