@@ -2,11 +2,12 @@
 //!
 //! Activations are quantized once per input row to the 8-bit format each weight type's dot
 //! product takes (as llama.cpp does). Q4_1, Q5_0 and Q8_0 weights have kernels of ours on
-//! every CPU, Q4_K and Q6_K on AVX-512; they take `Q8Row`s: blocks of 32 signed bytes, contiguous,
-//! with each block's scale and scale times sum as f32 beside them. They run at the best level
-//! the CPU has: AVX-512 VNNI (two blocks per instruction), AVX-VNNI, AVX2, NEON with SDOT, or
-//! portable code. The other types go through candle's block dot products, with candle's
-//! activation blocks (Q8_0 for Q4_0, Q8_1 for Q5_1, Q8_K for the K-quants off AVX-512).
+//! every CPU, Q4_K and Q6_K on AVX-512; they take `Q8Row`s: blocks of 32 signed bytes,
+//! contiguous, with each block's scale and scale times sum as f32 beside them. They run at the
+//! best level the CPU has: AVX-512 VNNI (two blocks per instruction), AVX-VNNI, AVX2, NEON
+//! with SDOT, or portable code. The other types go through candle's block dot products, with
+//! candle's activation blocks (Q8_0 for Q4_0, Q8_1 for Q5_1, Q8_K for the K-quants off
+//! AVX-512).
 #![allow(unsafe_code)]
 
 use std::ops::Range;
@@ -310,9 +311,9 @@ fn packed_kernel() -> Option<PackedKernel> {
 impl QMatrix<'_> {
     /// Whether products with `tokens` input rows take the packed path: batches, on VNNI
     /// CPUs, for the types whose one-token kernels are ours (Q4_1, Q5_0, Q8_0, and Q4_K and
-    /// Q6_K at the AVX-512 level), because the packed path then computes bit for bit what they compute. A
-    /// prompt's last token, alone in the next call once the rest is cached, must give the same
-    /// logits as in the batch.
+    /// Q6_K at the AVX-512 level), because the packed path then computes bit for bit what they
+    /// compute. A prompt's last token, alone in the next call once the rest is cached, must
+    /// give the same logits as in the batch.
     fn packs(&self, tokens: usize) -> bool {
         let ours = match self.dtype {
             GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q8_0 => true,
