@@ -721,23 +721,33 @@ mod float_simd {
         unsafe { _mm256_loadu_ps(x.as_ptr().add(i)) }
     }
 
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
-        let n = a.len().min(b.len());
-        let (mut even, mut odd) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        let mut i = 0;
-        while i + 16 <= n {
-            even = _mm256_fmadd_ps(load(a, i), load(b, i), even);
-            odd = _mm256_fmadd_ps(load(a, i + 8), load(b, i + 8), odd);
-            i += 16;
-        }
-        if i + 8 <= n {
-            even = _mm256_fmadd_ps(load(a, i), load(b, i), even);
-            i += 8;
-        }
-        hsum(_mm256_add_ps(even, odd)) + a[i..n].iter().zip(&b[i..n]).map(|(x, y)| x * y).sum::<f32>()
+    /// `$name(a, b)`: the dot product of f32 `a` with `b` of `$elem` (eight loaded as f32 by
+    /// `$load`), in two accumulators, the last values in scalar (`$to_f32` of an element `$y`).
+    macro_rules! dot_kernel {
+        ($name:ident, $elem:ty, $load:ident, |$y:ident| $to_f32:expr) => {
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx2,fma,f16c")]
+            pub(super) fn $name(a: &[f32], b: &[$elem]) -> f32 {
+                let n = a.len().min(b.len());
+                let (mut even, mut odd) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+                let mut i = 0;
+                while i + 16 <= n {
+                    even = _mm256_fmadd_ps(load(a, i), $load(b, i), even);
+                    odd = _mm256_fmadd_ps(load(a, i + 8), $load(b, i + 8), odd);
+                    i += 16;
+                }
+                if i + 8 <= n {
+                    even = _mm256_fmadd_ps(load(a, i), $load(b, i), even);
+                    i += 8;
+                }
+                hsum(_mm256_add_ps(even, odd))
+                    + a[i..n].iter().zip(&b[i..n]).map(|(x, $y)| x * $to_f32).sum::<f32>()
+            }
+        };
     }
+
+    dot_kernel!(dot_avx2, f32, load, |y| *y);
+    dot_kernel!(dot_f16_avx2, f16, load_f16, |y| y.to_f32());
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -937,25 +947,6 @@ mod float_simd {
             sum += x[i..].iter().sum::<f32>();
         }
         sum
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) fn dot_f16_avx2(a: &[f32], b: &[f16]) -> f32 {
-        let n = a.len().min(b.len());
-        let (mut even, mut odd) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        let mut i = 0;
-        while i + 16 <= n {
-            even = _mm256_fmadd_ps(load(a, i), load_f16(b, i), even);
-            odd = _mm256_fmadd_ps(load(a, i + 8), load_f16(b, i + 8), odd);
-            i += 16;
-        }
-        if i + 8 <= n {
-            even = _mm256_fmadd_ps(load(a, i), load_f16(b, i), even);
-            i += 8;
-        }
-        hsum(_mm256_add_ps(even, odd))
-            + a[i..n].iter().zip(&b[i..n]).map(|(x, y)| x * y.to_f32()).sum::<f32>()
     }
 
     #[cfg(target_arch = "x86_64")]
