@@ -9,6 +9,8 @@
 //!   signature, hash, size), checked (canary share, schema, daemon version, probe run) and
 //!   adopted, or refused with the reason on the status topic; rollback commands on the group's
 //!   command topic give the previous policy back.
+//!
+//! The daemon is reached through [`FleetHost`] only, so this module never names the service.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
@@ -16,21 +18,55 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use ed25519_dalek::VerifyingKey;
-use outcome_log::LoggedOutcome;
+use outcome_log::{LoggedOutcome, OutcomeWriter};
+use policy_onnx::LoadOptions;
 use tmo_protocol::link::{Delivered, Incoming, Message, QoS};
 use tmo_protocol::{
     CborMessage, Command, DeviceId, DeviceStatus, GroupCommand, GroupName, Inbox, JsonMessage, OutcomeAck,
-    OutcomeBatch, OutcomeKey, OutcomeRow, PolicyBundle, ReassemblyLimits, Topic, in_canary,
+    OutcomeBatch, OutcomeKey, OutcomeRow, PolicyBundle, PolicyUpdateReport, ReassemblyLimits, StatusCounters,
+    Topic, in_canary,
 };
-use tokio::sync::oneshot;
+use tokio::sync::{Notify, oneshot};
 
 use crate::config::Config;
 use crate::link::DeviceLink;
 use crate::policies::ServingPolicy;
-use crate::service::{Service, lock, unix_ms_now};
+use crate::util::{lock, unix_ms_now};
 
 /// Waits after a failed upload, doubling up to the maximum.
 const UPLOAD_BACKOFF: (Duration, Duration) = (Duration::from_millis(500), Duration::from_secs(30));
+
+/// What the fleet tasks need of the daemon: its outcome log and counters, the wakeups of the
+/// uploader and the status publisher, and the serving policy.
+pub trait FleetHost: Send + Sync + 'static {
+    /// The outcome log: the rows to upload, the rows uploaded, its figures for the status.
+    fn outcomes(&self) -> &OutcomeWriter;
+    /// Notified when a row was logged.
+    fn upload_wakeup(&self) -> &Notify;
+    /// Notified when the counters or the policy changed.
+    fn status_wakeup(&self) -> &Notify;
+    /// The counters as the status message carries them (the log's figures added by the caller).
+    fn status_counters(&self) -> StatusCounters;
+    /// How bundles are loaded on this board (schema, size limit).
+    fn policy_options(&self) -> &LoadOptions;
+    /// The serving policy's version, its bundle's creation time, and the previous version.
+    fn policy_versions(&self) -> (String, u64, Option<String>);
+    /// The last policy bundle or command handled.
+    fn last_policy_update(&self) -> Option<PolicyUpdateReport>;
+    /// Records what became of a bundle or command, for `/v1/status` and the status topic.
+    fn report_policy_update(&self, version: String, accepted: bool, reason: Option<String>);
+    /// Serves a verified, prepared policy from the next decision on.
+    fn adopt_policy(&self, prepared: ServingPolicy) -> Result<(), String>;
+    /// Applies a rollback command issued at `issued_unix_ms`; returns the version now serving,
+    /// or `None` when the command was for an older policy (or applied already) and changed
+    /// nothing.
+    fn rollback_policy(
+        &self,
+        command_id: &str,
+        to_version: Option<&str>,
+        issued_unix_ms: u64,
+    ) -> Option<Result<String, String>>;
+}
 
 /// `[fleet]`, parsed.
 #[derive(Debug, Clone)]
@@ -82,8 +118,8 @@ impl FleetConfig {
 type AckWaiters = Arc<Mutex<HashMap<u64, oneshot::Sender<OutcomeAck>>>>;
 
 /// Starts the uploader, the status publisher and the handler of fleet messages.
-pub fn start(
-    service: &Arc<Service>,
+pub fn start<S: FleetHost>(
+    service: &Arc<S>,
     link: Arc<DeviceLink>,
     incoming: tokio::sync::mpsc::Receiver<Incoming>,
     config: FleetConfig,
@@ -99,7 +135,12 @@ pub fn start(
 }
 
 /// Outcome batches out, acknowledged keys marked uploaded.
-async fn upload(service: Weak<Service>, link: Arc<DeviceLink>, acks: AckWaiters, config: Arc<FleetConfig>) {
+async fn upload<S: FleetHost>(
+    service: Weak<S>,
+    link: Arc<DeviceLink>,
+    acks: AckWaiters,
+    config: Arc<FleetConfig>,
+) {
     let device = link.device().clone();
     let topic = Topic::Outcomes(device.clone()).name();
     let mut connected = link.connected();
@@ -110,7 +151,7 @@ async fn upload(service: Weak<Service>, link: Arc<DeviceLink>, acks: AckWaiters,
             return;
         }
         let Some(svc) = service.upgrade() else { return };
-        let rows = match svc.outcomes.rows_pending_upload(config.upload_batch_rows).await {
+        let rows = match svc.outcomes().rows_pending_upload(config.upload_batch_rows).await {
             Ok(rows) => rows,
             Err(e) => {
                 tracing::error!("outcome upload: reading the log: {e}");
@@ -121,7 +162,7 @@ async fn upload(service: Weak<Service>, link: Arc<DeviceLink>, acks: AckWaiters,
         };
         if rows.is_empty() {
             tokio::select! {
-                _ = svc.upload_wakeup.notified() => {}
+                _ = svc.upload_wakeup().notified() => {}
                 _ = tokio::time::sleep(config.status_interval) => {}
             }
             continue;
@@ -131,7 +172,7 @@ async fn upload(service: Weak<Service>, link: Arc<DeviceLink>, acks: AckWaiters,
         match send_batch(&link, &topic, &device, batch_id, rows, &acks, config.ack_timeout).await {
             Ok((ids, rejected)) => {
                 let Some(svc) = service.upgrade() else { return };
-                match svc.outcomes.mark_uploaded(ids).await {
+                match svc.outcomes().mark_uploaded(ids).await {
                     Ok(marked) => tracing::debug!(batch_id, marked, rejected, "outcome batch acknowledged"),
                     Err(e) => tracing::error!("outcome upload: marking rows: {e}"),
                 }
@@ -215,8 +256,8 @@ async fn send_batch(
 }
 
 /// Acks, bundles and commands from the link.
-async fn handle_incoming(
-    service: Weak<Service>,
+async fn handle_incoming<S: FleetHost>(
+    service: Weak<S>,
     device: DeviceId,
     mut incoming: tokio::sync::mpsc::Receiver<Incoming>,
     acks: AckWaiters,
@@ -250,7 +291,7 @@ async fn handle_incoming(
                         let (svc, config, device) = (svc.clone(), config.clone(), device.clone());
                         // Loading and probing a model is blocking work.
                         let _ =
-                            tokio::task::spawn_blocking(move || take_bundle(&svc, &config, &device, bundle))
+                            tokio::task::spawn_blocking(move || take_bundle(&*svc, &config, &device, bundle))
                                 .await;
                     }
                     Ok(None) => {}
@@ -265,7 +306,7 @@ async fn handle_incoming(
                 }
             }
             Ok(Topic::GroupCommand(_)) => match GroupCommand::from_json(&message.payload, 64 << 10) {
-                Ok(command) => apply_command(&svc, command),
+                Ok(command) => apply_command(&*svc, command),
                 Err(e) => tracing::warn!(topic = %message.topic, "group command refused: {e}"),
             },
             _ => tracing::debug!(topic = %message.topic, "publish on an unexpected topic ignored"),
@@ -274,7 +315,7 @@ async fn handle_incoming(
 }
 
 /// Verifies, checks and adopts a bundle, reporting the result either way.
-fn take_bundle(service: &Service, config: &FleetConfig, device: &DeviceId, bundle: PolicyBundle) {
+fn take_bundle(service: &impl FleetHost, config: &FleetConfig, device: &DeviceId, bundle: PolicyBundle) {
     let refuse = |version: String, reason: String| {
         tracing::warn!(%version, %reason, "policy bundle refused");
         service.report_policy_update(version, false, Some(reason));
@@ -316,7 +357,7 @@ fn take_bundle(service: &Service, config: &FleetConfig, device: &DeviceId, bundl
     }
 }
 
-fn apply_command(service: &Service, command: GroupCommand) {
+fn apply_command(service: &impl FleetHost, command: GroupCommand) {
     let Command::Rollback { to_version } = &command.command;
     match service.rollback_policy(&command.command_id, to_version.as_deref(), command.issued_unix_ms) {
         None => {
@@ -335,7 +376,7 @@ fn apply_command(service: &Service, command: GroupCommand) {
 }
 
 /// The retained status, on connect, periodically and after events.
-async fn publish_status(service: Weak<Service>, link: Arc<DeviceLink>, config: Arc<FleetConfig>) {
+async fn publish_status<S: FleetHost>(service: Weak<S>, link: Arc<DeviceLink>, config: Arc<FleetConfig>) {
     let topic = Topic::Status(link.device().clone()).name();
     let mut connected = link.connected();
     loop {
@@ -343,7 +384,7 @@ async fn publish_status(service: Weak<Service>, link: Arc<DeviceLink>, config: A
             return;
         }
         let Some(svc) = service.upgrade() else { return };
-        let status = device_status(&svc, link.device(), config.group.clone()).await;
+        let status = device_status(&*svc, link.device(), config.group.clone()).await;
         match status.to_json() {
             Ok(payload) => {
                 let message = Message::new(topic.clone(), QoS::AtLeastOnce, payload).retained(true);
@@ -354,17 +395,21 @@ async fn publish_status(service: Weak<Service>, link: Arc<DeviceLink>, config: A
             Err(e) => tracing::warn!("status not encoded: {e}"),
         }
         tokio::select! {
-            _ = svc.status_wakeup.notified() => {}
+            _ = svc.status_wakeup().notified() => {}
             _ = tokio::time::sleep(config.status_interval) => {}
             _ = connected.changed() => {}
         }
     }
 }
 
-async fn device_status(service: &Service, device: &DeviceId, group: Option<GroupName>) -> DeviceStatus {
+async fn device_status(
+    service: &impl FleetHost,
+    device: &DeviceId,
+    group: Option<GroupName>,
+) -> DeviceStatus {
     let (version, _, previous) = service.policy_versions();
-    let mut counters = service.counters.snapshot();
-    if let Ok(stats) = service.outcomes.stats().await {
+    let mut counters = service.status_counters();
+    if let Ok(stats) = service.outcomes().stats().await {
         counters.outcomes_logged = stats.rows;
         counters.outcomes_uploaded = stats.uploaded;
     }

@@ -17,7 +17,7 @@ use tmo_protocol::{
 };
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::service::lock;
+use crate::util::lock;
 
 /// Largest reply or score accepted (an answer of a few thousand tokens is far below).
 const MAX_REPLY_BYTES: usize = 1 << 20;

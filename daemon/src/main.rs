@@ -13,6 +13,7 @@ mod policy_store;
 mod sense;
 mod serve;
 mod service;
+mod util;
 
 use std::path::PathBuf;
 

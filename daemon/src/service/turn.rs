@@ -1,0 +1,158 @@
+//! One question's path through the daemon, as named stages. [`Service::decide`] runs on a
+//! blocking thread and returns once the answer is on its way:
+//!
+//! 1. [`classify`](classify): the task, named by the app or found by the classifier;
+//! 2. the dialogue's turn is taken (one turn at a time per dialogue);
+//! 3. [`encode_and_decide`](decide): the observation (history, task, budgets, fresh modalities,
+//!    expected costs) is scored and masked by the serving policy;
+//! 4. [`attach`](attach): for a cloud action, the chosen views and the history make the cloud
+//!    request;
+//! 5. [`start_answer`](answer): the local model's queue, or the cloud with the local model as
+//!    fallback; tokens stream back to the client.
+//!
+//! [`Service::finish`] runs once the tokens have stopped:
+//!
+//! 6. [`await_answer`](produced): the answer, wherever it came from;
+//! 7. [`account`](account): latency, energy, cost; the expected costs move and the dialogue's
+//!    budgets are spent;
+//! 8. [`log`](log): the outcome row, made durable, then the counters and metrics; the outcome
+//!    event is sent only after the row is durable.
+//!
+//! A turn that fails before its answer is abandoned: the dialogue takes its next question and
+//! nothing is logged.
+
+mod account;
+mod answer;
+mod attach;
+mod classify;
+mod decide;
+mod log;
+mod produced;
+
+use std::time::{Duration, Instant};
+
+use policy_onnx::{Action, TaskCategory};
+use tmod_api::{AskRequest, DecisionEvent, OutcomeEvent, Timings};
+use tokio::sync::mpsc;
+
+use self::answer::Answering;
+use super::{AskError, Service};
+use crate::dialogues::TurnStart;
+use crate::util::lock;
+
+/// A decided turn whose answer is on its way.
+#[derive(Debug)]
+pub struct DecidedTurn {
+    pub decision: DecisionEvent,
+    /// Text pieces of the answer as they are generated; dropping it cancels the generation.
+    pub tokens: mpsc::UnboundedReceiver<String>,
+    /// What [`Service::finish`] needs.
+    pub pending: PendingTurn,
+}
+
+/// The part of a decided turn that the outcome is made of.
+#[derive(Debug)]
+pub struct PendingTurn {
+    start: TurnStart,
+    record: TurnRecord,
+    answering: Answering,
+    received: Instant,
+    timings: Timings,
+}
+
+/// What the outcome row keeps of the question and its decision.
+#[derive(Debug)]
+struct TurnRecord {
+    question: String,
+    task: TaskCategory,
+    action: Action,
+    observation: Vec<f32>,
+    propensity: f64,
+    telemetry: serde_json::Value,
+}
+
+impl Service {
+    /// Classifies, decides and queues the answer. Errors here are the request's fault or a
+    /// full queue; nothing is logged for them.
+    pub fn decide(
+        &self,
+        request: AskRequest,
+        received: Instant,
+        decode_ms: f64,
+    ) -> Result<DecidedTurn, AskError> {
+        let question = request.text.trim().to_owned();
+        if question.is_empty() {
+            return Err(AskError::BadRequest("`text` must not be empty".into()));
+        }
+        let mut timings = Timings { decode_ms, ..Timings::default() };
+
+        let started = Instant::now();
+        let classified = self.classify(&question, request.task.as_deref())?;
+        timings.classify_ms = ms(started.elapsed());
+
+        let dialogue_id = match request.dialogue_id {
+            Some(id) => id,
+            None => self.new_dialogue().dialogue_id,
+        };
+        let start = lock(&self.dialogues).start_turn(&dialogue_id, Instant::now())?;
+
+        let started = Instant::now();
+        let decided = match self.encode_and_decide(&start, classified.task) {
+            Ok(decided) => decided,
+            Err(e) => return Err(self.abandon(start, e)),
+        };
+        timings.decide_ms = ms(started.elapsed());
+
+        let started = Instant::now();
+        let cloud = self.attach(&start, classified.task, &question, decided.decision.action);
+        if cloud.is_some() {
+            timings.attach_ms = ms(started.elapsed());
+        }
+
+        let (answering, tokens) = match self.start_answer(&start, &question, decided.local_route(), cloud) {
+            Ok(answer) => answer,
+            Err(e) => return Err(self.abandon(start, e)),
+        };
+
+        let decision = self.decision_event(dialogue_id, start.turn, &classified, &decided);
+        let record = decided.into_record(question, classified.task);
+        Ok(DecidedTurn {
+            decision,
+            tokens,
+            pending: PendingTurn { start, record, answering, received, timings },
+        })
+    }
+
+    /// Waits for the answer, accounts for it and logs it durably.
+    pub async fn finish(
+        &self,
+        decision: &DecisionEvent,
+        turn: PendingTurn,
+    ) -> Result<OutcomeEvent, AskError> {
+        let PendingTurn { start, record, answering, received, mut timings } = turn;
+        let answered = self.await_answer(answering, &start.conversation, &record.question).await;
+        let (produced, conversation, cloud_attempt) = match answered {
+            Ok(answered) => answered,
+            Err(e) => return Err(self.abandon(start, AskError::Internal(e))),
+        };
+        produced.set_timings(&mut timings);
+
+        let spent = self.account(start, &record, conversation, &produced, received);
+        let score = log::refusal_score(&produced.text);
+        timings.log_ms = self.log(decision, record, &produced, &spent, score, cloud_attempt.clone()).await;
+        timings.total_ms = ms(received.elapsed());
+        self.count(decision, &produced, &spent, score, &timings);
+
+        Ok(log::outcome_event(decision, produced, &spent, score, cloud_attempt, timings))
+    }
+
+    /// Gives the dialogue its turn back after a failure, and returns the failure.
+    fn abandon(&self, start: TurnStart, error: AskError) -> AskError {
+        lock(&self.dialogues).abandon_turn(start);
+        error
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}

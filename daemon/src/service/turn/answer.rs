@@ -1,0 +1,145 @@
+//! Stage 5: the answer starts. A local action goes into the local model's bounded queue (a full
+//! queue is a 503 at once); a cloud action's request goes out from a tokio task, which answers
+//! locally, streaming to the same client, when the cloud does not.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use llm_engine::GenerationParams;
+use outcome_log::CloudAttempt;
+use tmo_protocol::CloudRequest;
+use tokio::sync::{mpsc, oneshot};
+
+use super::attach::CloudCall;
+use crate::dialogues::TurnStart;
+use crate::link::{CloudAnswered, DeviceLink};
+use crate::local_llm::{LocalAnswer, LocalJob, LocalLlm};
+use crate::service::{AskError, Service};
+
+/// How a turn's answer is coming.
+#[derive(Debug)]
+pub(super) enum Answering {
+    /// From the local model, on `route` (`local` or `local:cloud-unavailable`).
+    Local { answer: oneshot::Receiver<LocalAnswer>, route: &'static str },
+    /// From the cloud, or locally when the cloud request fails.
+    Cloud(tokio::task::JoinHandle<CloudTurn>),
+}
+
+/// A turn the policy sent to the cloud: the attempt, and the answer that came of it.
+#[derive(Debug)]
+pub(super) struct CloudTurn {
+    pub attempt: CloudAttempt,
+    pub answer: Result<CloudOrLocal, String>,
+}
+
+#[derive(Debug)]
+pub(super) enum CloudOrLocal {
+    Cloud(CloudAnswered),
+    /// The cloud request failed; the local model answered.
+    Local(LocalAnswer),
+}
+
+/// What a cloud turn needs to answer locally when the cloud does not.
+struct LocalFallback {
+    llm: LocalLlm,
+    job: LocalJob,
+    answer: oneshot::Receiver<LocalAnswer>,
+    max_answer: Duration,
+}
+
+impl Service {
+    /// Starts the answer: in the cloud when `cloud` is given, else on the local model (on
+    /// `local_route`). Returns how it is coming and the stream of its text pieces.
+    pub(super) fn start_answer(
+        &self,
+        start: &TurnStart,
+        question: &str,
+        local_route: &'static str,
+        cloud: Option<CloudCall>,
+    ) -> Result<(Answering, mpsc::UnboundedReceiver<String>), AskError> {
+        let (token_tx, tokens) = mpsc::unbounded_channel();
+        let (done_tx, answer) = oneshot::channel();
+        let max_answer = Duration::from_secs_f64(self.config.file.model.max_answer_secs);
+        let params = GenerationParams {
+            max_tokens: self.config.file.model.max_tokens,
+            deadline: Some(Instant::now() + max_answer),
+            ..GenerationParams::default()
+        };
+        let job = LocalJob {
+            conversation: start.conversation.clone(),
+            question: question.to_owned(),
+            params,
+            tokens: token_tx,
+            done: done_tx,
+            enqueued: Instant::now(),
+        };
+        let answering = match cloud {
+            Some(CloudCall { link, request, wait }) => {
+                let fallback = LocalFallback { llm: self.llm.clone(), job, answer, max_answer };
+                Answering::Cloud(tokio::spawn(answer_in_cloud(link, request, wait, fallback)))
+            }
+            None => {
+                if let Err(full) = self.llm.submit(job) {
+                    self.metrics.reject("queue_full");
+                    tracing::warn!(waiting = full.waiting, "local model queue full: 503");
+                    return Err(AskError::Busy { retry_after_secs: 2 });
+                }
+                Answering::Local { answer, route: local_route }
+            }
+        };
+        self.metrics.queue_waiting.set(self.llm.waiting() as i64);
+        Ok((answering, tokens))
+    }
+}
+
+/// Sends the cloud request; on any failure answers locally, with the same token stream.
+async fn answer_in_cloud(
+    cloud: Arc<DeviceLink>,
+    request: CloudRequest,
+    wait: Duration,
+    fallback: LocalFallback,
+) -> CloudTurn {
+    let (result, cost) = cloud.ask(&request, wait).await;
+    let mut attempt = CloudAttempt {
+        outcome: "answered".to_owned(),
+        detail: None,
+        wait_secs: cost.wait.as_secs_f64(),
+        deadline_secs: wait.as_secs_f64(),
+        request_bytes: cost.bytes as u64,
+        model: None,
+        backend_latency_ms: None,
+        cost_usd: 0.0,
+    };
+    let LocalFallback { llm, mut job, answer, max_answer } = fallback;
+    match result {
+        Ok(answered) => {
+            attempt.model = Some(answered.answer.model.clone());
+            attempt.backend_latency_ms = Some(answered.backend_latency_ms);
+            attempt.cost_usd = answered.answer.cost_usd;
+            let _ = job.tokens.send(answered.answer.answer.clone());
+            CloudTurn { attempt, answer: Ok(CloudOrLocal::Cloud(answered)) }
+        }
+        Err(failure) => {
+            tracing::warn!(
+                request_id = %request.request_id,
+                dialogue = %request.dialogue_id,
+                turn = request.turn,
+                reason = failure.kind(),
+                "cloud request failed ({failure}); answering locally"
+            );
+            attempt.outcome = failure.kind().to_owned();
+            attempt.detail = Some(failure.to_string());
+            job.enqueued = Instant::now();
+            job.params.deadline = Some(Instant::now() + max_answer);
+            let answer = match llm.submit(job) {
+                Err(full) => {
+                    Err(format!("the cloud request failed ({failure}) and the local model refused: {full}"))
+                }
+                Ok(()) => {
+                    answer.await.map(CloudOrLocal::Local).map_err(|_| "the model thread ended".to_owned())
+                }
+            };
+            CloudTurn { attempt, answer }
+        }
+    }
+}
