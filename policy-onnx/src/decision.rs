@@ -15,7 +15,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::runtime::{Policy, PolicyError, PolicySession};
-use crate::schema::{Action, ModalitySet, Schema, TaskCategory, Turn};
+use crate::schema::{Action, ClassCosts, ModalitySet, Schema, TaskCategory, Turn};
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum DecisionError {
@@ -170,7 +170,8 @@ pub struct Decision {
 }
 
 /// Encode, score, mask, choose: the whole decision for one turn, with its buffers reused from
-/// turn to turn. One per thread.
+/// turn to turn. One per thread. The observation follows the policy's version: a v2 policy also
+/// reads the availability's cost table (the device's live estimates).
 #[derive(Debug)]
 pub struct Decider {
     policy: Arc<Policy>,
@@ -178,6 +179,7 @@ pub struct Decider {
     exploration: Exploration,
     rng: ChaCha8Rng,
     observation: Vec<f32>,
+    class_costs: ClassCosts,
     scores: Vec<f32>,
     allowed: Vec<bool>,
 }
@@ -192,12 +194,14 @@ impl Decider {
         let exploration = exploration.validate()?;
         let schema = policy.schema();
         let (obs_len, actions) = (schema.observation_len(), schema.action_count());
+        let classes = schema.cost_classes();
         let session = policy.session()?;
         Ok(Decider {
             session,
             exploration,
             rng: seed.map_or_else(ChaCha8Rng::from_os_rng, ChaCha8Rng::seed_from_u64),
             observation: vec![0.0; obs_len],
+            class_costs: ClassCosts { latency_secs: vec![0.0; classes], usage_usd: vec![0.0; classes] },
             scores: vec![0.0; actions],
             allowed: vec![false; actions],
             policy,
@@ -208,9 +212,11 @@ impl Decider {
         &self.policy
     }
 
-    /// Serves `policy` from now on (the session is rebuilt; exploration and seed stay).
+    /// Serves `policy` from now on (the session is rebuilt, the observation follows the new
+    /// policy's version; exploration and seed stay).
     pub fn set_policy(&mut self, policy: Arc<Policy>) -> Result<(), PolicyError> {
         self.session = policy.session()?;
+        self.observation.resize(policy.schema().observation_len(), 0.0);
         self.policy = policy;
         Ok(())
     }
@@ -219,11 +225,13 @@ impl Decider {
     pub fn decide(&mut self, request: &DecisionRequest<'_>) -> Result<Decision, DeciderError> {
         let schema = self.policy.schema();
         let a = &request.availability;
-        schema.encode_observation(
+        self.class_costs.set_from_table(a.costs);
+        schema.encode(
             request.history,
             request.task,
             a.remaining_latency_secs,
             a.remaining_cost_usd,
+            &self.class_costs,
             &mut self.observation,
         );
         self.session.scores_into(&self.observation, &mut self.scores)?;

@@ -32,96 +32,158 @@ impl Default for ExportOptions {
 
 /// Serialises `mlp` as ONNX bytes. Deterministic: the same MLP and options give the same bytes.
 pub fn mlp_to_onnx(mlp: &Mlp, options: &ExportOptions) -> Vec<u8> {
-    let float = pb::tensor_proto::DataType::Float as i32;
-    let batch_shape = |features: usize| pb::TypeProto {
-        value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
-            elem_type: float,
-            shape: Some(pb::TensorShapeProto {
-                dim: vec![
-                    dim(pb::tensor_shape_proto::dimension::Value::DimParam("N".into())),
-                    dim(pb::tensor_shape_proto::dimension::Value::DimValue(features as i64)),
-                ],
-            }),
-        })),
-        ..Default::default()
-    };
+    let mut graph = GraphWriter::new();
+    graph.mlp(mlp, &options.input_name, Some(&options.output_name));
+    graph.into_model(options, mlp.inputs(), mlp.outputs()).encode_to_vec()
+}
 
-    let mut nodes = Vec::new();
-    let mut initializers = Vec::new();
-    let mut current = options.input_name.clone();
-    let last = mlp.layers().len() - 1;
-    for (i, layer) in mlp.layers().iter().enumerate() {
-        let w = format!("layer{i}.weight");
-        let b = format!("layer{i}.bias");
-        initializers.push(tensor(&w, &[layer.outputs as i64, layer.inputs as i64], &layer.weights));
-        initializers.push(tensor(&b, &[layer.outputs as i64], &layer.bias));
-        let is_output = i == last && layer.activation == Activation::Identity;
-        let gemm_out = if is_output { options.output_name.clone() } else { format!("layer{i}.linear") };
-        nodes.push(pb::NodeProto {
-            input: vec![current.clone(), w, b],
-            output: vec![gemm_out.clone()],
-            name: format!("layer{i}.gemm"),
-            op_type: "Gemm".into(),
-            attribute: vec![pb::AttributeProto {
-                name: "transB".into(),
-                r#type: pb::attribute_proto::AttributeType::Int as i32,
-                i: 1,
-                ..Default::default()
-            }],
-            ..Default::default()
-        });
-        current = gemm_out;
-        let op = match layer.activation {
-            Activation::Identity => None,
-            Activation::Relu => Some("Relu"),
-            Activation::Tanh => Some("Tanh"),
-        };
-        if let Some(op) = op {
-            let out = if i == last {
-                options.output_name.clone()
-            } else {
-                format!("layer{i}.{}", op.to_lowercase())
-            };
-            nodes.push(pb::NodeProto {
-                input: vec![current.clone()],
-                output: vec![out.clone()],
-                name: format!("layer{i}.{}", op.to_lowercase()),
-                op_type: op.into(),
-                ..Default::default()
-            });
-            current = out;
-        }
+/// Builds a policy graph node by node: constants become initializers, node outputs get unique
+/// names. [`mlp_to_onnx`] and the v2 network ([`crate::cost_aware`]) write through it.
+#[derive(Debug, Default)]
+pub(crate) struct GraphWriter {
+    nodes: Vec<pb::NodeProto>,
+    initializers: Vec<pb::TensorProto>,
+    count: usize,
+}
+
+impl GraphWriter {
+    pub(crate) fn new() -> Self {
+        Self::default()
     }
 
-    let model = pb::ModelProto {
-        ir_version: IR_VERSION,
-        opset_import: vec![pb::OperatorSetIdProto { domain: String::new(), version: OPSET }],
-        producer_name: "tmo-edge".into(),
-        producer_version: env!("CARGO_PKG_VERSION").into(),
-        graph: Some(pb::GraphProto {
-            name: "policy".into(),
-            node: nodes,
-            initializer: initializers,
-            input: vec![pb::ValueInfoProto {
-                name: options.input_name.clone(),
-                r#type: Some(batch_shape(mlp.inputs())),
-                ..Default::default()
-            }],
-            output: vec![pb::ValueInfoProto {
-                name: options.output_name.clone(),
-                r#type: Some(batch_shape(mlp.outputs())),
-                ..Default::default()
-            }],
+    /// A float32 initializer named `name`.
+    pub(crate) fn constant(&mut self, name: &str, dims: &[usize], values: &[f32]) -> String {
+        let dims: Vec<i64> = dims.iter().map(|&d| d as i64).collect();
+        self.initializers.push(tensor(name, &dims, values));
+        name.to_owned()
+    }
+
+    /// A float32 constant of shape `[1]` (broadcast against any tensor).
+    pub(crate) fn scalar(&mut self, name: &str, value: f32) -> String {
+        self.constant(name, &[1], &[value])
+    }
+
+    /// A node whose one output gets a fresh name, returned.
+    pub(crate) fn node(&mut self, op: &str, inputs: &[&str], attributes: &[pb::AttributeProto]) -> String {
+        self.count += 1;
+        let output = format!("{}.{}", op.to_lowercase(), self.count);
+        self.named_node(op, inputs, attributes, &output);
+        output
+    }
+
+    /// A node with the output name `output` (and the same node name).
+    pub(crate) fn named_node(
+        &mut self,
+        op: &str,
+        inputs: &[&str],
+        attributes: &[pb::AttributeProto],
+        output: &str,
+    ) {
+        self.nodes.push(pb::NodeProto {
+            input: inputs.iter().map(|i| (*i).to_owned()).collect(),
+            output: vec![output.to_owned()],
+            name: output.to_owned(),
+            op_type: op.into(),
+            attribute: attributes.to_vec(),
             ..Default::default()
-        }),
-        metadata_props: options
-            .metadata
-            .iter()
-            .map(|(key, value)| pb::StringStringEntryProto { key: key.clone(), value: value.clone() })
-            .collect(),
-        ..Default::default()
-    };
-    model.encode_to_vec()
+        });
+    }
+
+    /// The layers of `mlp` applied to `input` (Gemm with transB = 1, then the activation); the
+    /// last node's output is `output` when given. Returns the output's name.
+    pub(crate) fn mlp(&mut self, mlp: &Mlp, input: &str, output: Option<&str>) -> String {
+        let mut current = input.to_owned();
+        let last = mlp.layers().len() - 1;
+        for (i, layer) in mlp.layers().iter().enumerate() {
+            let w =
+                self.constant(&format!("layer{i}.weight"), &[layer.outputs, layer.inputs], &layer.weights);
+            let b = self.constant(&format!("layer{i}.bias"), &[layer.outputs], &layer.bias);
+            let is_output = i == last && layer.activation == Activation::Identity;
+            let gemm_out = match output {
+                Some(name) if is_output => name.to_owned(),
+                _ => format!("layer{i}.linear"),
+            };
+            self.nodes.push(pb::NodeProto {
+                input: vec![current.clone(), w, b],
+                output: vec![gemm_out.clone()],
+                name: format!("layer{i}.gemm"),
+                op_type: "Gemm".into(),
+                attribute: vec![pb::AttributeProto {
+                    name: "transB".into(),
+                    r#type: pb::attribute_proto::AttributeType::Int as i32,
+                    i: 1,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            });
+            current = gemm_out;
+            let op = match layer.activation {
+                Activation::Identity => None,
+                Activation::Relu => Some("Relu"),
+                Activation::Tanh => Some("Tanh"),
+            };
+            if let Some(op) = op {
+                let out = match output {
+                    Some(name) if i == last => name.to_owned(),
+                    _ => format!("layer{i}.{}", op.to_lowercase()),
+                };
+                self.nodes.push(pb::NodeProto {
+                    input: vec![current.clone()],
+                    output: vec![out.clone()],
+                    name: format!("layer{i}.{}", op.to_lowercase()),
+                    op_type: op.into(),
+                    ..Default::default()
+                });
+                current = out;
+            }
+        }
+        current
+    }
+
+    /// The model: one float32 input `[N, inputs]` named as `options` says, one output `[N, outputs]`.
+    pub(crate) fn into_model(self, options: &ExportOptions, inputs: usize, outputs: usize) -> pb::ModelProto {
+        let float = pb::tensor_proto::DataType::Float as i32;
+        let batch_shape = |features: usize| pb::TypeProto {
+            value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
+                elem_type: float,
+                shape: Some(pb::TensorShapeProto {
+                    dim: vec![
+                        dim(pb::tensor_shape_proto::dimension::Value::DimParam("N".into())),
+                        dim(pb::tensor_shape_proto::dimension::Value::DimValue(features as i64)),
+                    ],
+                }),
+            })),
+            ..Default::default()
+        };
+        pb::ModelProto {
+            ir_version: IR_VERSION,
+            opset_import: vec![pb::OperatorSetIdProto { domain: String::new(), version: OPSET }],
+            producer_name: "tmo-edge".into(),
+            producer_version: env!("CARGO_PKG_VERSION").into(),
+            graph: Some(pb::GraphProto {
+                name: "policy".into(),
+                node: self.nodes,
+                initializer: self.initializers,
+                input: vec![pb::ValueInfoProto {
+                    name: options.input_name.clone(),
+                    r#type: Some(batch_shape(inputs)),
+                    ..Default::default()
+                }],
+                output: vec![pb::ValueInfoProto {
+                    name: options.output_name.clone(),
+                    r#type: Some(batch_shape(outputs)),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            metadata_props: options
+                .metadata
+                .iter()
+                .map(|(key, value)| pb::StringStringEntryProto { key: key.clone(), value: value.clone() })
+                .collect(),
+            ..Default::default()
+        }
+    }
 }
 
 fn dim(value: pb::tensor_shape_proto::dimension::Value) -> pb::tensor_shape_proto::Dimension {

@@ -2,8 +2,12 @@
 //!
 //! A policy is accepted only when its bytes are a protobuf ONNX model no larger than the
 //! configured limit, its one input is float32 `[N, observation_len]` and its one output float32
-//! `[N, action_count]`, any manifest it carries names the same schema, and its scores on a fixed
-//! set of probe observations are all finite. [`PolicySlot`] holds the serving policy and swaps in
+//! `[N, action_count]`, any manifest it carries names a schema this runtime serves, and its scores
+//! on a fixed set of probe observations are all finite.
+//!
+//! The observation version is the policy's own: its manifest's `schema` (`tmo-obs-v1`,
+//! `tmo-obs-v2`), or for a file without one (the paper's exports) its input width: Z (X + 2) + 2
+//! is v1, that plus 2 (X + 2) is v2. The board gives X and Z ([`LoadOptions::schema`]). [`PolicySlot`] holds the serving policy and swaps in
 //! a new one only after that new one has passed all of this.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -18,7 +22,7 @@ use tract_onnx::pb;
 use tract_onnx::prelude::*;
 
 use crate::export::MANIFEST_KEY;
-use crate::schema::{SCHEMA_V1, Schema, TaskCategory};
+use crate::schema::{ClassCosts, ObservationVersion, Schema, TaskCategory};
 
 /// Default size limit of a policy file: the contract's MLPs are tens of kilobytes.
 pub const DEFAULT_MAX_POLICY_BYTES: u64 = 16 * 1024 * 1024;
@@ -32,11 +36,13 @@ pub enum PolicyError {
     #[error("not an ONNX model: {0}")]
     NotOnnx(String),
     #[error("input does not match schema {schema}: {reason}")]
-    InputMismatch { schema: &'static str, reason: String },
+    InputMismatch { schema: ObservationVersion, reason: String },
     #[error("output does not match schema {schema}: {reason}")]
-    OutputMismatch { schema: &'static str, reason: String },
-    #[error("the policy's manifest names schema `{found}`, this runtime serves `{expected}`")]
-    SchemaMismatch { expected: &'static str, found: String },
+    OutputMismatch { schema: ObservationVersion, reason: String },
+    #[error(
+        "the policy's manifest names schema `{found}`, this runtime serves `tmo-obs-v1` and `tmo-obs-v2`"
+    )]
+    SchemaMismatch { found: String },
     #[error("the policy's manifest is not valid JSON: {0}")]
     BadManifest(String),
     #[error("tract cannot prepare the model: {0}")]
@@ -52,6 +58,7 @@ pub enum PolicyError {
 /// Limits and expectations applied when loading a policy.
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
+    /// The board's shape (X modalities, Z turns); the observation version is the policy's own.
     pub schema: Schema,
     pub max_bytes: u64,
 }
@@ -123,11 +130,11 @@ impl Policy {
             return Err(PolicyError::TooLarge { size, limit: options.max_bytes });
         }
         let proto = pb::ModelProto::decode(bytes).map_err(|e| PolicyError::NotOnnx(e.to_string()))?;
-        let info = describe(&proto, bytes, &options.schema)?;
+        let (info, schema) = describe(&proto, bytes, &options.schema)?;
         // tract is not expected to panic, but a hostile file must not take the daemon down.
-        let plan = catch_unwind(AssertUnwindSafe(|| prepare(&proto, &options.schema)))
+        let plan = catch_unwind(AssertUnwindSafe(|| prepare(&proto, &schema)))
             .map_err(|_| PolicyError::Unrunnable("tract panicked while loading the model".into()))??;
-        let policy = Policy { info, schema: options.schema.clone(), plan };
+        let policy = Policy { info, schema, plan };
         policy.probe()?;
         Ok(policy)
     }
@@ -136,8 +143,14 @@ impl Policy {
         &self.info
     }
 
+    /// The board's shape with this policy's observation version.
     pub fn schema(&self) -> &Schema {
         &self.schema
+    }
+
+    /// Which observation this policy reads.
+    pub fn version(&self) -> ObservationVersion {
+        self.schema.version()
     }
 
     /// A scoring session: owns tract's per-run state, so one per thread.
@@ -216,32 +229,17 @@ fn run_error(e: impl std::fmt::Display) -> PolicyError {
     PolicyError::Run(e.to_string())
 }
 
-/// Reads names, shapes, opset, parameters and manifest from the protobuf, checking the contract.
-fn describe(proto: &pb::ModelProto, bytes: &[u8], schema: &Schema) -> Result<PolicyInfo, PolicyError> {
+/// Reads names, shapes, opset, parameters and manifest from the protobuf, checking the contract;
+/// returns them with the board's shape at the policy's observation version.
+fn describe(
+    proto: &pb::ModelProto,
+    bytes: &[u8],
+    board: &Schema,
+) -> Result<(PolicyInfo, Schema), PolicyError> {
     let graph = proto.graph.as_ref().ok_or_else(|| PolicyError::NotOnnx("the model has no graph".into()))?;
     if graph.node.is_empty() {
         return Err(PolicyError::NotOnnx("the graph has no nodes".into()));
     }
-    let initialized: Vec<&str> = graph.initializer.iter().map(|t| t.name.as_str()).collect();
-    let inputs: Vec<&pb::ValueInfoProto> =
-        graph.input.iter().filter(|i| !initialized.contains(&i.name.as_str())).collect();
-    let [input] = inputs.as_slice() else {
-        return Err(PolicyError::InputMismatch {
-            schema: SCHEMA_V1,
-            reason: format!("{} inputs, expected 1", inputs.len()),
-        });
-    };
-    let [output] = graph.output.as_slice() else {
-        return Err(PolicyError::OutputMismatch {
-            schema: SCHEMA_V1,
-            reason: format!("{} outputs, expected 1", graph.output.len()),
-        });
-    };
-    let input_shape = check_value(input, schema.observation_len())
-        .map_err(|reason| PolicyError::InputMismatch { schema: SCHEMA_V1, reason })?;
-    let output_shape = check_value(output, schema.action_count())
-        .map_err(|reason| PolicyError::OutputMismatch { schema: SCHEMA_V1, reason })?;
-
     let manifest = match proto.metadata_props.iter().find(|p| p.key == MANIFEST_KEY) {
         None => None,
         Some(p) => Some(
@@ -249,20 +247,42 @@ fn describe(proto: &pb::ModelProto, bytes: &[u8], schema: &Schema) -> Result<Pol
                 .map_err(|e| PolicyError::BadManifest(e.to_string()))?,
         ),
     };
-    let schema_name = match manifest.as_ref().and_then(|m| m.get("schema")) {
-        None => SCHEMA_V1.to_owned(),
-        Some(serde_json::Value::String(s)) if s == SCHEMA_V1 => s.clone(),
-        Some(other) => {
-            let found = other.as_str().map_or_else(|| other.to_string(), str::to_owned);
-            return Err(PolicyError::SchemaMismatch { expected: SCHEMA_V1, found });
-        }
+    let declared = match manifest.as_ref().and_then(|m| m.get("schema")) {
+        None => None,
+        Some(value) => Some(manifest_version(value)?),
     };
+    let initialized: Vec<&str> = graph.initializer.iter().map(|t| t.name.as_str()).collect();
+    let inputs: Vec<&pb::ValueInfoProto> =
+        graph.input.iter().filter(|i| !initialized.contains(&i.name.as_str())).collect();
+    let version = declared.unwrap_or(ObservationVersion::V1);
+    let [input] = inputs.as_slice() else {
+        return Err(PolicyError::InputMismatch {
+            schema: version,
+            reason: format!("{} inputs, expected 1", inputs.len()),
+        });
+    };
+    let [output] = graph.output.as_slice() else {
+        return Err(PolicyError::OutputMismatch {
+            schema: version,
+            reason: format!("{} outputs, expected 1", graph.output.len()),
+        });
+    };
+    // Without a manifest, the input width says which observation the file reads.
+    let version = declared.unwrap_or_else(|| {
+        let v2 = board.to_version(ObservationVersion::V2);
+        if declared_width(input) == Some(v2.observation_len()) { ObservationVersion::V2 } else { version }
+    });
+    let schema = board.to_version(version);
+    let input_shape = check_value(input, schema.observation_len())
+        .map_err(|reason| PolicyError::InputMismatch { schema: version, reason })?;
+    let output_shape = check_value(output, schema.action_count())
+        .map_err(|reason| PolicyError::OutputMismatch { schema: version, reason })?;
     let opset =
         proto.opset_import.iter().find(|o| o.domain.is_empty() || o.domain == "ai.onnx").map(|o| o.version);
     let parameter_count =
         graph.initializer.iter().map(|t| t.dims.iter().map(|d| (*d).max(0) as u64).product::<u64>()).sum();
-    Ok(PolicyInfo {
-        schema: schema_name,
+    let info = PolicyInfo {
+        schema: version.tag().to_owned(),
         input_name: input.name.clone(),
         input_shape,
         output_name: output.name.clone(),
@@ -273,7 +293,38 @@ fn describe(proto: &pb::ModelProto, bytes: &[u8], schema: &Schema) -> Result<Pol
         sha256: hex::encode(Sha256::digest(bytes)),
         producer: format!("{} {}", proto.producer_name, proto.producer_version).trim().to_owned(),
         manifest,
+    };
+    Ok((info, schema))
+}
+
+/// The observation version a manifest's `schema` names: a tag (`"tmo-obs-v2"`) or a number (2).
+fn manifest_version(value: &serde_json::Value) -> Result<ObservationVersion, PolicyError> {
+    let version = match value {
+        serde_json::Value::String(tag) => ObservationVersion::from_tag(tag),
+        serde_json::Value::Number(n) => match n.as_u64() {
+            Some(1) => Some(ObservationVersion::V1),
+            Some(2) => Some(ObservationVersion::V2),
+            _ => None,
+        },
+        _ => None,
+    };
+    version.ok_or_else(|| PolicyError::SchemaMismatch {
+        found: value.as_str().map_or_else(|| value.to_string(), str::to_owned),
     })
+}
+
+/// The feature width an input declares (`[N, width]`), if it declares one.
+fn declared_width(value: &pb::ValueInfoProto) -> Option<usize> {
+    use pb::tensor_shape_proto::dimension::Value as Dim;
+    let Some(pb::type_proto::Value::TensorType(tensor)) =
+        value.r#type.as_ref().and_then(|t| t.value.as_ref())
+    else {
+        return None;
+    };
+    match tensor.shape.as_ref()?.dim.get(1)?.value {
+        Some(Dim::DimValue(v)) => usize::try_from(v).ok(),
+        _ => None,
+    }
 }
 
 /// Checks a graph input or output is float32 `[N, features]` where it says so, returning its
@@ -326,7 +377,7 @@ fn prepare(proto: &pb::ModelProto, schema: &Schema) -> Result<Plan, PolicyError>
     let concrete = fact.shape.as_concrete().map(<[usize]>::to_vec);
     if fact.datum_type != f32::datum_type() || concrete.as_deref() != Some(&expected[..]) {
         return Err(PolicyError::OutputMismatch {
-            schema: SCHEMA_V1,
+            schema: schema.version(),
             reason: format!(
                 "the graph computes {:?} {:?}, expected f32 {expected:?}",
                 fact.datum_type, fact.shape
@@ -336,13 +387,36 @@ fn prepare(proto: &pb::ModelProto, schema: &Schema) -> Result<Plan, PolicyError>
     model.into_runnable().map_err(unrunnable)
 }
 
+/// Cost tables of the probes: for v2 a fast link, a slow link and a board slower than its link;
+/// for v1 (which does not read them) the first only.
+pub fn probe_cost_tables(schema: &Schema) -> Vec<ClassCosts> {
+    let classes = schema.cost_classes();
+    let table = |local: f64, base: f64, per_attachment: f64| ClassCosts {
+        latency_secs: (0..classes)
+            .map(|c| if c == 0 { local } else { base + per_attachment * (c - 1) as f64 })
+            .collect(),
+        usage_usd: (0..classes)
+            .map(|c| if c == 0 { 1e-8 } else { 0.00049 + 0.0045 * (c - 1) as f64 })
+            .collect(),
+    };
+    let mut tables = vec![table(0.0114, 0.5, 0.6), table(0.0114, 16.6, 1.0), table(1.126, 0.5, 2.0)];
+    if schema.version() == ObservationVersion::V1 {
+        tables.truncate(1);
+    }
+    tables
+}
+
 /// Fixed observations every policy must score finitely: the first turn of each task with full,
-/// half and exhausted budgets, and seeded random dialogues mid-way.
+/// half and exhausted budgets, and seeded random dialogues mid-way (for v2, under each of
+/// [`probe_cost_tables`]).
 pub fn probe_observations(schema: &Schema) -> Vec<Vec<f32>> {
+    let tables = probe_cost_tables(schema);
     let mut probes = Vec::new();
     for task in TaskCategory::ALL {
         for (latency, cost) in [(30.0, 0.05), (15.0, 0.025), (0.0, 0.0)] {
-            probes.push(schema.observation(&[], task, latency, cost));
+            for costs in &tables {
+                probes.push(schema.observation_with_costs(&[], task, latency, cost, costs));
+            }
         }
     }
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0x7470_6f6c);
@@ -356,12 +430,10 @@ pub fn probe_observations(schema: &Schema) -> Vec<Vec<f32>> {
             })
             .collect();
         let task = TaskCategory::ALL[rng.random_range(0..4)];
-        probes.push(schema.observation(
-            &turns,
-            task,
-            rng.random_range(0.0..30.0),
-            rng.random_range(0.0..0.05),
-        ));
+        let (latency, cost) = (rng.random_range(0.0..30.0), rng.random_range(0.0..0.05));
+        for costs in &tables {
+            probes.push(schema.observation_with_costs(&turns, task, latency, cost, costs));
+        }
     }
     probes
 }

@@ -31,7 +31,8 @@ fn default_policy_is_reproducible() {
 
     let policy = Policy::from_bytes(&committed, &LoadOptions::default()).expect("the default policy loads");
     let manifest = policy.info().manifest.clone().expect("a manifest");
-    assert_eq!(manifest["schema"], "tmo-obs-v1");
+    assert_eq!(manifest["schema"], "tmo-obs-v2");
+    assert_eq!(policy.info().input_shape, ["N", "37"]);
     assert_eq!(manifest["profile"], "jetson-tx2");
     assert_eq!(manifest["data_hash"], data_hash.as_str());
     assert_eq!(manifest["metrics"]["train_over_budget"], 0);

@@ -11,8 +11,7 @@ use serde::Serialize;
 
 use super::planner::{DialogueModel, Planner, PlannerAgent};
 use super::sim::{
-    Agent, AgentError, DialogueOutcome, FixedAgent, MlpAgent, OnnxAgent, RandomAgent, SimError, Simulator,
-    rollout,
+    Agent, AgentError, DialogueOutcome, FixedAgent, OnnxAgent, RandomAgent, SimError, Simulator, rollout,
 };
 use super::{Provenance, TrainConfig, TrainError, mean_reward, train};
 use crate::m4a1::Dialogue;
@@ -120,13 +119,15 @@ pub fn evaluate(
 ) -> Result<EvalReport, EvalError> {
     let schema = Schema::new(profile.modality_count(), Schema::default().history());
     for (name, p) in &candidates.policies {
+        // v1 and v2 policies alike: the board's shape (X, Z) must match.
         let s = p.schema();
-        if s.observation_len() != schema.observation_len() || s.action_count() != schema.action_count() {
+        if s.dialogue_len() != schema.dialogue_len() || s.action_count() != schema.action_count() {
+            let expected = schema.to_version(s.version()).observation_len();
             return Err(EvalError::SchemaMismatch {
                 name: name.clone(),
                 found: s.observation_len(),
                 found_actions: s.action_count(),
-                expected: schema.observation_len(),
+                expected,
                 expected_actions: schema.action_count(),
             });
         }
@@ -205,7 +206,7 @@ fn evaluate_split(
     if let Some(config) = &candidates.retrain {
         let provenance = Provenance { data_hash: "", profile };
         let trained = train(train_part, provenance, config, &mut |_| {})?;
-        rows.push(("tmo trainer (retrained per split)".into(), play(&mut MlpAgent(&trained.mlp))?));
+        rows.push(("tmo trainer (retrained per split)".into(), play(trained.network.agent().as_mut())?));
         let model = DialogueModel::fit(&train_eps, &sim);
         rows.push((
             "planner it distils (reference)".into(),

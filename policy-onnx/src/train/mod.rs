@@ -8,6 +8,7 @@
 //! MLP, and describe the result in a manifest. Deterministic for a given seed: the rollouts run
 //! on fixed streams whatever the thread count, and every sum has a fixed order.
 
+pub mod conditions;
 pub mod distill;
 pub mod eval;
 pub mod knn;
@@ -23,13 +24,15 @@ use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 use sha2::Digest;
 
+use crate::cost_aware::{CostAwarePolicy, network_input};
 use crate::export::{ExportOptions, MANIFEST_KEY, mlp_to_onnx};
 use crate::m4a1::Dialogue;
 use crate::mlp::Mlp;
-use crate::schema::{SCHEMA_V1, Schema, TaskCategory, Turn};
+use crate::schema::{ObservationVersion, Schema, TaskCategory, Turn};
+use conditions::ConditionConfig;
 use distill::{DistillConfig, DistillReport, Sample};
 use planner::{DialogueModel, Planner, PlannerAgent, PlannerConfig};
-use sim::{Episode, MlpAgent, SimError, Simulator};
+use sim::{CostAwareAgent, CostModel, Episode, MlpAgent, SimError, Simulator};
 
 /// Why training failed.
 #[derive(Debug, thiserror::Error)]
@@ -42,9 +45,13 @@ pub enum TrainError {
     Agent(#[from] sim::AgentError),
 }
 
-/// Settings of [`train`]. The defaults are what `tmoctl policy train` runs.
+/// Settings of [`train`]. The defaults are what `tmoctl policy train` runs (contract v2);
+/// [`TrainConfig::v1`] is the paper's contract for one cost table.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct TrainConfig {
+    /// The observation the policy reads: v2 trains one policy across the conditions of
+    /// `conditions`, v1 one for the profile's table.
+    pub schema: ObservationVersion,
     pub seed: u64,
     /// Simulated turns rolled out with the planner to build the regression set.
     pub steps: usize,
@@ -59,11 +66,26 @@ pub struct TrainConfig {
     pub distill: DistillConfig,
     /// Rollout streams (each on its own thread); part of the result, not only of its speed.
     pub streams: usize,
+    /// The cost tables and budgets of v2 training (unused for v1).
+    pub conditions: ConditionConfig,
 }
 
 impl Default for TrainConfig {
     fn default() -> Self {
         TrainConfig {
+            schema: ObservationVersion::V2,
+            steps: 30_000,
+            distill: DistillConfig { epochs: 80, ..DistillConfig::default() },
+            ..TrainConfig::v1()
+        }
+    }
+}
+
+impl TrainConfig {
+    /// The v1 trainer's settings (one cost table, the profile's).
+    pub fn v1() -> Self {
+        TrainConfig {
+            schema: ObservationVersion::V1,
             seed: 1,
             steps: 12_000,
             exploration: 0.25,
@@ -72,6 +94,15 @@ impl Default for TrainConfig {
             planner: PlannerConfig::default(),
             distill: DistillConfig::default(),
             streams: 2,
+            conditions: ConditionConfig::default(),
+        }
+    }
+
+    /// The defaults of a schema version.
+    pub fn for_schema(version: ObservationVersion) -> Self {
+        match version {
+            ObservationVersion::V1 => Self::v1(),
+            ObservationVersion::V2 => Self::default(),
         }
     }
 }
@@ -93,6 +124,9 @@ impl TrainConfig {
         }
         if !(self.distill.learning_rate.is_finite() && self.distill.learning_rate > 0.0) {
             return bad(format!("learning rate {} is not > 0", self.distill.learning_rate));
+        }
+        if self.schema == ObservationVersion::V2 && self.conditions.pool == 0 {
+            return bad("the condition pool must hold at least one condition".into());
         }
         Ok(())
     }
@@ -119,12 +153,51 @@ pub struct TrainMetrics {
     pub train_over_budget: usize,
     /// The planner itself on the training dialogues.
     pub planner_train_mean_reward: f64,
+    /// v2: training conditions in the pool, and the network on the training dialogues on the
+    /// profile's board under each of the paper's networks: (network, mean reward, over budget).
+    pub conditions: usize,
+    pub per_network: Vec<(String, f64, usize)>,
+}
+
+/// The network a training run made.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TrainedNetwork {
+    /// Contract v1: the MLP reads the observation directly.
+    V1(Mlp),
+    /// Contract v2: cost features, MLP, budget rule.
+    V2(CostAwarePolicy),
+}
+
+impl TrainedNetwork {
+    /// The distilled MLP.
+    pub fn mlp(&self) -> &Mlp {
+        match self {
+            TrainedNetwork::V1(mlp) => mlp,
+            TrainedNetwork::V2(p) => &p.mlp,
+        }
+    }
+
+    /// The network's scores for an observation of its version (the Rust forward pass).
+    pub fn scores(&self, observation: &[f32]) -> Vec<f32> {
+        match self {
+            TrainedNetwork::V1(mlp) => mlp.forward(observation),
+            TrainedNetwork::V2(p) => p.scores(observation),
+        }
+    }
+
+    /// The network as an evaluation agent.
+    pub fn agent(&self) -> Box<dyn sim::Agent + '_> {
+        match self {
+            TrainedNetwork::V1(mlp) => Box::new(MlpAgent(mlp)),
+            TrainedNetwork::V2(p) => Box::new(CostAwareAgent(p)),
+        }
+    }
 }
 
 /// A trained policy and its manifest.
 #[derive(Debug, Clone)]
 pub struct TrainedPolicy {
-    pub mlp: Mlp,
+    pub network: TrainedNetwork,
     pub metrics: TrainMetrics,
     pub manifest: serde_json::Value,
 }
@@ -136,7 +209,10 @@ impl TrainedPolicy {
             metadata: vec![(MANIFEST_KEY.to_owned(), self.manifest.to_string())],
             ..ExportOptions::default()
         };
-        mlp_to_onnx(&self.mlp, &options)
+        match &self.network {
+            TrainedNetwork::V1(mlp) => mlp_to_onnx(mlp, &options),
+            TrainedNetwork::V2(p) => p.to_onnx(&options),
+        }
     }
 }
 
@@ -148,7 +224,8 @@ pub struct Provenance<'a> {
     pub profile: &'a DeviceProfile,
 }
 
-/// Trains a policy on `dialogues` for the device `provenance.profile`.
+/// Trains a policy on `dialogues` for the device `provenance.profile`: for v1 under the
+/// profile's cost table, for v2 across the pool of conditions of `config.conditions`.
 pub fn train(
     dialogues: &[Dialogue],
     provenance: Provenance<'_>,
@@ -159,21 +236,59 @@ pub fn train(
     let profile = provenance.profile;
     let schema = Schema::new(profile.modality_count(), Schema::default().history());
     let episodes = sim::episodes(dialogues, &schema)?;
-    let sim = Simulator::new(&episodes, profile, schema)?;
+    let sim = Simulator::new(&episodes, profile, schema.clone())?;
     let model = DialogueModel::fit(&episodes, &sim);
+    let pool: Vec<Simulator> = match config.schema {
+        ObservationVersion::V1 => vec![sim.clone()],
+        ObservationVersion::V2 => {
+            let mut rng = ChaCha8Rng::seed_from_u64(config.seed ^ 0x636f_6e64_6974_696f);
+            let drawn = conditions::pool(profile, &schema, &config.conditions, &mut rng);
+            drawn
+                .iter()
+                .map(|c| {
+                    let budgets = (c.budget_latency_secs, c.budget_usage_usd);
+                    Ok(sim.with_costs(CostModel::from_classes(&c.classes, budgets, &schema)?))
+                })
+                .collect::<Result<_, SimError>>()?
+        }
+    };
+    let observed = schema.to_version(config.schema);
 
-    let samples = plan_samples(&sim, &model, &episodes, config, progress);
+    let samples = plan_samples(&pool, &model, &episodes, &observed, config, progress);
     let planned_turns = samples.len();
-    let samples = dedupe(samples, config.disallowed_margin);
+    let mut samples = dedupe(samples, config.disallowed_margin);
+    if config.schema == ObservationVersion::V2 {
+        for s in &mut samples {
+            s.observation = network_input(&observed, model.max_turns, &s.observation);
+        }
+    }
     let mut rng = ChaCha8Rng::seed_from_u64(config.seed ^ 0x6469_7374_696c_6c00);
     let epochs = config.distill.epochs;
     let (mlp, report) = distill::fit(&samples, &config.distill, &mut rng, &mut |epoch, mse| {
         progress(Progress::Fitting { done: epoch + 1, total: epochs, mse });
     });
+    let network = match config.schema {
+        ObservationVersion::V1 => TrainedNetwork::V1(mlp),
+        ObservationVersion::V2 => TrainedNetwork::V2(
+            CostAwarePolicy::new(&schema, mlp, model.max_turns)
+                .map_err(|e| TrainError::Config(e.to_string()))?,
+        ),
+    };
 
-    let (train_mean_reward, train_over_budget) = mean_reward(&sim, &episodes, &mut MlpAgent(&mlp))?;
+    let (train_mean_reward, train_over_budget) = mean_reward(&sim, &episodes, network.agent().as_mut())?;
     let (planner_train_mean_reward, _) =
         mean_reward(&sim, &episodes, &mut PlannerAgent(Planner::new(&sim, &model, config.planner)))?;
+    let mut per_network = Vec::new();
+    if config.schema == ObservationVersion::V2 {
+        for n in conditions::Network::ALL {
+            let costs = CostModel::new(
+                &device_profiles::DeviceProfile { costs: n.apply(&profile.costs), ..profile.clone() },
+                &schema,
+            )?;
+            let (reward, over) = mean_reward(&sim.with_costs(costs), &episodes, network.agent().as_mut())?;
+            per_network.push((n.name().to_owned(), reward, over));
+        }
+    }
     let metrics = TrainMetrics {
         dialogues: episodes.len(),
         turns: episodes.iter().map(Episode::len).sum(),
@@ -182,9 +297,11 @@ pub fn train(
         train_mean_reward,
         train_over_budget,
         planner_train_mean_reward,
+        conditions: pool.len(),
+        per_network,
     };
-    let manifest = manifest(&mlp, &metrics, provenance, config);
-    Ok(TrainedPolicy { mlp, metrics, manifest })
+    let manifest = manifest(network.mlp(), &metrics, provenance, config);
+    Ok(TrainedPolicy { network, metrics, manifest })
 }
 
 /// Mean reward and dialogues over budget of `agent` on `episodes`.
@@ -218,7 +335,7 @@ fn manifest(
     let digest = hex::encode(sha2::Sha256::digest(&weights));
     let profile = provenance.profile;
     serde_json::json!({
-        "schema": SCHEMA_V1,
+        "schema": config.schema.tag(),
         "version": format!("tmo-plan-{}", &digest[..12]),
         "trainer": "planner-distill",
         "profile": profile.board.name,
@@ -239,9 +356,10 @@ struct Planned {
 /// Rolls out `config.steps` turns on `config.streams` threads; stream i's turns come before
 /// stream i + 1's, whatever finishes first.
 fn plan_samples(
-    sim: &Simulator,
+    pool: &[Simulator],
     model: &DialogueModel,
     episodes: &[Episode],
+    observed: &Schema,
     config: &TrainConfig,
     progress: &mut dyn FnMut(Progress),
 ) -> Vec<Planned> {
@@ -252,13 +370,14 @@ fn plan_samples(
         let handles: Vec<_> = (1..streams)
             .map(|s| {
                 scope.spawn(move || {
-                    rollout_stream(sim, model, episodes, config, s, per_stream(s), &mut |_| {})
+                    rollout_stream(pool, model, episodes, observed, config, s, per_stream(s), &mut |_| {})
                 })
             })
             .collect();
-        let mut all = rollout_stream(sim, model, episodes, config, 0, per_stream(0), &mut |done| {
-            progress(Progress::Planning { done: (done * streams).min(total), total });
-        });
+        let mut all =
+            rollout_stream(pool, model, episodes, observed, config, 0, per_stream(0), &mut |done| {
+                progress(Progress::Planning { done: (done * streams).min(total), total });
+            });
         for h in handles {
             // A worker only panics on a bug; re-raise it on this thread.
             all.extend(h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)));
@@ -268,21 +387,28 @@ fn plan_samples(
     })
 }
 
+/// Plans `steps` turns of rolled-out dialogues; each dialogue draws its condition from `pool`
+/// (the first when the pool has one), and its observations are `observed`'s (v1, or v2 with the
+/// condition's cost table).
+#[allow(clippy::too_many_arguments)]
 fn rollout_stream(
-    sim: &Simulator,
+    pool: &[Simulator],
     model: &DialogueModel,
     episodes: &[Episode],
+    observed: &Schema,
     config: &TrainConfig,
     stream: usize,
     steps: usize,
     progress: &mut dyn FnMut(usize),
 ) -> Vec<Planned> {
-    let schema = &sim.schema;
+    let schema = observed;
     let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
     rng.set_stream(stream as u64 + 1);
-    let mut planner = Planner::new(sim, model, config.planner);
+    let mut planner = Planner::new(&pool[0], model, config.planner);
     let mut out = Vec::with_capacity(steps);
     while out.len() < steps {
+        let sim = if pool.len() > 1 { &pool[rng.random_range(0..pool.len())] } else { &pool[0] };
+        planner.set_simulator(sim);
         let tasks = draw_tasks(&mut rng, model, episodes);
         let (full_latency, full_usage) = (sim.costs.budget_latency_secs, sim.costs.budget_usage_usd);
         let (mut latency, mut usage) = if rng.random_bool(config.partial_budgets) {
@@ -295,7 +421,7 @@ fn rollout_stream(
             if out.len() >= steps {
                 break;
             }
-            let observation = schema.observation(&turns, task, latency, usage);
+            let observation = schema.observation_with_costs(&turns, task, latency, usage, &sim.costs.classes);
             let values = planner.action_values(&observation);
             let action = if rng.random_bool(config.exploration) {
                 let allowed: Vec<usize> = (0..values.allowed.len()).filter(|&a| values.allowed[a]).collect();
@@ -390,7 +516,7 @@ mod tests {
         let b = run(&small());
         assert_eq!(a.to_onnx(), b.to_onnx());
         let c = run(&TrainConfig { seed: 2, ..small() });
-        assert_ne!(a.mlp, c.mlp);
+        assert_ne!(a.network, c.network);
         // The stream count is part of the result's definition, and one stream also works.
         let one = run(&TrainConfig { streams: 1, ..small() });
         assert_eq!(one.metrics.planned_turns, 600);
@@ -398,30 +524,44 @@ mod tests {
 
     #[test]
     fn exported_policy_loads_carries_its_manifest_and_agrees_with_the_rust_forward_pass() {
-        let trained = run(&small());
-        let bytes = trained.to_onnx();
-        let policy = Policy::from_bytes(&bytes, &LoadOptions::default()).unwrap();
-        let manifest = policy.info().manifest.clone().unwrap();
-        assert_eq!(manifest["schema"], SCHEMA_V1);
-        assert_eq!(manifest["profile"], "jetson-tx2");
-        assert_eq!(manifest["seed"], 1);
-        assert_eq!(manifest["data_hash"], "abc");
-        assert!(manifest["metrics"]["train_mean_reward"].is_f64());
-        assert!(policy.info().version().starts_with("tmo-plan-"));
-        let schema = Schema::default();
-        let mut session = policy.session().unwrap();
-        let mut scores = vec![0.0; 9];
-        let episodes = sim::episodes(&train_dialogues(), &schema).unwrap();
-        for e in episodes.iter().take(20) {
-            for t in 0..e.len() {
-                for (latency, usage) in [(30.0, 0.05), (9.5, 0.012), (0.0, 0.0)] {
-                    let obs = schema.observation(&e.logged[..t], e.tasks[t], latency, usage);
-                    session.scores_into(&obs, &mut scores).unwrap();
-                    let rust = trained.mlp.forward(&obs);
-                    for (a, b) in scores.iter().zip(&rust) {
-                        assert!((a - b).abs() < 1e-4, "{scores:?} vs {rust:?}");
+        let tx2_classes = crate::schema::ClassCosts::from_table(&tx2().costs);
+        let on_4g =
+            conditions::paper_classes(conditions::BOARDS[0], conditions::Network::FourG, &Schema::default());
+        for version in [ObservationVersion::V1, ObservationVersion::V2] {
+            let trained = run(&TrainConfig { schema: version, ..small() });
+            let bytes = trained.to_onnx();
+            let policy = Policy::from_bytes(&bytes, &LoadOptions::default()).unwrap();
+            assert_eq!(policy.version(), version);
+            let manifest = policy.info().manifest.clone().unwrap();
+            assert_eq!(manifest["schema"], version.tag());
+            assert_eq!(manifest["profile"], "jetson-tx2");
+            assert_eq!(manifest["seed"], 1);
+            assert_eq!(manifest["data_hash"], "abc");
+            assert!(manifest["metrics"]["train_mean_reward"].is_f64());
+            assert!(policy.info().version().starts_with("tmo-plan-"));
+            let schema = Schema::default().to_version(version);
+            let mut session = policy.session().unwrap();
+            let mut scores = vec![0.0; 9];
+            let episodes = sim::episodes(&train_dialogues(), &schema).unwrap();
+            for e in episodes.iter().take(20) {
+                for t in 0..e.len() {
+                    for (latency, usage) in [(30.0, 0.05), (9.5, 0.012), (0.0, 0.0)] {
+                        for classes in [&tx2_classes, &on_4g] {
+                            let obs = schema.observation_with_costs(
+                                &e.logged[..t],
+                                e.tasks[t],
+                                latency,
+                                usage,
+                                classes,
+                            );
+                            session.scores_into(&obs, &mut scores).unwrap();
+                            let rust = trained.network.scores(&obs);
+                            for (a, b) in scores.iter().zip(&rust) {
+                                assert!((a - b).abs() < 1e-3, "{scores:?} vs {rust:?}");
+                            }
+                            assert_eq!(sim::argmax(&scores), sim::argmax(&rust));
+                        }
                     }
-                    assert_eq!(sim::argmax(&scores), sim::argmax(&rust));
                 }
             }
         }

@@ -30,9 +30,8 @@ use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
 use super::sim::{CostModel, Episode, ResponseModel, RewardWeights, SimError, response_target};
-use crate::decision::{Availability, allowed_actions};
 use crate::runtime::{Policy, PolicyError};
-use crate::schema::{ModalitySet, Schema};
+use crate::schema::{ClassCosts, ObservationVersion, Schema};
 
 /// Why an estimate cannot be made.
 #[derive(Debug, thiserror::Error)]
@@ -122,19 +121,55 @@ fn bounds(values: &[f64]) -> (f64, f64) {
 }
 
 /// The part of the device's mask that the observation determines: local always, a cloud action
-/// when its expected latency and cost (from `costs`) fit the remaining budgets (the
-/// observation's last two values). Camera and broker availability are not in the observation:
-/// every modality and the cloud are taken as available.
+/// when its expected latency and cost fit the remaining budgets (the v1 part's last two values).
+/// The expected costs are the observation's own cost table when it is a v2 observation (what
+/// the device expected then), else `costs`. Camera and broker availability are not in the
+/// observation: every modality and the cloud are taken as available.
 pub fn budget_mask(schema: &Schema, costs: &CostTable, observation: &[f32], out: &mut [bool]) {
-    let n = observation.len();
-    let availability = Availability {
-        modalities: ModalitySet::all(schema.modalities()),
-        cloud_reachable: true,
-        remaining_latency_secs: f64::from(observation[n.saturating_sub(2)]),
-        remaining_cost_usd: f64::from(observation[n.saturating_sub(1)]),
-        costs,
-    };
-    allowed_actions(schema, &availability, out);
+    let d = schema.dialogue_len();
+    let latency_left = f64::from(observation.get(d - 2).copied().unwrap_or(0.0));
+    let usage_left = f64::from(observation.get(d - 1).copied().unwrap_or(0.0));
+    let logged = logged_classes(schema, observation);
+    for (flag, action) in out.iter_mut().zip(schema.actions()) {
+        let class = ClassCosts::class_of(action);
+        let (latency, usage) = match &logged {
+            Some((l, u)) => (f64::from(l[class]), f64::from(u[class])),
+            None if class == 0 => (costs.local.latency_secs, costs.local.cost_usd),
+            None => (costs.cloud(class - 1).latency_secs, costs.cloud(class - 1).cost_usd),
+        };
+        *flag = class == 0 || (latency <= latency_left && usage <= usage_left);
+    }
+}
+
+/// The class latencies and usages a v2 observation carries (`None` for a v1 one).
+fn logged_classes<'o>(schema: &Schema, observation: &'o [f32]) -> Option<(&'o [f32], &'o [f32])> {
+    let v2 = schema.to_version(ObservationVersion::V2);
+    if observation.len() != v2.observation_len() {
+        return None;
+    }
+    let costs = &observation[v2.dialogue_len()..];
+    Some(costs.split_at(v2.cost_classes()))
+}
+
+/// The observation `schema`'s policy reads at a logged turn, into `out`: a v1 policy the v1
+/// part; a v2 policy a v2 row as it is, and a v1 row completed with `costs`' classes (the
+/// table it was logged under was not recorded; the profile's is the best guess).
+pub fn target_observation(schema: &Schema, costs: &CostTable, logged: &[f32], out: &mut Vec<f32>) {
+    out.clear();
+    let d = schema.dialogue_len().min(logged.len());
+    out.extend_from_slice(&logged[..d]);
+    if schema.version() == ObservationVersion::V2 {
+        match logged_classes(schema, logged) {
+            Some((l, u)) => {
+                out.extend_from_slice(l);
+                out.extend_from_slice(u);
+            }
+            None => {
+                let classes = ClassCosts::from_table(costs);
+                out.extend(classes.latency_secs.iter().chain(&classes.usage_usd).map(|v| *v as f32));
+            }
+        }
+    }
 }
 
 /// The arg-max of `scores` over the allowed actions, the first on ties (the decision's greedy
@@ -149,8 +184,10 @@ pub fn masked_argmax(scores: &[f32], allowed: &[bool]) -> usize {
     best.unwrap_or(0)
 }
 
-/// The greedy action of `policy` at every logged turn: masked by [`budget_mask`] when `costs`
-/// is given, else the arg-max over all actions.
+/// The greedy action of `policy` (v1 or v2, whatever the rows' version: [`target_observation`])
+/// at every logged turn: masked by [`budget_mask`] when `costs` is given, else the arg-max over
+/// all actions. A v2 policy reading v1 rows needs `costs`; without it the paper's TX2/wired
+/// table stands in.
 pub fn greedy_actions(
     policy: &Policy,
     turns: &[LoggedTurn],
@@ -160,10 +197,17 @@ pub fn greedy_actions(
     let mut session = policy.session()?;
     let mut scores = vec![0.0f32; schema.action_count()];
     let mut allowed = vec![true; schema.action_count()];
+    let mut observation = Vec::with_capacity(schema.observation_len());
+    let fallback = device_profiles::DeviceProfile::builtin("jetson-tx2").map(|p| p.costs).ok();
     turns
         .iter()
         .map(|t| {
-            session.scores_into(&t.observation, &mut scores)?;
+            if let Some(table) = costs.or(fallback.as_ref()) {
+                target_observation(schema, table, &t.observation, &mut observation);
+            } else {
+                observation.clone_from(&t.observation);
+            }
+            session.scores_into(&observation, &mut scores)?;
             match costs {
                 Some(costs) => budget_mask(schema, costs, &t.observation, &mut allowed),
                 None => allowed.fill(true),

@@ -59,7 +59,7 @@ impl DialogueModel {
         let mut association = vec![vec![0.0; actions]; TASKS];
         let mut response = vec![vec![0.0; actions]; TASKS];
         let mut count = [0usize; TASKS];
-        let mut obs = vec![0.0f32; schema.observation_len()];
+        let mut obs = vec![0.0f32; schema.dialogue_len()];
         for e in episodes {
             if let Some(t) = e.tasks.first() {
                 first[t.id()] += 1.0;
@@ -145,39 +145,28 @@ type TailKey = (usize, usize, i64, i64);
 
 impl<'a> Planner<'a> {
     pub fn new(sim: &'a Simulator, model: &'a DialogueModel, config: PlannerConfig) -> Self {
-        let costs = &sim.costs;
-        let actions = sim.schema.action_count();
-        // Actions with the same costs differ in the tail only by their mean reward: keep the best.
-        let mut tail_choices = Vec::with_capacity(TASKS);
-        for task in 0..TASKS {
-            let mut best: Vec<(usize, f64)> = Vec::new();
-            for a in 0..actions {
-                let r = sim.reward(model.response[task][a], model.association[task][a], a);
-                let same = best.iter_mut().find(|(b, _)| {
-                    costs.latency_secs[*b] == costs.latency_secs[a]
-                        && costs.usage_usd[*b] == costs.usage_usd[a]
-                });
-                match same {
-                    Some(slot) if r > slot.1 => *slot = (a, r),
-                    Some(_) => {}
-                    None => best.push((a, r)),
-                }
-            }
-            tail_choices.push(best);
-        }
         Planner {
             sim,
             model,
             config: PlannerConfig { lookahead: config.lookahead.max(1) },
-            tail_choices,
+            tail_choices: tail_choices(sim, model),
             cache: HashMap::new(),
         }
+    }
+
+    /// Plans under `sim`'s cost table and budgets from now on. The response predictions cached
+    /// so far are kept: `sim` must share this planner's response model
+    /// ([`Simulator::with_costs`]).
+    pub fn set_simulator(&mut self, sim: &'a Simulator) {
+        debug_assert!(std::sync::Arc::ptr_eq(&sim.response, &self.sim.response));
+        self.tail_choices = tail_choices(sim, self.model);
+        self.sim = sim;
     }
 
     /// Values of every action at `observation` (contract v1 layout).
     pub fn action_values(&mut self, observation: &[f32]) -> ActionValues {
         let schema = &self.sim.schema;
-        let window_len = schema.observation_len() - 2;
+        let window_len = schema.dialogue_len() - 2;
         let step = schema.step_len();
         let window = &observation[..window_len];
         // Turns in the window: slots whose task id is not the -1 padding; the current is the last.
@@ -319,6 +308,30 @@ impl<'a> Planner<'a> {
         memo.insert(key, best);
         best
     }
+}
+
+/// Per task, the best action of each cost class for the history-free tail: (action, reward).
+/// Actions with the same costs differ there only by their mean reward, so only the best is kept.
+fn tail_choices(sim: &Simulator, model: &DialogueModel) -> Vec<Vec<(usize, f64)>> {
+    let costs = &sim.costs;
+    let actions = sim.schema.action_count();
+    let mut tail_choices = Vec::with_capacity(TASKS);
+    for task in 0..TASKS {
+        let mut best: Vec<(usize, f64)> = Vec::new();
+        for a in 0..actions {
+            let r = sim.reward(model.response[task][a], model.association[task][a], a);
+            let same = best.iter_mut().find(|(b, _)| {
+                costs.latency_secs[*b] == costs.latency_secs[a] && costs.usage_usd[*b] == costs.usage_usd[a]
+            });
+            match same {
+                Some(slot) if r > slot.1 => *slot = (a, r),
+                Some(_) => {}
+                None => best.push((a, r)),
+            }
+        }
+        tail_choices.push(best);
+    }
+    tail_choices
 }
 
 fn task_of(value: f32) -> usize {

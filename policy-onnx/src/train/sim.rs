@@ -17,12 +17,14 @@
 //!   from the agent's own action; budgets are not masked, a dialogue whose total latency or
 //!   usage exceeds its budget is counted as over budget.
 
+use std::sync::Arc;
+
 use device_profiles::DeviceProfile;
 use serde::Serialize;
 
 use super::knn::KdTree;
 use crate::m4a1::Dialogue;
-use crate::schema::{Action, Schema, TaskCategory, Turn};
+use crate::schema::{Action, ClassCosts, ObservationVersion, Schema, TaskCategory, Turn};
 
 /// Words that make the paper's simulator zero a logged answer's score.
 pub const REFUSAL_MARKERS: [&str; 3] = ["sorry", "I don't have", "can't"];
@@ -71,21 +73,28 @@ pub struct CostModel {
     pub usage_norm: Vec<f64>,
     pub budget_latency_secs: f64,
     pub budget_usage_usd: f64,
+    /// The cost classes themselves (what a v2 observation carries).
+    pub classes: ClassCosts,
 }
 
 impl CostModel {
     /// The cost model of `profile` for the actions of `schema`.
     pub fn new(profile: &DeviceProfile, schema: &Schema) -> Result<Self, SimError> {
-        let costs = &profile.costs;
-        let classes = schema.modalities() + 2;
-        let class_latency: Vec<f64> = std::iter::once(costs.local.latency_secs)
-            .chain((0..classes - 1).map(|k| costs.cloud(k).latency_secs))
-            .collect();
-        let class_usage: Vec<f64> = std::iter::once(costs.local.cost_usd)
-            .chain((0..classes - 1).map(|k| costs.cloud(k).cost_usd))
-            .collect();
-        let latency_norm_class = min_max(&class_latency).ok_or(SimError::FlatCosts("latencies"))?;
-        let usage_norm_class = min_max(&class_usage).ok_or(SimError::FlatCosts("usages"))?;
+        let budgets = (profile.budgets.latency_secs, profile.budgets.cost_usd);
+        Self::from_classes(&ClassCosts::from_table(&profile.costs), budgets, schema)
+    }
+
+    /// The cost model of the class table `classes` (X + 2 classes) with `budgets` (seconds, USD).
+    pub fn from_classes(
+        classes: &ClassCosts,
+        budgets: (f64, f64),
+        schema: &Schema,
+    ) -> Result<Self, SimError> {
+        debug_assert_eq!(classes.len(), schema.cost_classes());
+        let class_latency = &classes.latency_secs;
+        let class_usage = &classes.usage_usd;
+        let latency_norm_class = min_max(class_latency).ok_or(SimError::FlatCosts("latencies"))?;
+        let usage_norm_class = min_max(class_usage).ok_or(SimError::FlatCosts("usages"))?;
         let class_of = |a: Action| match a {
             Action::Local => 0,
             Action::Cloud { modalities } => 1 + modalities.len(),
@@ -96,8 +105,9 @@ impl CostModel {
             usage_usd: classes_of.iter().map(|&c| class_usage[c]).collect(),
             latency_norm: classes_of.iter().map(|&c| latency_norm_class[c]).collect(),
             usage_norm: classes_of.iter().map(|&c| usage_norm_class[c]).collect(),
-            budget_latency_secs: profile.budgets.latency_secs,
-            budget_usage_usd: profile.budgets.cost_usd,
+            budget_latency_secs: budgets.0,
+            budget_usage_usd: budgets.1,
+            classes: classes.clone(),
         })
     }
 }
@@ -201,10 +211,10 @@ pub struct ResponseModel {
 impl ResponseModel {
     /// Fits the model on the logged turns of `episodes`.
     pub fn fit(episodes: &[Episode], schema: &Schema) -> Result<Self, SimError> {
-        let window_len = schema.observation_len() - 2;
+        let window_len = schema.dialogue_len() - 2;
         let dim = window_len + schema.modalities() + 1;
         let mut rows: Vec<(Vec<f64>, f64)> = Vec::new();
-        let mut obs = vec![0.0f32; schema.observation_len()];
+        let mut obs = vec![0.0f32; schema.dialogue_len()];
         for e in episodes {
             for t in 0..e.len() {
                 schema.encode_observation(&e.logged[..t], e.tasks[t], 0.0, 0.0, &mut obs);
@@ -276,7 +286,8 @@ impl ResponseModel {
 pub struct Simulator {
     pub schema: Schema,
     pub costs: CostModel,
-    pub response: ResponseModel,
+    /// Shared by the simulators of every cost table ([`Simulator::with_costs`]).
+    pub response: Arc<ResponseModel>,
     pub weights: RewardWeights,
 }
 
@@ -296,10 +307,15 @@ impl Simulator {
     pub fn new(training: &[Episode], profile: &DeviceProfile, schema: Schema) -> Result<Self, SimError> {
         Ok(Simulator {
             costs: CostModel::new(profile, &schema)?,
-            response: ResponseModel::fit(training, &schema)?,
+            response: Arc::new(ResponseModel::fit(training, &schema)?),
             schema,
             weights: RewardWeights::default(),
         })
+    }
+
+    /// The same dialogues' response model under another cost table and budgets.
+    pub fn with_costs(&self, costs: CostModel) -> Simulator {
+        Simulator { costs, ..self.clone() }
     }
 
     /// The reward of `action` at a turn whose observation window is `window`, given that
@@ -328,6 +344,11 @@ impl Simulator {
 pub trait Agent {
     /// The action for `observation`; `rng`-free agents ignore the dialogue boundaries.
     fn act(&mut self, observation: &[f32]) -> Result<usize, AgentError>;
+
+    /// Which observation the agent reads (v2: the simulator's cost table follows the v1 part).
+    fn observation_version(&self) -> ObservationVersion {
+        ObservationVersion::V1
+    }
 }
 
 /// Why an agent could not act.
@@ -371,18 +392,19 @@ pub fn rollout(
     agent: &mut dyn Agent,
     episode: &Episode,
 ) -> Result<DialogueOutcome, AgentError> {
-    let schema = &sim.schema;
+    let schema = &sim.schema.to_version(agent.observation_version());
     let mut obs = vec![0.0f32; schema.observation_len()];
     let mut turns: Vec<Turn> = Vec::with_capacity(episode.len());
     let (mut latency, mut usage) = (0.0, 0.0);
     let (mut reward, mut response, mut association) = (0.0, 0.0, 0.0);
     let mut actions = Vec::with_capacity(episode.len());
     for t in 0..episode.len() {
-        schema.encode_observation(
+        schema.encode(
             &turns,
             episode.tasks[t],
             sim.costs.budget_latency_secs - latency,
             sim.costs.budget_usage_usd - usage,
+            &sim.costs.classes,
             &mut obs,
         );
         let a = agent.act(&obs)?;
@@ -451,11 +473,16 @@ impl Agent for RandomAgent {
 pub struct OnnxAgent {
     session: crate::runtime::PolicySession,
     scores: Vec<f32>,
+    version: ObservationVersion,
 }
 
 impl OnnxAgent {
     pub fn new(policy: &crate::runtime::Policy) -> Result<Self, AgentError> {
-        Ok(OnnxAgent { session: policy.session()?, scores: vec![0.0; policy.schema().action_count()] })
+        Ok(OnnxAgent {
+            session: policy.session()?,
+            scores: vec![0.0; policy.schema().action_count()],
+            version: policy.version(),
+        })
     }
 }
 
@@ -463,6 +490,24 @@ impl Agent for OnnxAgent {
     fn act(&mut self, observation: &[f32]) -> Result<usize, AgentError> {
         self.session.scores_into(observation, &mut self.scores)?;
         Ok(argmax(&self.scores))
+    }
+
+    fn observation_version(&self) -> ObservationVersion {
+        self.version
+    }
+}
+
+/// A v2 network run with its Rust forward pass, arg-max over all actions.
+#[derive(Debug)]
+pub struct CostAwareAgent<'a>(pub &'a crate::cost_aware::CostAwarePolicy);
+
+impl Agent for CostAwareAgent<'_> {
+    fn act(&mut self, observation: &[f32]) -> Result<usize, AgentError> {
+        Ok(argmax(&self.0.scores(observation)))
+    }
+
+    fn observation_version(&self) -> ObservationVersion {
+        ObservationVersion::V2
     }
 }
 
