@@ -9,7 +9,8 @@
 //!   reassembling them with limits, a timeout and a checksum;
 //! - [`link`]: the MQTT connection task (rumqttc, MQTT v5) that keeps polling, reconnects with
 //!   backoff, re-subscribes and exposes `connected`;
-//! - `testing` (feature `testing`): a real Mosquitto broker on a free loopback port for tests.
+//! - `testing` (feature `testing`): a real Mosquitto broker on a free loopback port for tests,
+//!   and a TCP proxy that adds delay and rate limits, changeable live.
 
 pub mod bundle;
 pub mod chunk;

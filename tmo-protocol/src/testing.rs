@@ -1,13 +1,16 @@
 //! A real Mosquitto broker for tests (feature `testing`): Debian's `/usr/sbin/mosquitto`
 //! started on a free loopback port with a generated configuration in a temporary directory,
 //! killed when dropped. `stop` and `restart` simulate the broker going away and coming back on
-//! the same port.
+//! the same port. [`ShapedProxy`] puts a delay and rate limits between a client and a server.
 
 use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+mod shaped;
+pub use shaped::{ProxyError, ShapedProxy};
 
 /// Where Debian installs the broker; `MOSQUITTO` in the environment overrides it.
 pub const DEFAULT_MOSQUITTO: &str = "/usr/sbin/mosquitto";
