@@ -149,6 +149,8 @@ pub struct CloudConfig {
     pub min_wait_secs: f64,
     pub max_tokens: u32,
     pub max_history_turns: usize,
+    /// Seconds between link probes (0: none).
+    pub probe_interval_secs: f64,
 }
 
 /// Site overrides of the profile's `[sensing]` sources.
@@ -307,6 +309,9 @@ impl Config {
         }
         positive("cloud.max_wait_secs", f.cloud.max_wait_secs)?;
         positive("cloud.min_wait_secs", f.cloud.min_wait_secs)?;
+        if !(f.cloud.probe_interval_secs.is_finite() && f.cloud.probe_interval_secs >= 0.0) {
+            return Err(("cloud.probe_interval_secs", "must be a number of seconds >= 0".into()));
+        }
         if f.cloud.min_wait_secs > f.cloud.max_wait_secs {
             return Err(("cloud.min_wait_secs", "must not exceed cloud.max_wait_secs".into()));
         }

@@ -31,9 +31,6 @@
 //!   to the profile's (computed as `profile(k) + (link(k) - link0(k)) + (backend(k) - backend0(k))
 //!   + residual` so that it is the same bits). Non-finite or negative measurements are ignored.
 
-// Until the service feeds the link, the load and the v2 observation from it (being wired).
-#![allow(dead_code)]
-
 use device_profiles::{ActionCost, CostTable, DeviceProfile, ModalityKind};
 use serde::Serialize;
 
@@ -249,6 +246,7 @@ fn blend(old: &mut f64, new: f64) {
 
 impl CostEstimates {
     /// Starts from the profile's table, with [`DEFAULT_ATTACHMENT_BYTES`] per attachment.
+    #[cfg(test)]
     pub fn from_profile(costs: &CostTable) -> Self {
         Self::new(costs, DEFAULT_ATTACHMENT_BYTES)
     }
@@ -454,27 +452,6 @@ impl CostEstimates {
         &self.classes
     }
 
-    /// The number of classes, X + 2.
-    pub fn class_count(&self) -> usize {
-        self.classes.len()
-    }
-
-    /// Writes the v2 observation's cost features into `out`, which must hold exactly
-    /// 2 x (X + 2) floats: the expected latency in seconds of [local, cloud with 0, ..., cloud
-    /// with X attachments], then their expected usage in USD. No allocation.
-    pub fn write_cost_features(&self, out: &mut [f32]) -> Result<(), FeatureLength> {
-        let n = self.classes.len();
-        if out.len() != 2 * n {
-            return Err(FeatureLength { expected: 2 * n, found: out.len() });
-        }
-        let (latency, usd) = out.split_at_mut(n);
-        for ((l, u), c) in latency.iter_mut().zip(usd.iter_mut()).zip(&self.classes) {
-            *l = c.latency_secs as f32;
-            *u = c.cost_usd as f32;
-        }
-        Ok(())
-    }
-
     /// The model's state, for `/v1/status` and the logs.
     pub fn snapshot(&self) -> EstimatesSnapshot {
         EstimatesSnapshot {
@@ -491,14 +468,6 @@ impl CostEstimates {
             load_factor: self.load_factor,
         }
     }
-}
-
-/// The buffer given to [`CostEstimates::write_cost_features`] has the wrong length.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("the cost features are {expected} floats, the buffer holds {found}")]
-pub struct FeatureLength {
-    pub expected: usize,
-    pub found: usize,
 }
 
 #[cfg(test)]
@@ -542,19 +511,10 @@ mod tests {
     }
 
     #[test]
-    fn starts_at_the_profile_and_writes_the_v2_features() {
+    fn starts_at_the_profile() {
         let profile = profile();
         for e in [CostEstimates::from_profile(&profile.costs), CostEstimates::from_device_profile(&profile)] {
             assert_eq!(e.table(), &profile.costs);
-            let mut out = [0.0_f32; 10];
-            e.write_cost_features(&mut out).expect("10 floats");
-            let c = &profile.costs;
-            let mut want = vec![c.local.latency_secs as f32];
-            want.extend(c.cloud.latency_secs.iter().map(|&x| x as f32));
-            want.push(c.local.cost_usd as f32);
-            want.extend(c.cloud.cost_usd.iter().map(|&x| x as f32));
-            assert_eq!(out.as_slice(), want.as_slice());
-            assert_eq!(e.write_cost_features(&mut [0.0; 9]), Err(FeatureLength { expected: 10, found: 9 }));
         }
         // Three 640x480 views at half the 150,000-byte JPEG cap.
         let snapshot = CostEstimates::from_device_profile(&profile).snapshot();

@@ -79,7 +79,13 @@ pub struct RequestCost {
     pub bytes: usize,
     /// From handing the request to the link to the reply or the failure.
     pub wait: Duration,
+    /// From handing the request to the link to the broker's PUBACK: the time the request took
+    /// to go up (the link's round trip and upload), `None` when no PUBACK came.
+    pub acknowledged: Option<Duration>,
 }
+
+/// Bytes of a link probe's payload: small enough to measure the round trip, not the upload.
+pub const PROBE_BYTES: usize = 200;
 
 type Waiters = Arc<Mutex<HashMap<RequestId, oneshot::Sender<CloudReply>>>>;
 
@@ -193,6 +199,7 @@ impl DeviceLink {
         }
         let (reply_tx, mut reply_rx) = oneshot::channel();
         lock(&self.waiters).insert(request.request_id, reply_tx);
+        let sent = Instant::now();
         let mut deliveries = match self.publisher.publish_body(&template, &body).await {
             Ok(d) => d,
             Err(PublishError::NotConnected | PublishError::Closed) => return Err(CloudFailure::NotConnected),
@@ -210,6 +217,9 @@ impl DeviceLink {
             tokio::select! {
                 delivered = &mut confirmed, if !acknowledged => {
                     acknowledged = true;
+                    if matches!(delivered, Ok(Delivered::Acknowledged { .. })) {
+                        cost.acknowledged = Some(sent.elapsed());
+                    }
                     match delivered {
                         Ok(Delivered::Acknowledged { no_matching_subscribers: true }) => {
                             return Err(CloudFailure::NoBridge);
@@ -238,6 +248,32 @@ impl DeviceLink {
                     return Err(CloudFailure::Timeout(wait.as_secs_f64()));
                 }
             }
+        }
+    }
+
+    /// Publishes a small QoS 1 message on the device's probe topic and returns its size and the
+    /// time to its PUBACK, or `None` when the link is down or no PUBACK came within `timeout`.
+    /// Nobody subscribes to the topic: the broker acknowledges with "no matching subscribers",
+    /// which measures the round trip all the same.
+    pub async fn probe(&self, timeout: Duration) -> Option<(usize, Duration)> {
+        if !self.reachable() {
+            return None;
+        }
+        let message = Message {
+            expiry_secs: Some(1),
+            ..Message::new(
+                Topic::LinkProbe(self.device.clone()).name(),
+                QoS::AtLeastOnce,
+                vec![0; PROBE_BYTES],
+            )
+        };
+        let sent = Instant::now();
+        let delivery = self.publisher.publish(message).await.ok()?;
+        match tokio::time::timeout(timeout, delivery.confirmed()).await {
+            Ok(Ok(Delivered::Acknowledged { .. })) => {
+                Some((PROBE_BYTES + WHOLE_HEADER_BYTES, sent.elapsed()))
+            }
+            _ => None,
         }
     }
 

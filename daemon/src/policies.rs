@@ -17,8 +17,17 @@ use tmo_protocol::bundle::sha256_hex;
 
 use crate::policy_store::{PolicyStore, StoreState, StoredPolicy};
 
-/// The contract version this daemon decides with.
-pub const SCHEMA: &str = "v1";
+/// The contract versions this daemon decides with, as bundle manifests name them: `v1` (the
+/// paper's observation) and `v2` (with the live cost table). The ONNX file's own manifest or
+/// input width must say the same.
+pub const SCHEMAS: [&str; 2] = ["v1", "v2"];
+/// The bundle manifest name of `version`.
+pub fn bundle_schema(version: policy_onnx::ObservationVersion) -> &'static str {
+    match version {
+        policy_onnx::ObservationVersion::V1 => SCHEMAS[0],
+        policy_onnx::ObservationVersion::V2 => SCHEMAS[1],
+    }
+}
 
 /// A loaded policy with its bytes (kept to store it as the previous one) and its record.
 #[derive(Debug, Clone)]
@@ -39,9 +48,9 @@ impl ServingPolicy {
                 options.max_bytes
             ));
         }
-        if manifest.schema != SCHEMA {
+        if !SCHEMAS.contains(&manifest.schema.as_str()) {
             return Err(format!(
-                "schema: the bundle is for {:?}, this daemon decides with {SCHEMA:?}",
+                "schema: the bundle is for {:?}, this daemon decides with {SCHEMAS:?}",
                 manifest.schema
             ));
         }
@@ -53,7 +62,14 @@ impl ServingPolicy {
             ));
         }
         let policy = Policy::from_bytes(&onnx, options).map_err(|e| format!("schema: {e}"))?;
-        probe(&policy, &options.schema)?;
+        if bundle_schema(policy.version()) != manifest.schema {
+            return Err(format!(
+                "schema: the bundle says {:?}, its ONNX reads {}",
+                manifest.schema,
+                policy.version()
+            ));
+        }
+        probe(&policy)?;
         let record = StoredPolicy {
             version: manifest.version.clone(),
             sha256: sha256_hex(&onnx),
@@ -74,14 +90,19 @@ impl ServingPolicy {
 }
 
 /// Runs the policy on observations of every task with full, half and nearly spent budgets,
-/// with and without history; every score must be finite.
-fn probe(policy: &Policy, schema: &Schema) -> Result<(), String> {
+/// with and without history (and for a v2 policy under a fast link, a slow link and a slow
+/// board); every score must be finite.
+fn probe(policy: &Policy) -> Result<(), String> {
+    let schema = policy.schema();
     let cloud = policy_onnx::Action::Cloud { modalities: policy_onnx::ModalitySet::all(schema.modalities()) };
     let history = [policy_onnx::Turn { task: TaskCategory::Query, action: cloud }];
+    let tables = policy_onnx::runtime::probe_cost_tables(schema);
     for task in TaskCategory::ALL {
         for (latency, cost) in [(30.0, 0.05), (15.0, 0.02), (0.5, 0.0001)] {
-            for past in [&history[..0], &history[..]] {
-                let observation = schema.observation(past, task, latency, cost);
+            for (past, costs) in
+                [&history[..0], &history[..]].into_iter().flat_map(|p| tables.iter().map(move |t| (p, t)))
+            {
+                let observation = schema.observation_with_costs(past, task, latency, cost, costs);
                 let scores = policy.scores(&observation).map_err(|e| format!("probe run: {e}"))?;
                 if let Some(bad) = scores.iter().find(|s| !s.is_finite()) {
                     return Err(format!("probe run: score {bad} for task {}", task.name()));
@@ -271,7 +292,8 @@ mod tests {
     fn manifest(onnx: &[u8]) -> PolicyManifest {
         PolicyManifest {
             version: "pushed-1".into(),
-            schema: SCHEMA.into(),
+            // The default policy is a v2 policy.
+            schema: SCHEMAS[1].into(),
             onnx_sha256: String::new(),
             onnx_size_bytes: 0,
             opset: None,
@@ -304,9 +326,12 @@ mod tests {
         assert!(ServingPolicy::prepare(onnx.clone(), &m, &small).unwrap_err().starts_with("size"));
         let other_board = LoadOptions { schema: Schema::new(2, 5), max_bytes: 1 << 20 };
         assert!(ServingPolicy::prepare(onnx.clone(), &m, &other_board).unwrap_err().starts_with("schema"));
-        m.schema = "v2".into();
-        assert!(ServingPolicy::prepare(onnx.clone(), &m, &options).unwrap_err().starts_with("schema"));
-        m.schema = SCHEMA.into();
+        // The bundle must name the contract its ONNX reads, and one this daemon serves.
+        for wrong in ["v1", "v3"] {
+            m.schema = wrong.into();
+            assert!(ServingPolicy::prepare(onnx.clone(), &m, &options).unwrap_err().starts_with("schema"));
+        }
+        m.schema = SCHEMAS[1].into();
 
         policies.adopt(ServingPolicy::prepare(onnx, &m, &options).expect("prepare")).expect("adopt");
         assert_eq!(policies.current().version, "pushed-1");

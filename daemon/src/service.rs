@@ -65,7 +65,8 @@ pub struct Service {
     classifier: TaskClassifier,
     llm: LocalLlm,
     dialogues: Mutex<Dialogues>,
-    estimates: Mutex<CostEstimates>,
+    /// The expected cost table, shared with the cloud tasks and the link probe.
+    estimates: Arc<Mutex<CostEstimates>>,
     sensing: SensingHandle,
     outcomes: OutcomeWriter,
     pub metrics: Metrics,
@@ -194,7 +195,7 @@ impl Service {
             classifier,
             llm,
             dialogues: Mutex::new(dialogues),
-            estimates: Mutex::new(CostEstimates::from_profile(&profile.costs)),
+            estimates: Arc::new(Mutex::new(CostEstimates::from_device_profile(&profile))),
             sensing: sensing.handle(),
             outcomes,
             metrics,
@@ -207,6 +208,11 @@ impl Service {
         tokio::spawn(store_judge_scores(scores, Arc::downgrade(&service)));
         if let Some(link) = &service.cloud {
             crate::fleet::start(&service, link.clone(), fleet_rx, fleet_config);
+            let interval = service.config.file.cloud.probe_interval_secs;
+            if interval > 0.0 {
+                let every = Duration::from_secs_f64(interval);
+                tokio::spawn(probe_link(link.clone(), service.estimates.clone(), every));
+            }
         }
         Ok((service, sensing))
     }
@@ -259,7 +265,10 @@ impl Service {
             (d.len(), d.least_budget_left())
         };
         self.metrics.open_dialogues.set(open as i64);
-        let estimates = lock(&self.estimates).classes().to_vec();
+        let (estimates, cost_model) = {
+            let e = lock(&self.estimates);
+            (e.classes().to_vec(), e.snapshot())
+        };
         let class_names: Vec<String> = std::iter::once("local".to_owned())
             .chain((0..estimates.len().saturating_sub(1)).map(|k| format!("cloud_{k}_modalities")))
             .collect();
@@ -298,6 +307,7 @@ impl Service {
             },
             "dialogues": { "open": open, "least_budget_left": least_left.map(|(l, c)| Budget { latency_secs: l, cost_usd: c }) },
             "expected_costs": estimates,
+            "cost_model": cost_model,
             "outcomes": outcomes,
             "sensing": self.sensing.status(),
         })
@@ -389,6 +399,22 @@ impl FleetHost for Service {
             policies.skip_command(command_id);
         }
         Some(result)
+    }
+}
+
+/// Measures the link every `every` while it is up: the time to a small publish's PUBACK is the
+/// round trip, which moves the cloud classes of the expected cost table without risking a turn.
+async fn probe_link(link: Arc<DeviceLink>, estimates: Arc<Mutex<CostEstimates>>, every: Duration) {
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        if Arc::strong_count(&estimates) == 1 {
+            break; // the service is gone
+        }
+        if let Some((bytes, took)) = link.probe(every.max(Duration::from_secs(5))).await {
+            lock(&estimates).record_delivery(bytes, took.as_secs_f64());
+        }
     }
 }
 

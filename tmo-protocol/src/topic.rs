@@ -160,6 +160,9 @@ pub enum Topic {
     Outcomes(DeviceId),
     /// `tmo/v1/dev/<d>/outcomes/ack`: acknowledgements of outcome batches.
     OutcomeAck(DeviceId),
+    /// `tmo/v1/dev/<d>/probe`: a small QoS 1 publish that nobody subscribes to; the time to its
+    /// PUBACK measures the link's round trip while no request is in flight.
+    LinkProbe(DeviceId),
     /// `tmo/v1/group/<g>/policy`: retained signed policy bundle.
     Policy(GroupName),
     /// `tmo/v1/group/<g>/cmd`: retained group commands (rollback), so that a device that was
@@ -184,6 +187,7 @@ impl Topic {
                     ["status"] => Ok(Self::Status(device)),
                     ["outcomes"] => Ok(Self::Outcomes(device)),
                     ["outcomes", "ack"] => Ok(Self::OutcomeAck(device)),
+                    ["probe"] => Ok(Self::LinkProbe(device)),
                     _ => Err(unknown()),
                 }
             }
@@ -209,6 +213,7 @@ impl Topic {
             Self::Status(d) => format!("{ROOT}/dev/{d}/status"),
             Self::Outcomes(d) => format!("{ROOT}/dev/{d}/outcomes"),
             Self::OutcomeAck(d) => format!("{ROOT}/dev/{d}/outcomes/ack"),
+            Self::LinkProbe(d) => format!("{ROOT}/dev/{d}/probe"),
             Self::Policy(g) => format!("{ROOT}/group/{g}/policy"),
             Self::GroupCommand(g) => format!("{ROOT}/group/{g}/cmd"),
         }
@@ -223,7 +228,8 @@ impl Topic {
             | Self::Availability(d)
             | Self::Status(d)
             | Self::Outcomes(d)
-            | Self::OutcomeAck(d) => Some(d),
+            | Self::OutcomeAck(d)
+            | Self::LinkProbe(d) => Some(d),
             Self::Policy(_) | Self::GroupCommand(_) => None,
         }
     }
@@ -286,6 +292,7 @@ mod tests {
             Topic::Status(d.clone()),
             Topic::Outcomes(d.clone()),
             Topic::OutcomeAck(d.clone()),
+            Topic::LinkProbe(d.clone()),
             Topic::Policy(g.clone()),
             Topic::GroupCommand(g),
         ];

@@ -80,6 +80,21 @@ pub struct DecisionEvent {
     pub route: String,
     pub policy_version: String,
     pub policy_sha256: String,
+    /// The policy's observation contract: `tmo-obs-v1` or `tmo-obs-v2`.
+    #[serde(default)]
+    pub policy_schema: String,
+    /// The cost table the decision used (the device's expectation at that moment): what a v2
+    /// policy read and what the budget mask checked.
+    #[serde(default)]
+    pub expected_costs: CostClasses,
+}
+
+/// Expected latency and usage of each cost class, in the order [local, cloud with 0
+/// attachments, ..., cloud with X].
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct CostClasses {
+    pub latency_secs: Vec<f64>,
+    pub usage_usd: Vec<f64>,
 }
 
 /// The `outcome` event: what the turn cost and produced.

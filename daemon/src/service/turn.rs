@@ -38,6 +38,7 @@ use tokio::sync::mpsc;
 use self::answer::Answering;
 use super::{AskError, Service};
 use crate::dialogues::TurnStart;
+use crate::estimates::Load;
 use crate::util::lock;
 
 /// A decided turn whose answer is on its way.
@@ -69,6 +70,8 @@ struct TurnRecord {
     observation: Vec<f32>,
     propensity: f64,
     telemetry: serde_json::Value,
+    /// The board's load when the turn was decided (a local answer's latency is normalised by it).
+    load: Load,
 }
 
 impl Service {

@@ -43,7 +43,11 @@ impl Service {
         let class = CostEstimates::class_of(action.is_cloud().then(|| action.modalities().len()));
         let (energy_j, energy_source) = self.energy(class, received, finished, latency_secs);
         let cost_usd = energy_j * self.usd_per_joule + produced.cloud_price_usd;
-        lock(&self.estimates).record(class, latency_secs, cost_usd, energy_j);
+        if class == 0 {
+            lock(&self.estimates).record_local(latency_secs, cost_usd, energy_j, record.load);
+        } else {
+            lock(&self.estimates).record(class, latency_secs, cost_usd, energy_j);
+        }
         let turn = Turn { task: record.task, action };
         let (left_latency, left_cost) =
             lock(&self.dialogues).finish_turn(start, turn, conversation, latency_secs, cost_usd, finished);

@@ -2,7 +2,7 @@
 //! queue is a 503 at once); a cloud action's request goes out from a tokio task, which answers
 //! locally, streaming to the same client, when the cloud does not.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use llm_engine::GenerationParams;
@@ -12,9 +12,11 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::attach::CloudCall;
 use crate::dialogues::TurnStart;
+use crate::estimates::CostEstimates;
 use crate::link::{CloudAnswered, DeviceLink};
 use crate::local_llm::{LocalAnswer, LocalJob, LocalLlm};
 use crate::service::{AskError, Service};
+use crate::util::lock;
 
 /// How a turn's answer is coming.
 #[derive(Debug)]
@@ -76,7 +78,8 @@ impl Service {
         let answering = match cloud {
             Some(CloudCall { link, request, wait }) => {
                 let fallback = LocalFallback { llm: self.llm.clone(), job, answer, max_answer };
-                Answering::Cloud(tokio::spawn(answer_in_cloud(link, request, wait, fallback)))
+                let estimates = self.estimates.clone();
+                Answering::Cloud(tokio::spawn(answer_in_cloud(link, request, wait, fallback, estimates)))
             }
             None => {
                 if let Err(full) = self.llm.submit(job) {
@@ -92,14 +95,31 @@ impl Service {
     }
 }
 
-/// Sends the cloud request; on any failure answers locally, with the same token stream.
+/// Sends the cloud request; on any failure answers locally, with the same token stream. What the
+/// link measured (the PUBACK time of the request's bytes, the bridge's backend time and price)
+/// moves the expected cost table.
 async fn answer_in_cloud(
     cloud: Arc<DeviceLink>,
     request: CloudRequest,
     wait: Duration,
     fallback: LocalFallback,
+    estimates: Arc<Mutex<CostEstimates>>,
 ) -> CloudTurn {
     let (result, cost) = cloud.ask(&request, wait).await;
+    {
+        let mut estimates = lock(&estimates);
+        if let Some(acknowledged) = cost.acknowledged {
+            estimates.record_delivery(cost.bytes, acknowledged.as_secs_f64());
+        }
+        if let Ok(answered) = &result {
+            estimates.record_cloud_reply(
+                request.attachments.len(),
+                cost.bytes,
+                f64::from(answered.backend_latency_ms) / 1e3,
+                answered.answer.cost_usd,
+            );
+        }
+    }
     let mut attempt = CloudAttempt {
         outcome: "answered".to_owned(),
         detail: None,

@@ -13,6 +13,7 @@ use tmod_api::{CostClasses, DecisionEvent};
 use super::TurnRecord;
 use super::classify::Classified;
 use crate::dialogues::TurnStart;
+use crate::estimates::Load;
 use crate::fleet::FleetHost;
 use crate::service::{AskError, Service};
 use crate::util::lock;
@@ -32,8 +33,9 @@ pub(super) struct Decided {
     policy_version: String,
     policy_sha256: String,
     policy_schema: &'static str,
-    /// Sensing's telemetry when the decision was taken.
+    /// Sensing's telemetry when the decision was taken, and the load read from it.
     telemetry: Arc<TelemetrySnapshot>,
+    load: Load,
 }
 
 impl Decided {
@@ -51,6 +53,7 @@ impl Decided {
             observation: self.observation,
             propensity: self.decision.propensity,
             telemetry: serde_json::to_value(&*self.telemetry).unwrap_or(serde_json::Value::Null),
+            load: self.load,
         }
     }
 }
@@ -67,8 +70,13 @@ impl Service {
             self.sensing.availability().iter().enumerate().filter(|(_, ok)| **ok).map(|(i, _)| i),
         );
         // The expected latency, cost and energy of each action class, as the device measures them
-        // now: what the mask checks and what a v2 policy reads.
-        let costs = lock(&self.estimates).table().clone();
+        // now (the board's load included): what the mask checks and what a v2 policy reads.
+        let load = Load::from_telemetry(&telemetry);
+        let costs = {
+            let mut estimates = lock(&self.estimates);
+            estimates.set_current_load(load);
+            estimates.table().clone()
+        };
         let availability = Availability {
             modalities: available,
             cloud_reachable: self.cloud_reachable(),
@@ -107,6 +115,7 @@ impl Service {
             policy_sha256: current.sha256.clone(),
             policy_schema,
             telemetry,
+            load,
         })
     }
 
