@@ -11,7 +11,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context;
-use policy_onnx::{Decider, Exploration, LoadOptions, Policy, Schema, TaskCategory};
+use policy_onnx::{Decider, Exploration, LoadOptions, Policy, TaskCategory};
 use tmo_protocol::PolicyManifest;
 use tmo_protocol::bundle::sha256_hex;
 
@@ -278,6 +278,7 @@ impl Policies {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use policy_onnx::Schema;
 
     #[test]
     fn daemon_versions_compare_numerically() {

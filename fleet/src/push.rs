@@ -22,6 +22,11 @@ use crate::net::{self, NetError};
 /// The manifest's schema name of policy contract v1 (27 floats in, 9 scores out), whose
 /// ONNX files carry the schema name [`policy_onnx::SCHEMA_V1`].
 pub const SCHEMA: &str = "v1";
+/// The manifest's schema name of policy contract v2 (37 floats in: v1 and the cost table).
+pub const SCHEMA_V2: &str = "v2";
+/// The first daemon version that decides with contract v2: a v2 bundle never asks for less, so
+/// older daemons refuse it by its minimum version.
+pub const V2_MIN_DAEMON_VERSION: &str = "0.2.0";
 
 /// Why a bundle could not be built or published.
 #[derive(Debug, thiserror::Error)]
@@ -36,7 +41,7 @@ pub enum PushError {
         source: std::io::Error,
     },
     /// The ONNX is not a policy of the v1 contract (devices would refuse it).
-    #[error("the policy is not a valid policy of contract {SCHEMA}: {0}")]
+    #[error("the policy is not a valid policy of contract {SCHEMA} or {SCHEMA_V2}: {0}")]
     InvalidPolicy(#[source] PolicyError),
     /// A manifest value is out of range.
     #[error("invalid bundle: {0}")]
@@ -122,7 +127,11 @@ pub fn build_bundle(onnx: Vec<u8>, spec: &BundleSpec, key: &SigningKey) -> Resul
         onnx_size_bytes: 0,
         opset: info.opset.and_then(|o| u32::try_from(o).ok()),
         training_data_sha256: spec.training_data_sha256.clone(),
-        min_daemon_version: spec.min_daemon_version.clone(),
+        min_daemon_version: if info.schema == policy_onnx::SCHEMA_V2 {
+            later_version(&spec.min_daemon_version, V2_MIN_DAEMON_VERSION).to_owned()
+        } else {
+            spec.min_daemon_version.clone()
+        },
         created_unix_ms: spec.created_unix_ms,
         canary_percent: spec.canary_percent,
     }
@@ -132,10 +141,24 @@ pub fn build_bundle(onnx: Vec<u8>, spec: &BundleSpec, key: &SigningKey) -> Resul
 
 /// The manifest's schema name for an ONNX's schema name.
 fn manifest_schema(onnx_schema: &str) -> Result<&'static str, PushError> {
-    if onnx_schema == policy_onnx::SCHEMA_V1 {
-        Ok(SCHEMA)
-    } else {
-        Err(PushError::InvalidSpec(format!("policy schema {onnx_schema:?} has no manifest schema name")))
+    match onnx_schema {
+        policy_onnx::SCHEMA_V1 => Ok(SCHEMA),
+        policy_onnx::SCHEMA_V2 => Ok(SCHEMA_V2),
+        _ => {
+            Err(PushError::InvalidSpec(format!("policy schema {onnx_schema:?} has no manifest schema name")))
+        }
+    }
+}
+
+/// The later of two `major.minor.patch` versions (`b` when `a` does not parse).
+fn later_version<'v>(a: &'v str, b: &'v str) -> &'v str {
+    let parse = |v: &str| -> Option<(u64, u64, u64)> {
+        let mut parts = v.trim().trim_start_matches('v').split('.').map(|p| p.parse::<u64>().ok());
+        Some((parts.next()??, parts.next().unwrap_or(Some(0))?, parts.next().unwrap_or(Some(0))?))
+    };
+    match (parse(a), parse(b)) {
+        (Some(x), Some(y)) if x >= y => a,
+        _ => b,
     }
 }
 

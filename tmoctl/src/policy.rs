@@ -6,8 +6,9 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use clap::Subcommand;
 use device_profiles::DeviceProfile;
-use policy_onnx::decision::{Availability, allowed_actions, choose};
-use policy_onnx::{Exploration, LoadOptions, ModalitySet, Policy};
+use policy_onnx::decision::choose;
+use policy_onnx::train::ope::budget_mask;
+use policy_onnx::{Exploration, LoadOptions, Policy};
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
@@ -21,7 +22,7 @@ pub enum PolicyCommand {
     /// Read JSON lines `{"obs": [...], "allowed": [...]?}` on stdin, write one decision per line.
     ///
     /// With --profile, cloud actions whose expected latency or cost exceeds the budgets left in
-    /// the observation are masked too.
+    /// the observation are masked too (a v2 observation's own cost table, else the profile's).
     Decide {
         /// The ONNX policy file.
         file: PathBuf,
@@ -92,7 +93,7 @@ pub fn decide_lines(
     let schema = policy.schema();
     let mut session = policy.session()?;
     let mut scores = vec![0.0; schema.action_count()];
-    let mut budget_mask = vec![true; schema.action_count()];
+    let mut budget_mask_flags = vec![true; schema.action_count()];
     // Greedy decisions draw nothing from it; it is there for the signature.
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
     for (index, line) in input.split(b'\n').enumerate() {
@@ -114,16 +115,10 @@ pub fn decide_lines(
                 None => vec![true; schema.action_count()],
             };
             if let Some(profile) = profile {
-                let n = parsed.obs.len();
-                let availability = Availability {
-                    modalities: ModalitySet::all(schema.modalities()),
-                    cloud_reachable: true,
-                    remaining_latency_secs: f64::from(parsed.obs[n - 2]),
-                    remaining_cost_usd: f64::from(parsed.obs[n - 1]),
-                    costs: &profile.costs,
-                };
-                allowed_actions(schema, &availability, &mut budget_mask);
-                allowed.iter_mut().zip(&budget_mask).for_each(|(a, b)| *a &= *b);
+                // The budgets left are the v1 part's last two values; a v2 observation's own cost
+                // table is what its actions are expected to cost.
+                budget_mask(schema, &profile.costs, &parsed.obs, &mut budget_mask_flags);
+                allowed.iter_mut().zip(&budget_mask_flags).for_each(|(a, b)| *a &= *b);
             }
             let choice = choose(&scores, &allowed, Exploration::Greedy, &mut rng)?;
             // A typed reply keeps the scores f32, so they print as the shortest f32 text.

@@ -18,14 +18,31 @@ use indicatif::{ProgressBar, ProgressStyle};
 use outcome_log::dataset::Dataset;
 use outcome_log::{ExportSummary, M4a1ExportOptions, UnscoredTurns};
 use policy_onnx::m4a1::{self, Dialogue};
+use policy_onnx::train::conditions::{Condition, Network};
 use policy_onnx::train::eval::{Candidates, Split, evaluate};
 use policy_onnx::train::ope::{
     self, LoggedTurn, OpeConfig, OpeEstimate, RewardScale, cross_fitted_rewards, greedy_actions, one_hot,
 };
 use policy_onnx::train::sim::{self, CostModel, Episode, RewardWeights};
 use policy_onnx::train::{Progress, Provenance, TrainConfig, train};
-use policy_onnx::{LoadOptions, Policy, Schema};
+use policy_onnx::{ClassCosts, LoadOptions, ObservationVersion, Policy, Schema};
 use serde::Serialize;
+
+/// `--schema` of `tmoctl policy train`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SchemaArg {
+    V1,
+    V2,
+}
+
+impl From<SchemaArg> for ObservationVersion {
+    fn from(s: SchemaArg) -> Self {
+        match s {
+            SchemaArg::V1 => ObservationVersion::V1,
+            SchemaArg::V2 => ObservationVersion::V2,
+        }
+    }
+}
 
 /// Fewest training turns (scored, exported into dialogues) `--outcomes` trains on by default.
 pub const MIN_TRAINING_TURNS: usize = 20;
@@ -61,15 +78,19 @@ pub struct TrainArgs {
     /// Where to write the ONNX policy.
     #[arg(long)]
     pub out: PathBuf,
+    /// Observation contract: v2 (one policy for every link and board: the observation carries
+    /// the live cost table) or v1 (the paper's, for the profile's cost table only).
+    #[arg(long, value_enum, default_value_t = SchemaArg::V2)]
+    pub schema: SchemaArg,
     /// Seed of the rollouts and of the network's initialisation.
     #[arg(long, default_value_t = TrainConfig::default().seed)]
     pub seed: u64,
-    /// Simulated turns planned to build the regression set.
-    #[arg(long, default_value_t = TrainConfig::default().steps)]
-    pub steps: usize,
-    /// Regression epochs.
-    #[arg(long, default_value_t = TrainConfig::default().distill.epochs)]
-    pub epochs: usize,
+    /// Simulated turns planned to build the regression set [default: 30000 for v2, 12000 for v1].
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Regression epochs [default: 80 for v2, 300 for v1].
+    #[arg(long)]
+    pub epochs: Option<usize>,
     /// Turns the planner values exactly with the response model (the current one included).
     #[arg(long, default_value_t = TrainConfig::default().planner.lookahead)]
     pub lookahead: usize,
@@ -93,7 +114,15 @@ pub struct EvalArgs {
     /// Device profile (a TOML file or a built-in name) giving the costs and budgets.
     #[arg(long)]
     pub profile: String,
-    /// Contract ONNX policies to evaluate (repeatable).
+    /// Evaluate under this cost table instead of the profile's: a profile TOML file (or built-in
+    /// name) whose `[costs]` tables are taken (budgets stay --profile's).
+    #[arg(long, conflicts_with = "network")]
+    pub costs: Option<String>,
+    /// Evaluate under one of the paper's networks: its cloud seconds and prices, the profile's
+    /// local class (wired, wifi, 5g, 4g).
+    #[arg(long)]
+    pub network: Option<String>,
+    /// Contract ONNX policies to evaluate, v1 and v2 alike (repeatable).
     #[arg(long = "policy")]
     pub policies: Vec<PathBuf>,
     /// Also retrain this project's trainer (default settings) on every split and evaluate it.
@@ -130,9 +159,26 @@ pub fn run_train(args: TrainArgs) -> anyhow::Result<()> {
         }
         _ => anyhow::bail!("give exactly one of --data and --outcomes"),
     };
-    let mut config = TrainConfig { seed: args.seed, steps: args.steps, ..TrainConfig::default() };
-    config.distill.epochs = args.epochs;
+    let mut config = TrainConfig { seed: args.seed, ..TrainConfig::for_schema(args.schema.into()) };
+    config.steps = args.steps.unwrap_or(config.steps);
+    config.distill.epochs = args.epochs.unwrap_or(config.distill.epochs);
     config.planner.lookahead = args.lookahead;
+    if let Some(logged) = &logged {
+        // Each logged turn's cost table is a condition the fleet met: train on (up to 64 of) them.
+        let step = logged.conditions.len().div_ceil(64).max(1);
+        config.conditions.extra = logged
+            .conditions
+            .iter()
+            .step_by(step)
+            .enumerate()
+            .map(|(i, classes)| Condition {
+                name: format!("logged #{i}"),
+                classes: classes.clone(),
+                budget_latency_secs: profile.budgets.latency_secs,
+                budget_usage_usd: profile.budgets.cost_usd,
+            })
+            .collect();
+    }
 
     let bar = if args.quiet { ProgressBar::hidden() } else { ProgressBar::new(config.steps as u64) };
     bar.set_style(
@@ -233,6 +279,9 @@ pub struct LoggedOutcomes {
     pub counts: DatasetCounts,
     /// Logged turns per policy version.
     pub policy_versions: BTreeMap<String, usize>,
+    /// The distinct cost tables v2 rows were decided under: v2 training adds them to its
+    /// conditions.
+    pub conditions: Vec<ClassCosts>,
     schema: Schema,
     costs: CostModel,
     scale: RewardScale,
@@ -278,6 +327,7 @@ impl LoggedOutcomes {
             ..DatasetCounts::default()
         };
         let mut turns = Vec::new();
+        let mut conditions: Vec<ClassCosts> = Vec::new();
         let mut turn_policies = Vec::new();
         let mut policy_versions: BTreeMap<String, usize> = BTreeMap::new();
         for r in &dataset.records {
@@ -291,12 +341,23 @@ impl LoggedOutcomes {
             };
             counts.scored_rows += 1;
             let action = o.action_index as usize;
-            if o.validate().is_err()
-                || o.observation.len() != schema.observation_len()
-                || schema.action(action) != Some(o.action)
-            {
+            // v1 rows (27 floats for X = 3) and v2 rows (37, with the cost table of the turn).
+            let v2 = schema.to_version(ObservationVersion::V2);
+            let width_ok = o.observation.len() == schema.observation_len()
+                || o.observation.len() == v2.observation_len();
+            if o.validate().is_err() || !width_ok || schema.action(action) != Some(o.action) {
                 counts.invalid_rows += 1;
                 continue;
+            }
+            if o.observation.len() == v2.observation_len() {
+                let costs = &o.observation[v2.dialogue_len()..];
+                let classes = ClassCosts {
+                    latency_secs: costs[..v2.cost_classes()].iter().map(|v| f64::from(*v)).collect(),
+                    usage_usd: costs[v2.cost_classes()..].iter().map(|v| f64::from(*v)).collect(),
+                };
+                if !conditions.contains(&classes) {
+                    conditions.push(classes);
+                }
             }
             turns.push(LoggedTurn {
                 group,
@@ -328,6 +389,7 @@ impl LoggedOutcomes {
             dialogue_groups,
             counts,
             policy_versions,
+            conditions,
             schema,
             costs,
             scale,
@@ -373,8 +435,9 @@ pub struct OpeSettings {
 
 /// What the target distribution is, in words (printed with every report).
 pub const TARGET_DISTRIBUTION: &str = "greedy arg-max of the policy's scores (first on ties) under the budget mask \
-     rebuilt from each observation's remaining budgets and the profile's cost table; camera and broker \
-     availability are not in the observation and are taken as available";
+     rebuilt from each observation's remaining budgets and its own cost table (v2 rows) or the profile's (v1 \
+     rows, which a v2 policy also reads with the profile's table); camera and broker availability are not in \
+     the observation and are taken as available";
 
 /// One evaluated policy.
 #[derive(Debug, Clone, Serialize)]
@@ -428,12 +491,12 @@ pub fn off_policy_report(
     for (role, policy) in std::iter::once(("new", new)).chain(logging.map(|p| ("logging", p))) {
         let schema = policy.schema();
         anyhow::ensure!(
-            schema.observation_len() == logged.schema.observation_len()
+            schema.dialogue_len() == logged.schema.dialogue_len()
                 && schema.action_count() == logged.schema.action_count(),
             "the {role} policy takes {} observations and has {} actions; the profile's contract has {} and {}",
             schema.observation_len(),
             schema.action_count(),
-            logged.schema.observation_len(),
+            logged.schema.to_version(schema.version()).observation_len(),
             logged.schema.action_count()
         );
         let actions = greedy_actions(policy, &logged.turns, Some(&profile.costs))
@@ -555,7 +618,24 @@ impl OpeReport {
 /// Evaluates and prints the report.
 pub fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
     let (train_set, _) = load_dialogues(&args.data)?;
-    let profile = load_profile(&args.profile)?;
+    let mut profile = load_profile(&args.profile)?;
+    if let Some(spec) = &args.costs {
+        let table = load_profile(spec)?.costs;
+        anyhow::ensure!(
+            table.cloud.latency_secs.len() == profile.costs.cloud.latency_secs.len(),
+            "--costs {spec} has {} cloud classes, the profile {}",
+            table.cloud.latency_secs.len(),
+            profile.costs.cloud.latency_secs.len()
+        );
+        profile.board.name = format!("{} with the costs of {spec}", profile.board.name);
+        profile.costs = table;
+    }
+    if let Some(name) = &args.network {
+        let network = Network::from_name(name)
+            .with_context(|| format!("--network {name}: expected one of wired, wifi, 5g, 4g"))?;
+        profile.board.name = format!("{} on {}", profile.board.name, network.name());
+        profile.costs = network.apply(&profile.costs);
+    }
     let (test, split) = match (&args.test, args.kfold) {
         (Some(path), _) => (load_dialogues(path)?.0, Split::TestFile),
         (None, Some(k)) => (Vec::new(), Split::KFold { k, seed: args.seed }),
