@@ -1,4 +1,6 @@
-//! One decision (encode + tract run + mask + arg-max) for the 27-in, 9-out policy contract.
+//! One decision (encode + tract run + mask + arg-max) for the 27-in (v1) and 37-in (v2), 9-out
+//! policy contracts: the paper's PPO export, a 64x64 MLP of ours, and the shipped v2 default
+//! (cost features, MLP, budget rule).
 //!
 //!     cargo bench -p policy-onnx --bench decision
 //!
@@ -27,6 +29,10 @@ fn policies() -> Vec<(&'static str, Arc<Policy>)> {
     vec![
         ("sb3-rc-ppo", Arc::new(Policy::from_file(&sb3, &options).expect("the paper's PPO policy loads"))),
         ("mlp-64x64", Arc::new(Policy::from_bytes(&ours, &options).expect("our export loads"))),
+        (
+            "v2-default",
+            Arc::new(Policy::from_bytes(policy_onnx::DEFAULT_POLICY, &options).expect("the default loads")),
+        ),
     ]
 }
 

@@ -6,6 +6,9 @@
 //!
 //! `cargo run --release -p policy-onnx --example kfold_conditions [-- FOLDS SEED]`
 //!
+//! With `KFOLD_V1_CACHE=FILE` the v1 figures (which do not change while the v2 trainer is being
+//! worked on) are read from FILE when it exists, and written to it otherwise.
+//!
 //! Conditions: the TX2 board on the paper's four networks, and made-up ones outside its tables
 //! (a congested 4G uplink that charges each image, a slow board on Wi-Fi, pricier cloud calls
 //! on 5G, a fast board on a slow wired link).
@@ -42,6 +45,33 @@ fn conditions(tx2: &DeviceProfile) -> Vec<(String, DeviceProfile)> {
     out
 }
 
+/// The v2 trainer's defaults, with `KFOLD_STEPS`, `KFOLD_EPOCHS`, `KFOLD_BASE_SHARE`,
+/// `KFOLD_PRICE_SPREAD`, `KFOLD_POOL` and `KFOLD_HIDDEN` (e.g. `96,96`) overriding them when set.
+fn v2_config() -> TrainConfig {
+    let var = |name: &str| std::env::var(name).ok();
+    let mut c = TrainConfig::default();
+    if let Some(v) = var("KFOLD_STEPS").and_then(|v| v.parse().ok()) {
+        c.steps = v;
+    }
+    if let Some(v) = var("KFOLD_EPOCHS").and_then(|v| v.parse().ok()) {
+        c.distill.epochs = v;
+    }
+    if let Some(v) = var("KFOLD_BASE_SHARE").and_then(|v| v.parse().ok()) {
+        c.conditions.base_share = v;
+    }
+    if let Some(v) = var("KFOLD_PRICE_SPREAD").and_then(|v| v.parse().ok()) {
+        c.conditions.price_spread = v;
+    }
+    if let Some(v) = var("KFOLD_POOL").and_then(|v| v.parse().ok()) {
+        c.conditions.pool = v;
+    }
+    if let Some(v) = var("KFOLD_HIDDEN") {
+        c.distill.hidden = v.split(',').filter_map(|h| h.parse().ok()).collect();
+    }
+    eprintln!("v2 settings: {}", serde_json::to_string(&c).unwrap_or_default());
+    c
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
     let k: usize = args.get(1).map_or(Ok(5), |a| a.parse())?;
@@ -55,18 +85,31 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Per condition: summed (reward x dialogues) and over-budget counts for v2, v1.
     let mut totals = vec![(0.0, 0usize, 0.0, 0usize, 0usize); conditions.len()];
     let started = Instant::now();
+    let cache_path = std::env::var_os("KFOLD_V1_CACHE").map(std::path::PathBuf::from);
+    let cached: Option<Vec<Vec<(f64, usize)>>> = match &cache_path {
+        Some(p) if p.exists() => Some(serde_json::from_slice(&std::fs::read(p)?)?),
+        _ => None,
+    };
+    let mut v1_results: Vec<Vec<(f64, usize)>> = Vec::new();
     for (fold, (train_part, test_part)) in folds(&dialogues, k, seed)?.into_iter().enumerate() {
         let provenance = Provenance { data_hash: "", profile: &tx2 };
-        let v2 = train(&train_part, provenance, &TrainConfig::default(), &mut |_| {})?;
+        let v2 = train(&train_part, provenance, &v2_config(), &mut |_| {})?;
         let train_eps = sim::episodes(&train_part, &schema)?;
         let test_eps = sim::episodes(&test_part, &schema)?;
         let base = Simulator::new(&train_eps, &tx2, schema.clone())?;
+        v1_results.push(Vec::new());
         for (c, (name, profile)) in conditions.iter().enumerate() {
             let sim = base.with_costs(CostModel::new(profile, &schema)?);
-            let v1 =
-                train(&train_part, Provenance { data_hash: "", profile }, &TrainConfig::v1(), &mut |_| {})?;
             let (r2, o2) = mean_reward(&sim, &test_eps, v2.network.agent().as_mut())?;
-            let (r1, o1) = mean_reward(&sim, &test_eps, v1.network.agent().as_mut())?;
+            let (r1, o1) = match &cached {
+                Some(cached) => cached[fold][c],
+                None => {
+                    let provenance = Provenance { data_hash: "", profile };
+                    let v1 = train(&train_part, provenance, &TrainConfig::v1(), &mut |_| {})?;
+                    mean_reward(&sim, &test_eps, v1.network.agent().as_mut())?
+                }
+            };
+            v1_results[fold].push((r1, o1));
             let n = test_eps.len();
             let t = &mut totals[c];
             t.0 += r2 * n as f64;

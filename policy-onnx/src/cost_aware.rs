@@ -266,7 +266,7 @@ pub fn network_input(schema: &Schema, max_turns: usize, observation: &[f32]) -> 
         out.extend(
             o[first..first + l.modalities + 1]
                 .iter()
-                .map(|c| (avail / c.max(COST_FLOOR)).max(0.0).min(MAX_AFFORDABLE)),
+                .map(|c| (avail / c.max(COST_FLOOR)).clamp(0.0, MAX_AFFORDABLE)),
         );
     }
     out

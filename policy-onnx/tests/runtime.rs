@@ -8,8 +8,8 @@ use policy_onnx::export::{ExportOptions, MANIFEST_KEY, mlp_to_onnx};
 use policy_onnx::mlp::{Activation, Mlp};
 use policy_onnx::runtime::DEFAULT_MAX_POLICY_BYTES;
 use policy_onnx::{
-    Availability, Decider, DecisionRequest, Exploration, LoadOptions, ModalitySet, Policy, PolicyError,
-    PolicySlot, Schema, TaskCategory, Turn,
+    Availability, Decider, DecisionRequest, Exploration, LoadOptions, ModalitySet, ObservationVersion,
+    Policy, PolicyError, PolicySlot, Schema, TaskCategory, Turn,
 };
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -167,11 +167,78 @@ fn rejects_a_manifest_of_another_schema() {
     let ok = mlp_to_onnx(&mlp, &with(r#"{"schema": "tmo-obs-v1", "version": "2026.11.24-1"}"#));
     let policy = Policy::from_bytes(&ok, &LoadOptions::default()).unwrap();
     assert_eq!(policy.info().version(), "2026.11.24-1");
+    // A 27-wide file whose manifest says v2 does not read a v2 observation.
     let v2 = mlp_to_onnx(&mlp, &with(r#"{"schema": "tmo-obs-v2"}"#));
     let err = Policy::from_bytes(&v2, &LoadOptions::default()).unwrap_err();
+    assert!(matches!(err, PolicyError::InputMismatch { schema: ObservationVersion::V2, .. }), "{err}");
+    let v3 = mlp_to_onnx(&mlp, &with(r#"{"schema": "tmo-obs-v3"}"#));
+    let err = Policy::from_bytes(&v3, &LoadOptions::default()).unwrap_err();
     assert!(matches!(err, PolicyError::SchemaMismatch { .. }), "{err}");
     let broken = mlp_to_onnx(&mlp, &with("{not json"));
     assert!(matches!(Policy::from_bytes(&broken, &LoadOptions::default()), Err(PolicyError::BadManifest(_))));
+}
+
+/// The observation follows the policy: a file without a manifest is v1 when 27 wide, v2 when 37
+/// wide (manifest `schema` 2 or `tmo-obs-v2` says the same); anything else is refused.
+#[test]
+fn the_version_follows_the_manifest_or_the_input_width() {
+    let with = |json: &str| ExportOptions {
+        metadata: vec![(MANIFEST_KEY.into(), json.into())],
+        ..ExportOptions::default()
+    };
+    let v1 = Policy::from_bytes(&export(&random_mlp(27, 9, 1)), &LoadOptions::default()).unwrap();
+    assert_eq!((v1.version(), v1.schema().observation_len()), (ObservationVersion::V1, 27));
+    let wide = random_mlp(37, 9, 2);
+    for bytes in [
+        export(&wide),
+        mlp_to_onnx(&wide, &with(r#"{"schema": 2}"#)),
+        mlp_to_onnx(&wide, &with(r#"{"schema": "tmo-obs-v2"}"#)),
+    ] {
+        let v2 = Policy::from_bytes(&bytes, &LoadOptions::default()).unwrap();
+        assert_eq!((v2.version(), v2.schema().observation_len()), (ObservationVersion::V2, 37));
+        assert_eq!(v2.info().schema, "tmo-obs-v2");
+    }
+    let err = Policy::from_bytes(&mlp_to_onnx(&wide, &with(r#"{"schema": 1}"#)), &LoadOptions::default())
+        .unwrap_err();
+    assert!(matches!(err, PolicyError::InputMismatch { schema: ObservationVersion::V1, .. }), "{err}");
+    let err = Policy::from_bytes(&export(&random_mlp(30, 9, 3)), &LoadOptions::default()).unwrap_err();
+    assert!(matches!(err, PolicyError::InputMismatch { .. }), "{err}");
+}
+
+/// A v2 policy's decider reads the availability's cost table, the device's live expectation.
+#[test]
+fn a_v2_decider_encodes_the_live_cost_table() {
+    let policy = Arc::new(Policy::from_bytes(policy_onnx::DEFAULT_POLICY, &LoadOptions::default()).unwrap());
+    assert_eq!(policy.version(), ObservationVersion::V2);
+    let mut costs = device_profiles::DeviceProfile::builtin("x86-dev").unwrap().costs;
+    let mut decider = Decider::new(policy.clone(), Exploration::Greedy, Some(1)).unwrap();
+    fn request(costs: &device_profiles::CostTable) -> DecisionRequest<'_> {
+        DecisionRequest {
+            history: &[],
+            task: TaskCategory::Query,
+            availability: Availability {
+                modalities: ModalitySet::all(3),
+                cloud_reachable: true,
+                remaining_latency_secs: 30.0,
+                remaining_cost_usd: 0.05,
+                costs,
+            },
+        }
+    }
+    decider.decide(&request(&costs)).unwrap();
+    let obs = decider.observation().to_vec();
+    assert_eq!(obs.len(), 37);
+    assert_eq!(&obs[27..32], &[1.5, 6.4603, 4.76134, 6.24569, 6.98211]);
+    costs.cloud.latency_secs[2] = 12.5;
+    costs.local.cost_usd = 1e-5;
+    decider.decide(&request(&costs)).unwrap();
+    assert_eq!(decider.observation()[30], 12.5);
+    assert_eq!(decider.observation()[32], 1e-5);
+    // A v1 policy swapped in reads 27 floats again.
+    let v1 = Arc::new(Policy::from_bytes(&export(&random_mlp(27, 9, 4)), &LoadOptions::default()).unwrap());
+    decider.set_policy(v1).unwrap();
+    decider.decide(&request(&costs)).unwrap();
+    assert_eq!(decider.observation().len(), 27);
 }
 
 #[test]

@@ -88,7 +88,7 @@ pub struct TrainArgs {
     /// Simulated turns planned to build the regression set [default: 30000 for v2, 12000 for v1].
     #[arg(long)]
     pub steps: Option<usize>,
-    /// Regression epochs [default: 80 for v2, 300 for v1].
+    /// Regression epochs [default: 150 for v2, 300 for v1].
     #[arg(long)]
     pub epochs: Option<usize>,
     /// Turns the planner values exactly with the response model (the current one included).

@@ -126,6 +126,10 @@ pub struct Condition {
 pub struct ConditionConfig {
     /// Conditions in the pool (at least the profile's and the 28 paper tables).
     pub pool: usize,
+    /// Share of rolled-out dialogues played under one of the unperturbed conditions (the
+    /// profile's, `extra`, the paper's tables); the rest draw from the whole pool.
+    pub base_share: f64,
+
     /// Probability that a drawn condition keeps the profile's budgets; else they are drawn as
     /// the journal version of the paper's code draws them (`tmo/env.py`, its default "normal"
     /// distribution): for each budget a normal around the middle of [Z x the cheapest class,
@@ -148,14 +152,22 @@ impl Default for ConditionConfig {
     fn default() -> Self {
         ConditionConfig {
             pool: 400,
+            base_share: 0.5,
             profile_budgets: 0.3,
             link_spread: 0.7,
             board_spread: 1.5,
-            price_spread: 0.7,
+            price_spread: 1.5,
             slow_uplink: 0.3,
             max_upload_secs_per_attachment: 4.0,
             extra: Vec::new(),
         }
+    }
+}
+
+impl ConditionConfig {
+    /// How many conditions open the pool unperturbed: the profile's, `extra`, the paper's 28.
+    pub fn base_conditions(&self) -> usize {
+        1 + self.extra.len() + BOARDS.len() * Network::ALL.len()
     }
 }
 

@@ -75,7 +75,7 @@ impl Default for TrainConfig {
         TrainConfig {
             schema: ObservationVersion::V2,
             steps: 30_000,
-            distill: DistillConfig { epochs: 80, ..DistillConfig::default() },
+            distill: DistillConfig { epochs: 150, ..DistillConfig::default() },
             ..TrainConfig::v1()
         }
     }
@@ -113,8 +113,18 @@ impl TrainConfig {
         if self.steps == 0 {
             return bad("steps must be at least 1".into());
         }
-        if !(0.0..=1.0).contains(&self.exploration) || !(0.0..=1.0).contains(&self.partial_budgets) {
-            return bad("exploration and partial_budgets are probabilities in [0, 1]".into());
+        if ![
+            self.exploration,
+            self.partial_budgets,
+            self.conditions.base_share,
+            self.conditions.profile_budgets,
+        ]
+        .iter()
+        .all(|p| (0.0..=1.0).contains(p))
+        {
+            return bad(
+                "exploration, partial_budgets and the condition shares are probabilities in [0, 1]".into()
+            );
         }
         if self.streams == 0 || self.distill.epochs == 0 || self.distill.batch_size == 0 {
             return bad("streams, epochs and batch size must be at least 1".into());
@@ -406,8 +416,16 @@ fn rollout_stream(
     rng.set_stream(stream as u64 + 1);
     let mut planner = Planner::new(&pool[0], model, config.planner);
     let mut out = Vec::with_capacity(steps);
+    // The pool's first conditions are the profile's, the logged ones and the paper's tables.
+    let base = pool.len().min(config.conditions.base_conditions());
     while out.len() < steps {
-        let sim = if pool.len() > 1 { &pool[rng.random_range(0..pool.len())] } else { &pool[0] };
+        let sim = if pool.len() == 1 {
+            &pool[0]
+        } else if rng.random_bool(config.conditions.base_share) {
+            &pool[rng.random_range(0..base)]
+        } else {
+            &pool[rng.random_range(0..pool.len())]
+        };
         planner.set_simulator(sim);
         let tasks = draw_tasks(&mut rng, model, episodes);
         let (full_latency, full_usage) = (sim.costs.budget_latency_secs, sim.costs.budget_usage_usd);

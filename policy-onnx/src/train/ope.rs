@@ -794,9 +794,24 @@ mod tests {
         // No budget left: only local is allowed.
         assert_eq!(masked[1], 0);
         assert_eq!(masked[2], 0);
+        // The v2 default reads these v1 rows with the TX2 table (the profile's, and the fallback).
+        let mut obs = Vec::new();
         for (t, a) in turns.iter().zip(&unmasked) {
-            assert_eq!(*a, crate::train::sim::argmax(&policy.scores(&t.observation).unwrap()));
+            target_observation(policy.schema(), &profile.costs, &t.observation, &mut obs);
+            assert_eq!(obs.len(), 37);
+            assert_eq!(*a, crate::train::sim::argmax(&policy.scores(&obs).unwrap()));
         }
+        // A v2 row keeps its own table for a v2 target and the mask; a v1 target reads its prefix.
+        let mut classes = crate::schema::ClassCosts::from_table(&profile.costs);
+        classes.latency_secs[4] = 40.0;
+        let row = Schema::v2(3, 5).observation_with_costs(&[], TaskCategory::Query, 30.0, 0.05, &classes);
+        target_observation(policy.schema(), &profile.costs, &row, &mut obs);
+        assert_eq!(obs, row);
+        target_observation(&schema, &profile.costs, &row, &mut obs);
+        assert_eq!(obs, row[..27]);
+        let mut allowed = vec![false; ACTIONS];
+        budget_mask(&schema, &profile.costs, &row, &mut allowed);
+        assert_eq!(allowed, [true, true, true, true, true, true, true, true, false], "3 views take 40 s");
         let mut allowed = vec![false; ACTIONS];
         budget_mask(&schema, &profile.costs, &turns[0].observation, &mut allowed);
         assert!(allowed[0] && allowed[masked[0]]);
