@@ -20,7 +20,8 @@
 //!     the link within three samples and ignore a single stall;
 //!   - `base_bytes`, `attachment_bytes`: moving averages of the sizes of requests sent
 //!     (text-only requests for the base, `(bytes - base) / k` for the others);
-//!   - `backend(k)`: moving average of the backend seconds the bridge reports;
+//!   - `backend(k)`: moving average of the backend seconds the bridge reports (a class the
+//!     bridge has not answered yet moves by as much as the class that was answered);
 //!   - `residual`: one moving average, over every cloud class, of the measured turn latency less
 //!     its prediction (the bridge's own time, the reply's way back, time-outs and fallbacks).
 //!   - usage: moving average of the price the bridge charged per class; energy: of the outcomes.
@@ -389,10 +390,20 @@ impl CostEstimates {
         price_usd: f64,
     ) {
         let Some(c) = self.cloud.get_mut(attachments) else { return };
+        let before = c.backend_secs;
         blend(&mut c.backend_secs, backend_secs);
+        let moved = c.backend_secs - before;
         if valid(price_usd) {
             blend(&mut c.price_usd, price_usd);
             c.replies_pending = c.replies_pending.saturating_add(1);
+        }
+        // A class the bridge has not answered yet moves with the measured ones (keeping the
+        // profile's differences between classes): the backend is the same model whatever is
+        // attached, and a class never chosen must not keep the profile's figure forever.
+        for (k, other) in self.cloud.iter_mut().enumerate() {
+            if k != attachments && self.classes[k + 1].measured == 0 {
+                other.backend_secs += moved;
+            }
         }
         let bytes = request_bytes as f64;
         if request_bytes > 0 {
@@ -634,6 +645,29 @@ mod tests {
         assert!(close(e.cost(0).latency_secs, 4.2, 1e-12));
         e.set_current_load(Load::IDLE);
         assert!(close(e.cost(0).latency_secs, 1.4, 1e-12));
+    }
+
+    /// Classes the bridge has not answered move with the answered one, keeping the profile's
+    /// differences; once answered, a class follows its own reports.
+    #[test]
+    fn unanswered_classes_follow_the_answered_backend() {
+        let mut e = CostEstimates::from_profile(&profile().costs);
+        let before = latencies(&e);
+        for _ in 0..40 {
+            e.record_cloud_reply(1, 62_000, 1.0, 0.0001);
+        }
+        let after = latencies(&e);
+        let moved = after[2] - before[2];
+        assert!(moved < -3.0, "{before:?} -> {after:?}");
+        for k in [1, 3, 4] {
+            assert!((after[k] - before[k] - moved).abs() < 1e-9, "class {k}: {before:?} -> {after:?}");
+        }
+        for _ in 0..40 {
+            e.record_cloud_reply(0, 2_000, 0.5, 0.0001);
+        }
+        let text_only = latencies(&e);
+        assert!(text_only[1] < after[1] - 0.4, "{after:?} -> {text_only:?}");
+        assert!((text_only[2] - after[2]).abs() < 1e-9, "an answered class keeps its own: {text_only:?}");
     }
 
     #[test]

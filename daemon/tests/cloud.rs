@@ -17,11 +17,13 @@ use tmo_protocol::{
     CloudRequest, DeviceId, Inbox, JsonMessage, JudgeScore, MediaType, ReassemblyLimits, Topic,
 };
 use tmod_api::{AskEvent, AskRequest, AskResponse, Client};
-use tokio_util::sync::CancellationToken;
 
+#[path = "support/bridge.rs"]
+mod bridge;
 #[path = "support/daemon.rs"]
 mod daemon;
 
+use bridge::{start_bridge, wait_cloud_reachable};
 use daemon::Daemon;
 
 const DEVICE: &str = "test-device";
@@ -60,28 +62,6 @@ fn tmod_config(broker_port: u16, policy: &Path) -> String {
     )
 }
 
-/// The bridge, in this process: the real `tmo-cloud` loop and candle backend.
-struct Bridge {
-    stop: CancellationToken,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
-}
-
-async fn start_bridge(broker_port: u16) -> Bridge {
-    let text = format!(
-        "share_group = \"bridges\"\nreply_margin_ms = 100\n\
-         [mqtt]\nhost = \"127.0.0.1\"\nport = {broker_port}\nclient_id = \"bridge-1\"\n\
-         max_packet_bytes = 1048576\nreconnect_initial_ms = 50\nreconnect_max_ms = 500\n\
-         [backend]\nkind = \"candle\"\nmodel = \"gemma3-270m\"\n\
-         [prices.\"gemma3-270m\"]\nprompt_per_million_usd = 0.05\ncompletion_per_million_usd = 0.1\n"
-    );
-    let config = tmo_cloud::config::Config::parse(&text, Path::new("bridge.toml")).expect("bridge config");
-    let backend = tokio::task::block_in_place(|| tmo_cloud::build_backend(&config.file.backend))
-        .expect("gemma3-270m loads (tmoctl model fetch gemma3-270m)");
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(tmo_cloud::bridge::run(config, backend, None, stop.clone()));
-    Bridge { stop, task }
-}
-
 /// A link that sees every cloud request on the broker (a plain subscription beside the
 /// bridges' shared one), to check what the daemon sent.
 async fn observer(broker_port: u16) -> Link {
@@ -95,18 +75,6 @@ async fn observer(broker_port: u16) -> Link {
     .expect("observer link");
     assert!(link.wait_connected(WAIT).await, "observer did not connect");
     link
-}
-
-async fn wait_cloud_reachable(client: &Client, reachable: bool) {
-    let started = Instant::now();
-    loop {
-        let status = client.status().await.expect("status");
-        if status["cloud"]["reachable"] == reachable {
-            return;
-        }
-        assert!(started.elapsed() < WAIT, "cloud.reachable never became {reachable}: {status}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 async fn ask(client: &Client, dialogue: &str, question: &str) -> AskResponse {
