@@ -292,13 +292,43 @@ mod tests {
         let bundle = build_bundle(onnx.clone(), &spec, &key()).unwrap();
         let manifest = bundle.verify(&[key().verifying_key()]).unwrap();
         assert_eq!(manifest.version, "p-7");
-        assert_eq!(manifest.schema, "v1");
+        // The default policy reads contract v2.
+        assert_eq!(manifest.schema, "v2");
         assert_eq!(manifest.onnx_size_bytes, onnx.len() as u64);
         assert_eq!(manifest.onnx_sha256, tmo_protocol::bundle::sha256_hex(&onnx));
         assert_eq!(manifest.opset, Some(17));
         assert_eq!(manifest.canary_percent, Some(25));
         assert_eq!(manifest.min_daemon_version, env!("CARGO_PKG_VERSION"));
         assert_eq!(manifest_of(&bundle), Some(manifest));
+    }
+
+    /// A v2 bundle never asks for a daemon older than the first that decides with v2, so such
+    /// daemons refuse it by version; a v1 bundle asks for what the spec says.
+    #[test]
+    fn v2_bundles_ask_for_a_v2_daemon() {
+        let old = BundleSpec { min_daemon_version: "0.1.0".into(), ..BundleSpec::new() };
+        let v2 = build_bundle(policy_onnx::DEFAULT_POLICY.to_vec(), &old, &key()).unwrap();
+        let manifest = v2.verify(&[key().verifying_key()]).unwrap();
+        assert_eq!(
+            (manifest.schema.as_str(), manifest.min_daemon_version.as_str()),
+            ("v2", V2_MIN_DAEMON_VERSION)
+        );
+        let newer = BundleSpec { min_daemon_version: "0.3.1".into(), ..BundleSpec::new() };
+        let v2 = build_bundle(policy_onnx::DEFAULT_POLICY.to_vec(), &newer, &key()).unwrap();
+        assert_eq!(v2.verify(&[key().verifying_key()]).unwrap().min_daemon_version, "0.3.1");
+        use policy_onnx::mlp::{Activation, Dense, Mlp};
+        let layer = Dense {
+            inputs: 27,
+            outputs: 9,
+            weights: vec![0.01; 27 * 9],
+            bias: vec![0.0; 9],
+            activation: Activation::Identity,
+        };
+        let mlp = Mlp::new(vec![layer]).unwrap();
+        let onnx = policy_onnx::export::mlp_to_onnx(&mlp, &policy_onnx::export::ExportOptions::default());
+        let v1 = build_bundle(onnx, &old, &key()).unwrap();
+        let manifest = v1.verify(&[key().verifying_key()]).unwrap();
+        assert_eq!((manifest.schema.as_str(), manifest.min_daemon_version.as_str()), ("v1", "0.1.0"));
     }
 
     #[test]

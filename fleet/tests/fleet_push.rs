@@ -58,7 +58,7 @@ async fn fleet_push_publishes_a_retained_signed_bundle_that_a_late_subscriber_ve
     assert_eq!(received, bundle);
     let public = keys::load_public_key(&keys::public_key_path(&key_file)).unwrap();
     let manifest = received.verify(&[public]).unwrap();
-    assert_eq!((manifest.version.as_str(), manifest.schema.as_str()), ("p-9", "v1"));
+    assert_eq!((manifest.version.as_str(), manifest.schema.as_str()), ("p-9", "v2"));
     assert_eq!(manifest.canary_percent, Some(50));
     assert_eq!(manifest.onnx_size_bytes, policy_onnx::DEFAULT_POLICY.len() as u64);
 

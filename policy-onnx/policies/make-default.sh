@@ -1,5 +1,5 @@
 #!/bin/sh
-# Rebuilds policy-onnx/policies/default.onnx, bit for bit: the default settings of
+# Rebuilds policy-onnx/policies/default.onnx (contract v2), bit for bit: the default settings of
 # `tmoctl policy train` (seed 1) on the public M4A1 training sample (80 dialogues) for the
 # paper's board (device-profiles/jetson-tx2.toml). Equivalent, same bytes:
 #   tmoctl policy train --data ../shared/data/m4a1/m4a1-train.json \

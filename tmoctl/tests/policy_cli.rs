@@ -107,3 +107,44 @@ fn decide_survives_bytes_that_are_not_text() {
     assert_eq!(lines[0]["line"], 1);
     assert!(lines[1]["action"].is_u64(), "{:?}", lines[1]);
 }
+
+/// `policy eval` plays v1 and v2 files alike under another cost table: one of the paper's
+/// networks, or a profile's `[costs]`; an unknown network is a clear error.
+#[test]
+fn eval_takes_a_network_or_a_cost_table_for_v1_and_v2_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let v2 = dir.path().join("default.onnx");
+    std::fs::write(&v2, policy_onnx::DEFAULT_POLICY).unwrap();
+    let data = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/m4a1/m4a1-train.json");
+    let eval = |extra: &[&str]| {
+        tmoctl()
+            .args(["policy", "eval", "--profile", "jetson-tx2", "--json", "--data"])
+            .arg(&data)
+            .arg("--policy")
+            .arg(&v2)
+            .arg("--policy")
+            .arg(shared_policy("sb3-rc-ppo-m4a1.onnx"))
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    for (extra, profile) in [
+        (&["--network", "4g"][..], "jetson-tx2 on 4g"),
+        (&["--costs", "raspberry-pi-5"][..], "jetson-tx2 with the costs of raspberry-pi-5"),
+    ] {
+        let out = eval(extra);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(report["profile"], profile);
+        let rows = report["rows"].as_array().unwrap();
+        let row = |name: &str| {
+            rows.iter().find(|r| r["name"] == name).unwrap_or_else(|| panic!("{name}: {report}"))
+        };
+        assert_eq!(row("default.onnx")["over_budget"], 0, "the v2 default holds the budgets: {report}");
+        assert!(row("sb3-rc-ppo-m4a1.onnx")["mean_reward"].is_f64());
+        assert_eq!(row("default.onnx")["dialogues"], 80);
+    }
+    let out = eval(&["--network", "3g"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("wired, wifi, 5g, 4g"));
+}

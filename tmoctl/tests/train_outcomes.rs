@@ -12,7 +12,7 @@ use policy_onnx::decision::{Availability, allowed_actions, choose};
 use policy_onnx::m4a1::{self, Dialogue};
 use policy_onnx::schema::Turn;
 use policy_onnx::train::sim::{ResponseModel, episodes};
-use policy_onnx::{Exploration, LoadOptions, ModalitySet, Policy, Schema};
+use policy_onnx::{ClassCosts, Exploration, LoadOptions, ModalitySet, Policy, Schema};
 use rand::{Rng, SeedableRng};
 
 const PROFILE: &str = "jetson-tx2";
@@ -32,6 +32,8 @@ fn train_dialogues() -> Vec<Dialogue> {
 fn fleet_rows(dialogues: &[Dialogue], devices: &[&str], unscored_every: usize) -> Vec<(String, TurnOutcome)> {
     let profile = DeviceProfile::builtin(PROFILE).unwrap();
     let schema = Schema::default();
+    let v2 = Schema::v2(3, 5);
+    let classes = ClassCosts::from_table(&profile.costs);
     let response = ResponseModel::fit(&episodes(dialogues, &schema).unwrap(), &schema).unwrap();
     let policy = Policy::from_bytes(policy_onnx::DEFAULT_POLICY, &LoadOptions::default()).unwrap();
     let mut session = policy.session().unwrap();
@@ -46,7 +48,9 @@ fn fleet_rows(dialogues: &[Dialogue], devices: &[&str], unscored_every: usize) -
         let (mut latency_left, mut cost_left) = (profile.budgets.latency_secs, profile.budgets.cost_usd);
         let mut history: Vec<Turn> = Vec::new();
         for (t, interaction) in dialogue.interactions.iter().enumerate() {
-            let observation = schema.observation(&history, interaction.task_cat, latency_left, cost_left);
+            // What tmod logs: the v2 observation (the v1 part, then the cost table it used).
+            let observation =
+                v2.observation_with_costs(&history, interaction.task_cat, latency_left, cost_left, &classes);
             session.scores_into(&observation, &mut scores).unwrap();
             let availability = Availability {
                 modalities: ModalitySet::all(3),

@@ -199,7 +199,7 @@ pub fn pool(
         let board = BOARDS[rng.random_range(0..BOARDS.len())];
         let network = Network::ALL[rng.random_range(0..Network::ALL.len())];
         let mut classes = paper_classes(board, network, schema);
-        let spread = |rng: &mut dyn rand::RngCore, s: f64| (rng.random_range(-s..=s)).exp();
+        let spread = |rng: &mut dyn rand::RngCore, s: f64| exp_series(rng.random_range(-s..=s));
         let board_factor = spread(rng, config.board_spread);
         classes.latency_secs[0] *= board_factor;
         classes.usage_usd[0] *= board_factor * spread(rng, config.price_spread);
@@ -229,14 +229,25 @@ pub fn pool(
 }
 
 /// A budget drawn as the paper's journal code draws it: normal, mean the middle of
-/// [z x min, z x max] of the classes, deviation a sixth of that span, clipped to it. (The normal
-/// comes from two uniforms, Box-Muller, so that it stays deterministic per seed.)
+/// [z x min, z x max] of the classes, deviation a sixth of that span, clipped to it. The normal
+/// is the sum of 12 uniforms less 6 (Irwin-Hall): basic arithmetic only, so the pool is the same
+/// bits on every platform (libm's ln and cos may differ in the last bit between C libraries).
 fn journal_budget(rng: &mut impl Rng, classes: &[f64], z: f64) -> f64 {
     let lo = z * classes.iter().copied().fold(f64::INFINITY, f64::min);
     let hi = z * classes.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    let (u1, u2): (f64, f64) = (rng.random_range(f64::EPSILON..1.0), rng.random());
-    let normal = (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos();
+    let normal = (0..12).map(|_| rng.random::<f64>()).sum::<f64>() - 6.0;
     (0.5 * (lo + hi) + normal * ((hi - lo) / 6.0).max(1e-8)).clamp(lo, hi)
+}
+
+/// e^x by its Taylor series (|x| <= 2 here, 30 terms: well below f64's precision), with basic
+/// arithmetic only, for the same reason.
+fn exp_series(x: f64) -> f64 {
+    let (mut term, mut sum) = (1.0, 1.0);
+    for n in 1..30 {
+        term *= x / f64::from(n);
+        sum += term;
+    }
+    sum
 }
 
 #[cfg(test)]
@@ -261,6 +272,13 @@ mod tests {
         assert_eq!(on_4g.local, tx2.costs.local);
         assert_eq!(on_4g.cloud.latency_secs, vec![0.5, 16.603, 17.636, 19.573]);
         assert_eq!(Network::from_name("5G"), Some(Network::FiveG));
+    }
+
+    #[test]
+    fn the_series_is_exp() {
+        for x in [-1.5, -0.7, -0.1, 0.0, 0.3, 1.5] {
+            assert!((exp_series(x) - f64::exp(x)).abs() < 1e-14 * f64::exp(x), "{x}");
+        }
     }
 
     #[test]
