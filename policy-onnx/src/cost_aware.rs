@@ -248,9 +248,6 @@ pub fn network_input(schema: &Schema, max_turns: usize, observation: &[f32]) -> 
     let l = Layout::of(schema);
     assert_eq!(observation.len(), l.observation_len(), "a v2 observation");
     let o = observation;
-    let present = |t: f32| 1.0 - (1.0 - (t + 1.0).max(0.0)).max(0.0);
-    let turns: f32 = (0..l.history).map(|s| present(o[l.task(s)])).sum();
-    let later = (max_turns as f32 - turns).max(0.0);
     let mut out = Vec::with_capacity(l.observation_len() + l.feature_len());
     out.extend_from_slice(o);
     for first in [l.class_latency(0), l.class_usage(0)] {
@@ -260,8 +257,7 @@ pub fn network_input(schema: &Schema, max_turns: usize, observation: &[f32]) -> 
         let span = (hi - lo).max(SPAN_FLOOR);
         out.extend(v.iter().map(|c| (c - lo) / span));
     }
-    let avail_lat = o[l.latency_left()] - later * o[l.class_latency(0)];
-    let avail_use = o[l.usage_left()] - later * o[l.class_usage(0)];
+    let (avail_lat, avail_use) = after_local_reserve(&l, max_turns, o);
     for (avail, first) in [(avail_lat, l.class_latency(1)), (avail_use, l.class_usage(1))] {
         out.extend(
             o[first..first + l.modalities + 1]
@@ -272,15 +268,21 @@ pub fn network_input(schema: &Schema, max_turns: usize, observation: &[f32]) -> 
     out
 }
 
+/// What each budget has left (seconds, USD) once a local answer is kept for every turn the
+/// dialogue may still have: `max_turns` less the turns in the window (task slots not -1), the
+/// graph's `1 - relu(1 - relu(task + 1))` per slot.
+fn after_local_reserve(l: &Layout, max_turns: usize, o: &[f32]) -> (f32, f32) {
+    let present = |t: f32| 1.0 - (1.0 - (t + 1.0).max(0.0)).max(0.0);
+    let turns: f32 = (0..l.history).map(|s| present(o[l.task(s)])).sum();
+    let later = (max_turns as f32 - turns).max(0.0);
+    (o[l.latency_left()] - later * o[l.class_latency(0)], o[l.usage_left()] - later * o[l.class_usage(0)])
+}
+
 /// Lowers the scores of the cloud actions whose class no longer fits the budgets.
 fn apply_budget_rule(schema: &Schema, max_turns: usize, observation: &[f32], scores: &mut [f32]) {
     let l = Layout::of(schema);
     let o = observation;
-    let present = |t: f32| 1.0 - (1.0 - (t + 1.0).max(0.0)).max(0.0);
-    let turns: f32 = (0..l.history).map(|s| present(o[l.task(s)])).sum();
-    let later = (max_turns as f32 - turns).max(0.0);
-    let avail_lat = o[l.latency_left()] - later * o[l.class_latency(0)];
-    let avail_use = o[l.usage_left()] - later * o[l.class_usage(0)];
+    let (avail_lat, avail_use) = after_local_reserve(&l, max_turns, o);
     for (score, action) in scores.iter_mut().zip(schema.actions()) {
         let c = crate::schema::ClassCosts::class_of(action);
         if c == 0 {
