@@ -188,3 +188,31 @@ async fn fleet_collectors_in_one_share_group_split_the_batches_without_duplicate
     let total = read_dataset(&a_dir).unwrap().records.len() + read_dataset(&b_dir).unwrap().records.len();
     assert_eq!(total, 20);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_collector_refuses_chunked_frames_on_the_outcomes_topic() {
+    let broker = MosquittoBroker::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let c = collector(&broker, dir.path(), "collector").await;
+    let mut device = DeviceClient::connect(broker.port(), "dev-4").await;
+
+    // Batches are single packets by design (each chunk could reach another collector of the
+    // share group), so chunks on an outcomes topic are refused, each one, without storing.
+    let chunked = batch("dev-4", 3, &[outcome("d", 0, T0), outcome("d", 1, T0)]);
+    let body = tmo_protocol::CborMessage::to_cbor(&chunked).unwrap();
+    let frames = tmo_protocol::split(&body, 400, 77).unwrap();
+    assert!(frames.len() > 2);
+    for frame in &frames {
+        device.send_raw(frame).await;
+    }
+    let stats = stats_until(&c, |s| s.malformed == frames.len() as u64).await;
+    assert_eq!((stats.malformed, stats.batches, stats.rows_written), (frames.len() as u64, 0, 0));
+    assert!(device.next_ack(Duration::from_millis(300)).await.is_none());
+
+    // The same batch as one packet is stored: nothing was lost.
+    device.send(&chunked).await;
+    let ack = device.next_ack(WAIT).await.expect("ack of the whole batch");
+    assert_eq!((ack.batch_id, ack.accepted.len()), (3, 2));
+    c.shutdown(WAIT).await;
+    assert_eq!(read_dataset(dir.path()).unwrap().records.len(), 2);
+}

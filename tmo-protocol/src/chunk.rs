@@ -9,7 +9,11 @@
 //!
 //! [`split`] turns a body into frames no larger than a maximum frame size; a [`Reassembler`]
 //! puts chunks back together with limits on sizes, on concurrent partial messages and on time,
-//! and verifies the checksum. It never panics, never blocks and holds bounded memory.
+//! and verifies the checksum. It never panics, never blocks and holds bounded memory: a partial
+//! message is charged its announced length plus the slot table its declared chunk count
+//! allocates. Chunks on topics whose messages are single packets by design (cloud requests and
+//! outcome batches, which a shared subscription spreads over several processes:
+//! [`Topic::single_packet`]) are refused before anything is stored.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -17,6 +21,7 @@ use std::time::{Duration, Instant};
 use sha2::{Digest, Sha256};
 
 use crate::reject::{RejectCounts, RejectKind};
+use crate::topic::Topic;
 
 /// Frame format version carried in every frame header.
 pub const FRAME_VERSION: u8 = 1;
@@ -27,6 +32,8 @@ const TYPE_CHUNK: u8 = b'C';
 pub const WHOLE_HEADER_BYTES: usize = 4;
 /// Header bytes of a chunk frame.
 pub const CHUNK_HEADER_BYTES: usize = 4 + 8 + 4 + 4 + 4 + 32;
+/// Bytes a partial message allocates per declared chunk (its slot), charged on admission.
+pub const CHUNK_SLOT_BYTES: usize = std::mem::size_of::<Option<Vec<u8>>>();
 
 /// Why a body could not be framed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -155,6 +162,12 @@ pub enum FrameError {
         /// What does not match.
         reason: String,
     },
+    /// A chunk on a topic whose messages are single packets by design.
+    #[error("chunked frame on {topic}, where messages are single packets")]
+    ChunkNotAllowed {
+        /// The topic the chunk came on.
+        topic: String,
+    },
     /// A chunk already received.
     #[error("duplicate chunk {index} of message {message_id:#x}")]
     Duplicate {
@@ -177,6 +190,7 @@ impl FrameError {
             FrameError::PartialBytesExceeded { .. } => RejectKind::PartialBytesExceeded,
             FrameError::Inconsistent { .. } => RejectKind::Inconsistent,
             FrameError::Duplicate { .. } => RejectKind::Duplicate,
+            FrameError::ChunkNotAllowed { .. } => RejectKind::ChunkNotAllowed,
         }
     }
 }
@@ -188,7 +202,8 @@ pub struct ReassemblyLimits {
     pub max_message_bytes: usize,
     /// Most chunked messages in progress at once.
     pub max_partial_messages: usize,
-    /// Most bytes reserved by chunked messages in progress (by their announced lengths).
+    /// Most bytes reserved by chunked messages in progress: their announced lengths plus
+    /// [`CHUNK_SLOT_BYTES`] per declared chunk.
     pub max_partial_bytes: usize,
     /// A chunked message not complete after this long is dropped.
     pub timeout: Duration,
@@ -263,6 +278,8 @@ struct Partial {
     started: Instant,
     count: u32,
     total_len: usize,
+    /// Bytes charged against the partial limit: `total_len` + the slot table.
+    reserved: usize,
     digest: [u8; 32],
     chunks: Vec<Option<Vec<u8>>>,
     received_chunks: u32,
@@ -280,16 +297,19 @@ pub struct ReassemblyStats {
     pub rejected: RejectCounts,
     /// Chunked messages in progress now.
     pub partial_messages: usize,
-    /// Bytes reserved by chunked messages in progress now.
+    /// Bytes reserved by chunked messages in progress now (bodies and slot tables).
     pub partial_bytes: usize,
 }
 
 /// Puts chunked messages back together. Partial messages are keyed by (source, message id),
 /// the source being the topic the chunks came on, so that sources cannot collide.
 ///
-/// Admission is by announced length: a first chunk reserves the message's total length
-/// against [`ReassemblyLimits::max_partial_bytes`], so memory stays bounded however chunks
-/// arrive. A message over a limit is refused as a whole (its later chunks are refused too).
+/// Admission is by what a message will hold: a first chunk reserves the message's total length
+/// and a slot per declared chunk against [`ReassemblyLimits::max_partial_bytes`], so memory
+/// stays bounded however chunks arrive (a chunk declaring a million one-byte chunks is charged
+/// for the million slots its table takes). A message over a limit is refused as a whole (its
+/// later chunks are refused too). A chunk whose source is a topic of single-packet messages
+/// ([`Topic::single_packet`]) is refused with [`FrameError::ChunkNotAllowed`].
 pub struct Reassembler {
     limits: ReassemblyLimits,
     partials: HashMap<(String, u64), Partial>,
@@ -351,7 +371,7 @@ impl Reassembler {
         self.partials.retain(|_, p| {
             let keep = now.saturating_duration_since(p.started) < timeout;
             if !keep {
-                freed += p.total_len;
+                freed += p.reserved;
             }
             keep
         });
@@ -377,6 +397,9 @@ impl Reassembler {
             }
             Frame::Chunk(chunk) => chunk,
         };
+        if Topic::parse(source).is_ok_and(|t| t.single_packet()) {
+            return Err(FrameError::ChunkNotAllowed { topic: source.to_owned() });
+        }
         let message_id = chunk.message_id;
         let inconsistent = |reason: String| FrameError::Inconsistent { message_id, reason };
         let total_len = chunk.total_len as usize;
@@ -400,20 +423,23 @@ impl Reassembler {
             if self.partials.len() >= self.limits.max_partial_messages {
                 return Err(FrameError::TooManyPartials { limit: self.limits.max_partial_messages });
             }
-            let would_hold = self.reserved_bytes + total_len;
+            // count <= total_len <= max_message_bytes (checked above): no overflow.
+            let reserved = total_len + chunk.count as usize * CHUNK_SLOT_BYTES;
+            let would_hold = self.reserved_bytes.saturating_add(reserved);
             if would_hold > self.limits.max_partial_bytes {
                 return Err(FrameError::PartialBytesExceeded {
                     would_hold,
                     limit: self.limits.max_partial_bytes,
                 });
             }
-            self.reserved_bytes += total_len;
+            self.reserved_bytes += reserved;
             self.partials.insert(
                 key.clone(),
                 Partial {
                     started: now,
                     count: chunk.count,
                     total_len,
+                    reserved,
                     digest: chunk.digest,
                     chunks: vec![None; chunk.count as usize],
                     received_chunks: 0,
@@ -450,7 +476,7 @@ impl Reassembler {
         let Some(partial) = self.partials.remove(&key) else {
             return Err(inconsistent("partial message vanished".into()));
         };
-        self.reserved_bytes -= partial.total_len;
+        self.reserved_bytes -= partial.reserved;
         if partial.received_bytes != partial.total_len {
             return Err(inconsistent(format!(
                 "chunks add up to {} bytes, announced {}",
@@ -471,7 +497,7 @@ impl Reassembler {
 
     fn drop_partial(&mut self, key: &(String, u64)) {
         if let Some(p) = self.partials.remove(key) {
-            self.reserved_bytes -= p.total_len;
+            self.reserved_bytes -= p.reserved;
         }
     }
 }
@@ -616,6 +642,77 @@ mod tests {
         let mut out = None;
         for f in &frames {
             out = r.accept("t", f, now).unwrap();
+        }
+        assert_eq!(out, Some(body(30_000)));
+    }
+
+    /// A chunk frame declaring `count` chunks of a `total_len`-byte message, one byte of data.
+    fn crafted_first_chunk(message_id: u64, count: u32, total_len: u32) -> Vec<u8> {
+        let mut frame = b"TM\x01C".to_vec();
+        frame.extend_from_slice(&message_id.to_be_bytes());
+        frame.extend_from_slice(&0u32.to_be_bytes());
+        frame.extend_from_slice(&count.to_be_bytes());
+        frame.extend_from_slice(&total_len.to_be_bytes());
+        frame.extend_from_slice(&[0u8; 32]);
+        frame.push(0);
+        frame
+    }
+
+    #[test]
+    fn first_chunks_are_charged_for_the_slots_they_allocate() {
+        // The collector's and the bridge's shape: partial bytes 4 x the message limit.
+        let max = 1 << 20;
+        let mut r = Reassembler::new(ReassemblyLimits {
+            max_message_bytes: max,
+            max_partial_messages: 32,
+            max_partial_bytes: 4 * max,
+            timeout: Duration::from_secs(30),
+        });
+        let now = Instant::now();
+        // Four 57-byte publishes, each declaring one chunk per byte of a 1 MiB message: a slot
+        // each (24 MiB of slots per message), far beyond the 4 MiB the limit allows.
+        let slot = std::mem::size_of::<Option<Vec<u8>>>();
+        for id in 0..4u64 {
+            let frame = crafted_first_chunk(id, max as u32, max as u32);
+            let accepted = r.accept("t", &frame, now);
+            let held = r.stats().partial_bytes;
+            let allocated =
+                r.partials.values().map(|p| p.chunks.capacity() * slot + p.total_len).sum::<usize>();
+            assert!(held >= allocated, "charged {held} bytes for {allocated} allocated");
+            assert!(held <= 4 * max, "holding {held}");
+            assert!(
+                matches!(accepted, Err(FrameError::PartialBytesExceeded { .. })),
+                "message {id}: {accepted:?}"
+            );
+        }
+        assert_eq!(r.stats().partial_messages, 0);
+        // An honest chunked message of the same size still goes through.
+        let b = body(max);
+        let mut out = None;
+        for f in split(&b, 16_384, 99).unwrap() {
+            out = r.accept("t", &f, now).unwrap();
+        }
+        assert_eq!(out, Some(b));
+        assert_eq!(r.stats().partial_bytes, 0);
+    }
+
+    #[test]
+    fn chunks_on_single_packet_topics_are_refused_before_storing() {
+        let mut r = Reassembler::new(limits());
+        let now = Instant::now();
+        let frames = split(&body(30_000), 10_000, 5).unwrap();
+        for topic in ["tmo/v1/dev/a/cloud/req", "tmo/v1/dev/a/outcomes"] {
+            let refused = r.accept(topic, &frames[0], now);
+            assert!(matches!(refused, Err(FrameError::ChunkNotAllowed { .. })), "{topic}: {refused:?}");
+        }
+        assert_eq!(r.stats().partial_messages, 0);
+        assert_eq!(r.stats().rejected.get(RejectKind::ChunkNotAllowed), 2);
+        // Whole frames there, and chunks on other topics (replies, bundles), still pass.
+        let whole = split(&body(100), 10_000, 6).unwrap();
+        assert_eq!(r.accept("tmo/v1/dev/a/cloud/req", &whole[0], now).unwrap(), Some(body(100)));
+        let mut out = None;
+        for f in &frames {
+            out = r.accept("tmo/v1/dev/a/cloud/reply", f, now).unwrap();
         }
         assert_eq!(out, Some(body(30_000)));
     }

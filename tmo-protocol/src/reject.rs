@@ -25,11 +25,13 @@ pub enum RejectKind {
     Expired,
     /// Well-formed but semantically invalid (bad device id, wrong field values).
     Invalid,
+    /// A chunk on a topic whose messages are single packets by design.
+    ChunkNotAllowed,
 }
 
 impl RejectKind {
     /// Every kind, in counter order.
-    pub const ALL: [RejectKind; 10] = [
+    pub const ALL: [RejectKind; 11] = [
         RejectKind::Malformed,
         RejectKind::WrongVersion,
         RejectKind::Oversized,
@@ -40,6 +42,7 @@ impl RejectKind {
         RejectKind::Duplicate,
         RejectKind::Expired,
         RejectKind::Invalid,
+        RejectKind::ChunkNotAllowed,
     ];
 
     /// A short snake_case name, for metrics labels and logs.
@@ -55,6 +58,7 @@ impl RejectKind {
             RejectKind::Duplicate => "duplicate",
             RejectKind::Expired => "expired",
             RejectKind::Invalid => "invalid",
+            RejectKind::ChunkNotAllowed => "chunk_not_allowed",
         }
     }
 

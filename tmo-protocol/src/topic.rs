@@ -6,12 +6,12 @@
 //!
 //! | Topic | Direction | Retained | Payload |
 //! |---|---|---|---|
-//! | `tmo/v1/dev/<d>/cloud/req` | device → bridges (`$share/<g>/tmo/v1/dev/+/cloud/req`) | no | framed CBOR [`crate::CloudRequest`] |
+//! | `tmo/v1/dev/<d>/cloud/req` | device → bridges (`$share/<g>/tmo/v1/dev/+/cloud/req`) | no | one whole frame of CBOR [`crate::CloudRequest`] (chunks refused) |
 //! | `tmo/v1/dev/<d>/cloud/reply` | bridge → device | no | framed CBOR [`crate::CloudReply`] |
 //! | `tmo/v1/dev/<d>/score` | bridge (judge) → device | no | JSON [`crate::JudgeScore`] |
 //! | `tmo/v1/dev/<d>/availability` | device (and its last will) | yes | `online` / `offline` |
 //! | `tmo/v1/dev/<d>/status` | device → fleet | yes | JSON [`crate::DeviceStatus`] |
-//! | `tmo/v1/dev/<d>/outcomes` | device → collectors (`$share/<g>/tmo/v1/dev/+/outcomes`) | no | framed CBOR [`crate::OutcomeBatch`] |
+//! | `tmo/v1/dev/<d>/outcomes` | device → collectors (`$share/<g>/tmo/v1/dev/+/outcomes`) | no | one whole frame of CBOR [`crate::OutcomeBatch`] (chunks refused) |
 //! | `tmo/v1/dev/<d>/outcomes/ack` | collector → device | no | framed CBOR [`crate::OutcomeAck`] |
 //! | `tmo/v1/group/<g>/policy` | fleet → devices | yes | framed CBOR [`crate::PolicyBundle`] |
 //! | `tmo/v1/group/<g>/cmd` | fleet → devices | yes | JSON [`crate::GroupCommand`] (applied once per id, only to a policy older than the command) |
@@ -232,6 +232,13 @@ impl Topic {
             | Self::LinkProbe(d) => Some(d),
             Self::Policy(_) | Self::GroupCommand(_) => None,
         }
+    }
+
+    /// Whether messages on this topic are single packets by design, never chunked: cloud
+    /// requests and outcome batches, which a shared subscription spreads over several bridges
+    /// or collectors (each chunk could reach another one). Chunks on these topics are refused.
+    pub fn single_packet(&self) -> bool {
+        matches!(self, Self::CloudRequest(_) | Self::Outcomes(_))
     }
 
     /// Whether messages on this topic are published retained.
