@@ -41,6 +41,8 @@ pub enum CloudFailure {
     Cloud { kind: CloudErrorKind, message: String },
     #[error("the request could not be encoded: {0}")]
     Encode(String),
+    #[error("the cloud's reply was refused: {0}")]
+    InvalidReply(String),
 }
 
 impl CloudFailure {
@@ -61,6 +63,7 @@ impl CloudFailure {
                 CloudErrorKind::BadRequest => "cloud_bad_request",
             },
             CloudFailure::Encode(_) => "encode",
+            CloudFailure::InvalidReply(_) => "invalid_reply",
         }
     }
 }
@@ -234,9 +237,11 @@ impl DeviceLink {
                 reply = &mut reply_rx => {
                     let Ok(reply) = reply else { return Err(CloudFailure::ConnectionLost) };
                     return match reply.result {
-                        ReplyResult::Answer(answer) => {
-                            Ok(CloudAnswered { answer, backend_latency_ms: reply.backend_latency_ms })
-                        }
+                        // Refused whole: nothing of it reaches the budget, the estimates or the log.
+                        ReplyResult::Answer(answer) => match answer.check() {
+                            Ok(()) => Ok(CloudAnswered { answer, backend_latency_ms: reply.backend_latency_ms }),
+                            Err(reason) => Err(CloudFailure::InvalidReply(reason)),
+                        },
                         ReplyResult::Error(e) => Err(CloudFailure::Cloud { kind: e.kind, message: e.message }),
                     };
                 }

@@ -299,3 +299,97 @@ async fn cloud_request_unanswered_by_its_deadline_is_answered_locally() {
     assert!(response.outcome.latency_secs > waited);
     assert!(response.outcome.generated_tokens > 0);
 }
+
+/// A bridge (or anyone who can publish on a device's reply topic) that answers with these
+/// costs, one per request, then stops replying.
+async fn bridge_replying_with_costs(broker_port: u16, costs: Vec<f64>) -> tokio::task::JoinHandle<()> {
+    use tmo_protocol::{CborMessage, CloudAnswer, CloudReply, ReplyResult, ReplyRoute};
+    let mut link = Link::start(
+        &LinkConfig::new("127.0.0.1", broker_port, "rogue-bridge"),
+        LinkSetup {
+            availability_topic: None,
+            subscriptions: vec![Subscription::new("$share/bridges/tmo/v1/dev/+/cloud/req", QoS::AtLeastOnce)],
+        },
+    )
+    .expect("rogue bridge");
+    assert!(link.wait_connected(WAIT).await);
+    tokio::spawn(async move {
+        let mut inbox = Inbox::new(ReassemblyLimits::default());
+        let mut costs = costs.into_iter();
+        while let Some(m) = link.incoming.recv().await {
+            let Some(request) = inbox.receive::<CloudRequest>(&m.topic, &m.payload, Instant::now()) else {
+                continue;
+            };
+            let Some(cost_usd) = costs.next() else { continue };
+            let route = ReplyRoute::for_request(
+                &request,
+                &m.topic,
+                m.response_topic.as_deref(),
+                m.correlation_data.as_deref(),
+            )
+            .expect("route");
+            let reply = CloudReply {
+                request_id: request.request_id,
+                backend_latency_ms: 5,
+                bridge_latency_ms: 6,
+                result: ReplyResult::Answer(CloudAnswer {
+                    answer: "Boil it for seven minutes.".into(),
+                    model: "rogue".into(),
+                    prompt_tokens: 10,
+                    completion_tokens: 6,
+                    cost_usd,
+                }),
+            };
+            let template = Message {
+                correlation_data: route.correlation_data,
+                ..Message::new(route.topic, QoS::AtLeastOnce, Vec::new())
+            };
+            let sent = link.publisher().publish_body(&template, &reply.to_cbor().expect("encodes")).await;
+            sent.expect("reply published");
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cloud_reply_with_a_nan_negative_or_infinite_cost_is_refused_and_answered_locally() {
+    let state = tempfile::tempdir().expect("tempdir");
+    let broker = MosquittoBroker::start().expect("mosquitto");
+    let costs = vec![f64::NAN, -0.5, f64::INFINITY, 1e12];
+    let rogue = bridge_replying_with_costs(broker.port(), costs.clone()).await;
+    let policy = cloud_preferring_policy(state.path());
+    let daemon = Daemon::start(state.path(), &tmod_config(broker.port(), &policy));
+    let client = daemon.client();
+    wait_cloud_reachable(&client, true).await;
+    let dialogue = client.new_dialogue().await.expect("dialogue").dialogue_id;
+    for (turn, cost) in costs.iter().enumerate() {
+        let response = ask(&client, &dialogue, "How long should I boil an egg?").await;
+        assert_eq!(response.decision.action, "cloud", "turn {turn}");
+        assert_eq!(response.outcome.route, "local:cloud-fallback", "turn {turn} (cost {cost})");
+        let refused = attempt(&response);
+        assert_eq!(refused["outcome"], "invalid_reply", "turn {turn}: {refused}");
+        let detail = refused["detail"].as_str().expect("detail");
+        assert!(detail.contains("cost"), "turn {turn}: {detail}");
+        assert_eq!(refused["cost_usd"].as_f64(), Some(0.0), "turn {turn}: {refused}");
+        // Nothing of the reply reached the dialogue's budget: a local answer's energy only.
+        let o = &response.outcome;
+        assert!(o.cost_usd.is_finite() && (0.0..0.001).contains(&o.cost_usd), "turn {turn}: {}", o.cost_usd);
+        let left = o.budget_left.cost_usd;
+        assert!(left.is_finite() && left > 4.99, "turn {turn}: {left} left of 5.0");
+    }
+    // Every turn is in the log with its refused attempt.
+    let log_path = state.path().join("outcomes.sqlite");
+    let started = Instant::now();
+    loop {
+        let rows = OutcomeLog::open_read_only(&log_path).expect("log").all_rows().expect("rows");
+        if rows.len() == costs.len() {
+            for row in &rows {
+                let attempt = row.outcome.cloud_attempt.as_ref().expect("attempt");
+                assert_eq!(attempt.outcome, "invalid_reply", "{attempt:?}");
+            }
+            break;
+        }
+        assert!(started.elapsed() < WAIT, "{} rows logged of {}", rows.len(), costs.len());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    rogue.abort();
+}

@@ -72,7 +72,8 @@ impl FromStr for ScoreSource {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CloudAttempt {
     /// `answered`, or why not: `timeout`, `connection_lost`, `not_connected`, `no_bridge`,
-    /// `too_large`, or the bridge's error kind (`backend`, `overloaded`, `deadline`, ...).
+    /// `too_large`, `invalid_reply` (a reply with a cost or token count that is not one, refused
+    /// whole), or the bridge's error kind (`backend`, `overloaded`, `deadline`, ...).
     pub outcome: String,
     /// The error's message, when there was one.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -236,6 +236,32 @@ pub struct CloudAnswer {
     pub cost_usd: f64,
 }
 
+/// Largest price a device takes for one cloud answer, USD: a reply over it is refused.
+pub const MAX_ANSWER_COST_USD: f64 = 100.0;
+/// Most prompt or completion tokens a device takes for one cloud answer.
+pub const MAX_ANSWER_TOKENS: u32 = 10_000_000;
+
+impl CloudAnswer {
+    /// Checks what the device will charge to a dialogue's budget and log: the cost finite, not
+    /// negative and at most [`MAX_ANSWER_COST_USD`], token counts at most [`MAX_ANSWER_TOKENS`].
+    /// Not part of decoding, so that the device can refuse the reply of the request it is
+    /// waiting for at once (and answer locally) instead of waiting for its deadline.
+    pub fn check(&self) -> Result<(), String> {
+        if !(self.cost_usd.is_finite() && (0.0..=MAX_ANSWER_COST_USD).contains(&self.cost_usd)) {
+            return Err(format!(
+                "the reply's cost {} USD is not a price (finite, 0 to {MAX_ANSWER_COST_USD})",
+                self.cost_usd
+            ));
+        }
+        for (what, n) in [("prompt", self.prompt_tokens), ("completion", self.completion_tokens)] {
+            if n > MAX_ANSWER_TOKENS {
+                return Err(format!("the reply claims {n} {what} tokens, more than {MAX_ANSWER_TOKENS}"));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// An answer or an error.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
