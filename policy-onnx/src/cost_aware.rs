@@ -8,8 +8,8 @@
 //!    network hold across links and boards: the raw table differs by orders of magnitude between
 //!    a 4G link and a wired one, these do not.
 //! 2. **An MLP** on [observation, features]: the planner's action values, distilled.
-//! 3. **The budget rule**: a cloud action whose class no longer fits either remaining budget,
-//!    with that local reserve, scores [`MASK_PENALTY`] lower. So the budgets hold by construction
+//! 3. **The budget rule**: a cloud action scores [`MASK_PENALTY`] lower for each remaining
+//!    budget its class no longer fits with that local reserve. So the budgets hold by construction
 //!    on any cost table, not only where the regression is accurate.
 //!
 //! The turns still possible are `max_turns` less the turns in the observation's window (slots
@@ -22,7 +22,7 @@ use serde::Serialize;
 use tract_onnx::pb;
 
 use crate::export::{ExportOptions, GraphWriter};
-use crate::mlp::Mlp;
+use crate::mlp::{Activation, Dense, Mlp};
 use crate::schema::{ObservationVersion, Schema};
 
 /// Largest number of calls of one class the affordability features count.
@@ -99,6 +99,8 @@ pub enum CostAwareError {
     Inputs { expected: usize, found: usize },
     #[error("the network has {found} outputs for {expected} actions")]
     Outputs { expected: usize, found: usize },
+    #[error("the network's output layer has the activation {0:?}: the scores are its linear output")]
+    OutputActivation(Activation),
 }
 
 impl CostAwarePolicy {
@@ -111,6 +113,10 @@ impl CostAwarePolicy {
         }
         if mlp.outputs() != schema.action_count() {
             return Err(CostAwareError::Outputs { expected: schema.action_count(), found: mlp.outputs() });
+        }
+        let output = mlp.layers().last().expect("an MLP has a layer").activation;
+        if output != Activation::Identity {
+            return Err(CostAwareError::OutputActivation(output));
         }
         Ok(CostAwarePolicy { schema, mlp, max_turns })
     }
@@ -128,109 +134,163 @@ impl CostAwarePolicy {
     }
 
     /// The policy as contract v2 ONNX (one input `[N, 37]`, one output `[N, 9]` for X = 3).
+    ///
+    /// Laid out for tract's per-node cost: the observation's parts are picked by `Gather` (an
+    /// index copy) rather than selection matrices, and both budgets travel together in a
+    /// `[N, 1, 2, classes]` block (axis 2: latency, usage), so each step is one node for both;
+    /// constants are full-shaped (tract's broadcasting ops cost about three times the
+    /// element-wise ones); the budget rule's flags are extra inputs of the output layer.
     pub fn to_onnx(&self, options: &ExportOptions) -> Vec<u8> {
         let l = Layout::of(&self.schema);
         let mut g = GraphWriter::new();
         let x = options.input_name.clone();
-        let n = l.observation_len();
-        // Column selections of the observation, as constant matrices.
-        let select = |g: &mut GraphWriter, name: &str, columns: &[usize]| {
-            let mut m = vec![0.0f32; n * columns.len()];
-            for (j, &c) in columns.iter().enumerate() {
-                m[c * columns.len() + j] = 1.0;
-            }
-            let m = g.constant(name, &[n, columns.len()], &m);
-            g.node("MatMul", &[&x, &m], &[])
-        };
+        let gather =
+            |g: &mut GraphWriter, name: &str, input: &str, dims: &[usize], indices: &[usize], axis: i64| {
+                let indices: Vec<i64> = indices.iter().map(|&i| i as i64).collect();
+                let indices = g.int_constant(name, dims, &indices);
+                g.node("Gather", &[input, &indices], &[int_attribute("axis", axis)])
+            };
+
+        // Turns after this one, (max_turns - Z) - sum over the window of clamp(task, -1, 0), as a
+        // [N, 1, 2, classes] block like the costs, so that the arithmetic below is element-wise.
         let tasks: Vec<usize> = (0..l.history).map(|s| l.task(s)).collect();
-        let tasks = select(&mut g, "select.tasks", &tasks);
-        let latency_left = select(&mut g, "select.latency_left", &[l.latency_left()]);
-        let usage_left = select(&mut g, "select.usage_left", &[l.usage_left()]);
-        let class_latency: Vec<usize> = (0..l.classes).map(|c| l.class_latency(c)).collect();
-        let class_usage: Vec<usize> = (0..l.classes).map(|c| l.class_usage(c)).collect();
-        let lat = select(&mut g, "select.class_latency", &class_latency);
-        let use_ = select(&mut g, "select.class_usage", &class_usage);
-        let local_lat = select(&mut g, "select.local_latency", &[l.class_latency(0)]);
-        let local_use = select(&mut g, "select.local_usage", &[l.class_usage(0)]);
-        let cloud_lat = select(&mut g, "select.cloud_latency", &class_latency[1..]);
-        let cloud_use = select(&mut g, "select.cloud_usage", &class_usage[1..]);
+        let tasks = gather(&mut g, "select.tasks", &x, &[l.history], &tasks, 1);
+        // Constants are full-shaped: tract runs a binary op on equal shapes faster than one that
+        // broadcasts (Clip would become two broadcasting ops).
+        let minus_one = g.constant("absent.low", &[1, l.history], &vec![-1.0; l.history]);
+        let zero = g.constant("absent.high", &[1, l.history], &vec![0.0; l.history]);
+        let absent = g.node("Max", &[&tasks, &minus_one], &[]);
+        let absent = g.node("Min", &[&absent, &zero], &[]);
+        let count =
+            g.constant("later.count", &[l.history, 2 * l.classes], &vec![-1.0; 2 * l.history * l.classes]);
+        let beyond = g.constant(
+            "later.beyond_window",
+            &[2 * l.classes],
+            &vec![self.max_turns as f32 - l.history as f32; 2 * l.classes],
+        );
+        let mut later = g.node("Gemm", &[&absent, &count, &beyond], &[]);
+        if self.max_turns < l.history {
+            later = g.node("Relu", &[&later], &[]);
+        }
+        let shape = g.int_constant("shape.block", &[4], &[-1, 1, 2, l.classes as i64]);
+        let later = g.node("Reshape", &[&later, &shape], &[]);
 
-        // Turns in the window: 1 - relu(1 - relu(task + 1)) is 1 for a task id >= 0, 0 for -1.
-        let one = g.scalar("one", 1.0);
-        let shifted = g.node("Add", &[&tasks, &one], &[]);
-        let r = g.node("Relu", &[&shifted], &[]);
-        let r = g.node("Sub", &[&one, &r], &[]);
-        let r = g.node("Relu", &[&r], &[]);
-        let present = g.node("Sub", &[&one, &r], &[]);
-        let ones = g.constant("sum.turns", &[l.history, 1], &vec![1.0; l.history]);
-        let turns = g.node("MatMul", &[&present, &ones], &[]);
-        let max_turns = g.scalar("max_turns", self.max_turns as f32);
-        let later = g.node("Sub", &[&max_turns, &turns], &[]);
-        let later = g.node("Relu", &[&later], &[]);
-
-        // Min-max normalised class costs.
-        let normalised = |g: &mut GraphWriter, v: &str, what: &str| {
-            let lo = g.node("ReduceMin", &[v], &[axes_attribute(), keepdims_attribute()]);
-            let hi = g.node("ReduceMax", &[v], &[axes_attribute(), keepdims_attribute()]);
-            let span = g.node("Sub", &[&hi, &lo], &[]);
-            let floor = g.scalar(&format!("{what}.span_floor"), SPAN_FLOOR);
-            let span = g.node("Max", &[&span, &floor], &[]);
-            let shifted = g.node("Sub", &[v, &lo], &[]);
-            g.node("Div", &[&shifted, &span], &[])
-        };
-        let lat_norm = normalised(&mut g, &lat, "latency");
-        let use_norm = normalised(&mut g, &use_, "usage");
+        // Per budget (latency, usage) and class: what is left, the local class's cost, the class's
+        // cost.
+        let block = [1, 2, l.classes];
+        let per_budget =
+            |latency: usize, usage: usize| [vec![latency; l.classes], vec![usage; l.classes]].concat();
+        let left = per_budget(l.latency_left(), l.usage_left());
+        let left = gather(&mut g, "select.budgets_left", &x, &block, &left, 1);
+        let local = per_budget(l.class_latency(0), l.class_usage(0));
+        let local = gather(&mut g, "select.local_costs", &x, &block, &local, 1);
+        let costs: Vec<usize> = (0..l.classes)
+            .map(|c| l.class_latency(c))
+            .chain((0..l.classes).map(|c| l.class_usage(c)))
+            .collect();
+        let costs = gather(&mut g, "select.class_costs", &x, &block, &costs, 1);
 
         // What each budget has left after a local answer for every later turn.
-        let reserve = g.node("Mul", &[&later, &local_lat], &[]);
-        let avail_lat = g.node("Sub", &[&latency_left, &reserve], &[]);
-        let reserve = g.node("Mul", &[&later, &local_use], &[]);
-        let avail_use = g.node("Sub", &[&usage_left, &reserve], &[]);
-        let zero = g.scalar("zero", 0.0);
-        let cap = g.scalar("max_affordable", MAX_AFFORDABLE);
-        let affordable = |g: &mut GraphWriter, avail: &str, per_call: &str, what: &str| {
-            let floor = g.scalar(&format!("{what}.cost_floor"), COST_FLOOR);
-            let per_call = g.node("Max", &[per_call, &floor], &[]);
-            let calls = g.node("Div", &[avail, &per_call], &[]);
-            let calls = g.node("Max", &[&calls, &zero], &[]);
-            g.node("Min", &[&calls, &cap], &[])
-        };
-        let afford_lat = affordable(&mut g, &avail_lat, &cloud_lat, "latency");
-        let afford_use = affordable(&mut g, &avail_use, &cloud_use, "usage");
-        let features = g.node(
-            "Concat",
-            &[&x, &lat_norm, &use_norm, &afford_lat, &afford_use],
-            &[int_attribute("axis", 1)],
-        );
-        let values = g.mlp(&self.mlp, &features, None);
+        let reserve = g.node("Mul", &[&later, &local], &[]);
+        let avail = g.node("Sub", &[&left, &reserve], &[]);
 
-        // The budget rule: slack of each action's class in each budget, below its margin is out.
-        let actions = self.schema.action_count();
+        // Min-max normalised over the classes.
+        let lo = g.node("ReduceMin", &[&costs], &[axes_attribute(3), keepdims_attribute()]);
+        let hi = g.node("ReduceMax", &[&costs], &[axes_attribute(3), keepdims_attribute()]);
+        let span = g.node("Sub", &[&hi, &lo], &[]);
+        let span_floor = g.constant("span_floor", &[1, 1, 2, 1], &[SPAN_FLOOR; 2]);
+        let span = g.node("Max", &[&span, &span_floor], &[]);
+        let shifted = g.node("Sub", &[&costs, &lo], &[]);
+        let normalised = g.node("Div", &[&shifted, &span], &[]);
+
+        // Calls each budget affords, per class (the local class's column has no weight).
+        let full = |g: &mut GraphWriter, name: &str, value: f32| {
+            g.constant(name, &[1, 1, 2, l.classes], &vec![value; 2 * l.classes])
+        };
+        let cost_floor = full(&mut g, "cost_floor", COST_FLOOR);
+        let per_call = g.node("Max", &[&costs, &cost_floor], &[]);
+        let calls = g.node("Div", &[&avail, &per_call], &[]);
+        let no_calls = full(&mut g, "no_calls", 0.0);
+        let calls = g.node("Max", &[&calls, &no_calls], &[]);
+        let cap = full(&mut g, "max_affordable", MAX_AFFORDABLE);
+        let affordable = g.node("Min", &[&calls, &cap], &[]);
+
+        // [observation, per budget: normalised costs then affordable calls] into the MLP.
+        let features = g.node("Concat", &[&normalised, &affordable], &[int_attribute("axis", 3)]);
+        let features = g.node("Flatten", &[&features], &[int_attribute("axis", 1)]);
+        let input = g.node("Concat", &[&x, &features], &[int_attribute("axis", 1)]);
+        let (hidden_layers, output_layer) = self.layers_on_graph_features(&l);
+        let mut hidden = input;
+        for (i, layer) in hidden_layers.iter().enumerate() {
+            hidden = g.dense(i, layer, &hidden, None);
+        }
+
+        // The budget rule: the budgets each class no longer fits (what is left below its cost
+        // plus the margin), as 0/1 inputs of the output layer, whose weights take MASK_PENALTY
+        // off the actions of that class for each (local actions none).
+        let margins: Vec<f32> =
+            [LATENCY_MARGIN_SECS, USAGE_MARGIN_USD].iter().flat_map(|&m| [m; 1].repeat(l.classes)).collect();
+        let margins = g.constant("budget_rule.margins", &[1, 1, 2, l.classes], &margins);
+        let needed = g.node("Add", &[&costs, &margins], &[]);
+        let short = g.node("Less", &[&avail, &needed], &[]);
+        let short =
+            g.node("Cast", &[&short], &[int_attribute("to", pb::tensor_proto::DataType::Float as i64)]);
+        let short = g.node("Flatten", &[&short], &[int_attribute("axis", 1)]);
+        let joined = g.node("Concat", &[&hidden, &short], &[int_attribute("axis", 1)]);
+        g.dense(self.mlp.layers().len() - 1, &output_layer, &joined, Some(&options.output_name));
+        g.into_model(options, l.observation_len(), self.schema.action_count()).encode_to_vec()
+    }
+
+    /// The MLP as the graph runs it: the hidden layers, the first with its columns in the
+    /// graph's feature order (the observation, then per budget the normalised costs of every
+    /// class and the affordable calls of every class, the local class's affordable calls, not
+    /// a network input, with zero weight); and the output layer taking, after the last hidden
+    /// layer, which budgets each class no longer fits (`[latency of every class, usage of
+    /// every class]`), each worth `-MASK_PENALTY` to the cloud actions of that class.
+    fn layers_on_graph_features(&self, l: &Layout) -> (Vec<Dense>, Dense) {
+        let observation = l.observation_len();
+        let normalised = |budget: usize, class: usize| observation + budget * l.classes + class;
+        let affordable = |budget: usize, class: usize| {
+            (class > 0).then(|| observation + 2 * l.classes + budget * (l.modalities + 1) + class - 1)
+        };
+        let columns: Vec<Option<usize>> = (0..observation)
+            .map(Some)
+            .chain((0..2).flat_map(|b| {
+                (0..l.classes)
+                    .map(move |c| Some(normalised(b, c)))
+                    .chain((0..l.classes).map(move |c| affordable(b, c)))
+            }))
+            .collect();
+        let mut layers = self.mlp.layers().to_vec();
+        let mut output = layers.pop().expect("an MLP has a layer");
+        let reorder = |first: &mut Dense| {
+            first.weights = first
+                .weights
+                .chunks_exact(first.inputs)
+                .flat_map(|row| columns.iter().map(|c| c.map_or(0.0, |c| row[c])).collect::<Vec<_>>())
+                .collect();
+            first.inputs = columns.len();
+        };
+        match layers.first_mut() {
+            Some(first) => reorder(first),
+            None => reorder(&mut output),
+        }
+
         let class_of: Vec<usize> = self.schema.actions().map(crate::schema::ClassCosts::class_of).collect();
-        let per_action = |g: &mut GraphWriter, name: &str, class_index: &dyn Fn(usize) -> usize| {
-            let mut m = vec![0.0f32; n * actions];
-            for (a, &c) in class_of.iter().enumerate() {
-                m[class_index(c) * actions + a] = 1.0;
-            }
-            let m = g.constant(name, &[n, actions], &m);
-            g.node("MatMul", &[&x, &m], &[])
-        };
-        let action_lat = per_action(&mut g, "select.action_latency", &|c| l.class_latency(c));
-        let action_use = per_action(&mut g, "select.action_usage", &|c| l.class_usage(c));
-        let out_of_budget = |g: &mut GraphWriter, avail: &str, cost: &str, margin: f32, what: &str| {
-            let slack = g.node("Sub", &[avail, cost], &[]);
-            let margin = g.scalar(&format!("{what}.margin"), margin);
-            let short = g.node("Less", &[&slack, &margin], &[]);
-            g.node("Cast", &[&short], &[int_attribute("to", pb::tensor_proto::DataType::Float as i64)])
-        };
-        let short_lat = out_of_budget(&mut g, &avail_lat, &action_lat, LATENCY_MARGIN_SECS, "latency");
-        let short_use = out_of_budget(&mut g, &avail_use, &action_use, USAGE_MARGIN_USD, "usage");
-        let short = g.node("Max", &[&short_lat, &short_use], &[]);
-        let penalty: Vec<f32> = class_of.iter().map(|&c| if c == 0 { 0.0 } else { MASK_PENALTY }).collect();
-        let penalty = g.constant("budget_rule.penalty", &[actions], &penalty);
-        let penalty = g.node("Mul", &[&short, &penalty], &[]);
-        g.named_node("Sub", &[&values, &penalty], &[], &options.output_name);
-        g.into_model(options, n, actions).encode_to_vec()
+        output.weights = output
+            .weights
+            .chunks_exact(output.inputs)
+            .zip(&class_of)
+            .flat_map(|(row, &action_class)| {
+                let penalty = (0..2 * l.classes).map(move |lane| {
+                    let class = lane % l.classes;
+                    if class == action_class && class != 0 { -MASK_PENALTY } else { 0.0 }
+                });
+                row.iter().copied().chain(penalty).collect::<Vec<_>>()
+            })
+            .collect();
+        output.inputs += 2 * l.classes;
+        (layers, output)
     }
 }
 
@@ -269,30 +329,29 @@ pub fn network_input(schema: &Schema, max_turns: usize, observation: &[f32]) -> 
 }
 
 /// What each budget has left (seconds, USD) once a local answer is kept for every turn the
-/// dialogue may still have: `max_turns` less the turns in the window (task slots not -1), the
-/// graph's `1 - relu(1 - relu(task + 1))` per slot.
+/// dialogue may still have: `max_turns` less the turns in the window (task slots not -1), as the
+/// graph computes it: `(max_turns - Z) - sum of clamp(task, -1, 0)`.
 fn after_local_reserve(l: &Layout, max_turns: usize, o: &[f32]) -> (f32, f32) {
-    let present = |t: f32| 1.0 - (1.0 - (t + 1.0).max(0.0)).max(0.0);
-    let turns: f32 = (0..l.history).map(|s| present(o[l.task(s)])).sum();
-    let later = (max_turns as f32 - turns).max(0.0);
+    let absent: f32 = (0..l.history).map(|s| o[l.task(s)].clamp(-1.0, 0.0)).sum();
+    let later = (max_turns as f32 - l.history as f32 - absent).max(0.0);
     (o[l.latency_left()] - later * o[l.class_latency(0)], o[l.usage_left()] - later * o[l.class_usage(0)])
 }
 
-/// Lowers the scores of the cloud actions whose class no longer fits the budgets.
+/// Lowers the score of a cloud action by [`MASK_PENALTY`] for each budget its class no longer
+/// fits: what is left after the local reserve is below the class's cost plus the margin.
 fn apply_budget_rule(schema: &Schema, max_turns: usize, observation: &[f32], scores: &mut [f32]) {
     let l = Layout::of(schema);
     let o = observation;
     let (avail_lat, avail_use) = after_local_reserve(&l, max_turns, o);
+    let short = |avail: f32, cost: f32, margin: f32| avail < cost + margin;
     for (score, action) in scores.iter_mut().zip(schema.actions()) {
         let c = crate::schema::ClassCosts::class_of(action);
         if c == 0 {
             continue;
         }
-        let short = avail_lat - o[l.class_latency(c)] < LATENCY_MARGIN_SECS
-            || avail_use - o[l.class_usage(c)] < USAGE_MARGIN_USD;
-        if short {
-            *score -= MASK_PENALTY;
-        }
+        let budgets_short = u8::from(short(avail_lat, o[l.class_latency(c)], LATENCY_MARGIN_SECS))
+            + u8::from(short(avail_use, o[l.class_usage(c)], USAGE_MARGIN_USD));
+        *score -= MASK_PENALTY * f32::from(budgets_short);
     }
 }
 
@@ -305,11 +364,11 @@ fn int_attribute(name: &str, value: i64) -> pb::AttributeProto {
     }
 }
 
-fn axes_attribute() -> pb::AttributeProto {
+fn axes_attribute(axis: i64) -> pb::AttributeProto {
     pb::AttributeProto {
         name: "axes".into(),
         r#type: pb::attribute_proto::AttributeType::Ints as i32,
-        ints: vec![1],
+        ints: vec![axis],
         ..Default::default()
     }
 }

@@ -5,7 +5,7 @@
 use prost::Message;
 use tract_onnx::pb;
 
-use crate::mlp::{Activation, Mlp};
+use crate::mlp::{Activation, Dense, Mlp};
 
 /// The ONNX opset the writer targets.
 pub const OPSET: i64 = 17;
@@ -58,9 +58,16 @@ impl GraphWriter {
         name.to_owned()
     }
 
-    /// A float32 constant of shape `[1]` (broadcast against any tensor).
-    pub(crate) fn scalar(&mut self, name: &str, value: f32) -> String {
-        self.constant(name, &[1], &[value])
+    /// An int64 initializer named `name` (indices, axes).
+    pub(crate) fn int_constant(&mut self, name: &str, dims: &[usize], values: &[i64]) -> String {
+        self.initializers.push(pb::TensorProto {
+            name: name.into(),
+            dims: dims.iter().map(|&d| d as i64).collect(),
+            data_type: pb::tensor_proto::DataType::Int64 as i32,
+            int64_data: values.to_vec(),
+            ..Default::default()
+        });
+        name.to_owned()
     }
 
     /// A node whose one output gets a fresh name, returned.
@@ -92,52 +99,55 @@ impl GraphWriter {
     /// The layers of `mlp` applied to `input` (Gemm with transB = 1, then the activation); the
     /// last node's output is `output` when given. Returns the output's name.
     pub(crate) fn mlp(&mut self, mlp: &Mlp, input: &str, output: Option<&str>) -> String {
-        let mut current = input.to_owned();
         let last = mlp.layers().len() - 1;
+        let mut current = input.to_owned();
         for (i, layer) in mlp.layers().iter().enumerate() {
-            let w =
-                self.constant(&format!("layer{i}.weight"), &[layer.outputs, layer.inputs], &layer.weights);
-            let b = self.constant(&format!("layer{i}.bias"), &[layer.outputs], &layer.bias);
-            let is_output = i == last && layer.activation == Activation::Identity;
-            let gemm_out = match output {
-                Some(name) if is_output => name.to_owned(),
-                _ => format!("layer{i}.linear"),
-            };
-            self.nodes.push(pb::NodeProto {
-                input: vec![current.clone(), w, b],
-                output: vec![gemm_out.clone()],
-                name: format!("layer{i}.gemm"),
-                op_type: "Gemm".into(),
-                attribute: vec![pb::AttributeProto {
-                    name: "transB".into(),
-                    r#type: pb::attribute_proto::AttributeType::Int as i32,
-                    i: 1,
-                    ..Default::default()
-                }],
-                ..Default::default()
-            });
-            current = gemm_out;
-            let op = match layer.activation {
-                Activation::Identity => None,
-                Activation::Relu => Some("Relu"),
-                Activation::Tanh => Some("Tanh"),
-            };
-            if let Some(op) = op {
-                let out = match output {
-                    Some(name) if i == last => name.to_owned(),
-                    _ => format!("layer{i}.{}", op.to_lowercase()),
-                };
-                self.nodes.push(pb::NodeProto {
-                    input: vec![current.clone()],
-                    output: vec![out.clone()],
-                    name: format!("layer{i}.{}", op.to_lowercase()),
-                    op_type: op.into(),
-                    ..Default::default()
-                });
-                current = out;
-            }
+            current = self.dense(i, layer, &current, output.filter(|_| i == last));
         }
         current
+    }
+
+    /// Layer `index` (its initializers and nodes are named `layer{index}.*`) applied to `input`;
+    /// its last node's output is `output` when given. Returns the output's name.
+    pub(crate) fn dense(&mut self, index: usize, layer: &Dense, input: &str, output: Option<&str>) -> String {
+        let i = index;
+        let w = self.constant(&format!("layer{i}.weight"), &[layer.outputs, layer.inputs], &layer.weights);
+        let b = self.constant(&format!("layer{i}.bias"), &[layer.outputs], &layer.bias);
+        let activation = match layer.activation {
+            Activation::Identity => None,
+            Activation::Relu => Some("Relu"),
+            Activation::Tanh => Some("Tanh"),
+        };
+        let gemm_out = match output {
+            Some(name) if activation.is_none() => name.to_owned(),
+            _ => format!("layer{i}.linear"),
+        };
+        self.nodes.push(pb::NodeProto {
+            input: vec![input.to_owned(), w, b],
+            output: vec![gemm_out.clone()],
+            name: format!("layer{i}.gemm"),
+            op_type: "Gemm".into(),
+            attribute: vec![pb::AttributeProto {
+                name: "transB".into(),
+                r#type: pb::attribute_proto::AttributeType::Int as i32,
+                i: 1,
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+        let Some(op) = activation else { return gemm_out };
+        let out = match output {
+            Some(name) => name.to_owned(),
+            None => format!("layer{i}.{}", op.to_lowercase()),
+        };
+        self.nodes.push(pb::NodeProto {
+            input: vec![gemm_out],
+            output: vec![out.clone()],
+            name: format!("layer{i}.{}", op.to_lowercase()),
+            op_type: op.into(),
+            ..Default::default()
+        });
+        out
     }
 
     /// The model: one float32 input `[N, inputs]` named as `options` says, one output `[N, outputs]`.
