@@ -1,6 +1,7 @@
 //! The device's side of the fleet loop, on the MQTT link:
 //! - **upload**: outcome rows go out oldest first in batches (one MQTT packet each, QoS 1) and
-//!   are marked uploaded only for the keys a collector acknowledges; while the broker is away
+//!   are marked uploaded only for the keys a collector stores (rows it refuses are set aside
+//!   with its reason, neither uploaded nor sent again, and counted); while the broker is away
 //!   they wait in the log (bounded by its size, uploaded rows evicted first) and drain in order
 //!   after reconnecting;
 //! - **status**: a retained `DeviceStatus` on `tmo/v1/dev/<id>/status`, periodically and after
@@ -170,11 +171,19 @@ async fn upload<S: FleetHost>(
         drop(svc);
         batch_id += 1;
         match send_batch(&link, &topic, &device, batch_id, rows, &acks, config.ack_timeout).await {
-            Ok((ids, rejected)) => {
+            Ok((ids, refused)) => {
                 let Some(svc) = service.upgrade() else { return };
+                let rejected = refused.len();
                 match svc.outcomes().mark_uploaded(ids).await {
                     Ok(marked) => tracing::debug!(batch_id, marked, rejected, "outcome batch acknowledged"),
                     Err(e) => tracing::error!("outcome upload: marking rows: {e}"),
+                }
+                // Not uploaded (an uploaded row may be evicted), not pending (it would go again
+                // forever): set aside with the collector's reason, and counted in the status.
+                if !refused.is_empty()
+                    && let Err(e) = svc.outcomes().mark_upload_refused(refused).await
+                {
+                    tracing::error!("outcome upload: setting refused rows aside: {e}");
                 }
                 backoff = UPLOAD_BACKOFF.0;
             }
@@ -188,7 +197,7 @@ async fn upload<S: FleetHost>(
 }
 
 /// Publishes one batch (as many of `rows` as fit one packet) and waits for its ack; returns
-/// the row ids the collector acknowledged (stored, or refused for good) and how many it refused.
+/// the row ids the collector stored and those it refused for good, with its reasons.
 async fn send_batch(
     link: &DeviceLink,
     topic: &str,
@@ -197,7 +206,7 @@ async fn send_batch(
     mut rows: Vec<LoggedOutcome>,
     acks: &AckWaiters,
     timeout: Duration,
-) -> Result<(Vec<outcome_log::RowId>, usize), String> {
+) -> Result<(Vec<outcome_log::RowId>, Vec<(outcome_log::RowId, String)>), String> {
     let template = Message::new(topic.to_owned(), QoS::AtLeastOnce, Vec::new());
     let max =
         link.publisher().max_frame_bytes(&template).saturating_sub(tmo_protocol::chunk::WHOLE_HEADER_BYTES);
@@ -242,13 +251,10 @@ async fn send_batch(
         for r in &ack.rejected {
             tracing::warn!(dialogue = %r.key.dialogue_id, turn = r.key.turn, reason = %r.reason, "collector refused an outcome row");
         }
-        let ids = ack
-            .accepted
-            .iter()
-            .chain(ack.rejected.iter().map(|r| &r.key))
-            .filter_map(|k| by_key.get(&(k.dialogue_id.as_str(), k.turn)).copied())
-            .collect();
-        Ok((ids, ack.rejected.len()))
+        let id_of = |k: &OutcomeKey| by_key.get(&(k.dialogue_id.as_str(), k.turn)).copied();
+        let ids = ack.accepted.iter().filter_map(id_of).collect();
+        let refused = ack.rejected.iter().filter_map(|r| Some((id_of(&r.key)?, r.reason.clone()))).collect();
+        Ok((ids, refused))
     }
     .await;
     lock(acks).remove(&batch_id);
@@ -412,6 +418,7 @@ async fn device_status(
     if let Ok(stats) = service.outcomes().stats().await {
         counters.outcomes_logged = stats.rows;
         counters.outcomes_uploaded = stats.uploaded;
+        counters.outcomes_upload_refused = stats.upload_refused;
     }
     DeviceStatus {
         v: tmo_protocol::MESSAGE_VERSION,

@@ -343,3 +343,68 @@ async fn fleet_uploads_outcomes_and_pushes_verified_policies_to_a_group() {
     assert!(stats.rescored >= 1, "{stats:?}");
     assert_eq!((stats.malformed, stats.rejected_rows), (0, 0), "{stats:?}");
 }
+
+/// `uploaded_at_ms` of a dialogue's first turn in a device's log.
+fn uploaded_at(log: &Path, dialogue: &str) -> Option<i64> {
+    let db = rusqlite::Connection::open(log).expect("log opens");
+    db.busy_timeout(Duration::from_secs(5)).expect("busy timeout");
+    db.query_row("SELECT uploaded_at_ms FROM outcomes WHERE dialogue_id = ?1 AND turn = 0", [dialogue], |r| {
+        r.get(0)
+    })
+    .expect("row")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_rows_a_collector_refuses_are_set_aside_not_marked_uploaded() {
+    let broker = MosquittoBroker::start().expect("mosquitto (apt-get install mosquitto)");
+    let port = broker.port();
+    let trusted = hex::encode(SigningKey::from_bytes(&[7; 32]).verifying_key().to_bytes());
+    let manager = Manager::start(port).await;
+    let state = tempfile::tempdir().expect("tempdir");
+    let daemon = Daemon::start_as(state.path(), DEVICES[0], &device_config(port, &trusted));
+    let good = ask(&daemon.client()).await.decision.dialogue_id;
+    let bad = ask(&daemon.client()).await.decision.dialogue_id;
+    // No collector yet: both rows wait. One of them then breaks a rule the collector checks (a
+    // newer collector's rule, a bit flip on the card): it will be refused.
+    let log = state.path().join("outcomes.sqlite");
+    {
+        let db = rusqlite::Connection::open(&log).expect("log opens");
+        db.busy_timeout(Duration::from_secs(5)).expect("busy timeout");
+        let changed = db
+            .execute("UPDATE outcomes SET propensity = 1.5 WHERE dialogue_id = ?1", [&bad])
+            .expect("update");
+        assert_eq!(changed, 1);
+    }
+    let dataset = tempfile::tempdir().expect("tempdir");
+    let collector = fleet::collector::Collector::start(
+        &LinkConfig::new("127.0.0.1", port, "collector-1"),
+        "collectors".parse().expect("share group"),
+        dataset.path(),
+    )
+    .await
+    .expect("collector");
+    assert!(collector.wait_connected(WAIT).await, "collector connects");
+    let keys = wait_rows(dataset.path(), 1).await;
+    assert_eq!(keys[0].1, good);
+    let started = Instant::now();
+    while uploaded_at(&log, &good).is_none() {
+        assert!(started.elapsed() < WAIT, "the stored row was not marked uploaded");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    manager
+        .wait_for(&DEVICES[..1], "the refused row reported", |s| {
+            s.counters.outcomes_uploaded == 1 && s.counters.outcomes_upload_refused == 1
+        })
+        .await;
+    // The refused row is not marked uploaded (so never evicted as such), keeps the collector's
+    // reason, and is not sent again and again.
+    assert_eq!(uploaded_at(&log, &bad), None);
+    let db = rusqlite::Connection::open(&log).expect("log opens");
+    let reason: Option<String> = db
+        .query_row("SELECT upload_refused FROM outcomes WHERE dialogue_id = ?1", [&bad], |r| r.get(0))
+        .expect("reason");
+    assert!(reason.as_deref().is_some_and(|r| r.contains("propensity")), "{reason:?}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let stats = collector.shutdown(Duration::from_secs(5)).await;
+    assert_eq!((stats.rows_written, stats.rejected_rows), (1, 1), "{stats:?}");
+}

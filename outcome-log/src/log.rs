@@ -8,7 +8,7 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, TransactionBehavio
 use crate::{LoggedOutcome, OutcomeLogError, RowId, ScoreSource, ScoreUpdate, TurnOutcome, now_ms};
 
 /// The schema version this build writes, kept in `PRAGMA user_version`.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// `PRAGMA application_id` of outcome logs ("TMOL"), so that another SQLite file is not taken
 /// for a log.
@@ -51,10 +51,11 @@ CREATE TABLE outcomes (
     cloud_attempt    TEXT,
     created_at_ms    INTEGER NOT NULL,
     uploaded_at_ms   INTEGER,
+    upload_refused   TEXT,
     UNIQUE (dialogue_id, turn),
     CHECK ((score IS NULL) = (score_source IS NULL))
 );
-CREATE INDEX outcomes_pending ON outcomes (id) WHERE uploaded_at_ms IS NULL;
+CREATE INDEX outcomes_pending ON outcomes (id) WHERE uploaded_at_ms IS NULL AND upload_refused IS NULL;
 CREATE INDEX outcomes_uploaded ON outcomes (id) WHERE uploaded_at_ms IS NOT NULL;
 ";
 
@@ -73,6 +74,10 @@ const INSERT: &str = "INSERT INTO outcomes (dialogue_id, turn, question, task, o
 const MIGRATIONS: &[&str] = &[
     // 2: the cloud request of a turn and what became of it (JSON).
     "ALTER TABLE outcomes ADD COLUMN cloud_attempt TEXT;",
+    // 3: rows a collector refused for good, with its reason: neither pending nor uploaded.
+    "ALTER TABLE outcomes ADD COLUMN upload_refused TEXT;
+     DROP INDEX outcomes_pending;
+     CREATE INDEX outcomes_pending ON outcomes (id) WHERE uploaded_at_ms IS NULL AND upload_refused IS NULL;",
 ];
 
 /// How much a commit must survive before it is acknowledged.
@@ -124,6 +129,9 @@ pub struct LogStats {
     pub rows: u64,
     pub pending_upload: u64,
     pub uploaded: u64,
+    /// Rows a collector refused for good (see [`OutcomeLog::mark_upload_refused`]): kept, not
+    /// sent again, not evicted as uploaded.
+    pub upload_refused: u64,
     /// Bytes the rows use inside the database file (what `max_bytes` bounds).
     pub used_bytes: u64,
     /// Size of the database file plus its `-wal` file on disk.
@@ -423,7 +431,7 @@ impl OutcomeLog {
             return Ok(ScoreUpdate::KeptHigherRanked { existing });
         }
         tx.execute(
-            "UPDATE outcomes SET score = ?3, score_source = ?4, uploaded_at_ms = NULL \
+            "UPDATE outcomes SET score = ?3, score_source = ?4, uploaded_at_ms = NULL, upload_refused = NULL \
              WHERE dialogue_id = ?1 AND turn = ?2",
             params![dialogue, turn, score, source.as_str()],
         )?;
@@ -431,11 +439,11 @@ impl OutcomeLog {
         Ok(ScoreUpdate::Updated)
     }
 
-    /// Up to `limit` rows waiting for upload, oldest first.
+    /// Up to `limit` rows waiting for upload, oldest first (rows refused by a collector are not).
     pub fn rows_pending_upload(&self, limit: usize) -> Result<Vec<LoggedOutcome>, OutcomeLogError> {
         let sql = format!(
-            "SELECT {COLUMNS} FROM outcomes INDEXED BY outcomes_pending WHERE uploaded_at_ms IS NULL \
-             ORDER BY id LIMIT ?1"
+            "SELECT {COLUMNS} FROM outcomes INDEXED BY outcomes_pending \
+             WHERE uploaded_at_ms IS NULL AND upload_refused IS NULL ORDER BY id LIMIT ?1"
         );
         self.query_rows(&sql, params![limit as i64])
     }
@@ -456,6 +464,38 @@ impl OutcomeLog {
         }
         tx.commit()?;
         Ok(changed)
+    }
+
+    /// Sets rows aside that a collector refused for good, with its reason: they are not
+    /// uploaded (so never evicted as such), not pending (so not sent again and again), and
+    /// counted in [`LogStats::upload_refused`]. A new score makes a row pending again. Returns
+    /// how many rows changed (ids evicted or already uploaded are skipped).
+    pub fn mark_upload_refused(&mut self, rows: &[(RowId, String)]) -> Result<usize, OutcomeLogError> {
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut changed = 0;
+        {
+            let mut stmt = tx.prepare_cached(
+                "UPDATE outcomes SET upload_refused = ?2 WHERE id = ?1 AND uploaded_at_ms IS NULL",
+            )?;
+            for (id, reason) in rows {
+                changed += stmt.execute(params![id.0, reason])?;
+            }
+        }
+        tx.commit()?;
+        Ok(changed)
+    }
+
+    /// The reason a collector gave for refusing a turn's row, if it did.
+    pub fn upload_refusal(&self, dialogue: &str, turn: u32) -> Result<Option<String>, OutcomeLogError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT upload_refused FROM outcomes WHERE dialogue_id = ?1 AND turn = ?2",
+                params![dialogue, turn],
+                |r| r.get::<_, Option<String>>(0),
+            )
+            .optional()?
+            .flatten())
     }
 
     /// The row of one turn, if the log holds it.
@@ -485,20 +525,24 @@ impl OutcomeLog {
 
     /// Counts and sizes for `/v1/status`.
     pub fn stats(&self) -> Result<LogStats, OutcomeLogError> {
-        let (rows, pending_upload, oldest_pending_ms): (i64, i64, Option<i64>) = self.conn.query_row(
-            "SELECT (SELECT count(*) FROM outcomes), \
-                    (SELECT count(*) FROM outcomes WHERE uploaded_at_ms IS NULL), \
-                    (SELECT created_at_ms FROM outcomes WHERE uploaded_at_ms IS NULL ORDER BY id LIMIT 1)",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-        )?;
+        let (rows, pending_upload, upload_refused, oldest_pending_ms): (i64, i64, i64, Option<i64>) =
+            self.conn.query_row(
+                "SELECT (SELECT count(*) FROM outcomes), \
+                    (SELECT count(*) FROM outcomes WHERE uploaded_at_ms IS NULL AND upload_refused IS NULL), \
+                    (SELECT count(*) FROM outcomes WHERE uploaded_at_ms IS NULL AND upload_refused IS NOT NULL), \
+                    (SELECT created_at_ms FROM outcomes INDEXED BY outcomes_pending \
+                     WHERE uploaded_at_ms IS NULL AND upload_refused IS NULL ORDER BY id LIMIT 1)",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )?;
         let file_len = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
         let mut wal = self.path.clone().into_os_string();
         wal.push("-wal");
         Ok(LogStats {
             rows: rows as u64,
             pending_upload: pending_upload as u64,
-            uploaded: (rows - pending_upload) as u64,
+            uploaded: (rows - pending_upload - upload_refused) as u64,
+            upload_refused: upload_refused as u64,
             used_bytes: used_bytes(&self.conn, self.page_size)?,
             file_bytes: file_len(&self.path) + file_len(Path::new(&wal)),
             max_bytes: self.config.max_bytes,
@@ -716,8 +760,12 @@ mod tests {
         // Make it what a version 1 build left behind.
         let path = dir.path().join("outcomes.db");
         let conn = Connection::open(&path).unwrap();
-        conn.execute_batch("ALTER TABLE outcomes DROP COLUMN cloud_attempt; PRAGMA user_version = 1;")
-            .unwrap();
+        conn.execute_batch(
+            "DROP INDEX outcomes_pending; ALTER TABLE outcomes DROP COLUMN upload_refused; \
+             CREATE INDEX outcomes_pending ON outcomes (id) WHERE uploaded_at_ms IS NULL; \
+             ALTER TABLE outcomes DROP COLUMN cloud_attempt; PRAGMA user_version = 1;",
+        )
+        .unwrap();
         drop(conn);
 
         let mut log = open(&dir, 1 << 20);
@@ -862,6 +910,37 @@ mod tests {
         assert!(present.contains(&ids[3]), "a pending row is never evicted");
         assert!(ids[half..].iter().chain(&new_ids).all(|id| present.contains(id)));
         log.integrity_check().unwrap();
+    }
+
+    /// A row a collector refused is set aside: not pending, not uploaded, never evicted, counted;
+    /// a new score makes it pending again.
+    #[test]
+    fn rows_refused_by_a_collector_are_set_aside_not_uploaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let max_bytes = 256 * 1024;
+        let mut log = open(&dir, max_bytes);
+        let refused = log.append(&sample("d", 0)).unwrap();
+        let stored = log.append(&sample("d", 1)).unwrap();
+        assert_eq!(log.mark_upload_refused(&[(refused, "propensity 1.5 above 1".into())]).unwrap(), 1);
+        assert_eq!(log.mark_uploaded(&[stored]).unwrap(), 1);
+        assert!(log.rows_pending_upload(10).unwrap().is_empty());
+        let stats = log.stats().unwrap();
+        assert_eq!((stats.rows, stats.pending_upload, stats.uploaded, stats.upload_refused), (2, 0, 1, 1));
+        assert_eq!(log.upload_refusal("d", 0).unwrap().as_deref(), Some("propensity 1.5 above 1"));
+        // Eviction takes uploaded rows only.
+        let mut turn = 2;
+        while log.stats().unwrap().evicted_rows == 0 {
+            let id = log.append(&sample("d", turn)).unwrap();
+            log.mark_uploaded(&[id]).unwrap();
+            turn += 1;
+            assert!(turn < 10_000, "eviction never started");
+        }
+        assert!(log.turn("d", 1).unwrap().is_none(), "the uploaded row went first");
+        assert!(log.turn("d", 0).unwrap().is_some(), "the refused row stays");
+        // A new score: the row goes again.
+        log.set_score("d", 0, 0.5, ScoreSource::Feedback).unwrap();
+        assert_eq!(log.rows_pending_upload(10).unwrap().iter().map(|r| r.id).collect::<Vec<_>>(), [refused]);
+        assert_eq!(log.upload_refusal("d", 0).unwrap(), None);
     }
 
     /// With nothing uploaded, a full log refuses new rows with `LogFull` and keeps every

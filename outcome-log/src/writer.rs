@@ -303,6 +303,11 @@ impl OutcomeWriter {
         self.run_job(move |log| log.mark_uploaded(&ids))
     }
 
+    /// [`OutcomeLog::mark_upload_refused`] on the writer thread.
+    pub fn mark_upload_refused(&self, rows: Vec<(RowId, String)>) -> Pending<usize> {
+        self.run_job(move |log| log.mark_upload_refused(&rows))
+    }
+
     /// [`OutcomeLog::stats`] on the writer thread.
     pub fn stats(&self) -> Pending<LogStats> {
         self.run_job(|log| log.stats())

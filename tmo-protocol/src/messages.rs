@@ -334,6 +334,8 @@ pub struct StatusCounters {
     pub outcomes_logged: u64,
     /// Outcome rows acknowledged by a collector.
     pub outcomes_uploaded: u64,
+    /// Outcome rows a collector refused for good, kept aside on the device.
+    pub outcomes_upload_refused: u64,
     /// Mean reward of recent turns, if known.
     pub mean_reward: Option<f64>,
     /// Energy measured since start, joules, if the board has a meter.
