@@ -26,6 +26,14 @@ pub enum BrokerError {
         /// The error.
         source: std::io::Error,
     },
+    /// The broker exited while starting (another process took its port, for example).
+    #[error("mosquitto exited while starting on port {port}; its log:\n{log}")]
+    Exited {
+        /// The port.
+        port: u16,
+        /// The broker's log.
+        log: String,
+    },
     /// The broker did not accept connections in time.
     #[error("mosquitto did not listen on port {port} within {waited:?}; its log:\n{log}")]
     NotListening {
@@ -87,8 +95,22 @@ impl MosquittoBroker {
         Self::start_with(BrokerOptions::default())
     }
 
-    /// Starts a broker with `options`.
+    /// Starts a broker with `options`. The free port is free only until another process binds
+    /// it (tests in one binary start brokers side by side): a broker that finds its port taken
+    /// is started again on another one.
     pub fn start_with(options: BrokerOptions) -> Result<Self, BrokerError> {
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            match Self::start_once(&options) {
+                Err(BrokerError::Exited { log, .. })
+                    if attempts < 8 && log.contains("Address already in use") => {}
+                started => return started,
+            }
+        }
+    }
+
+    fn start_once(options: &BrokerOptions) -> Result<Self, BrokerError> {
         let dir = tempfile::tempdir().map_err(io_err("creating the broker's directory"))?;
         let port = free_port()?;
         let config_path = dir.path().join("mosquitto.conf");
@@ -146,9 +168,17 @@ impl MosquittoBroker {
     }
 
     /// Starts the broker again on the same port (after [`MosquittoBroker::stop`]); waits until
-    /// it accepts connections.
+    /// it says in its own log that it runs and accepts connections (a connection alone could
+    /// reach another broker on the port).
     pub fn restart(&mut self) -> Result<(), BrokerError> {
         self.stop();
+        let log_path = self.dir.path().join("mosquitto.log");
+        let logged_before = std::fs::metadata(&log_path).map_or(0, |m| m.len() as usize);
+        let running = || {
+            std::fs::read(&log_path).is_ok_and(|log| {
+                log.get(logged_before..).is_some_and(|new| String::from_utf8_lossy(new).contains(" running"))
+            })
+        };
         let binary = std::env::var("MOSQUITTO").unwrap_or_else(|_| DEFAULT_MOSQUITTO.to_owned());
         let child = Command::new(&binary)
             .arg("-c")
@@ -166,7 +196,13 @@ impl MosquittoBroker {
         let started = Instant::now();
         let waited = Duration::from_secs(10);
         while started.elapsed() < waited {
-            if TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_ok() {
+            if let Some(child) = &mut self.child
+                && let Ok(Some(_)) = child.try_wait()
+            {
+                self.child = None;
+                return Err(BrokerError::Exited { port: self.port, log: self.log() });
+            }
+            if running() && TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_ok() {
                 return Ok(());
             }
             std::thread::sleep(Duration::from_millis(20));
