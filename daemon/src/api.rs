@@ -14,10 +14,12 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::de::DeserializeOwned;
 use tmod_api::{AskRequest, AskResponse, ErrorBody, FeedbackRequest};
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::dialogues::DialogueError;
 use crate::service::{AskError, DecidedTurn, Service};
+use tmod_api::{DecisionEvent, OutcomeEvent};
 
 /// The router over a running service.
 pub fn router(service: Arc<Service>, max_body_bytes: usize) -> Router {
@@ -60,45 +62,76 @@ fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, AskError> {
     serde_json::from_slice(body).map_err(|e| AskError::BadRequest(format!("malformed JSON body: {e}")))
 }
 
+/// What a turn's task tells the handler that waits for it.
+enum TurnEvent {
+    Decided(DecisionEvent),
+    Token(String),
+    Finished(Result<OutcomeEvent, AskError>),
+}
+
 async fn ask(State(service): State<Arc<Service>>, body: Bytes) -> Result<Response, AskError> {
     let received = Instant::now();
     let request: AskRequest = parse(&body)?;
     let decode_ms = received.elapsed().as_secs_f64() * 1e3;
     let stream = request.stream;
-    let decide_service = service.clone();
-    // Classification and scoring are CPU work of a few milliseconds: off the reactor.
-    let DecidedTurn { decision, mut tokens, pending } =
-        tokio::task::spawn_blocking(move || decide_service.decide(request, received, decode_ms))
-            .await
-            .map_err(|e| AskError::Internal(e.to_string()))??;
+    let (events, mut turn) = tokio::sync::mpsc::channel::<Result<TurnEvent, AskError>>(64);
+    tokio::spawn(run_turn(service, request, received, decode_ms, events));
+    let decision = match turn.recv().await {
+        Some(Ok(TurnEvent::Decided(decision))) => decision,
+        Some(Err(e)) => return Err(e),
+        _ => return Err(AskError::Internal("the turn ended before its decision".into())),
+    };
 
     if !stream {
-        while tokens.recv().await.is_some() {}
-        let outcome = service.finish(&decision, pending).await?;
-        return Ok(axum::Json(AskResponse { decision, outcome }).into_response());
-    }
-
-    let (events, receiver) = tokio::sync::mpsc::channel::<Result<Event, Infallible>>(64);
-    tokio::spawn(async move {
-        let mut listening = events.send(Ok(event("decision", &decision))).await.is_ok();
-        while let Some(piece) = tokens.recv().await {
-            if listening {
-                listening = events.send(Ok(event("token", &piece))).await.is_ok();
-            }
-            if !listening {
-                // The client left: dropping the receiver cancels the generation; the turn is
-                // still accounted for and logged below.
-                break;
+        while let Some(event) = turn.recv().await {
+            if let Ok(TurnEvent::Finished(outcome)) = event {
+                return Ok(axum::Json(AskResponse { decision, outcome: outcome? }).into_response());
             }
         }
-        drop(tokens);
-        let last = match service.finish(&decision, pending).await {
-            Ok(outcome) => event("outcome", &outcome),
-            Err(e) => event("error", &ErrorBody { error: e.to_string() }),
-        };
-        let _ = events.send(Ok(last)).await;
+        return Err(AskError::Internal("the turn ended without its outcome".into()));
+    }
+
+    let first = tokio_stream::once(Ok::<_, Infallible>(event("decision", &decision)));
+    let rest = ReceiverStream::new(turn).filter_map(|e| match e {
+        Ok(TurnEvent::Token(piece)) => Some(Ok(event("token", &piece))),
+        Ok(TurnEvent::Finished(Ok(outcome))) => Some(Ok(event("outcome", &outcome))),
+        Ok(TurnEvent::Finished(Err(e))) => Some(Ok(event("error", &ErrorBody { error: e.to_string() }))),
+        Ok(TurnEvent::Decided(_)) | Err(_) => None,
     });
-    Ok(Sse::new(ReceiverStream::new(receiver)).keep_alive(KeepAlive::default()).into_response())
+    Ok(Sse::new(first.chain(rest)).keep_alive(KeepAlive::default()).into_response())
+}
+
+/// One turn from its decision to its log row, in its own task: a client that goes away (its
+/// handler or event stream dropped, so `events` is closed) cancels the generation, never the
+/// turn's accounting and logging, and the dialogue is free for its next turn.
+async fn run_turn(
+    service: Arc<Service>,
+    request: AskRequest,
+    received: Instant,
+    decode_ms: f64,
+    events: tokio::sync::mpsc::Sender<Result<TurnEvent, AskError>>,
+) {
+    let decide_service = service.clone();
+    // Classification and scoring are CPU work of a few milliseconds: off the reactor.
+    let decided = tokio::task::spawn_blocking(move || decide_service.decide(request, received, decode_ms))
+        .await
+        .map_err(|e| AskError::Internal(e.to_string()))
+        .and_then(|d| d);
+    let DecidedTurn { decision, mut tokens, pending } = match decided {
+        Ok(decided) => decided,
+        Err(e) => {
+            let _ = events.send(Err(e)).await;
+            return;
+        }
+    };
+    let mut listening = events.send(Ok(TurnEvent::Decided(decision.clone()))).await.is_ok();
+    while listening && let Some(piece) = tokens.recv().await {
+        listening = events.send(Ok(TurnEvent::Token(piece))).await.is_ok();
+    }
+    // Dropping the receiver cancels a generation nobody listens to any more.
+    drop(tokens);
+    let outcome = service.finish(&decision, pending).await;
+    let _ = events.send(Ok(TurnEvent::Finished(outcome))).await;
 }
 
 /// A server-sent event with a JSON body.

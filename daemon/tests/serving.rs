@@ -145,6 +145,47 @@ fn serving_refuses_bad_requests_with_clear_4xx() {
     });
 }
 
+/// A client that hangs up on a non-streaming ask in the middle of its answer: the turn is still
+/// finished and logged (with what was generated), and its dialogue takes the next turn at once.
+/// Before, the dialogue stayed taken (409 for ever) and the turn's decision was never logged.
+#[test]
+fn serving_a_client_that_hangs_up_mid_answer_frees_its_dialogue_and_its_turn_is_logged() {
+    use tokio::io::AsyncWriteExt;
+    let state = tempfile::tempdir().expect("tempdir");
+    let daemon = Daemon::start(state.path(), "[model]\nmax_tokens = 400\n");
+    let client = daemon.client();
+    runtime().block_on(async {
+        let id = client.new_dialogue().await.expect("dialogue").dialogue_id;
+        let body = serde_json::json!({"dialogue_id": id, "text": "Tell me all you know about baking bread.", "stream": false})
+            .to_string();
+        let mut connection = tokio::net::UnixStream::connect(daemon.socket()).await.expect("connect");
+        let request = format!(
+            "POST /v1/ask HTTP/1.1\r\nhost: tmod\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        connection.write_all(request.as_bytes()).await.expect("send");
+        // Decided and generating (a 400-token answer takes seconds here): hang up.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        drop(connection);
+        let started = Instant::now();
+        let next = loop {
+            let mut request = AskRequest::new(Some(&id), "And how long does the dough rise?");
+            request.stream = false;
+            match client.ask(&request, |_| {}).await {
+                Ok(response) => break response,
+                Err(ClientError::Status { status, .. }) if status.as_u16() == 409 => {
+                    assert!(started.elapsed() < Duration::from_secs(20), "the dialogue stayed taken");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("next turn: {e}"),
+            }
+        };
+        assert_eq!(next.decision.turn, 1);
+        let status = client.status().await.expect("status");
+        assert_eq!(status["outcomes"]["rows"], 2, "both turns logged: {status}");
+    });
+}
+
 #[test]
 fn serving_answers_503_with_retry_after_when_the_queue_is_full() {
     let state = tempfile::tempdir().expect("tempdir");

@@ -73,6 +73,11 @@ impl Daemon {
         Client::new(Endpoint::Unix(self.socket.clone())).with_timeout(Duration::from_secs(120))
     }
 
+    /// The API's Unix socket.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
     /// The daemon's process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
