@@ -1,15 +1,18 @@
 //! The device's side of the fleet loop, on the MQTT link:
 //! - **upload**: outcome rows go out oldest first in batches (one MQTT packet each, QoS 1) and
 //!   are marked uploaded only for the keys a collector stores (rows it refuses are set aside
-//!   with its reason, neither uploaded nor sent again, and counted); while the broker is away
+//!   with its reason, neither uploaded nor sent again, and counted; a row over the packet goes
+//!   with the end of its text cut, or is set aside if even that cannot fit); while the broker is away
 //!   they wait in the log (bounded by its size, uploaded rows evicted first) and drain in order
 //!   after reconnecting;
 //! - **status**: a retained `DeviceStatus` on `tmo/v1/dev/<id>/status`, periodically and after
 //!   every policy event;
 //! - **policies**: signed bundles on the group's retained policy topic are verified (trusted key,
-//!   signature, hash, size), checked (canary share, schema, daemon version, probe run) and
-//!   adopted, or refused with the reason on the status topic; rollback commands on the group's
-//!   command topic give the previous policy back.
+//!   signature, hash, size), checked against the device (its group, the bundle's device list,
+//!   expiry, a sequence above the highest taken: no replay or downgrade), then against the board
+//!   (canary share, schema, daemon version, probe run) and adopted, or refused with the reason
+//!   on the status topic. A fleet rollback is a newer bundle of the earlier policy, replacing the
+//!   retained one, so it holds across reconnects and restarts; there are no group commands.
 //!
 //! The daemon is reached through [`FleetHost`] only, so this module never names the service.
 
@@ -23,9 +26,8 @@ use outcome_log::{LoggedOutcome, OutcomeWriter};
 use policy_onnx::LoadOptions;
 use tmo_protocol::link::{Delivered, Incoming, Message, QoS};
 use tmo_protocol::{
-    CborMessage, Command, DeviceId, DeviceStatus, GroupCommand, GroupName, Inbox, JsonMessage, OutcomeAck,
-    OutcomeBatch, OutcomeKey, OutcomeRow, PolicyBundle, PolicyUpdateReport, ReassemblyLimits, StatusCounters,
-    Topic, in_canary,
+    CborMessage, DeviceId, DeviceStatus, GroupName, Inbox, JsonMessage, OutcomeAck, OutcomeBatch, OutcomeKey,
+    OutcomeRow, PolicyBundle, PolicyUpdateReport, ReassemblyLimits, StatusCounters, Topic, in_canary,
 };
 use tokio::sync::{Notify, oneshot};
 
@@ -52,21 +54,17 @@ pub trait FleetHost: Send + Sync + 'static {
     fn policy_options(&self) -> &LoadOptions;
     /// The serving policy's version, its bundle's creation time, and the previous version.
     fn policy_versions(&self) -> (String, u64, Option<String>);
-    /// The last policy bundle or command handled.
+    /// The last policy bundle handled.
     fn last_policy_update(&self) -> Option<PolicyUpdateReport>;
-    /// Records what became of a bundle or command, for `/v1/status` and the status topic.
+    /// Records what became of a bundle, for `/v1/status` and the status topic.
     fn report_policy_update(&self, version: String, accepted: bool, reason: Option<String>);
-    /// Serves a verified, prepared policy from the next decision on.
+    /// The highest bundle sequence taken, kept across restarts.
+    fn policy_sequence_high_water(&self) -> u64;
+    /// Raises that mark (a bundle of the serving policy under a newer sequence).
+    fn raise_policy_sequence(&self, sequence: u64) -> Result<(), String>;
+    /// Serves a verified, prepared policy from the next decision on (the mark rises to its
+    /// bundle's sequence).
     fn adopt_policy(&self, prepared: ServingPolicy) -> Result<(), String>;
-    /// Applies a rollback command issued at `issued_unix_ms`; returns the version now serving,
-    /// or `None` when the command was for an older policy (or applied already) and changed
-    /// nothing.
-    fn rollback_policy(
-        &self,
-        command_id: &str,
-        to_version: Option<&str>,
-        issued_unix_ms: u64,
-    ) -> Option<Result<String, String>>;
 }
 
 /// `[fleet]`, parsed.
@@ -104,13 +102,11 @@ impl FleetConfig {
         })
     }
 
-    /// The fleet topics the device subscribes to: its acks, and its group's policy and commands
-    /// (policy first: retained messages arrive in this order).
+    /// The fleet topics the device subscribes to: its acks, and its group's policy.
     pub fn topics(&self, device: &DeviceId) -> Vec<String> {
         let mut topics = vec![Topic::OutcomeAck(device.clone()).name()];
         if let Some(group) = &self.group {
             topics.push(Topic::Policy(group.clone()).name());
-            topics.push(Topic::GroupCommand(group.clone()).name());
         }
         topics
     }
@@ -226,10 +222,25 @@ async fn send_batch(
         if body.len() <= max {
             break body;
         }
-        if rows.len() == 1 {
-            return Err(format!("one outcome row is {} bytes, over the {max}-byte packet", body.len()));
+        if rows.len() > 1 {
+            rows.truncate(rows.len() / 2);
+            continue;
         }
-        rows.truncate(rows.len() / 2);
+        // One row over the packet (a long answer): it goes up with the end of its text left out
+        // and counted, since training reads its decision, costs and score, not its words. A row
+        // too large even without text is set aside with the reason, never blocking the rows
+        // behind it.
+        let row = &mut rows[0];
+        if !row.outcome.cut_text(body.len() - max) {
+            let text = row.outcome.question.len() + row.outcome.answer.len();
+            let reason = format!(
+                "the row is {} bytes, more than the {max} bytes one upload packet carries, even without its \
+                 {text} bytes of text",
+                body.len()
+            );
+            tracing::warn!(dialogue = %row.outcome.dialogue_id, turn = row.outcome.turn, "outcome row set aside: {reason}");
+            return Ok((Vec::new(), vec![(row.id, reason)]));
+        }
     };
     let (tx, rx) = oneshot::channel();
     lock(acks).insert(batch_id, tx);
@@ -276,6 +287,10 @@ async fn handle_incoming<S: FleetHost>(
         max_partial_bytes: 2 * max_bundle,
         ..ReassemblyLimits::default()
     });
+    // The signature of the last bundle refused (or left to another canary share): delivered
+    // again at a reconnect, it is not checked and reported again; pushed again with a new
+    // manifest (a wider canary share), it is a new bundle.
+    let mut refused_signature: Option<Vec<u8>> = None;
     while let Some(message) = incoming.recv().await {
         let Some(svc) = service.upgrade() else { return };
         match Topic::parse(&message.topic) {
@@ -294,11 +309,17 @@ async fn handle_incoming<S: FleetHost>(
             Ok(Topic::Policy(_)) => {
                 match inbox.try_receive::<PolicyBundle>(&message.topic, &message.payload, Instant::now()) {
                     Ok(Some(bundle)) => {
+                        if refused_signature.as_deref() == Some(bundle.signature.as_slice()) {
+                            continue; // the retained bundle refused last, delivered again
+                        }
+                        let signature = bundle.signature.clone();
                         let (svc, config, device) = (svc.clone(), config.clone(), device.clone());
                         // Loading and probing a model is blocking work.
-                        let _ =
+                        let refused =
                             tokio::task::spawn_blocking(move || take_bundle(&*svc, &config, &device, bundle))
-                                .await;
+                                .await
+                                .unwrap_or(true);
+                        refused_signature = refused.then_some(signature);
                     }
                     Ok(None) => {}
                     Err(e) => {
@@ -311,44 +332,57 @@ async fn handle_incoming<S: FleetHost>(
                     }
                 }
             }
-            Ok(Topic::GroupCommand(_)) => match GroupCommand::from_json(&message.payload, 64 << 10) {
-                Ok(command) => apply_command(&*svc, command),
-                Err(e) => tracing::warn!(topic = %message.topic, "group command refused: {e}"),
-            },
             _ => tracing::debug!(topic = %message.topic, "publish on an unexpected topic ignored"),
         }
     }
 }
 
-/// Verifies, checks and adopts a bundle, reporting the result either way.
-fn take_bundle(service: &impl FleetHost, config: &FleetConfig, device: &DeviceId, bundle: PolicyBundle) {
+/// Verifies, checks and adopts a bundle, reporting the result either way; returns whether it
+/// was refused (or is for another canary share).
+fn take_bundle(
+    service: &impl FleetHost,
+    config: &FleetConfig,
+    device: &DeviceId,
+    bundle: PolicyBundle,
+) -> bool {
     let refuse = |version: String, reason: String| {
         tracing::warn!(%version, %reason, "policy bundle refused");
         service.report_policy_update(version, false, Some(reason));
+        true
     };
     let manifest = match bundle.verify(&config.trusted_keys) {
         Ok(m) => m,
         Err(e) => return refuse(String::new(), e.to_string()),
     };
+    let Some(group) = &config.group else {
+        return refuse(manifest.version, "this device is in no group".into());
+    };
     let (current, _, _) = service.policy_versions();
+    let (now, high_water) = (unix_ms_now(), service.policy_sequence_high_water());
     if manifest.version == current {
-        return; // a retained bundle delivered again
+        // The serving policy again: its retained copy at a reconnect, or a fleet rollback to
+        // it under a newer sequence, which is recorded so that the bundle it replaced (or any
+        // older one) is not taken later.
+        if manifest.check_binding(group, device, now, high_water).is_ok()
+            && let Err(e) = service.raise_policy_sequence(manifest.sequence)
+        {
+            tracing::warn!("policy sequence not recorded: {e}");
+        }
+        return false;
     }
-    if let Some(last) = service.last_policy_update()
-        && last.version == manifest.version
-        && !last.accepted
-    {
-        return; // refused already
+    if let Err(e) = manifest.check_binding(group, device, now, high_water) {
+        return refuse(manifest.version, e.to_string());
     }
     if let Some(percent) = manifest.canary_percent
         && !in_canary(device, &manifest.version, percent)
     {
         tracing::info!(version = %manifest.version, percent, "policy bundle not for this device (canary)");
-        return service.report_policy_update(
+        service.report_policy_update(
             manifest.version,
             false,
             Some(format!("not in the {percent}% canary share")),
         );
+        return true;
     }
     let prepared = match ServingPolicy::prepare(bundle.onnx, &manifest, service.policy_options()) {
         Ok(p) => p,
@@ -358,26 +392,9 @@ fn take_bundle(service: &impl FleetHost, config: &FleetConfig, device: &DeviceId
         Ok(()) => {
             tracing::info!(version = %manifest.version, previous = %current, "policy adopted");
             service.report_policy_update(manifest.version, true, None);
+            false
         }
         Err(reason) => refuse(manifest.version, reason),
-    }
-}
-
-fn apply_command(service: &impl FleetHost, command: GroupCommand) {
-    let Command::Rollback { to_version } = &command.command;
-    match service.rollback_policy(&command.command_id, to_version.as_deref(), command.issued_unix_ms) {
-        None => {
-            tracing::debug!(command = %command.command_id, "rollback command already applied or older than the policy")
-        }
-        Some(Ok(version)) => {
-            tracing::info!(command = %command.command_id, %version, "rolled back");
-            service.report_policy_update(version, true, Some(format!("rollback ({})", command.command_id)));
-        }
-        Some(Err(reason)) => {
-            tracing::warn!(command = %command.command_id, %reason, "rollback refused");
-            let (current, _, _) = service.policy_versions();
-            service.report_policy_update(current, false, Some(format!("rollback refused: {reason}")));
-        }
     }
 }
 

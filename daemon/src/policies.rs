@@ -1,6 +1,7 @@
 //! The policy serving decisions and the one before it: loaded at start (a pushed policy on disk
-//! wins over the configured one), replaced by a verified bundle, given back on a rollback
-//! command or when the new one fails.
+//! wins over the configured one), replaced by a verified bundle (a fleet rollback is a newer
+//! bundle of the earlier policy), given back when the new one fails at decision time. The
+//! highest bundle sequence taken is kept with them, so that no older bundle is taken again.
 //!
 //! A bundle is checked before anything changes: size, schema (the ONNX must load with this
 //! board's observation and action counts), the daemon version it needs, and a probe run over
@@ -35,6 +36,8 @@ pub struct ServingPolicy {
     policy: Arc<Policy>,
     bytes: Arc<[u8]>,
     pub record: StoredPolicy,
+    /// Its bundle's sequence (0 for the configured or built-in policy).
+    sequence: u64,
 }
 
 impl ServingPolicy {
@@ -75,7 +78,7 @@ impl ServingPolicy {
             sha256: sha256_hex(&onnx),
             created_unix_ms: manifest.created_unix_ms,
         };
-        Ok(Self { policy: Arc::new(policy), bytes: onnx.into(), record })
+        Ok(Self { policy: Arc::new(policy), bytes: onnx.into(), record, sequence: manifest.sequence })
     }
 
     fn from_bytes(bytes: Vec<u8>, options: &LoadOptions, created_unix_ms: u64) -> anyhow::Result<Self> {
@@ -85,7 +88,7 @@ impl ServingPolicy {
             sha256: policy.info().sha256.clone(),
             created_unix_ms,
         };
-        Ok(Self { policy: Arc::new(policy), bytes: bytes.into(), record })
+        Ok(Self { policy: Arc::new(policy), bytes: bytes.into(), record, sequence: 0 })
     }
 }
 
@@ -203,13 +206,25 @@ impl Policies {
         self.previous.as_ref().map(|p| &p.record)
     }
 
-    /// Whether group command `id` was applied already.
-    pub fn command_applied(&self, id: &str) -> bool {
-        self.state.applied_commands.iter().any(|c| c == id)
+    /// The highest bundle sequence taken: bundles at or below it are refused.
+    pub fn sequence_high_water(&self) -> u64 {
+        self.state.sequence_high_water
     }
 
-    /// Serves `new` from now on; the current policy becomes the previous one. Written to disk
-    /// first: on an error nothing changes.
+    /// Raises the mark to `sequence` (a bundle of the policy serving already, delivered under
+    /// a newer sequence: a fleet rollback to it), on disk first.
+    pub fn raise_sequence_high_water(&mut self, sequence: u64) -> Result<(), String> {
+        if sequence <= self.state.sequence_high_water {
+            return Ok(());
+        }
+        let state = StoreState { sequence_high_water: sequence, ..self.state.clone() };
+        self.store.save_state(&state).map_err(|e| format!("storing the policy state: {e}"))?;
+        self.state = state;
+        Ok(())
+    }
+
+    /// Serves `new` from now on; the current policy becomes the previous one and the mark
+    /// rises to its bundle's sequence. Written to disk first: on an error nothing changes.
     pub fn adopt(&mut self, new: ServingPolicy) -> Result<(), String> {
         let decider =
             Decider::new(new.policy.clone(), self.exploration, None).map_err(|e| format!("session: {e}"))?;
@@ -223,25 +238,16 @@ impl Policies {
         Ok(())
     }
 
-    /// Goes back to the previous policy (which must be `to_version` when given); the current
-    /// one becomes the previous. Returns the version now serving.
-    pub fn rollback(&mut self, to_version: Option<&str>, command_id: Option<&str>) -> Result<String, String> {
+    /// Goes back to the previous policy (the current one failed); the current one becomes the
+    /// previous. The mark stays, so the failed bundle is not taken again when its retained
+    /// copy comes back. Returns the version now serving.
+    pub fn rollback(&mut self) -> Result<String, String> {
         let Some(previous) = self.previous.take() else {
             return Err("no previous policy to go back to".into());
         };
-        if let Some(wanted) = to_version
-            && wanted != previous.record.version
-        {
-            let found = previous.record.version.clone();
-            self.previous = Some(previous);
-            return Err(format!("the previous policy is {found}, not {wanted}"));
-        }
         let decider = Decider::new(previous.policy.clone(), self.exploration, None)
             .map_err(|e| format!("session: {e}"))?;
         let old = std::mem::replace(&mut self.current, previous);
-        if let Some(id) = command_id {
-            self.state.applied(id);
-        }
         if let Err(e) = self.persist(&old) {
             self.previous = Some(std::mem::replace(&mut self.current, old));
             return Err(e);
@@ -251,15 +257,8 @@ impl Policies {
         Ok(self.current.record.version.clone())
     }
 
-    /// Records a command that changed nothing (so a retained copy is not applied later).
-    pub fn skip_command(&mut self, command_id: &str) {
-        self.state.applied(command_id);
-        if let Err(e) = self.store.save_state(&self.state) {
-            tracing::warn!("policy state not saved: {e}");
-        }
-    }
-
-    /// Writes both policies' bytes and the state naming `self.current` and `previous`.
+    /// Writes both policies' bytes and the state naming `self.current` and `previous`, with
+    /// the mark raised to the current policy's sequence.
     fn persist(&mut self, previous: &ServingPolicy) -> Result<(), String> {
         for p in [&self.current, previous] {
             self.store
@@ -269,6 +268,7 @@ impl Policies {
         let mut state = self.state.clone();
         state.current = Some(self.current.record.clone());
         state.previous = Some(previous.record.clone());
+        state.sequence_high_water = state.sequence_high_water.max(self.current.sequence);
         self.store.save_state(&state).map_err(|e| format!("storing the policy state: {e}"))?;
         self.state = state;
         Ok(())
@@ -302,6 +302,10 @@ mod tests {
             min_daemon_version: "0.1.0".into(),
             created_unix_ms: 5,
             canary_percent: None,
+            group: "kitchens".into(),
+            devices: Vec::new(),
+            sequence: 42,
+            expires_unix_ms: u64::MAX,
         }
         .describe(onnx)
     }
@@ -334,17 +338,24 @@ mod tests {
         }
         m.schema = SCHEMAS[1].into();
 
+        assert_eq!(policies.sequence_high_water(), 0);
         policies.adopt(ServingPolicy::prepare(onnx, &m, &options).expect("prepare")).expect("adopt");
-        assert_eq!(policies.current().version, "pushed-1");
+        assert_eq!((policies.current().version.as_str(), policies.sequence_high_water()), ("pushed-1", 42));
         let reopened = Policies::load(dir.path(), "", &options, Exploration::Greedy).expect("reload");
-        assert_eq!(reopened.current().version, "pushed-1");
+        assert_eq!((reopened.current().version.as_str(), reopened.sequence_high_water()), ("pushed-1", 42));
         assert_eq!(reopened.previous().map(|p| p.version.clone()), Some(built_in.version.clone()));
 
-        assert!(policies.rollback(Some("not-that-one"), None).is_err());
-        assert_eq!(policies.rollback(None, Some("cmd-1")).expect("rollback"), built_in.version);
-        assert!(policies.command_applied("cmd-1"));
+        // Going back (the policy failed) keeps the mark: the failed bundle is not taken again.
+        assert_eq!(policies.rollback().expect("rollback"), built_in.version);
+        let mut reopened = Policies::load(dir.path(), "", &options, Exploration::Greedy).expect("reload");
+        assert_eq!(
+            (reopened.current().version.as_str(), reopened.sequence_high_water()),
+            (built_in.version.as_str(), 42)
+        );
+        // The mark only rises.
+        reopened.raise_sequence_high_water(40).expect("raise");
+        reopened.raise_sequence_high_water(50).expect("raise");
         let reopened = Policies::load(dir.path(), "", &options, Exploration::Greedy).expect("reload");
-        assert_eq!(reopened.current().version, built_in.version);
-        assert!(reopened.command_applied("cmd-1"));
+        assert_eq!(reopened.sequence_high_water(), 50);
     }
 }

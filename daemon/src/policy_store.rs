@@ -1,6 +1,6 @@
 //! Pushed policies on disk: `<state_dir>/policies/<sha256>.onnx` and `policy-state.json`, which
-//! names the serving policy, the one before it (for rollback) and the group commands already
-//! applied. Every file is written under a temporary name, fsynced, renamed and its directory
+//! names the serving policy, the one before it (for rollback) and the highest bundle sequence
+//! taken. Every file is written under a temporary name, fsynced, renamed and its directory
 //! fsynced, so a crash (or kill -9) leaves the old state or the new one, never a mix.
 
 use std::fs::File;
@@ -8,9 +8,6 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-
-/// Group commands remembered as applied (a retained command is delivered on every reconnect).
-const APPLIED_COMMANDS_KEPT: usize = 64;
 
 /// A policy the device has served, as recorded on disk.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -27,17 +24,10 @@ pub struct StoredPolicy {
 pub struct StoreState {
     pub current: Option<StoredPolicy>,
     pub previous: Option<StoredPolicy>,
+    /// The highest bundle sequence taken (adopted, or found to be the one serving): a bundle
+    /// at or below it is refused, across restarts.
     #[serde(default)]
-    pub applied_commands: Vec<String>,
-}
-
-impl StoreState {
-    /// Remembers a group command as applied.
-    pub fn applied(&mut self, command_id: &str) {
-        self.applied_commands.push(command_id.to_owned());
-        let excess = self.applied_commands.len().saturating_sub(APPLIED_COMMANDS_KEPT);
-        self.applied_commands.drain(..excess);
-    }
+    pub sequence_high_water: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -159,12 +149,11 @@ mod tests {
         for bytes in [a, b, c] {
             store.save_onnx(&tmo_protocol::bundle::sha256_hex(bytes), bytes).expect("save");
         }
-        let mut state = StoreState {
+        let state = StoreState {
             current: Some(stored("c", c)),
             previous: Some(stored("b", b)),
-            ..Default::default()
+            sequence_high_water: 1_790_000_000_000,
         };
-        state.applied("cmd-1");
         store.save_state(&state).expect("save state");
         assert_eq!(PolicyStore::open(dir.path()).expect("reopen").state().expect("state"), state);
         assert_eq!(store.load_onnx(&stored("b", b)).expect("b"), b);

@@ -365,40 +365,19 @@ impl FleetHost for Service {
         lock(&self.last_policy_update).clone()
     }
 
+    fn policy_sequence_high_water(&self) -> u64 {
+        lock(&self.policies).sequence_high_water()
+    }
+
+    fn raise_policy_sequence(&self, sequence: u64) -> Result<(), String> {
+        lock(&self.policies).raise_sequence_high_water(sequence)
+    }
+
     fn adopt_policy(&self, prepared: ServingPolicy) -> Result<(), String> {
         let mut policies = lock(&self.policies);
         policies.adopt(prepared)?;
         self.metrics.set_policy(&policies.current().version, &policies.current().sha256);
         Ok(())
-    }
-
-    fn rollback_policy(
-        &self,
-        command_id: &str,
-        to_version: Option<&str>,
-        issued_unix_ms: u64,
-    ) -> Option<Result<String, String>> {
-        let mut policies = lock(&self.policies);
-        if policies.command_applied(command_id) {
-            return None;
-        }
-        // A command older than the serving policy's bundle was meant for an earlier one
-        // (a device that was offline receives the retained bundle and command together).
-        if issued_unix_ms < policies.current().created_unix_ms {
-            policies.skip_command(command_id);
-            return None;
-        }
-        if to_version == Some(policies.current().version.as_str()) {
-            policies.skip_command(command_id);
-            return None; // serving that version already
-        }
-        let result = policies.rollback(to_version, Some(command_id));
-        if result.is_ok() {
-            self.metrics.set_policy(&policies.current().version, &policies.current().sha256);
-        } else {
-            policies.skip_command(command_id);
-        }
-        Some(result)
     }
 }
 

@@ -55,7 +55,12 @@ fn local_policy(hidden: usize, seed: f32) -> Vec<u8> {
     mlp_to_onnx(&Mlp::new(vec![first, second]).expect("mlp"), &ExportOptions::default())
 }
 
+/// A manifest for group `kitchens`, valid for an hour, with a sequence above every earlier
+/// call's (as `tmoctl fleet push` numbers them).
 fn manifest(version: &str, onnx: &[u8], canary: Option<u8>) -> PolicyManifest {
+    static SEQUENCE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let sequence = now_ms().max(SEQUENCE.load(std::sync::atomic::Ordering::SeqCst) + 1);
+    SEQUENCE.store(sequence, std::sync::atomic::Ordering::SeqCst);
     PolicyManifest {
         version: version.into(),
         schema: "v1".into(),
@@ -66,6 +71,10 @@ fn manifest(version: &str, onnx: &[u8], canary: Option<u8>) -> PolicyManifest {
         min_daemon_version: "0.1.0".into(),
         created_unix_ms: now_ms(),
         canary_percent: canary,
+        group: group().to_string(),
+        devices: Vec::new(),
+        sequence,
+        expires_unix_ms: now_ms() + 3_600_000,
     }
     .describe(onnx)
 }
@@ -119,14 +128,6 @@ impl Manager {
         fleet::publish_bundle(&self.link.publisher(), &group(), bundle, WAIT)
             .await
             .expect("bundle published");
-    }
-
-    /// Publishes a rollback command as `tmoctl fleet rollback` does.
-    async fn rollback(&self, to_version: Option<&str>) {
-        let command = fleet::rollback_command(to_version.map(str::to_owned)).expect("command");
-        fleet::publish_command(&self.link.publisher(), &group(), &command, WAIT)
-            .await
-            .expect("command published");
     }
 
     /// Waits until `check` holds for the latest status of every device in `devices`.
@@ -263,9 +264,26 @@ async fn fleet_uploads_outcomes_and_pushes_verified_policies_to_a_group() {
     let big_onnx = local_policy(700, 2.0);
     assert!(big_onnx.len() > 65536, "{} bytes", big_onnx.len());
     let too_big = PolicyBundle::sign(&manifest("p-big", &big_onnx, None), big_onnx, &key).expect("sign");
-    for (bundle, reason) in
-        [(&by_stranger, "not trusted"), (&flipped, "sha256"), (&other_schema, "schema"), (&too_big, "size")]
-    {
+    // Bundles made for another group, expired, or without their binding (an older tmoctl's).
+    let bound = |version: &str, change: &dyn Fn(&mut PolicyManifest)| {
+        let mut m = manifest(version, &good_onnx, None);
+        change(&mut m);
+        PolicyBundle::sign(&m, good_onnx.clone(), &key).expect("sign")
+    };
+    let other_group = bound("p-labs", &|m| m.group = "labs".into());
+    let other_devices = bound("p-others", &|m| m.devices = vec!["kitchen-z".into()]);
+    let expired = bound("p-expired", &|m| m.expires_unix_ms = now_ms() - 1);
+    let unbound = bound("p-unbound", &|m| (m.group, m.sequence, m.expires_unix_ms) = (String::new(), 0, 0));
+    for (bundle, reason) in [
+        (&by_stranger, "not trusted"),
+        (&flipped, "sha256"),
+        (&other_schema, "schema"),
+        (&too_big, "size"),
+        (&other_group, "for group \"labs\""),
+        (&other_devices, "named devices"),
+        (&expired, "expired"),
+        (&unbound, "names no group"),
+    ] {
         manager.push(bundle).await;
         manager.wait_for(&DEVICES, reason, |s| refused_with(s, reason)).await;
         for device in DEVICES {
@@ -275,7 +293,8 @@ async fn fleet_uploads_outcomes_and_pushes_verified_policies_to_a_group() {
     assert_eq!(ask(&daemons[0].client()).await.decision.policy_version, built_in);
 
     // A good bundle is adopted by all.
-    let v1 = PolicyBundle::sign(&manifest("fleet-v1", &good_onnx, None), good_onnx, &key).expect("sign");
+    let v1 =
+        PolicyBundle::sign(&manifest("fleet-v1", &good_onnx, None), good_onnx.clone(), &key).expect("sign");
     manager.push(&v1).await;
     manager.wait_for(&DEVICES, "v1 adopted", |s| s.policy_version.as_deref() == Some("fleet-v1")).await;
     assert_eq!(ask(&daemons[1].client()).await.decision.policy_version, "fleet-v1");
@@ -297,7 +316,8 @@ async fn fleet_uploads_outcomes_and_pushes_verified_policies_to_a_group() {
     let takers: Vec<&str> =
         DEVICES.into_iter().filter(|d| in_canary(&d.parse().expect("id"), &version, 50)).collect();
     let others: Vec<&str> = DEVICES.into_iter().filter(|d| !takers.contains(d)).collect();
-    let v2 = PolicyBundle::sign(&manifest(&version, &v2_onnx, Some(50)), v2_onnx, &key).expect("sign");
+    let v2 =
+        PolicyBundle::sign(&manifest(&version, &v2_onnx, Some(50)), v2_onnx.clone(), &key).expect("sign");
     manager.push(&v2).await;
     manager
         .wait_for(&takers, "canary adopted", |s| s.policy_version.as_deref() == Some(version.as_str()))
@@ -306,10 +326,33 @@ async fn fleet_uploads_outcomes_and_pushes_verified_policies_to_a_group() {
     for device in &others {
         assert_eq!(manager.policy_of(device).as_deref(), Some("fleet-v1"));
     }
+    // Widening the canary (the same version pushed again for the whole group) reaches the
+    // devices left out, while they stay online.
+    let widened = PolicyBundle::sign(&manifest(&version, &v2_onnx, Some(100)), v2_onnx, &key).expect("sign");
+    manager.push(&widened).await;
+    manager
+        .wait_for(&DEVICES, "widened canary adopted", |s| {
+            s.policy_version.as_deref() == Some(version.as_str())
+        })
+        .await;
 
-    // Rollback to v1: the canary devices go back, the others serve it already.
-    manager.rollback(Some("fleet-v1")).await;
+    // Rollback to v1, as `tmoctl fleet rollback` makes it: v1 signed again under a newer
+    // sequence, replacing the retained bundle. Every device goes back, and stays back across a
+    // restart (the retained bundle is the rollback).
+    let rollback =
+        PolicyBundle::sign(&manifest("fleet-v1", &good_onnx, None), good_onnx, &key).expect("sign");
+    manager.push(&rollback).await;
     manager.wait_for(&DEVICES, "rolled back", |s| s.policy_version.as_deref() == Some("fleet-v1")).await;
+    daemons[0].kill();
+    daemons[0] = Daemon::start_as(states[0].path(), DEVICES[0], &config);
+    assert_eq!(ask(&daemons[0].client()).await.decision.policy_version, "fleet-v1");
+    // The bundle it replaced, published again (a replay by anyone who can publish on the
+    // topic), is refused by every device, the restarted one too: the mark is on disk.
+    manager.push(&widened).await;
+    manager.wait_for(&DEVICES, "replay refused", |s| refused_with(s, "not above")).await;
+    for device in DEVICES {
+        assert_eq!(manager.policy_of(device).as_deref(), Some("fleet-v1"), "{device}");
+    }
     assert_eq!(ask(&daemons[0].client()).await.decision.policy_version, "fleet-v1");
 
     // A device offline during a push takes the retained bundle when it comes back.
@@ -335,8 +378,8 @@ async fn fleet_uploads_outcomes_and_pushes_verified_policies_to_a_group() {
         asked += 1;
     }
     broker.restart().expect("broker back");
-    // 3 first turns, 3 checks of the serving policy, and the turns asked during the outage.
-    let keys = wait_rows(dataset.path(), 3 + 3 + asked).await;
+    // 3 first turns, 4 checks of the serving policy, and the turns asked during the outage.
+    let keys = wait_rows(dataset.path(), 3 + 4 + asked).await;
     assert!(keys.iter().all(|k| DEVICES.contains(&k.0.as_str())));
     let stats = collector.shutdown(Duration::from_secs(5)).await;
     assert_eq!(stats.rows_written, keys.len() as u64 + stats.rescored, "{stats:?}");
@@ -407,4 +450,73 @@ async fn fleet_rows_a_collector_refuses_are_set_aside_not_marked_uploaded() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     let stats = collector.shutdown(Duration::from_secs(5)).await;
     assert_eq!((stats.rows_written, stats.rejected_rows), (1, 1), "{stats:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_an_oversized_row_goes_up_cut_and_never_blocks_the_rows_behind_it() {
+    let broker = MosquittoBroker::start().expect("mosquitto (apt-get install mosquitto)");
+    let port = broker.port();
+    let trusted = hex::encode(SigningKey::from_bytes(&[7; 32]).verifying_key().to_bytes());
+    let manager = Manager::start(port).await;
+    let state = tempfile::tempdir().expect("tempdir");
+    let config = device_config(port, &trusted).replace("[mqtt]\n", "[mqtt]\nmax_packet_bytes = 8192\n");
+    let daemon = Daemon::start_as(state.path(), DEVICES[0], &config);
+    let long = ask(&daemon.client()).await.decision.dialogue_id;
+    let huge = ask(&daemon.client()).await.decision.dialogue_id;
+    let normal = ask(&daemon.client()).await.decision.dialogue_id;
+    // No collector yet: the rows wait. The oldest then holds a 50 kB answer (a long cloud
+    // answer), the next a telemetry snapshot that alone is over the 8 kB packet.
+    let log = state.path().join("outcomes.sqlite");
+    let answer = "The egg wants nine minutes. ".repeat(2000);
+    {
+        let db = rusqlite::Connection::open(&log).expect("log opens");
+        db.busy_timeout(Duration::from_secs(5)).expect("busy timeout");
+        let set_answer = db
+            .execute("UPDATE outcomes SET answer = ?2 WHERE dialogue_id = ?1", [&long, &answer])
+            .expect("update");
+        let telemetry = format!("{{\"cpu_percent\": 12.5, \"trace\": \"{}\"}}", "0".repeat(20_000));
+        let set_telemetry = db
+            .execute("UPDATE outcomes SET telemetry = ?2 WHERE dialogue_id = ?1", [&huge, &telemetry])
+            .expect("update");
+        assert_eq!((set_answer, set_telemetry), (1, 1));
+    }
+    let dataset = tempfile::tempdir().expect("tempdir");
+    let collector = fleet::collector::Collector::start(
+        &LinkConfig::new("127.0.0.1", port, "collector-1"),
+        "collectors".parse().expect("share group"),
+        dataset.path(),
+    )
+    .await
+    .expect("collector");
+    assert!(collector.wait_connected(WAIT).await, "collector connects");
+    wait_rows(dataset.path(), 2).await;
+    manager
+        .wait_for(&DEVICES[..1], "two rows uploaded, one set aside", |s| {
+            s.counters.outcomes_uploaded == 2 && s.counters.outcomes_upload_refused == 1
+        })
+        .await;
+    let stored = outcome_log::dataset::read_dataset(dataset.path()).expect("dataset reads");
+    let row = |dialogue: &str| {
+        stored.records.iter().find(|r| r.outcome.dialogue_id == dialogue).map(|r| &r.outcome)
+    };
+    let cut = row(long.as_str()).expect("the long row went up");
+    assert!(cut.text_cut_bytes > 0 && cut.answer.len() < 8192, "{} bytes kept", cut.answer.len());
+    assert!(answer.starts_with(&cut.answer));
+    assert_eq!(cut.answer.len() as u64 + cut.text_cut_bytes, answer.len() as u64, "only the answer was cut");
+    assert_eq!(row(normal.as_str()).expect("the row behind went up").text_cut_bytes, 0);
+    assert!(row(huge.as_str()).is_none());
+    // The device keeps the whole answer, and the reason for the row it could not send.
+    let db = rusqlite::Connection::open(&log).expect("log opens");
+    db.busy_timeout(Duration::from_secs(5)).expect("busy timeout");
+    let kept: i64 = db
+        .query_row("SELECT length(answer) FROM outcomes WHERE dialogue_id = ?1", [&long], |r| r.get(0))
+        .expect("row");
+    assert_eq!(kept as usize, answer.len());
+    assert!(uploaded_at(&log, &long).is_some() && uploaded_at(&log, &huge).is_none());
+    let reason: Option<String> = db
+        .query_row("SELECT upload_refused FROM outcomes WHERE dialogue_id = ?1", [&huge], |r| r.get(0))
+        .expect("reason");
+    assert!(reason.as_deref().is_some_and(|r| r.contains("one upload packet carries")), "{reason:?}");
+    let stats = collector.shutdown(Duration::from_secs(5)).await;
+    assert_eq!((stats.rows_written, stats.rejected_rows), (2, 0), "{stats:?}");
 }

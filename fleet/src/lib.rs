@@ -4,7 +4,8 @@
 //!   partitioned dataset of `outcome_log::dataset`, durable before the ack goes out;
 //! - [`push`]: signed policy bundles (manifest + ONNX + Ed25519), published retained on a
 //!   group's policy topic as one packet;
-//! - [`command`]: group commands (rollback), retained JSON;
+//! - [`history`]: every bundle pushed per group, for rollbacks (an earlier policy signed again
+//!   under a newer sequence) and sequences that only rise;
 //! - [`keys`]: Ed25519 key files (hex seed, mode 0600, and `<file>.pub`);
 //! - [`status`]: the fleet's status table from retained status and availability messages;
 //! - [`net`]: connecting and publishing with confirmation.
@@ -12,14 +13,14 @@
 //! Topic strings and payload encodings come from `tmo-protocol`; this crate knows none itself.
 
 pub mod collector;
-pub mod command;
+pub mod history;
 pub mod keys;
 pub mod net;
 pub mod push;
 pub mod status;
 
 pub use collector::{Collector, CollectorConfig, CollectorError, CollectorStats, DEFAULT_SHARE};
-pub use command::{CommandError, publish_command, rollback_command, send_command};
+pub use history::{HistoryError, PushHistory, Pushed, rebundle};
 pub use keys::KeyError;
 pub use net::NetError;
 pub use push::{

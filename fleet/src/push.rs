@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 use tmo_protocol::chunk::{SplitError, WHOLE_HEADER_BYTES, new_message_id, split};
 use tmo_protocol::codec::{CborMessage, EncodeError};
 use tmo_protocol::link::{LinkConfig, Message, Publisher, QoS};
-use tmo_protocol::{GroupName, PolicyBundle, PolicyManifest, Topic};
+use tmo_protocol::{DeviceId, GroupName, PolicyBundle, PolicyManifest, Topic};
 
 use crate::net::{self, NetError};
 
@@ -71,9 +71,22 @@ pub enum PushError {
     Net(#[from] NetError),
 }
 
+/// How long a bundle stays valid by default: a device that comes back after longer refuses the
+/// retained bundle as expired (and reports it) until the group is pushed again.
+pub const DEFAULT_VALIDITY: Duration = Duration::from_secs(90 * 24 * 3600);
+
 /// What goes into a manifest besides what the ONNX itself tells.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BundleSpec {
+    /// The device group it is for.
+    pub group: GroupName,
+    /// Only these devices of the group (empty: all of them).
+    pub devices: Vec<DeviceId>,
+    /// Above every earlier bundle's of the group (default: now in unix ms; see
+    /// [`crate::history::PushHistory::next_sequence`]).
+    pub sequence: u64,
+    /// When devices stop taking it, unix ms (default: [`DEFAULT_VALIDITY`] from now).
+    pub expires_unix_ms: u64,
     /// The version; `None`: the version in the ONNX's own metadata manifest, else the first
     /// 12 hex digits of its sha256.
     pub version: Option<String>,
@@ -88,22 +101,21 @@ pub struct BundleSpec {
 }
 
 impl BundleSpec {
-    /// A spec for all devices, versioned from the ONNX, for daemons of this build or later,
-    /// made now.
-    pub fn new() -> Self {
+    /// A spec for all devices of `group`, versioned from the ONNX, for daemons of this build or
+    /// later, made now with the time as its sequence, valid for [`DEFAULT_VALIDITY`].
+    pub fn new(group: GroupName) -> Self {
+        let now = crate::unix_ms_now();
         Self {
+            group,
+            devices: Vec::new(),
+            sequence: now,
+            expires_unix_ms: now + DEFAULT_VALIDITY.as_millis() as u64,
             version: None,
             canary_percent: None,
             training_data_sha256: None,
             min_daemon_version: env!("CARGO_PKG_VERSION").to_owned(),
-            created_unix_ms: crate::unix_ms_now(),
+            created_unix_ms: now,
         }
-    }
-}
-
-impl Default for BundleSpec {
-    fn default() -> Self {
-        Self::new()
     }
 }
 
@@ -117,6 +129,15 @@ pub fn build_bundle(onnx: Vec<u8>, spec: &BundleSpec, key: &SigningKey) -> Resul
     }
     if spec.version.as_deref().is_some_and(|v| v.trim().is_empty()) {
         return Err(PushError::InvalidSpec("empty version".into()));
+    }
+    if spec.sequence == 0 {
+        return Err(PushError::InvalidSpec("sequence 0 (sequences start at 1)".into()));
+    }
+    if spec.expires_unix_ms <= spec.created_unix_ms {
+        return Err(PushError::InvalidSpec(format!(
+            "expiry {} is not after the bundle's making {}",
+            spec.expires_unix_ms, spec.created_unix_ms
+        )));
     }
     let policy = Policy::from_bytes(&onnx, &LoadOptions::default()).map_err(PushError::InvalidPolicy)?;
     let info = policy.info();
@@ -134,6 +155,10 @@ pub fn build_bundle(onnx: Vec<u8>, spec: &BundleSpec, key: &SigningKey) -> Resul
         },
         created_unix_ms: spec.created_unix_ms,
         canary_percent: spec.canary_percent,
+        group: spec.group.to_string(),
+        devices: spec.devices.iter().map(ToString::to_string).collect(),
+        sequence: spec.sequence,
+        expires_unix_ms: spec.expires_unix_ms,
     }
     .describe(&onnx);
     Ok(PolicyBundle::sign(&manifest, onnx, key)?)
@@ -285,10 +310,19 @@ mod tests {
         SigningKey::from_bytes(&[3; 32])
     }
 
+    fn spec() -> BundleSpec {
+        BundleSpec::new("kitchens".parse().unwrap())
+    }
+
     #[test]
     fn the_manifest_describes_the_onnx_and_verifies() {
         let onnx = policy_onnx::DEFAULT_POLICY.to_vec();
-        let spec = BundleSpec { canary_percent: Some(25), version: Some("p-7".into()), ..BundleSpec::new() };
+        let spec = BundleSpec {
+            canary_percent: Some(25),
+            version: Some("p-7".into()),
+            devices: vec!["kitchen-a".parse().unwrap()],
+            ..spec()
+        };
         let bundle = build_bundle(onnx.clone(), &spec, &key()).unwrap();
         let manifest = bundle.verify(&[key().verifying_key()]).unwrap();
         assert_eq!(manifest.version, "p-7");
@@ -299,6 +333,12 @@ mod tests {
         assert_eq!(manifest.opset, Some(17));
         assert_eq!(manifest.canary_percent, Some(25));
         assert_eq!(manifest.min_daemon_version, env!("CARGO_PKG_VERSION"));
+        assert_eq!(
+            (manifest.group.as_str(), manifest.devices.as_slice()),
+            ("kitchens", &["kitchen-a".to_owned()][..])
+        );
+        assert_eq!(manifest.sequence, spec.sequence);
+        assert_eq!(manifest.expires_unix_ms - manifest.created_unix_ms, DEFAULT_VALIDITY.as_millis() as u64);
         assert_eq!(manifest_of(&bundle), Some(manifest));
     }
 
@@ -306,14 +346,14 @@ mod tests {
     /// daemons refuse it by version; a v1 bundle asks for what the spec says.
     #[test]
     fn v2_bundles_ask_for_a_v2_daemon() {
-        let old = BundleSpec { min_daemon_version: "0.1.0".into(), ..BundleSpec::new() };
+        let old = BundleSpec { min_daemon_version: "0.1.0".into(), ..spec() };
         let v2 = build_bundle(policy_onnx::DEFAULT_POLICY.to_vec(), &old, &key()).unwrap();
         let manifest = v2.verify(&[key().verifying_key()]).unwrap();
         assert_eq!(
             (manifest.schema.as_str(), manifest.min_daemon_version.as_str()),
             ("v2", V2_MIN_DAEMON_VERSION)
         );
-        let newer = BundleSpec { min_daemon_version: "0.3.1".into(), ..BundleSpec::new() };
+        let newer = BundleSpec { min_daemon_version: "0.3.1".into(), ..spec() };
         let v2 = build_bundle(policy_onnx::DEFAULT_POLICY.to_vec(), &newer, &key()).unwrap();
         assert_eq!(v2.verify(&[key().verifying_key()]).unwrap().min_daemon_version, "0.3.1");
         use policy_onnx::mlp::{Activation, Dense, Mlp};
@@ -334,16 +374,22 @@ mod tests {
     #[test]
     fn garbage_and_bad_specs_are_refused_before_signing() {
         assert!(matches!(
-            build_bundle(b"not onnx".to_vec(), &BundleSpec::new(), &key()),
+            build_bundle(b"not onnx".to_vec(), &spec(), &key()),
             Err(PushError::InvalidPolicy(_))
         ));
         let onnx = policy_onnx::DEFAULT_POLICY.to_vec();
         for bad in [Some(0), Some(101)] {
-            let spec = BundleSpec { canary_percent: bad, ..BundleSpec::new() };
+            let spec = BundleSpec { canary_percent: bad, ..spec() };
             assert!(matches!(build_bundle(onnx.clone(), &spec, &key()), Err(PushError::InvalidSpec(_))));
         }
-        let spec = BundleSpec { version: Some(" ".into()), ..BundleSpec::new() };
-        assert!(matches!(build_bundle(onnx, &spec, &key()), Err(PushError::InvalidSpec(_))));
+        let base = spec();
+        for bad in [
+            BundleSpec { version: Some(" ".into()), ..spec() },
+            BundleSpec { sequence: 0, ..spec() },
+            BundleSpec { expires_unix_ms: base.created_unix_ms, ..spec() },
+        ] {
+            assert!(matches!(build_bundle(onnx.clone(), &bad, &key()), Err(PushError::InvalidSpec(_))));
+        }
     }
 
     #[test]

@@ -1,15 +1,13 @@
-//! Policy pushes, rollback commands and the status table against a real Mosquitto.
+//! Policy pushes, rollbacks and the status table against a real Mosquitto.
 
 use std::time::{Duration, Instant};
 
 use fleet::push::{BundleSpec, PushError};
-use fleet::{FleetView, keys};
-use tmo_protocol::codec::{CborMessage, JsonMessage};
+use fleet::{FleetView, PushHistory, keys};
+use tmo_protocol::codec::CborMessage;
 use tmo_protocol::link::{Link, LinkConfig, LinkSetup, Message, QoS, Subscription};
 use tmo_protocol::testing::MosquittoBroker;
-use tmo_protocol::{
-    BundleError, Command, GroupCommand, GroupName, Inbox, PolicyBundle, ReassemblyLimits, Topic,
-};
+use tmo_protocol::{BundleError, GroupName, Inbox, PolicyBundle, ReassemblyLimits, Topic};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -45,7 +43,11 @@ async fn fleet_push_publishes_a_retained_signed_bundle_that_a_late_subscriber_ve
     keys::generate(&key_file).unwrap();
     let key = keys::load_signing_key(&key_file).unwrap();
     let group = GroupName::new("pilot").unwrap();
-    let spec = BundleSpec { version: Some("p-9".into()), canary_percent: Some(50), ..BundleSpec::new() };
+    let spec = BundleSpec {
+        version: Some("p-9".into()),
+        canary_percent: Some(50),
+        ..BundleSpec::new(group.clone())
+    };
     let bundle = fleet::build_bundle(policy_onnx::DEFAULT_POLICY.to_vec(), &spec, &key).unwrap();
     let config = LinkConfig::new("127.0.0.1", broker.port(), "fleet-cli");
     let sent = fleet::push_bundle(&config, &group, &bundle, WAIT).await.unwrap();
@@ -75,10 +77,12 @@ async fn fleet_push_publishes_a_retained_signed_bundle_that_a_late_subscriber_ve
 async fn fleet_push_refuses_a_bundle_larger_than_one_packet() {
     let broker = MosquittoBroker::start().unwrap();
     let key = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
-    let bundle = fleet::build_bundle(policy_onnx::DEFAULT_POLICY.to_vec(), &BundleSpec::new(), &key).unwrap();
+    let group = GroupName::new("pilot").unwrap();
+    let bundle =
+        fleet::build_bundle(policy_onnx::DEFAULT_POLICY.to_vec(), &BundleSpec::new(group.clone()), &key)
+            .unwrap();
     let mut config = LinkConfig::new("127.0.0.1", broker.port(), "fleet-cli");
     config.max_packet_bytes = (bundle.to_cbor().unwrap().len() / 2).max(1024) as u32;
-    let group = GroupName::new("pilot").unwrap();
     let err = fleet::push_bundle(&config, &group, &bundle, WAIT).await.unwrap_err();
     assert!(matches!(err, PushError::TooLarge { .. }), "{err}");
     assert!(err.to_string().contains("cannot be chunked"), "{err}");
@@ -87,19 +91,40 @@ async fn fleet_push_refuses_a_bundle_larger_than_one_packet() {
     assert!(tokio::time::timeout(Duration::from_millis(500), link.incoming.recv()).await.is_err());
 }
 
+/// A rollback as `tmoctl fleet rollback` makes it: the push before the latest, from the
+/// history, signed again under a newer sequence, replaces the retained bundle.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fleet_rollback_is_a_retained_command_with_a_fresh_id() {
+async fn fleet_rollback_replaces_the_retained_bundle_with_the_earlier_policy_signed_newer() {
     let broker = MosquittoBroker::start().unwrap();
     let config = LinkConfig::new("127.0.0.1", broker.port(), "fleet-cli");
     let group = GroupName::new("pilot").unwrap();
-    let command = fleet::rollback_command(Some("p-3".into())).unwrap();
-    fleet::send_command(&config, &group, &command, WAIT).await.unwrap();
-    let mut device = subscriber(broker.port(), "device", Topic::GroupCommand(group).name()).await;
-    let incoming = tokio::time::timeout(WAIT, device.incoming.recv()).await.unwrap().unwrap();
-    assert!(incoming.retain);
-    let received = GroupCommand::from_json(&incoming.payload, 4096).unwrap();
-    assert_eq!(received, command);
-    assert_eq!(received.command, Command::Rollback { to_version: Some("p-3".into()) });
+    let key = ed25519_dalek::SigningKey::from_bytes(&[4; 32]);
+    let dir = tempfile::tempdir().unwrap();
+    let history = PushHistory::open(dir.path());
+    let mut sequences = Vec::new();
+    for version in ["p-1", "p-2"] {
+        let sequence = history.next_sequence(&group, fleet::unix_ms_now()).unwrap();
+        let spec = BundleSpec { version: Some(version.into()), sequence, ..BundleSpec::new(group.clone()) };
+        let bundle = fleet::build_bundle(policy_onnx::DEFAULT_POLICY.to_vec(), &spec, &key).unwrap();
+        fleet::push_bundle(&config, &group, &bundle, WAIT).await.unwrap();
+        history.record(&group, &bundle).unwrap();
+        sequences.push(sequence);
+    }
+    assert!(sequences[1] > sequences[0], "{sequences:?}");
+    let target = history.rollback_target(&group, None).unwrap();
+    let spec = BundleSpec {
+        sequence: history.next_sequence(&group, fleet::unix_ms_now()).unwrap(),
+        ..BundleSpec::new(group.clone())
+    };
+    let rollback = fleet::rebundle(&target, &spec, &key).unwrap();
+    fleet::push_bundle(&config, &group, &rollback, WAIT).await.unwrap();
+
+    let mut device = subscriber(broker.port(), "device", Topic::Policy(group).name()).await;
+    let received = retained_bundle(&mut device).await;
+    let manifest = received.verify(&[key.verifying_key()]).unwrap();
+    assert_eq!(manifest.version, "p-1");
+    assert!(manifest.sequence > sequences[1], "{} after {sequences:?}", manifest.sequence);
+    assert_eq!(received.onnx, policy_onnx::DEFAULT_POLICY);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

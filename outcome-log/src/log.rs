@@ -702,6 +702,7 @@ fn read_row(r: &Row<'_>) -> Result<LoggedOutcome, OutcomeLogError> {
             route: r.get(21)?,
             cloud_attempt,
             created_at_ms: r.get(22)?,
+            text_cut_bytes: 0,
         },
         uploaded_at_ms: r.get(23)?,
     })

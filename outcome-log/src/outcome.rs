@@ -138,9 +138,39 @@ pub struct TurnOutcome {
     pub cloud_attempt: Option<CloudAttempt>,
     /// When the turn finished, unix milliseconds.
     pub created_at_ms: i64,
+    /// Bytes left out of the end of the answer, then of the question, so that the row fits one
+    /// upload packet ([`TurnOutcome::cut_text`]); 0 when the text is whole, as it always is in
+    /// the device's own log.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub text_cut_bytes: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl TurnOutcome {
+    /// Leaves out at least `bytes` of text, from the end of the answer first, then from the end
+    /// of the question (at character boundaries), and counts them in `text_cut_bytes`. What
+    /// training reads (observation, action, propensity, costs, score) is kept whole. Returns
+    /// false, changing nothing, when the text is shorter than `bytes`.
+    pub fn cut_text(&mut self, bytes: usize) -> bool {
+        if self.answer.len() + self.question.len() < bytes {
+            return false;
+        }
+        let mut left = bytes;
+        for text in [&mut self.answer, &mut self.question] {
+            let mut keep = text.len().saturating_sub(left);
+            while !text.is_char_boundary(keep) {
+                keep -= 1;
+            }
+            left = left.saturating_sub(text.len() - keep);
+            self.text_cut_bytes += (text.len() - keep) as u64;
+            text.truncate(keep);
+        }
+        true
+    }
+
     /// Checks what SQLite constraints cannot express clearly; every violation is named.
     pub fn validate(&self) -> Result<(), OutcomeLogError> {
         let fail = |reason: String| OutcomeLogError::InvalidOutcome {
@@ -251,7 +281,30 @@ pub(crate) mod tests {
             route: None,
             cloud_attempt: None,
             created_at_ms: 1_790_000_000_000 + i64::from(turn),
+            text_cut_bytes: 0,
         }
+    }
+
+    /// The answer's end goes first, then the question's, at character boundaries; the count
+    /// says how much went; a row with too little text is left alone.
+    #[test]
+    fn cut_text_takes_the_end_of_the_answer_then_of_the_question() {
+        let mut row =
+            TurnOutcome { question: "Was kann ich kochen?".into(), answer: "Käse".into(), ..sample("d", 0) };
+        assert!(!row.cut_text(26));
+        assert_eq!((row.answer.as_str(), row.text_cut_bytes), ("Käse", 0));
+        assert!(row.cut_text(3)); // "Käse" is 5 bytes: cutting 3 from its end lands inside 'ä'.
+        assert_eq!((row.answer.as_str(), row.text_cut_bytes), ("K", 4));
+        assert!(row.cut_text(6));
+        assert_eq!(
+            (row.answer.as_str(), row.question.as_str(), row.text_cut_bytes),
+            ("", "Was kann ich ko", 10)
+        );
+        let json = serde_json::to_value(&row).unwrap();
+        assert_eq!(json["text_cut_bytes"], 10);
+        assert_eq!(serde_json::from_value::<TurnOutcome>(json).unwrap(), row);
+        // A whole row does not name the field, and rows written before it read as whole.
+        assert!(serde_json::to_value(sample("d", 0)).unwrap().get("text_cut_bytes").is_none());
     }
 
     #[test]

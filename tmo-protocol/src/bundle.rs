@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::codec::{CborMessage, EncodeError, MessageKind};
-use crate::topic::DeviceId;
+use crate::topic::{DeviceId, GroupName};
 
 /// What a policy bundle claims about its model.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -34,6 +34,22 @@ pub struct PolicyManifest {
     pub created_unix_ms: u64,
     /// Share of the group's devices that take it, in percent (None: all).
     pub canary_percent: Option<u8>,
+    /// The device group the bundle was made for: a device of another group refuses it. Empty
+    /// in bundles made before bundles were bound (refused as [`BindingError::Unbound`]).
+    #[serde(default)]
+    pub group: String,
+    /// The devices of the group that may take it; empty: every device of the group.
+    #[serde(default)]
+    pub devices: Vec<String>,
+    /// Increases with every bundle made for the group (`tmoctl fleet push` takes the time in
+    /// ms, above every earlier push it knows): a device takes only a bundle above the highest
+    /// it has taken, and keeps that mark across restarts, so an older bundle cannot be
+    /// replayed to downgrade it.
+    #[serde(default)]
+    pub sequence: u64,
+    /// After this time (unix ms) no device takes the bundle.
+    #[serde(default)]
+    pub expires_unix_ms: u64,
 }
 
 /// The signed envelope (CBOR body).
@@ -97,6 +113,47 @@ pub enum BundleError {
         expected: u64,
         /// Of the bytes.
         actual: u64,
+    },
+}
+
+/// Why a verified bundle is not for this device now.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BindingError {
+    /// Made before bundles named their group, sequence and expiry.
+    #[error("the bundle names no group, sequence or expiry (made by an older tmoctl): push it again")]
+    Unbound,
+    /// Made for another group.
+    #[error("the bundle is for group {bundle:?}, this device is in group {device:?}")]
+    OtherGroup {
+        /// The bundle's group.
+        bundle: String,
+        /// The device's group.
+        device: String,
+    },
+    /// The bundle lists its devices, and not this one.
+    #[error("the bundle is for {listed} named devices of the group, not this one")]
+    NotListed {
+        /// How many devices it names.
+        listed: usize,
+    },
+    /// Past its expiry.
+    #[error("the bundle expired at {expires_unix_ms} (unix ms); it is {now_unix_ms}")]
+    Expired {
+        /// The bundle's expiry.
+        expires_unix_ms: u64,
+        /// The device's clock.
+        now_unix_ms: u64,
+    },
+    /// Not above the highest sequence the device has taken: a replayed or older bundle.
+    #[error(
+        "sequence {sequence} is not above {high_water}, the highest this device has taken: an older \
+         bundle (a replay, or a policy rolled back) is not taken again"
+    )]
+    NotNewer {
+        /// The bundle's sequence.
+        sequence: u64,
+        /// The device's high-water mark.
+        high_water: u64,
     },
 }
 
@@ -167,6 +224,34 @@ impl PolicyManifest {
         self.onnx_size_bytes = onnx.len() as u64;
         self
     }
+
+    /// Whether the bundle is for `device` of `group` now, and newer than `high_water`, the
+    /// highest sequence the device has taken: named group, listed device (when it lists
+    /// them), not expired, sequence above the mark. The first failed check is the reason.
+    pub fn check_binding(
+        &self,
+        group: &GroupName,
+        device: &DeviceId,
+        now_unix_ms: u64,
+        high_water: u64,
+    ) -> Result<(), BindingError> {
+        if self.group.is_empty() || self.sequence == 0 || self.expires_unix_ms == 0 {
+            return Err(BindingError::Unbound);
+        }
+        if self.group != group.as_str() {
+            return Err(BindingError::OtherGroup { bundle: self.group.clone(), device: group.to_string() });
+        }
+        if !self.devices.is_empty() && !self.devices.iter().any(|d| d == device.as_str()) {
+            return Err(BindingError::NotListed { listed: self.devices.len() });
+        }
+        if now_unix_ms >= self.expires_unix_ms {
+            return Err(BindingError::Expired { expires_unix_ms: self.expires_unix_ms, now_unix_ms });
+        }
+        if self.sequence <= high_water {
+            return Err(BindingError::NotNewer { sequence: self.sequence, high_water });
+        }
+        Ok(())
+    }
 }
 
 /// Whether `device` is in the canary share of a push of `version` at `percent` (0..=100).
@@ -203,7 +288,77 @@ mod tests {
             min_daemon_version: "0.1.0".into(),
             created_unix_ms: 1,
             canary_percent: None,
+            group: "kitchens".into(),
+            devices: Vec::new(),
+            sequence: 10,
+            expires_unix_ms: 2_000,
         }
+    }
+
+    /// Each binding is checked, in order, and names its reason; the mark is exclusive.
+    #[test]
+    fn bindings_refuse_other_groups_devices_expired_and_older_bundles() {
+        let kitchens: GroupName = "kitchens".parse().unwrap();
+        let device = DeviceId::new("kitchen-a").unwrap();
+        let m = manifest();
+        assert_eq!(m.check_binding(&kitchens, &device, 1_000, 9), Ok(()));
+        assert_eq!(
+            m.check_binding(&kitchens, &device, 1_000, 10),
+            Err(BindingError::NotNewer { sequence: 10, high_water: 10 })
+        );
+        assert!(matches!(m.check_binding(&kitchens, &device, 2_000, 0), Err(BindingError::Expired { .. })));
+        let other: GroupName = "labs".parse().unwrap();
+        assert!(matches!(m.check_binding(&other, &device, 1_000, 0), Err(BindingError::OtherGroup { .. })));
+        let listed = PolicyManifest { devices: vec!["kitchen-b".into()], ..manifest() };
+        assert_eq!(
+            listed.check_binding(&kitchens, &device, 1_000, 0),
+            Err(BindingError::NotListed { listed: 1 })
+        );
+        let named = PolicyManifest { devices: vec!["kitchen-b".into(), "kitchen-a".into()], ..manifest() };
+        assert_eq!(named.check_binding(&kitchens, &device, 1_000, 0), Ok(()));
+        for unbound in [
+            PolicyManifest { group: String::new(), ..manifest() },
+            PolicyManifest { sequence: 0, ..manifest() },
+            PolicyManifest { expires_unix_ms: 0, ..manifest() },
+        ] {
+            assert_eq!(unbound.check_binding(&kitchens, &device, 1_000, 0), Err(BindingError::Unbound));
+        }
+    }
+
+    /// A manifest signed before the binding fields existed still decodes (and is then refused
+    /// as unbound, with a reason, rather than as malformed).
+    #[test]
+    fn manifests_without_bindings_decode_as_unbound() {
+        #[derive(Serialize)]
+        struct Old {
+            version: String,
+            schema: String,
+            onnx_sha256: String,
+            onnx_size_bytes: u64,
+            opset: Option<u32>,
+            training_data_sha256: Option<String>,
+            min_daemon_version: String,
+            created_unix_ms: u64,
+            canary_percent: Option<u8>,
+        }
+        let old = Old {
+            version: "p-1".into(),
+            schema: "v1".into(),
+            onnx_sha256: String::new(),
+            onnx_size_bytes: 0,
+            opset: None,
+            training_data_sha256: None,
+            min_daemon_version: "0.1.0".into(),
+            created_unix_ms: 1,
+            canary_percent: None,
+        };
+        let mut bytes = Vec::new();
+        ciborium::into_writer(&old, &mut bytes).unwrap();
+        let m: PolicyManifest = ciborium::from_reader(bytes.as_slice()).unwrap();
+        assert_eq!((m.group.as_str(), m.sequence, m.expires_unix_ms), ("", 0, 0));
+        let kitchens: GroupName = "kitchens".parse().unwrap();
+        let device = DeviceId::new("kitchen-a").unwrap();
+        assert_eq!(m.check_binding(&kitchens, &device, 1_000, 0), Err(BindingError::Unbound));
     }
 
     #[test]

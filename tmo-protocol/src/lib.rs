@@ -23,7 +23,7 @@ pub mod reject;
 pub mod testing;
 pub mod topic;
 
-pub use bundle::{BundleError, PolicyBundle, PolicyManifest, in_canary};
+pub use bundle::{BindingError, BundleError, PolicyBundle, PolicyManifest, in_canary};
 pub use chunk::{FrameError, Reassembler, ReassemblyLimits, ReassemblyStats, split};
 pub use codec::{CborMessage, DecodeError, EncodeError, JsonMessage, MESSAGE_VERSION};
 pub use inbox::{Inbox, InboxError};

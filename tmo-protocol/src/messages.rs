@@ -459,34 +459,6 @@ impl CborMessage for OutcomeAck {
     const KIND: MessageKind = MessageKind::OutcomeAck;
 }
 
-/// A group command (topic [`Topic::GroupCommand`], JSON).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct GroupCommand {
-    /// Message version (1).
-    pub v: u8,
-    /// Unique per command, so that a repeated delivery is applied once.
-    pub command_id: String,
-    /// When it was issued (unix ms).
-    pub issued_unix_ms: u64,
-    /// What to do.
-    pub command: Command,
-}
-
-/// What a group command asks.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", tag = "kind")]
-pub enum Command {
-    /// Go back to the previous policy (or to `to_version` if the device still has it).
-    Rollback {
-        /// A specific version, if given.
-        to_version: Option<String>,
-    },
-}
-
-impl JsonMessage for GroupCommand {
-    const NAME: &'static str = "group command";
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -622,16 +594,7 @@ mod tests {
     }
 
     #[test]
-    fn command_and_score_json() {
-        let c = GroupCommand {
-            v: 1,
-            command_id: "c1".into(),
-            issued_unix_ms: 1,
-            command: Command::Rollback { to_version: None },
-        };
-        let json = c.to_json().unwrap();
-        assert!(String::from_utf8_lossy(&json).contains(r#""kind":"rollback""#));
-        assert_eq!(GroupCommand::from_json(&json, 1024).unwrap(), c);
+    fn score_json() {
         let s = JudgeScore {
             v: 1,
             request_id: RequestId(1),

@@ -14,7 +14,6 @@
 //! | `tmo/v1/dev/<d>/outcomes` | device → collectors (`$share/<g>/tmo/v1/dev/+/outcomes`) | no | one whole frame of CBOR [`crate::OutcomeBatch`] (chunks refused) |
 //! | `tmo/v1/dev/<d>/outcomes/ack` | collector → device | no | framed CBOR [`crate::OutcomeAck`] |
 //! | `tmo/v1/group/<g>/policy` | fleet → devices | yes | framed CBOR [`crate::PolicyBundle`] |
-//! | `tmo/v1/group/<g>/cmd` | fleet → devices | yes | JSON [`crate::GroupCommand`] (applied once per id, only to a policy older than the command) |
 
 use std::fmt;
 
@@ -163,11 +162,9 @@ pub enum Topic {
     /// `tmo/v1/dev/<d>/probe`: a small QoS 1 publish that nobody subscribes to; the time to its
     /// PUBACK measures the link's round trip while no request is in flight.
     LinkProbe(DeviceId),
-    /// `tmo/v1/group/<g>/policy`: retained signed policy bundle.
+    /// `tmo/v1/group/<g>/policy`: retained signed policy bundle (a rollback is a newer bundle
+    /// of the earlier policy, replacing the retained one).
     Policy(GroupName),
-    /// `tmo/v1/group/<g>/cmd`: retained group commands (rollback), so that a device that was
-    /// offline applies them when it reconnects.
-    GroupCommand(GroupName),
 }
 
 impl Topic {
@@ -195,7 +192,6 @@ impl Topic {
                 let group = GroupName::new(*group)?;
                 match tail {
                     ["policy"] => Ok(Self::Policy(group)),
-                    ["cmd"] => Ok(Self::GroupCommand(group)),
                     _ => Err(unknown()),
                 }
             }
@@ -215,7 +211,6 @@ impl Topic {
             Self::OutcomeAck(d) => format!("{ROOT}/dev/{d}/outcomes/ack"),
             Self::LinkProbe(d) => format!("{ROOT}/dev/{d}/probe"),
             Self::Policy(g) => format!("{ROOT}/group/{g}/policy"),
-            Self::GroupCommand(g) => format!("{ROOT}/group/{g}/cmd"),
         }
     }
 
@@ -230,7 +225,7 @@ impl Topic {
             | Self::Outcomes(d)
             | Self::OutcomeAck(d)
             | Self::LinkProbe(d) => Some(d),
-            Self::Policy(_) | Self::GroupCommand(_) => None,
+            Self::Policy(_) => None,
         }
     }
 
@@ -243,7 +238,7 @@ impl Topic {
 
     /// Whether messages on this topic are published retained.
     pub fn retained(&self) -> bool {
-        matches!(self, Self::Availability(_) | Self::Status(_) | Self::Policy(_) | Self::GroupCommand(_))
+        matches!(self, Self::Availability(_) | Self::Status(_) | Self::Policy(_))
     }
 }
 
@@ -300,8 +295,7 @@ mod tests {
             Topic::Outcomes(d.clone()),
             Topic::OutcomeAck(d.clone()),
             Topic::LinkProbe(d.clone()),
-            Topic::Policy(g.clone()),
-            Topic::GroupCommand(g),
+            Topic::Policy(g),
         ];
         for topic in topics {
             assert_eq!(Topic::parse(&topic.name()).unwrap(), topic, "{topic}");

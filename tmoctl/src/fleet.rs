@@ -8,9 +8,9 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use fleet::push::BundleSpec;
-use fleet::{Collector, FleetView, keys};
+use fleet::{Collector, FleetView, PushHistory, keys};
 use tmo_protocol::link::LinkConfig;
-use tmo_protocol::{GroupName, ShareGroup};
+use tmo_protocol::{DeviceId, GroupName, PolicyBundle, PolicyManifest, ShareGroup};
 
 /// The environment variable holding the MQTT password (never a command-line argument).
 pub const PASSWORD_ENV: &str = "TMO_MQTT_PASSWORD";
@@ -24,9 +24,10 @@ pub enum FleetCommand {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Sign a policy and publish it retained to a device group.
+    /// Sign a policy for a device group and publish it retained (recorded in the push history).
     Push(PushArgs),
-    /// Tell a group's devices to go back to their previous policy (retained command).
+    /// Sign the group's earlier policy again under a newer sequence and publish it retained,
+    /// replacing the latest bundle: it holds across the devices' reconnects and restarts.
     Rollback(RollbackArgs),
     /// Collect outcome batches into a dataset directory until SIGINT/SIGTERM.
     Collect(CollectArgs),
@@ -136,6 +137,44 @@ pub struct PushArgs {
     /// Oldest tmod version that may load it (default: this tmoctl's version).
     #[arg(long)]
     min_daemon_version: Option<String>,
+    /// Only these devices of the group (comma-separated ids; default: all of them).
+    #[arg(long, value_delimiter = ',')]
+    devices: Vec<DeviceId>,
+    #[command(flatten)]
+    bundle: BundleArgs,
+}
+
+/// What every signed bundle takes: its validity and where pushes are recorded.
+#[derive(Debug, Args)]
+pub struct BundleArgs {
+    /// Days devices take the bundle for; one that comes back later refuses it as expired until
+    /// the group is pushed again.
+    #[arg(long, default_value_t = 90, value_parser = clap::value_parser!(u32).range(1..=3650))]
+    expires_days: u32,
+    /// The push history: every bundle pushed, per group, for rollbacks and rising sequences
+    /// (default: $TMO_FLEET_HISTORY, else $XDG_STATE_HOME/tmo-edge/pushes, else
+    /// ~/.local/state/tmo-edge/pushes).
+    #[arg(long)]
+    history: Option<PathBuf>,
+}
+
+impl BundleArgs {
+    fn history(&self) -> anyhow::Result<PushHistory> {
+        let dir = self.history.clone().or_else(PushHistory::default_dir).context(
+            "no push history directory: give --history, or set TMO_FLEET_HISTORY, XDG_STATE_HOME or HOME",
+        )?;
+        Ok(PushHistory::open(dir))
+    }
+
+    /// A spec for `group` made now: the next sequence of its history, the expiry from now.
+    fn spec(&self, group: &GroupName, history: &PushHistory) -> anyhow::Result<BundleSpec> {
+        let mut spec = BundleSpec::new(group.clone());
+        spec.sequence = history
+            .next_sequence(group, spec.created_unix_ms)
+            .with_context(|| format!("reading the push history in {}", history.dir().display()))?;
+        spec.expires_unix_ms = spec.created_unix_ms + u64::from(self.expires_days) * 24 * 3600 * 1000;
+        Ok(spec)
+    }
 }
 
 #[derive(Debug, Args)]
@@ -145,9 +184,14 @@ pub struct RollbackArgs {
     /// The device group.
     #[arg(long)]
     group: GroupName,
-    /// Go back to this version (if the device still has it) instead of the previous one.
+    /// The secret key file (from `tmoctl fleet keygen`).
+    #[arg(long)]
+    key: PathBuf,
+    /// Go back to this version's latest push instead of the push before the latest one.
     #[arg(long = "to")]
     to_version: Option<String>,
+    #[command(flatten)]
+    bundle: BundleArgs,
 }
 
 #[derive(Debug, Args)]
@@ -204,54 +248,71 @@ async fn push(args: PushArgs) -> anyhow::Result<()> {
         Some(path) => Some(fleet::push::training_data_sha256(path).context("hashing the training data")?),
         None => None,
     };
+    let history = args.bundle.history()?;
     let mut spec = BundleSpec {
         version: args.version.clone(),
         canary_percent: args.canary,
         training_data_sha256,
-        ..BundleSpec::new()
+        devices: args.devices.clone(),
+        ..args.bundle.spec(&args.group, &history)?
     };
     if let Some(v) = &args.min_daemon_version {
         spec.min_daemon_version = v.clone();
     }
     let bundle = fleet::build_bundle_from_file(&args.policy, &spec, &key)
         .with_context(|| format!("building the bundle of {}", args.policy.display()))?;
-    let manifest = fleet::push::manifest_of(&bundle).context("the manifest just signed does not decode")?;
-    let sent = fleet::push_bundle(&config, &args.group, &bundle, args.broker.timeout())
+    let signer = keys::public_key_hex(&key.verifying_key());
+    publish(&config, &args.broker, &args.group, &bundle, &history, &signer, "pushed").await
+}
+
+/// Publishes a signed bundle retained, records it in the history and prints what went out.
+async fn publish(
+    config: &LinkConfig,
+    broker: &BrokerArgs,
+    group: &GroupName,
+    bundle: &PolicyBundle,
+    history: &PushHistory,
+    signer: &str,
+    what: &str,
+) -> anyhow::Result<()> {
+    let manifest: PolicyManifest =
+        fleet::push::manifest_of(bundle).context("the manifest just signed does not decode")?;
+    let sent = fleet::push_bundle(config, group, bundle, broker.timeout())
         .await
-        .with_context(|| format!("pushing to group {}", args.group))?;
+        .with_context(|| format!("pushing to group {group}"))?;
     println!(
-        "pushed policy {} to group {} ({}): schema {}, {} bytes, sha256 {}, opset {}, canary {}, min tmod {}",
+        "{what} policy {} to group {group} ({}): schema {}, {} bytes, sha256 {}, opset {}, canary {}, devices {}, \
+         min tmod {}, sequence {}, expires {} (unix ms)",
         manifest.version,
-        args.group,
         sent.topic,
         manifest.schema,
         manifest.onnx_size_bytes,
         manifest.onnx_sha256,
         manifest.opset.map_or_else(|| "-".into(), |o| o.to_string()),
         manifest.canary_percent.map_or_else(|| "all".into(), |p| format!("{p}%")),
+        if manifest.devices.is_empty() { "all".to_owned() } else { manifest.devices.join(",") },
         manifest.min_daemon_version,
+        manifest.sequence,
+        manifest.expires_unix_ms,
     );
-    println!(
-        "signed by {} ({} bytes retained on the broker)",
-        keys::public_key_hex(&key.verifying_key()),
-        sent.payload_bytes
-    );
+    println!("signed by {signer} ({} bytes retained on the broker)", sent.payload_bytes);
+    let recorded = history.record(group, bundle).with_context(|| {
+        format!("the bundle went out, but the push history in {} was not written", history.dir().display())
+    })?;
+    println!("recorded in {}", recorded.display());
     Ok(())
 }
 
 async fn rollback(args: RollbackArgs) -> anyhow::Result<()> {
+    let key = keys::load_signing_key(&args.key).context("loading the signing key")?;
     let config = args.broker.link_config("rollback")?;
-    let command = fleet::rollback_command(args.to_version.clone())?;
-    fleet::send_command(&config, &args.group, &command, args.broker.timeout())
-        .await
-        .with_context(|| format!("sending the rollback to group {}", args.group))?;
-    println!(
-        "rollback sent to group {} (command {}, back to {})",
-        args.group,
-        command.command_id,
-        args.to_version.as_deref().unwrap_or("each device's previous policy")
-    );
-    Ok(())
+    let history = args.bundle.history()?;
+    let target = history.rollback_target(&args.group, args.to_version.as_deref())?;
+    let spec = args.bundle.spec(&args.group, &history)?;
+    let bundle = fleet::rebundle(&target, &spec, &key)
+        .with_context(|| format!("signing {} again", target.manifest.version))?;
+    let signer = keys::public_key_hex(&key.verifying_key());
+    publish(&config, &args.broker, &args.group, &bundle, &history, &signer, "rollback: pushed").await
 }
 
 async fn collect(args: CollectArgs) -> anyhow::Result<()> {

@@ -178,6 +178,7 @@ mod tests {
                     route: None,
                     cloud_attempt: None,
                     created_at_ms: 0,
+                    text_cut_bytes: 0,
                 };
                 log.append(&outcome).unwrap();
                 history.push(turn);

@@ -66,7 +66,7 @@ fn fleet_cli_bad_arguments_exit_with_clear_messages() {
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("is not HOST:PORT"), "{}", stderr(&o));
     // A group name with an MQTT wildcard, a canary share out of range.
-    let o = tmoctl(&["fleet", "rollback", "--group", "pi/lot"]);
+    let o = tmoctl(&["fleet", "rollback", "--group", "pi/lot", "--key", "k"]);
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("not allowed in a topic level"), "{}", stderr(&o));
     let o = tmoctl(&["fleet", "push", "--group", "g", "--policy", &policy, "--key", "k", "--canary", "0"]);
@@ -102,32 +102,62 @@ fn fleet_cli_push_rollback_status_and_collect_against_mosquitto() {
     assert!(tmoctl(&["fleet", "keygen", "--out", &key]).status.success());
     let policy = write_policy(dir.path());
 
-    let o = tmoctl(&[
-        "fleet",
-        "push",
-        "--broker",
-        &addr,
-        "--group",
-        "pilot",
-        "--policy",
-        &policy,
-        "--key",
-        &key,
-        "--canary",
-        "10",
-        "--version",
-        "p-1",
-    ]);
+    let history = dir.path().join("pushes").display().to_string();
+    let push = |version: &str, canary: &str| {
+        tmoctl(&[
+            "fleet",
+            "push",
+            "--broker",
+            &addr,
+            "--group",
+            "pilot",
+            "--policy",
+            &policy,
+            "--key",
+            &key,
+            "--canary",
+            canary,
+            "--version",
+            version,
+            "--history",
+            &history,
+        ])
+    };
+    // Nothing pushed yet: nothing to roll back to, said before connecting.
+    let rollback = || {
+        tmoctl(&[
+            "fleet",
+            "rollback",
+            "--broker",
+            &addr,
+            "--group",
+            "pilot",
+            "--key",
+            &key,
+            "--history",
+            &history,
+        ])
+    };
+    let o = rollback();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("no push to group pilot is recorded"), "{}", stderr(&o));
+    let o = push("p-1", "100");
     assert!(o.status.success(), "{}", stderr(&o));
-    assert!(
-        stdout(&o).contains("pushed policy p-1 to group pilot") && stdout(&o).contains("canary 10%"),
-        "{}",
-        stdout(&o)
-    );
+    let o = push("p-2", "10");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.contains("pushed policy p-2 to group pilot") && out.contains("canary 10%"), "{out}");
+    assert!(out.contains("sequence ") && out.contains("recorded in"), "{out}");
 
-    let o = tmoctl(&["fleet", "rollback", "--broker", &addr, "--group", "pilot"]);
+    // The rollback signs p-1 again, for every device, under a newer sequence.
+    let o = rollback();
     assert!(o.status.success(), "{}", stderr(&o));
-    assert!(stdout(&o).contains("rollback sent to group pilot"), "{}", stdout(&o));
+    let out = stdout(&o);
+    assert!(
+        out.contains("rollback: pushed policy p-1 to group pilot") && out.contains("canary all"),
+        "{out}"
+    );
+    assert_eq!(std::fs::read_dir(dir.path().join("pushes/pilot")).unwrap().count(), 3);
 
     let o = tmoctl(&["fleet", "status", "--broker", &addr, "--wait-ms", "300"]);
     assert!(o.status.success(), "{}", stderr(&o));

@@ -97,6 +97,7 @@ fn fleet_rows(dialogues: &[Dialogue], devices: &[&str], unscored_every: usize) -
                 route: None,
                 cloud_attempt: None,
                 created_at_ms: 1_795_996_800_000 + count as i64,
+                text_cut_bytes: 0,
             };
             latency_left -= latency;
             cost_left -= cost;

@@ -57,6 +57,7 @@ pub fn outcome(dialogue: &str, turn: u32, created_at_ms: i64) -> TurnOutcome {
             cost_usd: 0.000_945,
         }),
         created_at_ms,
+        text_cut_bytes: 0,
     }
 }
 

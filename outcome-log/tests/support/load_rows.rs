@@ -56,5 +56,6 @@ pub fn row(dialogue: &str, turn: u32) -> TurnOutcome {
         route: (turn % 5 == 4).then(|| "cloud chosen, unavailable, answered locally".to_owned()),
         cloud_attempt: None,
         created_at_ms: 1_790_000_000_000 + i64::from(turn),
+        text_cut_bytes: 0,
     }
 }

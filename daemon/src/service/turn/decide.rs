@@ -90,7 +90,7 @@ impl Service {
         if let Err(e) = &decided {
             // A policy that fails gives way to the previous one at once.
             let reason = format!("the policy failed: {e}");
-            if let Ok(version) = policies.rollback(None, None) {
+            if let Ok(version) = policies.rollback() {
                 tracing::error!(%reason, restored = %version, "policy rolled back");
                 self.metrics.set_policy(&policies.current().version, &policies.current().sha256);
                 self.report_policy_update(version, true, Some(format!("rolled back: {reason}")));

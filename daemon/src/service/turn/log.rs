@@ -60,6 +60,7 @@ impl Service {
             route: (produced.route != decision.action).then(|| produced.route.to_owned()),
             cloud_attempt,
             created_at_ms: outcome_log::now_ms(),
+            text_cut_bytes: 0,
         };
         let logging = Instant::now();
         let logged = self.outcomes.append(outcome).await;
