@@ -33,11 +33,15 @@ pub struct LocalAnswer {
     pub context_restarted: bool,
 }
 
-/// The queue was full.
+/// Why a job was not queued.
 #[derive(Debug, thiserror::Error)]
-#[error("the local model is busy: {waiting} requests already waiting")]
-pub struct QueueFull {
-    pub waiting: usize,
+pub enum SubmitError {
+    /// The queue is full: the API answers 503.
+    #[error("the local model is busy: {waiting} requests already waiting")]
+    Full { waiting: usize },
+    /// The model thread has ended (a panic): nothing will answer until tmod restarts.
+    #[error("the local model's thread has stopped")]
+    Stopped,
 }
 
 /// A handle on the model thread.
@@ -46,6 +50,7 @@ pub struct LocalLlm {
     jobs: SyncSender<LocalJob>,
     waiting: Arc<AtomicUsize>,
     info: Arc<ModelInfo>,
+    thread: Arc<std::thread::JoinHandle<()>>,
 }
 
 impl LocalLlm {
@@ -62,7 +67,7 @@ impl LocalLlm {
         let model = model.to_owned();
         let system_prompt = system_prompt.to_owned();
         let thread_waiting = waiting.clone();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("local-llm".into())
             .spawn(move || {
                 let mut engine = match Engine::load(&model, &config) {
@@ -77,6 +82,7 @@ impl LocalLlm {
                 };
                 while let Ok(job) = queue.recv() {
                     thread_waiting.fetch_sub(1, Ordering::Relaxed);
+                    fail::fail_point!("local-llm-job");
                     run_job(&mut engine, job, &system_prompt);
                 }
             })
@@ -84,19 +90,24 @@ impl LocalLlm {
         let info = ready_rx
             .recv()
             .map_err(|_| EngineError::InvalidParams("the model thread ended while loading".into()))??;
-        Ok(Self { jobs, waiting, info: Arc::new(info) })
+        Ok(Self { jobs, waiting, info: Arc::new(info), thread: Arc::new(thread) })
     }
 
-    /// Queues a job, or refuses it at once when the queue is full.
-    pub fn submit(&self, job: LocalJob) -> Result<(), QueueFull> {
+    /// Queues a job, or refuses it at once when the queue is full or the thread has stopped.
+    pub fn submit(&self, job: LocalJob) -> Result<(), SubmitError> {
         self.waiting.fetch_add(1, Ordering::Relaxed);
-        match self.jobs.try_send(job) {
-            Ok(()) => Ok(()),
-            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
-                let waiting = self.waiting.fetch_sub(1, Ordering::Relaxed) - 1;
-                Err(QueueFull { waiting })
-            }
-        }
+        let refused = match self.jobs.try_send(job) {
+            Ok(()) => return Ok(()),
+            Err(TrySendError::Full(_)) => None,
+            Err(TrySendError::Disconnected(_)) => Some(SubmitError::Stopped),
+        };
+        let waiting = self.waiting.fetch_sub(1, Ordering::Relaxed) - 1;
+        Err(refused.unwrap_or(SubmitError::Full { waiting }))
+    }
+
+    /// Whether the model thread still runs (a panic in a generation ends it).
+    pub fn running(&self) -> bool {
+        !self.thread.is_finished()
     }
 
     /// Requests waiting for the model (not counting the one it runs).

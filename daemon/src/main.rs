@@ -100,6 +100,8 @@ fn run(path: &std::path::Path) -> ExitCode {
         }
     };
     set_thread_count(config.file.model.threads);
+    // Fail points named in FAILPOINTS (test builds only: release builds have none compiled in).
+    let _fail_points = fail::FailScenario::setup();
     match serve::run(config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -1,5 +1,6 @@
 //! `tmod run`: load everything, listen on the API socket (and the optional loopback port),
-//! tell systemd when ready and keep its watchdog fed, stop cleanly on SIGTERM or SIGINT.
+//! tell systemd when ready and feed its watchdog while the model thread, the outcome writer and
+//! the API make progress, exit when one of them has stopped, stop cleanly on SIGTERM or SIGINT.
 
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::Path;
@@ -70,32 +71,26 @@ async fn serve(service: Arc<Service>, config: &Config) -> anyhow::Result<()> {
     });
 
     notify_systemd(&[NotifyState::Ready, NotifyState::Status("serving")]);
-    let watchdog = sd_notify::watchdog_enabled().map(|period| {
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(period / 2);
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => break,
-                    _ = tick.tick() => notify_systemd(&[NotifyState::Watchdog]),
-                }
-            }
-        })
-    });
+    let (stopped_tx, mut stopped_rx) = tokio::sync::mpsc::channel::<String>(1);
+    let health =
+        tokio::spawn(watch_health(service.clone(), sd_notify::watchdog_enabled(), stopped_tx, stop.clone()));
 
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("cannot watch SIGTERM")?;
+    let mut stopped_part = None;
     let failed = tokio::select! {
         _ = terminate.recv() => None,
         _ = tokio::signal::ctrl_c() => None,
         Some(done) = servers.join_next() => Some(done),
+        Some(part) = stopped_rx.recv() => {
+            stopped_part = Some(part);
+            None
+        }
     };
     tracing::info!("stopping");
     notify_systemd(&[NotifyState::Stopping]);
     stop.cancel();
-    if let Some(watchdog) = watchdog {
-        watchdog.abort();
-    }
+    health.abort();
     // Streams in flight get a moment to finish; their turns are logged as they end.
     let drained = tokio::time::timeout(Duration::from_secs(10), async {
         while let Some(done) = servers.join_next().await {
@@ -110,10 +105,55 @@ async fn serve(service: Arc<Service>, config: &Config) -> anyhow::Result<()> {
     }
     let _ = std::fs::remove_file(&file.api.socket);
     service.shutdown_cloud().await;
+    if let Some(part) = stopped_part {
+        bail!("{part} has stopped: exiting so that systemd restarts tmod");
+    }
     match failed {
         Some(Ok(Err(e))) => Err(e),
         Some(Err(e)) => Err(anyhow::anyhow!("API server task failed: {e}")),
         _ => Ok(()),
+    }
+}
+
+/// How often the parts are checked without a watchdog (with one: twice per period, at most
+/// this).
+const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Checks the parts that must run ([`Service::health`]) and feeds systemd's watchdog only
+/// while all of them run and answer (this task itself runs on the runtime that serves the
+/// API): a part that hangs starves the watchdog, and systemd kills and restarts tmod. A part
+/// whose thread ended is reported (log, systemd status, `stopped`) at once, for tmod to exit
+/// and be restarted rather than answer every request with an error.
+async fn watch_health(
+    service: Arc<Service>,
+    watchdog: Option<Duration>,
+    stopped: tokio::sync::mpsc::Sender<String>,
+    stop: CancellationToken,
+) {
+    let every = watchdog.map_or(HEALTH_INTERVAL, |period| (period / 2).min(HEALTH_INTERVAL));
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let health = service.health(every).await;
+        let dead = health.stopped();
+        if !dead.is_empty() {
+            let parts = dead.join(" and ");
+            tracing::error!("{parts} stopped: not feeding the watchdog; exiting for a restart");
+            notify_systemd(&[NotifyState::Status(&format!("{parts} stopped"))]);
+            let _ = stopped.send(parts).await;
+            return;
+        }
+        if health.serving() {
+            if watchdog.is_some() {
+                notify_systemd(&[NotifyState::Watchdog]);
+            }
+        } else {
+            tracing::warn!(?health, "a part does not answer: the watchdog is not fed");
+        }
     }
 }
 

@@ -34,6 +34,40 @@ use crate::util::{lock, unix_ms_now};
 /// Joules in a kilowatt-hour.
 const JOULES_PER_KWH: f64 = 3.6e6;
 
+/// What a part of the daemon is doing, for the watchdog and `/v1/status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PartState {
+    Running,
+    /// Its thread is alive but did not answer in time.
+    NotAnswering,
+    /// Its thread has ended.
+    Stopped,
+}
+
+/// The state of the parts that must run ([`Service::health`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Health {
+    pub local_model: PartState,
+    pub outcome_writer: PartState,
+}
+
+impl Health {
+    /// Every part runs and answers: the watchdog may be fed.
+    pub fn serving(&self) -> bool {
+        self.local_model == PartState::Running && self.outcome_writer == PartState::Running
+    }
+
+    /// The parts whose thread has ended, by name: nothing brings them back but a restart.
+    pub fn stopped(&self) -> Vec<&'static str> {
+        [("the local model's thread", self.local_model), ("the outcome writer's thread", self.outcome_writer)]
+            .into_iter()
+            .filter(|(_, state)| *state == PartState::Stopped)
+            .map(|(name, _)| name)
+            .collect()
+    }
+}
+
 /// A request the daemon refuses, with the HTTP status it maps to.
 #[derive(Debug, thiserror::Error)]
 pub enum AskError {
@@ -254,6 +288,23 @@ impl Service {
     }
 
     /// The `/v1/status` report.
+    /// The parts that must run for the daemon to serve: the local model's thread and the
+    /// outcome writer's (which must also answer within `timeout`). A part whose thread ended is
+    /// `stopped` (tmod exits for systemd to restart it); a writer that does not answer in time
+    /// is `not answering` (the watchdog is not fed meanwhile).
+    pub async fn health(&self, timeout: Duration) -> Health {
+        let model = if self.llm.running() { PartState::Running } else { PartState::Stopped };
+        let writer = if !self.outcomes.running() {
+            PartState::Stopped
+        } else {
+            match tokio::time::timeout(timeout, self.outcomes.stats()).await {
+                Ok(_) => PartState::Running,
+                Err(_) => PartState::NotAnswering,
+            }
+        };
+        Health { local_model: model, outcome_writer: writer }
+    }
+
     pub async fn status(&self) -> serde_json::Value {
         let (policy_version, policy_sha256, previous_policy) = {
             let p = lock(&self.policies);
@@ -282,8 +333,10 @@ impl Service {
             Err(e) => serde_json::json!({ "error": e.to_string() }),
         };
         let info = self.llm.info();
+        let health = self.health(Duration::from_secs(1)).await;
         serde_json::json!({
             "version": env!("CARGO_PKG_VERSION"),
+            "health": health,
             "device_id": self.config.device_id(),
             "profile": self.config.profile.board.name,
             "uptime_secs": self.started.elapsed().as_secs_f64(),

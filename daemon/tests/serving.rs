@@ -186,6 +186,89 @@ fn serving_a_client_that_hangs_up_mid_answer_frees_its_dialogue_and_its_turn_is_
     });
 }
 
+/// A notify socket standing in for systemd: a thread reads every message as it arrives (tmod's
+/// sends would block on a full socket queue).
+struct SystemdNotify {
+    messages: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl SystemdNotify {
+    fn bind(path: &std::path::Path) -> SystemdNotify {
+        let socket = std::os::unix::net::UnixDatagram::bind(path).expect("notify socket");
+        socket.set_read_timeout(Some(Duration::from_millis(50))).expect("timeout");
+        let messages = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (seen, stopping) = (messages.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while !stopping.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok(n) = socket.recv(&mut buf) {
+                    seen.lock().expect("lock").push(String::from_utf8_lossy(&buf[..n]).into_owned());
+                }
+            }
+        });
+        SystemdNotify { messages, stop }
+    }
+
+    fn messages(&self) -> Vec<String> {
+        self.messages.lock().expect("lock").clone()
+    }
+}
+
+impl Drop for SystemdNotify {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// A part that dies (a panic in the model's thread or in the outcome writer's, made by a fail
+/// point) leaves no zombie: `/v1/status` and systemd are told which, the watchdog is no longer
+/// fed, and tmod exits for systemd to restart it. Before, a dead model thread made every later
+/// request a 503 "busy", a dead writer failed every append while answers flowed, and the
+/// watchdog was fed by a task that watched nothing.
+#[test]
+fn serving_a_dead_model_or_writer_thread_starves_the_watchdog_and_tmod_exits() {
+    for (fail_point, part) in [
+        ("local-llm-job=panic", "the local model's thread"),
+        ("outcome-writer-append=panic", "the outcome writer's thread"),
+    ] {
+        let state = tempfile::tempdir().expect("tempdir");
+        let notify_path = state.path().join("notify.sock");
+        let notify = SystemdNotify::bind(&notify_path);
+        let notify_env = notify_path.display().to_string();
+        let env =
+            [("NOTIFY_SOCKET", notify_env.as_str()), ("WATCHDOG_USEC", "400000"), ("FAILPOINTS", fail_point)];
+        let mut daemon = Daemon::start_with_env(state.path(), "test-device", SHORT_ANSWERS, &env);
+        let client = daemon.client();
+        std::thread::sleep(Duration::from_millis(1500));
+        let before = notify.messages();
+        assert!(before.iter().any(|m| m.contains("READY=1")), "{before:?}");
+        assert!(
+            before.iter().filter(|m| m.contains("WATCHDOG=1")).count() >= 2,
+            "fed while healthy: {before:?}"
+        );
+        runtime().block_on(async {
+            let status = client.status().await.expect("status");
+            assert_eq!(status["health"]["local_model"], "running", "{status}");
+            assert_eq!(status["health"]["outcome_writer"], "running", "{status}");
+            let mut request = AskRequest::new(None, "How long should I boil an egg?");
+            request.stream = false;
+            // The model's panic fails this turn; the writer's panic loses its row (the answer
+            // may still come back). Either way the part is gone.
+            let _ = client.ask(&request, |_| {}).await;
+        });
+        let (status, stderr) = daemon.wait_exit(Duration::from_secs(20)).expect("tmod exits by itself");
+        assert!(!status.success(), "{status}");
+        assert!(stderr.contains(&format!("{part} has stopped")), "{part}: {stderr}");
+        std::thread::sleep(Duration::from_millis(200));
+        let after = notify.messages();
+        let told =
+            after.iter().position(|m| m.contains(&format!("STATUS={part} stopped"))).expect("systemd told");
+        assert!(!after[told..].iter().any(|m| m.contains("WATCHDOG=1")), "fed after the death: {after:?}");
+    }
+}
+
 #[test]
 fn serving_answers_503_with_retry_after_when_the_queue_is_full() {
     let state = tempfile::tempdir().expect("tempdir");

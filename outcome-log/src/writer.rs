@@ -211,6 +211,12 @@ impl OutcomeWriter {
         Ok(OutcomeWriter { tx: Some(tx), thread: Some(thread), capacity: config.queue_capacity })
     }
 
+    /// Whether the writer thread still runs (it ends only when the writer is closed, or on a
+    /// panic).
+    pub fn running(&self) -> bool {
+        self.thread.as_ref().is_some_and(|t| !t.is_finished())
+    }
+
     /// Opens the log at `path` ([`OutcomeLog::open`]) and starts its writer with the default
     /// [`WriterConfig`].
     pub fn open(path: impl AsRef<Path>, config: OutcomeLogConfig) -> Result<Self, OutcomeLogError> {
@@ -347,6 +353,7 @@ fn run(mut log: OutcomeLog, rx: Receiver<Request>, max_batch: usize) -> OutcomeL
         match request {
             Request::Run(job) => job(&mut log),
             Request::Append { outcome, done } => {
+                fail::fail_point!("outcome-writer-append");
                 outcomes.push(*outcome);
                 callbacks.push(done);
                 while outcomes.len() < max_batch {

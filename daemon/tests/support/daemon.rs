@@ -35,11 +35,17 @@ impl Daemon {
 
     /// Starts device `device_id` with its state in `state`.
     pub fn start_as(state: &Path, device_id: &str, extra: &str) -> Daemon {
+        Self::start_with_env(state, device_id, extra, &[])
+    }
+
+    /// Starts device `device_id` with `env` added to its environment.
+    pub fn start_with_env(state: &Path, device_id: &str, extra: &str, env: &[(&str, &str)]) -> Daemon {
         let config = Self::config_as(state, device_id, extra);
         let socket = state.join("api.sock");
         let child = Command::new(env!("CARGO_BIN_EXE_tmod"))
             .args(["run", "--config"])
             .arg(&config)
+            .envs(env.iter().copied())
             .env("TMOD_API_SOCKET", &socket)
             .env("CANDLE_NUM_THREADS", "2")
             .env("RUST_LOG", "warn")
@@ -81,6 +87,18 @@ impl Daemon {
     /// The daemon's process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Waits up to `timeout` for the process to exit by itself; its status and stderr.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<(std::process::ExitStatus, String)> {
+        let started = Instant::now();
+        while started.elapsed() < timeout {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some((status, std::fs::read_to_string(&self.stderr).unwrap_or_default()));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
     }
 
     pub fn kill(&mut self) {

@@ -14,7 +14,7 @@ use super::attach::CloudCall;
 use crate::dialogues::TurnStart;
 use crate::estimates::CostEstimates;
 use crate::link::{CloudAnswered, DeviceLink};
-use crate::local_llm::{LocalAnswer, LocalJob, LocalLlm};
+use crate::local_llm::{LocalAnswer, LocalJob, LocalLlm, SubmitError};
 use crate::service::{AskError, Service};
 use crate::util::lock;
 
@@ -82,10 +82,17 @@ impl Service {
                 Answering::Cloud(tokio::spawn(answer_in_cloud(link, request, wait, fallback, estimates)))
             }
             None => {
-                if let Err(full) = self.llm.submit(job) {
-                    self.metrics.reject("queue_full");
-                    tracing::warn!(waiting = full.waiting, "local model queue full: 503");
-                    return Err(AskError::Busy { retry_after_secs: 2 });
+                match self.llm.submit(job) {
+                    Ok(()) => {}
+                    Err(SubmitError::Full { waiting }) => {
+                        self.metrics.reject("queue_full");
+                        tracing::warn!(waiting, "local model queue full: 503");
+                        return Err(AskError::Busy { retry_after_secs: 2 });
+                    }
+                    Err(stopped @ SubmitError::Stopped) => {
+                        self.metrics.reject("model_stopped");
+                        return Err(AskError::Internal(format!("{stopped}; tmod exits to be restarted")));
+                    }
                 }
                 Answering::Local { answer, route: local_route }
             }
