@@ -450,15 +450,13 @@ async fn probe_link(link: Arc<DeviceLink>, estimates: Arc<Mutex<CostEstimates>>,
     }
 }
 
-/// Stores the judge scores the bridges publish for this device's cloud answers.
+/// Stores the judge scores the bridges publish for this device's cloud answers (only for turns
+/// the cloud answered: see [`outcome_log::OutcomeLog::set_judge_score`]).
 async fn store_judge_scores(mut scores: mpsc::Receiver<JudgeScore>, service: std::sync::Weak<Service>) {
     while let Some(score) = scores.recv().await {
         let Some(service) = service.upgrade() else { break };
         for attempt in 0.. {
-            let stored = service
-                .outcomes
-                .set_score(&score.dialogue_id, score.turn, score.score, ScoreSource::Judge)
-                .await;
+            let stored = service.outcomes.set_judge_score(&score.dialogue_id, score.turn, score.score).await;
             match stored {
                 Ok(update) => {
                     tracing::debug!(dialogue = %score.dialogue_id, turn = score.turn, ?update, "judge score");

@@ -39,6 +39,10 @@ pub enum OutcomeLogError {
     /// `set_score` named a turn the log does not hold (never logged, or evicted after upload).
     #[error("no turn {turn} of dialogue {dialogue:?} in the outcome log")]
     UnknownTurn { dialogue: String, turn: u32 },
+    /// A judge's score for a turn whose answer did not come from the cloud: a judge scores
+    /// cloud answers only, so a publisher on the score topic cannot relabel local turns.
+    #[error("turn {turn} of dialogue {dialogue:?} was not answered by the cloud: no judge score")]
+    NotACloudAnswer { dialogue: String, turn: u32 },
     /// The size bound is reached and every row is still waiting for upload: the new row is
     /// refused (acknowledged rows are never evicted before they are uploaded).
     #[error(

@@ -397,6 +397,24 @@ impl OutcomeLog {
         Ok(results)
     }
 
+    /// A judge's score for a turn answered by the cloud (its `cloud_attempt` says `answered`),
+    /// stored as [`OutcomeLog::set_score`] stores a [`ScoreSource::Judge`] score;
+    /// [`OutcomeLogError::NotACloudAnswer`] for any other turn.
+    pub fn set_judge_score(
+        &mut self,
+        dialogue: &str,
+        turn: u32,
+        score: f64,
+    ) -> Result<ScoreUpdate, OutcomeLogError> {
+        let row = self
+            .turn(dialogue, turn)?
+            .ok_or_else(|| OutcomeLogError::UnknownTurn { dialogue: dialogue.to_owned(), turn })?;
+        if row.outcome.cloud_attempt.as_ref().is_none_or(|a| a.outcome != "answered") {
+            return Err(OutcomeLogError::NotACloudAnswer { dialogue: dialogue.to_owned(), turn });
+        }
+        self.set_score(dialogue, turn, score, ScoreSource::Judge)
+    }
+
     /// Records a turn's score (feedback arrives after the answer). The row becomes pending upload
     /// again so that the collector receives the score (batches are idempotent by dialogue and
     /// turn). A score never replaces one from a higher-ranked source (see [`ScoreSource`]).
@@ -911,6 +929,38 @@ mod tests {
         assert!(present.contains(&ids[3]), "a pending row is never evicted");
         assert!(ids[half..].iter().chain(&new_ids).all(|id| present.contains(id)));
         log.integrity_check().unwrap();
+    }
+
+    /// A judge scores cloud answers only: a turn answered locally (or whose cloud request failed
+    /// and fell back) keeps its label, whoever publishes on the score topic.
+    #[test]
+    fn judge_scores_are_stored_for_cloud_answers_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = open(&dir, 1 << 20);
+        let attempt = |outcome: &str| crate::CloudAttempt {
+            outcome: outcome.into(),
+            detail: None,
+            wait_secs: 1.0,
+            deadline_secs: 10.0,
+            request_bytes: 2000,
+            model: None,
+            backend_latency_ms: None,
+            cost_usd: 0.001,
+        };
+        log.append(&sample("d", 0)).unwrap();
+        log.append(&TurnOutcome { cloud_attempt: Some(attempt("timeout")), ..sample("d", 1) }).unwrap();
+        log.append(&TurnOutcome { cloud_attempt: Some(attempt("answered")), ..sample("d", 2) }).unwrap();
+        for turn in [0, 1] {
+            assert!(matches!(
+                log.set_judge_score("d", turn, 0.2),
+                Err(OutcomeLogError::NotACloudAnswer { .. })
+            ));
+            assert_eq!(log.turn("d", turn).unwrap().unwrap().outcome.score, None);
+        }
+        assert_eq!(log.set_judge_score("d", 2, 0.7).unwrap(), ScoreUpdate::Updated);
+        let row = log.turn("d", 2).unwrap().unwrap().outcome;
+        assert_eq!((row.score, row.score_source), (Some(0.7), Some(ScoreSource::Judge)));
+        assert!(matches!(log.set_judge_score("d", 9, 0.7), Err(OutcomeLogError::UnknownTurn { .. })));
     }
 
     /// A row a collector refused is set aside: not pending, not uploaded, never evicted, counted;

@@ -287,6 +287,17 @@ impl OutcomeWriter {
         }
     }
 
+    /// [`OutcomeLog::set_judge_score`] on the writer thread.
+    pub fn set_judge_score(
+        &self,
+        dialogue: impl Into<String>,
+        turn: u32,
+        score: f64,
+    ) -> Pending<ScoreUpdate> {
+        let dialogue = dialogue.into();
+        self.run_job(move |log| log.set_judge_score(&dialogue, turn, score))
+    }
+
     /// [`OutcomeLog::set_score`] on the writer thread.
     pub fn set_score(
         &self,

@@ -30,7 +30,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use rumqttc::v5::mqttbytes::QoS as RumqttQoS;
-use rumqttc::v5::mqttbytes::v5::{Filter, LastWill, Packet, PubAckReason, Publish, PublishProperties};
+use rumqttc::v5::mqttbytes::v5::{
+    Filter, LastWill, Packet, PubAckReason, Publish, PublishProperties, SubscribeReasonCode,
+};
 use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions, Request};
 use rumqttc::{NetworkOptions, Outgoing, TlsConfiguration, Transport};
 use serde::Deserialize;
@@ -381,6 +383,8 @@ pub struct LinkStats {
     pub connections: u64,
     /// Connection attempts or connections that failed.
     pub connection_errors: u64,
+    /// SUBACKs in which the broker refused a subscription (its ACL, for example).
+    pub subscriptions_refused: u64,
     /// Publishes handed to rumqttc.
     pub published: u64,
     /// Publishes lost because the connection broke.
@@ -395,6 +399,7 @@ pub struct LinkStats {
 struct Counters {
     connections: AtomicU64,
     connection_errors: AtomicU64,
+    subscriptions_refused: AtomicU64,
     published: AtomicU64,
     lost_on_disconnect: AtomicU64,
     received: AtomicU64,
@@ -760,6 +765,7 @@ impl Link {
         LinkStats {
             connections: c.connections.load(Ordering::Relaxed),
             connection_errors: c.connection_errors.load(Ordering::Relaxed),
+            subscriptions_refused: c.subscriptions_refused.load(Ordering::Relaxed),
             published: c.published.load(Ordering::Relaxed),
             lost_on_disconnect: c.lost_on_disconnect.load(Ordering::Relaxed),
             received: c.received.load(Ordering::Relaxed),
@@ -814,10 +820,23 @@ impl EventTask {
     async fn run(mut self) {
         let mut backoff = self.backoff_initial;
         let mut awaiting_suback = false;
+        // When to subscribe again after the broker refused a subscription (its ACL, say).
+        let mut resubscribe_at: Option<tokio::time::Instant> = None;
         loop {
+            let resubscribe_due = async {
+                match resubscribe_at {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
             let event = tokio::select! {
                 biased;
                 _ = self.cancel.cancelled() => break,
+                _ = resubscribe_due => {
+                    resubscribe_at = None;
+                    awaiting_suback = self.resubscribe();
+                    continue;
+                }
                 event = self.eventloop.poll() => event,
             };
             match event {
@@ -836,7 +855,25 @@ impl EventTask {
                         }
                     }
                     Packet::SubAck(suback) => {
-                        if awaiting_suback {
+                        let refused = suback
+                            .return_codes
+                            .iter()
+                            .filter(|c| !matches!(c, SubscribeReasonCode::Success(_)))
+                            .count();
+                        if refused > 0 {
+                            // Messages on a refused subscription never arrive: not connected
+                            // (a device answers locally meanwhile); subscribe again later.
+                            awaiting_suback = false;
+                            self.connected.send_replace(false);
+                            self.shared.counters.subscriptions_refused.fetch_add(1, Ordering::Relaxed);
+                            warn!(
+                                reasons = ?suback.return_codes,
+                                retry_in_ms = backoff.as_millis() as u64,
+                                "the broker refused {refused} subscription(s): not connected"
+                            );
+                            resubscribe_at = Some(tokio::time::Instant::now() + backoff);
+                            backoff = (backoff * 2).min(self.backoff_max);
+                        } else if awaiting_suback {
                             awaiting_suback = false;
                             self.connected.send_replace(true);
                         }
@@ -863,6 +900,7 @@ impl EventTask {
                 Err(error) => {
                     self.connected.send_replace(false);
                     awaiting_suback = false;
+                    resubscribe_at = None;
                     self.shared.counters.connection_errors.fetch_add(1, Ordering::Relaxed);
                     self.forget_unsent();
                     warn!(%error, retry_in_ms = backoff.as_millis() as u64, "mqtt connection failed");

@@ -66,6 +66,28 @@ pub struct BrokerOptions {
     pub max_packet_bytes: Option<u32>,
     /// Serve TLS instead of plain TCP.
     pub tls: Option<TlsFiles>,
+    /// Only these subscription filters are allowed (Mosquitto's dynamic-security plugin, which
+    /// refuses others in the SUBACK with "not authorized"; its plain `acl_file` would filter
+    /// deliveries instead). `None`: every subscription is allowed.
+    pub allowed_subscriptions: Option<Vec<String>>,
+}
+
+/// Where Debian installs Mosquitto's dynamic-security plugin.
+const DYNAMIC_SECURITY_PLUGIN: &str = "/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so";
+
+/// The dynamic-security configuration that lets anonymous clients publish and receive
+/// anything, and subscribe to `allowed` only.
+fn dynamic_security_json(allowed: &[String]) -> String {
+    let acls: Vec<String> = allowed
+        .iter()
+        .map(|f| format!(r#"{{"acltype": "subscribePattern", "topic": {f:?}, "allow": true}}"#))
+        .collect();
+    format!(
+        r#"{{"defaultACLAccess": {{"publishClientSend": true, "publishClientReceive": true, "subscribe": false, "unsubscribe": true}},
+"clients": [], "groups": [{{"groupname": "anonymous", "roles": [{{"rolename": "anonymous"}}]}}],
+"roles": [{{"rolename": "anonymous", "acls": [{}]}}], "anonymousGroup": "anonymous"}}"#,
+        acls.join(", ")
+    )
 }
 
 /// A running (or stopped) Mosquitto.
@@ -127,6 +149,14 @@ impl MosquittoBroker {
         if let Some(max) = options.max_packet_bytes {
             conf.push_str(&format!("max_packet_size {max}\n"));
         }
+        if let Some(allowed) = &options.allowed_subscriptions {
+            let path = dir.path().join("dynamic-security.json");
+            std::fs::write(&path, dynamic_security_json(allowed)).map_err(io_err("writing the ACL"))?;
+            conf.push_str(&format!(
+                "plugin {DYNAMIC_SECURITY_PLUGIN}\nplugin_opt_config_file {}\n",
+                path.display()
+            ));
+        }
         if let Some(tls) = &options.tls {
             conf.push_str(&format!(
                 "cafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate {}\n",
@@ -151,6 +181,14 @@ impl MosquittoBroker {
     /// Its temporary directory (configuration and log).
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// Allows `filters` only (for a broker started with
+    /// [`BrokerOptions::allowed_subscriptions`]), from the next [`MosquittoBroker::restart`].
+    pub fn set_allowed_subscriptions(&self, filters: &[&str]) -> Result<(), BrokerError> {
+        let filters: Vec<String> = filters.iter().map(|f| (*f).to_owned()).collect();
+        std::fs::write(self.dir.path().join("dynamic-security.json"), dynamic_security_json(&filters))
+            .map_err(io_err("writing the ACL"))
     }
 
     /// The broker's log so far.

@@ -107,8 +107,11 @@ async fn next_body(link: &mut Link, reassembler: &mut Reassembler) -> (Incoming,
 #[tokio::test]
 async fn chunked_requests_are_refused_and_large_replies_round_trip_in_chunks() {
     // The broker refuses packets over 32 KiB; the device sends at most 16 KiB.
-    let broker =
-        MosquittoBroker::start_with(BrokerOptions { max_packet_bytes: Some(32 * 1024), tls: None }).unwrap();
+    let broker = MosquittoBroker::start_with(BrokerOptions {
+        max_packet_bytes: Some(32 * 1024),
+        ..BrokerOptions::default()
+    })
+    .unwrap();
     let reply_topic = Topic::CloudReply(device()).name();
     let mut device_config = config(broker.port(), "kitchen-1");
     device_config.max_packet_bytes = 16 * 1024;
@@ -283,6 +286,33 @@ async fn bad_payloads_are_refused_and_counted_while_good_ones_flow() {
     assert_eq!(decode_refusals.get(RejectKind::Malformed), 1);
     assert_eq!(reassembler.stats().partial_messages, 0);
     assert!(*collector.connected().borrow());
+}
+
+/// A subscription the broker's ACL refuses (SUBACK reason "not authorized") leaves the link
+/// not connected (a device would otherwise wait for replies that can never arrive); it
+/// subscribes again with backoff and connects once the broker allows it. Before, any SUBACK
+/// counted as connected.
+#[tokio::test]
+async fn a_subscription_the_broker_refuses_does_not_count_as_connected() {
+    let mut broker = MosquittoBroker::start_with(BrokerOptions {
+        allowed_subscriptions: Some(vec!["test/open".into()]),
+        ..BrokerOptions::default()
+    })
+    .expect("broker");
+    let open = start(&config(broker.port(), "dev-open"), &["test/open"], None);
+    connected(&open).await;
+    let link = start(&config(broker.port(), "dev-acl"), &["test/open", "test/closed"], None);
+    assert!(
+        !link.wait_connected(Duration::from_secs(2)).await,
+        "a refused subscription counted as connected"
+    );
+    assert!(link.stats().subscriptions_refused >= 1, "{:?}", link.stats());
+    // The operator fixes the ACL: after the broker's restart the link connects.
+    broker.set_allowed_subscriptions(&["test/open", "test/closed"]).expect("acl");
+    broker.restart().expect("broker back");
+    connected(&link).await;
+    link.shutdown(Duration::from_secs(2)).await;
+    open.shutdown(Duration::from_secs(2)).await;
 }
 
 #[tokio::test]

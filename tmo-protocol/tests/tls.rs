@@ -83,6 +83,7 @@ async fn mutual_tls_connects_with_a_client_certificate_and_not_without() {
             key_file: dir.join("server.key"),
             require_client_certificate: true,
         }),
+        ..BrokerOptions::default()
     })
     .unwrap();
 
