@@ -80,7 +80,8 @@ async fn cloud_decisions_follow_a_link_that_slows_down_and_recovers() {
          [dialogues]\nlatency_budget_secs = 30.0\ncost_budget_usd = 0.05\n\
          [mqtt]\nenabled = true\nhost = \"127.0.0.1\"\nport = {}\n\
          reconnect_initial_ms = 50\nreconnect_max_ms = 500\n\
-         [cloud]\nmax_wait_secs = 30.0\nmax_tokens = 16\nprobe_interval_secs = 0.3\n",
+         [cloud]\nmax_wait_secs = 30.0\nmax_tokens = 16\nprobe_interval_secs = 0.3\n\
+         [fleet]\nupload = false\n",
         proxy.port()
     );
     let daemon = Daemon::start(state.path(), &config);
@@ -102,6 +103,9 @@ async fn cloud_decisions_follow_a_link_that_slows_down_and_recovers() {
     let fast_rtt = wait_rtt(&client, |rtt| rtt < 0.1).await;
     let fast_costs = fast_tail.last().expect("turns").decision.expected_costs.clone();
 
+    // Outcome uploads are off: with no collector they would be sent again and again, and a
+    // batch of a dozen rows (about 20 kB) holds a 500 B/s uplink for 40 s, so the probe's PUBACK
+    // would wait behind it (a real 4G uplink carries it in a fraction of a second).
     // A congested uplink: 250 ms each way, 500 B/s up. A test-pattern view is about 5 kB, so a
     // view costs about 10 s, as an image does on the paper's 4G table: the 30 s budget binds,
     // and the reward (costs min-max normalised over the classes, as the paper's) leaves the
