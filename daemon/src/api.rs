@@ -34,6 +34,48 @@ pub fn router(service: Arc<Service>, max_body_bytes: usize) -> Router {
         .with_state(service)
 }
 
+/// The bearer token in `path` (surrounding whitespace trimmed), or `None` for an empty path.
+pub fn read_token(path: &str) -> anyhow::Result<Option<Arc<str>>> {
+    if path.trim().is_empty() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("cannot read {path}: {e}"))?;
+    let token = text.trim();
+    if token.len() < 16 {
+        anyhow::bail!("{path} holds {} characters: a token needs at least 16", token.len());
+    }
+    Ok(Some(token.into()))
+}
+
+/// `router`, answering 401 to a request without `Authorization: Bearer <token>`.
+pub fn require_bearer(router: Router, token: Arc<str>) -> Router {
+    router.layer(axum::middleware::from_fn(
+        move |request: axum::extract::Request, next: axum::middleware::Next| {
+            let token = token.clone();
+            async move {
+                let presented = request
+                    .headers()
+                    .get(header::AUTHORIZATION)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.strip_prefix("Bearer "))
+                    .unwrap_or("");
+                if constant_time_eq(presented.as_bytes(), token.as_bytes()) {
+                    return next.run(request).await;
+                }
+                let mut response =
+                    error(StatusCode::UNAUTHORIZED, "a bearer token is required on this listener".into());
+                response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                response
+            }
+        },
+    ))
+}
+
+/// Equality whose time does not depend on where the bytes differ (only on the lengths).
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 fn error(status: StatusCode, message: String) -> Response {
     (status, axum::Json(ErrorBody { error: message })).into_response()
 }
@@ -74,8 +116,11 @@ async fn ask(State(service): State<Arc<Service>>, body: Bytes) -> Result<Respons
     let request: AskRequest = parse(&body)?;
     let decode_ms = received.elapsed().as_secs_f64() * 1e3;
     let stream = request.stream;
+    // Admission before any work: a burst beyond what can be decided at once is refused with
+    // 503 and Retry-After, rather than piling up classifier work on the blocking pool.
+    let admitted = service.admit_turn()?;
     let (events, mut turn) = tokio::sync::mpsc::channel::<Result<TurnEvent, AskError>>(64);
-    tokio::spawn(run_turn(service, request, received, decode_ms, events));
+    tokio::spawn(run_turn(service, request, received, decode_ms, events, admitted));
     let decision = match turn.recv().await {
         Some(Ok(TurnEvent::Decided(decision))) => decision,
         Some(Err(e)) => return Err(e),
@@ -110,6 +155,7 @@ async fn run_turn(
     received: Instant,
     decode_ms: f64,
     events: tokio::sync::mpsc::Sender<Result<TurnEvent, AskError>>,
+    admitted: tokio::sync::OwnedSemaphorePermit,
 ) {
     let decide_service = service.clone();
     // Classification and scoring are CPU work of a few milliseconds: off the reactor.
@@ -117,6 +163,7 @@ async fn run_turn(
         .await
         .map_err(|e| AskError::Internal(e.to_string()))
         .and_then(|d| d);
+    drop(admitted);
     let DecidedTurn { decision, mut tokens, pending } = match decided {
         Ok(decided) => decided,
         Err(e) => {

@@ -58,6 +58,11 @@ pub struct ApiConfig {
     pub socket: PathBuf,
     pub tcp: String,
     pub max_body_bytes: usize,
+    pub max_connections: usize,
+    pub header_timeout_secs: f64,
+    pub idle_timeout_secs: f64,
+    pub max_turns_deciding: usize,
+    pub tcp_token_file: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -241,6 +246,14 @@ impl Config {
             && !addr.ip().is_loopback()
         {
             return Err(("api.tcp", format!("must be a loopback address, found {addr}")));
+        }
+        positive("api.header_timeout_secs", f.api.header_timeout_secs)?;
+        positive("api.idle_timeout_secs", f.api.idle_timeout_secs)?;
+        if f.api.max_connections == 0 {
+            return Err(("api.max_connections", "must be at least 1".into()));
+        }
+        if f.api.max_turns_deciding == 0 {
+            return Err(("api.max_turns_deciding", "must be at least 1".into()));
         }
         if f.api.max_body_bytes < 256 {
             return Err((

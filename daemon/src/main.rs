@@ -5,6 +5,7 @@ mod config;
 mod dialogues;
 mod estimates;
 mod fleet;
+mod http;
 mod link;
 mod local_llm;
 mod metrics;

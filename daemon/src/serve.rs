@@ -38,22 +38,33 @@ async fn serve(service: Arc<Service>, config: &Config) -> anyhow::Result<()> {
     let router = crate::api::router(service.clone(), file.api.max_body_bytes);
     let stop = CancellationToken::new();
 
+    let limits = crate::http::ConnectionLimits {
+        max_connections: file.api.max_connections,
+        header_timeout: Duration::from_secs_f64(file.api.header_timeout_secs),
+        idle_timeout: Duration::from_secs_f64(file.api.idle_timeout_secs),
+    };
     let unix = bind_unix(&file.api.socket)?;
     tracing::info!(socket = %file.api.socket.display(), "API listening");
     let mut servers = tokio::task::JoinSet::new();
     let (app, token) = (router.clone(), stop.clone());
     servers.spawn(async move {
-        axum::serve(unix, app)
-            .with_graceful_shutdown(token.cancelled_owned())
-            .await
-            .context("API on the Unix socket")
+        crate::http::serve(unix, app, limits, token, DRAIN).await;
+        anyhow::Ok(())
     });
     if let Some(addr) = config.api_tcp().map_err(anyhow::Error::msg)? {
+        let app = match crate::api::read_token(&file.api.tcp_token_file).context("api.tcp_token_file")? {
+            Some(token) => crate::api::require_bearer(router, token),
+            None => {
+                tracing::warn!(%addr, "the TCP API takes requests without a token (api.tcp_token_file)");
+                router
+            }
+        };
         let tcp = TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
         tracing::info!(%addr, "API listening on TCP");
-        let (app, token) = (router, stop.clone());
+        let token = stop.clone();
         servers.spawn(async move {
-            axum::serve(tcp, app).with_graceful_shutdown(token.cancelled_owned()).await.context("API on TCP")
+            crate::http::serve(tcp, app, limits, token, DRAIN).await;
+            anyhow::Ok(())
         });
     }
 
@@ -92,7 +103,7 @@ async fn serve(service: Arc<Service>, config: &Config) -> anyhow::Result<()> {
     stop.cancel();
     health.abort();
     // Streams in flight get a moment to finish; their turns are logged as they end.
-    let drained = tokio::time::timeout(Duration::from_secs(10), async {
+    let drained = tokio::time::timeout(DRAIN + Duration::from_secs(1), async {
         while let Some(done) = servers.join_next().await {
             if let Ok(Err(e)) = done {
                 tracing::warn!("{e:#}");
@@ -114,6 +125,9 @@ async fn serve(service: Arc<Service>, config: &Config) -> anyhow::Result<()> {
         _ => Ok(()),
     }
 }
+
+/// How long requests in flight may take to finish once tmod stops.
+const DRAIN: Duration = Duration::from_secs(10);
 
 /// How often the parts are checked without a watchdog (with one: twice per period, at most
 /// this).

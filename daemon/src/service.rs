@@ -75,7 +75,9 @@ pub enum AskError {
     BadRequest(String),
     #[error(transparent)]
     Dialogue(#[from] DialogueError),
-    #[error("the local model is busy; retry in a moment")]
+    #[error(
+        "tmod is busy (the local model's queue, or the turns being decided, are full); retry in a moment"
+    )]
     Busy { retry_after_secs: u64 },
     #[error("internal error: {0}")]
     Internal(String),
@@ -105,6 +107,8 @@ pub struct Service {
     outcomes: OutcomeWriter,
     pub metrics: Metrics,
     started: Instant,
+    /// Turns being classified and decided (`[api] max_turns_deciding`).
+    deciding: Arc<tokio::sync::Semaphore>,
     usd_per_joule: f64,
     /// The MQTT link of the cloud path, when `[mqtt] enabled`.
     cloud: Option<Arc<DeviceLink>>,
@@ -234,6 +238,7 @@ impl Service {
             outcomes,
             metrics,
             started: Instant::now(),
+            deciding: Arc::new(tokio::sync::Semaphore::new(file.api.max_turns_deciding)),
             usd_per_joule: file.energy.electricity_usd_per_kwh / JOULES_PER_KWH,
             cloud,
             config,
@@ -288,6 +293,14 @@ impl Service {
     }
 
     /// The `/v1/status` report.
+    /// A place among the turns being decided, or 503 when `[api] max_turns_deciding` are.
+    pub fn admit_turn(&self) -> Result<tokio::sync::OwnedSemaphorePermit, AskError> {
+        self.deciding.clone().try_acquire_owned().map_err(|_| {
+            self.metrics.reject("deciding_full");
+            AskError::Busy { retry_after_secs: 1 }
+        })
+    }
+
     /// The parts that must run for the daemon to serve: the local model's thread and the
     /// outcome writer's (which must also answer within `timeout`). A part whose thread ended is
     /// `stopped` (tmod exits for systemd to restart it); a writer that does not answer in time

@@ -269,6 +269,90 @@ fn serving_a_dead_model_or_writer_thread_starves_the_watchdog_and_tmod_exits() {
     }
 }
 
+/// Sends `request` on a fresh connection and reads until the server closes it or `wait`
+/// passes; what came back.
+async fn exchange(
+    mut connection: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    request: &str,
+    wait: Duration,
+) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    connection.write_all(request.as_bytes()).await.expect("send");
+    let mut received = Vec::new();
+    let _ = tokio::time::timeout(wait, connection.read_to_end(&mut received)).await;
+    String::from_utf8_lossy(&received).into_owned()
+}
+
+/// The local API's bounds: a connection cap (more connections wait until one closes), a
+/// header timeout (a client that trickles its headers is cut off), an idle timeout, and a
+/// bearer token on the TCP listener. Before, every connection was served however many, idle
+/// connections stayed open for ever, and any local user could use the TCP API.
+#[test]
+fn serving_connections_are_capped_timed_out_and_tcp_needs_its_token() {
+    use tokio::io::AsyncWriteExt;
+    let state = tempfile::tempdir().expect("tempdir");
+    let token = "kitchen-app-token-0123456789";
+    let token_file = state.path().join("api-token");
+    std::fs::write(&token_file, format!("{token}\n")).expect("token");
+    let port = tmo_protocol::testing::free_port().expect("port");
+    let extra = format!(
+        "{SHORT_ANSWERS}[api]\nmax_connections = 2\nheader_timeout_secs = 1.0\nidle_timeout_secs = 2.0\n\
+         tcp = \"127.0.0.1:{port}\"\ntcp_token_file = {token_file:?}\n"
+    );
+    let daemon = Daemon::start(state.path(), &extra);
+    let client = daemon.client();
+    let get_status = "GET /v1/status HTTP/1.1\r\nhost: tmod\r\nconnection: close\r\n\r\n";
+    runtime().block_on(async {
+        // Two connections that send nothing hold both places: a third waits.
+        let first = tokio::net::UnixStream::connect(daemon.socket()).await.expect("connect");
+        let second = tokio::net::UnixStream::connect(daemon.socket()).await.expect("connect");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let third = tokio::net::UnixStream::connect(daemon.socket()).await.expect("connect");
+        let waiting = tokio::spawn(exchange(third, get_status, Duration::from_secs(20)));
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert!(!waiting.is_finished(), "a third connection was served beside two open ones");
+        // The silent two are cut off by the header timeout; the third is served then.
+        let started = Instant::now();
+        let answer = waiting.await.expect("task");
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(started.elapsed() < Duration::from_secs(5), "served after {:?}", started.elapsed());
+        drop((first, second));
+
+        // Headers trickled byte by byte are cut off after the header timeout (1 s) although
+        // bytes keep coming: the connection is closed, no answer.
+        let mut slow = tokio::net::UnixStream::connect(daemon.socket()).await.expect("connect");
+        let started = Instant::now();
+        for byte in get_status.bytes().take(12) {
+            if slow.write_all(&[byte]).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(150)).await;
+        }
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(3), tokio::io::AsyncReadExt::read_to_end(&mut slow, &mut rest)).await;
+        assert!(read.is_ok(), "the trickling connection was still open after {:?}", started.elapsed());
+        assert!(!String::from_utf8_lossy(&rest).contains("200 OK"), "{}", String::from_utf8_lossy(&rest));
+        // An idle keep-alive connection is closed after the idle timeout.
+        let keep_alive = "GET /v1/status HTTP/1.1\r\nhost: tmod\r\n\r\n";
+        let connection = tokio::net::UnixStream::connect(daemon.socket()).await.expect("connect");
+        let started = Instant::now();
+        let answer = exchange(connection, keep_alive, Duration::from_secs(20)).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(started.elapsed() < Duration::from_secs(5), "an idle connection stayed open {:?}", started.elapsed());
+
+        // TCP: the token or 401; the Unix socket needs none.
+        let tcp = || async { tokio::net::TcpStream::connect(("127.0.0.1", port)).await.expect("tcp") };
+        let answer = exchange(tcp().await, get_status, Duration::from_secs(10)).await;
+        assert!(answer.starts_with("HTTP/1.1 401") && answer.to_lowercase().contains("www-authenticate: bearer"), "{answer}");
+        let wrong = "GET /v1/status HTTP/1.1\r\nhost: tmod\r\nauthorization: Bearer kitchen-app-token-0123456788\r\nconnection: close\r\n\r\n";
+        assert!(exchange(tcp().await, wrong, Duration::from_secs(10)).await.starts_with("HTTP/1.1 401"));
+        let right = format!("GET /v1/status HTTP/1.1\r\nhost: tmod\r\nauthorization: Bearer {token}\r\nconnection: close\r\n\r\n");
+        let answer = exchange(tcp().await, &right, Duration::from_secs(10)).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(client.status().await.is_ok());
+    });
+}
+
 #[test]
 fn serving_answers_503_with_retry_after_when_the_queue_is_full() {
     let state = tempfile::tempdir().expect("tempdir");
