@@ -151,7 +151,7 @@ impl Policies {
         options: &LoadOptions,
         exploration: Exploration,
     ) -> anyhow::Result<Self> {
-        let store = PolicyStore::open(state_dir)?;
+        let store = PolicyStore::open(state_dir);
         let mut state = store.state().unwrap_or_else(|e| {
             tracing::error!("pushed policy state unreadable, using the configured policy: {e}");
             StoreState::default()

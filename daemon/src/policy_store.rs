@@ -45,11 +45,14 @@ pub struct PolicyStore {
 }
 
 impl PolicyStore {
-    /// Opens (creating) `<state_dir>/policies`.
-    pub fn open(state_dir: &Path) -> Result<Self, StoreError> {
-        let dir = state_dir.join("policies");
-        std::fs::create_dir_all(&dir).map_err(|source| StoreError::Io { path: dir.clone(), source })?;
-        Ok(Self { dir })
+    /// The store in `<state_dir>/policies`, created at the first save (a read-only state
+    /// directory only makes saves fail: the pushed policy is then refused with the reason).
+    pub fn open(state_dir: &Path) -> Self {
+        Self { dir: state_dir.join("policies") }
+    }
+
+    fn create_dir(&self) -> Result<(), StoreError> {
+        std::fs::create_dir_all(&self.dir).map_err(|source| StoreError::Io { path: self.dir.clone(), source })
     }
 
     fn state_path(&self) -> PathBuf {
@@ -75,6 +78,7 @@ impl PolicyStore {
     pub fn save_state(&self, state: &StoreState) -> Result<(), StoreError> {
         let json = serde_json::to_vec_pretty(state)
             .map_err(|e| StoreError::Corrupt { path: self.state_path(), reason: e.to_string() })?;
+        self.create_dir()?;
         write_atomically(&self.state_path(), &json)?;
         let keep: Vec<String> = [&state.current, &state.previous]
             .into_iter()
@@ -98,6 +102,7 @@ impl PolicyStore {
         if path.is_file() {
             return Ok(());
         }
+        self.create_dir()?;
         write_atomically(&path, bytes)
     }
 
@@ -143,7 +148,7 @@ mod tests {
     #[test]
     fn state_and_files_round_trip_and_old_files_go() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = PolicyStore::open(dir.path()).expect("open");
+        let store = PolicyStore::open(dir.path());
         assert_eq!(store.state().expect("state"), StoreState::default());
         let (a, b, c) = (b"policy a".as_slice(), b"policy b".as_slice(), b"policy c".as_slice());
         for bytes in [a, b, c] {
@@ -155,7 +160,7 @@ mod tests {
             sequence_high_water: 1_790_000_000_000,
         };
         store.save_state(&state).expect("save state");
-        assert_eq!(PolicyStore::open(dir.path()).expect("reopen").state().expect("state"), state);
+        assert_eq!(PolicyStore::open(dir.path()).state().expect("state"), state);
         assert_eq!(store.load_onnx(&stored("b", b)).expect("b"), b);
         assert!(store.load_onnx(&stored("a", a)).is_err(), "a is no longer named, so it was deleted");
     }
@@ -163,7 +168,7 @@ mod tests {
     #[test]
     fn a_changed_file_and_a_corrupt_state_are_errors() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = PolicyStore::open(dir.path()).expect("open");
+        let store = PolicyStore::open(dir.path());
         let p = stored("a", b"policy a");
         store.save_onnx(&p.sha256, b"policy a").expect("save");
         std::fs::write(dir.path().join("policies").join(format!("{}.onnx", p.sha256)), b"policy A")

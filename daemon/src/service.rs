@@ -34,6 +34,9 @@ use crate::util::{lock, unix_ms_now};
 /// Joules in a kilowatt-hour.
 const JOULES_PER_KWH: f64 = 3.6e6;
 
+/// How often an outcome log that cannot be opened is tried again.
+const OUTCOME_LOG_RETRY: Duration = Duration::from_secs(5);
+
 /// What a part of the daemon is doing, for the watchdog and `/v1/status`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -46,10 +49,13 @@ pub enum PartState {
 }
 
 /// The state of the parts that must run ([`Service::health`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Health {
     pub local_model: PartState,
     pub outcome_writer: PartState,
+    /// Why the outcome log cannot be opened, while it cannot: tmod serves degraded (answers go
+    /// on, rows are held in memory and written once it opens).
+    pub outcome_log_unavailable: Option<String>,
 }
 
 impl Health {
@@ -156,8 +162,11 @@ impl Service {
     /// Returns the sensing owner too: the caller shuts it down at exit.
     pub fn start(config: Config) -> anyhow::Result<(Arc<Self>, Sensing)> {
         let file = &config.file;
-        std::fs::create_dir_all(&file.state_dir)
-            .with_context(|| format!("cannot create the state directory {}", file.state_dir.display()))?;
+        // A state directory that cannot be written (an SD card remounted read-only, a full
+        // disk) degrades tmod, it does not stop it: answers go on, the outcome log is retried.
+        if let Err(e) = std::fs::create_dir_all(&file.state_dir) {
+            tracing::error!(dir = %file.state_dir.display(), "cannot create the state directory: {e}; serving degraded");
+        }
         let profile = config.sensing_profile();
         let schema = Schema::new(profile.modality_count(), 5);
         let policy_options = LoadOptions { schema: schema.clone(), max_bytes: file.policy.max_bytes };
@@ -192,9 +201,11 @@ impl Service {
         tracing::info!(model = %model.display(), load_ms = llm.info().load_time.as_millis(), "local model ready");
 
         let outcome_path = config.state_path(&file.outcomes.path);
-        let outcomes = OutcomeWriter::open(
+        let outcomes = OutcomeWriter::open_retrying(
             &outcome_path,
             outcome_log::OutcomeLogConfig { max_bytes: file.outcomes.max_bytes, ..Default::default() },
+            outcome_log::WriterConfig::default(),
+            OUTCOME_LOG_RETRY,
         )
         .with_context(|| format!("outcome log {}", outcome_path.display()))?;
 
@@ -315,7 +326,11 @@ impl Service {
                 Err(_) => PartState::NotAnswering,
             }
         };
-        Health { local_model: model, outcome_writer: writer }
+        Health {
+            local_model: model,
+            outcome_writer: writer,
+            outcome_log_unavailable: self.outcomes.unavailable(),
+        }
     }
 
     pub async fn status(&self) -> serde_json::Value {

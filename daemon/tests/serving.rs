@@ -353,6 +353,41 @@ fn serving_connections_are_capped_timed_out_and_tcp_needs_its_token() {
     });
 }
 
+/// A state directory where nothing can be written (here: the log's and the policies' paths
+/// taken by the wrong kind of file, which stops root as well as a read-only mount would) leaves
+/// tmod serving, degraded: answers go on, `/v1/status` says why the log is unavailable, the
+/// rows are held in memory, and once the log can be opened they are written. Before, tmod did
+/// not start.
+#[test]
+fn serving_degrades_when_the_state_directory_cannot_be_written_and_recovers() {
+    let state = tempfile::tempdir().expect("tempdir");
+    let log_path = state.path().join("outcomes.sqlite");
+    std::fs::create_dir(&log_path).expect("a directory where the log should be");
+    std::fs::write(state.path().join("policies"), b"not a directory").expect("a file where policies go");
+    let daemon = Daemon::start(state.path(), SHORT_ANSWERS);
+    let client = daemon.client();
+    runtime().block_on(async {
+        let mut request = AskRequest::new(None, "How long should I boil an egg?");
+        request.stream = false;
+        let answer = client.ask(&request, |_| {}).await.expect("answered while degraded");
+        assert!(!answer.outcome.answer.is_empty());
+        let status = client.status().await.expect("status");
+        let reason = status["health"]["outcome_log_unavailable"].as_str().unwrap_or_default().to_owned();
+        assert!(!reason.is_empty(), "{status}");
+        // The operator frees the path: the log opens and the held row is written.
+        std::fs::remove_dir(&log_path).expect("free the log's path");
+        let started = Instant::now();
+        loop {
+            let status = client.status().await.expect("status");
+            if status["health"]["outcome_log_unavailable"].is_null() && status["outcomes"]["rows"] == 1 {
+                break;
+            }
+            assert!(started.elapsed() < Duration::from_secs(20), "the log did not recover: {status}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+}
+
 #[test]
 fn serving_answers_503_with_retry_after_when_the_queue_is_full() {
     let state = tempfile::tempdir().expect("tempdir");

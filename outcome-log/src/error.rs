@@ -62,6 +62,10 @@ pub enum OutcomeLogError {
     /// The writer thread is gone (shut down, or it could not start).
     #[error("the outcome writer has stopped")]
     WriterStopped,
+    /// The log cannot be opened now (a read-only or full state directory, a missing mount):
+    /// the writer retries; appended rows are held in memory meanwhile, up to a bound.
+    #[error("the outcome log is unavailable ({reason}); {fate}")]
+    Unavailable { reason: String, fate: &'static str },
     /// `try_append` found the writer's queue full.
     #[error("the outcome writer queue is full ({capacity} requests wait)")]
     QueueFull { capacity: usize },

@@ -18,7 +18,11 @@ use crate::{
 /// failed). Keep it short: send it somewhere (a tokio oneshot, a channel).
 pub type AppendCallback = Box<dyn FnOnce(Result<RowId, OutcomeLogError>) + Send>;
 
-type Job = Box<dyn FnOnce(&mut OutcomeLog) + Send>;
+/// Runs with the log, or with the reason it is unavailable.
+type Job = Box<dyn FnOnce(Result<&mut OutcomeLog, OutcomeLogError>) + Send>;
+
+/// Rows held in memory while the log cannot be opened ([`OutcomeWriter::open_retrying`]).
+pub const MAX_HELD_ROWS: usize = 10_000;
 
 enum Request {
     Append { outcome: Box<TurnOutcome>, done: AppendCallback },
@@ -189,8 +193,10 @@ impl<T> Future for Pending<T> {
 #[derive(Debug)]
 pub struct OutcomeWriter {
     tx: Option<SyncSender<Request>>,
-    thread: Option<JoinHandle<OutcomeLog>>,
+    thread: Option<JoinHandle<Option<OutcomeLog>>>,
     capacity: usize,
+    /// Why the log cannot be opened, while it cannot.
+    unavailable: Arc<Mutex<Option<String>>>,
 }
 
 impl OutcomeWriter {
@@ -206,9 +212,51 @@ impl OutcomeWriter {
         let max_batch = config.max_batch;
         let thread = std::thread::Builder::new()
             .name("outcome-writer".into())
-            .spawn(move || run(log, rx, max_batch))
+            .spawn(move || Some(run(log, rx, max_batch)))
             .map_err(|e| OutcomeLogError::InvalidConfig(format!("cannot start the writer thread: {e}")))?;
-        Ok(OutcomeWriter { tx: Some(tx), thread: Some(thread), capacity: config.queue_capacity })
+        Ok(OutcomeWriter {
+            tx: Some(tx),
+            thread: Some(thread),
+            capacity: config.queue_capacity,
+            unavailable: Arc::new(Mutex::new(None)),
+        })
+    }
+
+    /// Starts the writer with the log at `path`, opened on the writer thread and, while it
+    /// cannot be (a read-only or full state directory, a missing mount), opened again every
+    /// `retry`. Meanwhile every request fails at once with [`OutcomeLogError::Unavailable`]
+    /// (the daemon serves on, degraded), and appended rows are held in memory, up to
+    /// [`MAX_HELD_ROWS`], to be written once the log opens.
+    pub fn open_retrying(
+        path: impl AsRef<Path>,
+        log_config: OutcomeLogConfig,
+        config: WriterConfig,
+        retry: Duration,
+    ) -> Result<Self, OutcomeLogError> {
+        if config.queue_capacity == 0 || config.max_batch == 0 {
+            return Err(OutcomeLogError::InvalidConfig(format!(
+                "the writer needs a queue and batches of at least one (queue_capacity {}, max_batch {})",
+                config.queue_capacity, config.max_batch
+            )));
+        }
+        let (tx, rx) = mpsc::sync_channel(config.queue_capacity);
+        let max_batch = config.max_batch;
+        let path = path.as_ref().to_path_buf();
+        let unavailable = Arc::new(Mutex::new(None));
+        let state = unavailable.clone();
+        let thread = std::thread::Builder::new()
+            .name("outcome-writer".into())
+            .spawn(move || {
+                let log = open_when_possible(&path, &log_config, &rx, max_batch, retry, &state)?;
+                Some(run(log, rx, max_batch))
+            })
+            .map_err(|e| OutcomeLogError::InvalidConfig(format!("cannot start the writer thread: {e}")))?;
+        Ok(OutcomeWriter { tx: Some(tx), thread: Some(thread), capacity: config.queue_capacity, unavailable })
+    }
+
+    /// Why the log cannot be opened, while it cannot (see [`OutcomeWriter::open_retrying`]).
+    pub fn unavailable(&self) -> Option<String> {
+        self.unavailable.lock().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
     /// Whether the writer thread still runs (it ends only when the writer is closed, or on a
@@ -277,7 +325,7 @@ impl OutcomeWriter {
         job: impl FnOnce(&mut OutcomeLog) -> Result<T, OutcomeLogError> + Send + 'static,
     ) -> Pending<T> {
         let (completer, pending) = pending();
-        let job: Job = Box::new(move |log| completer.complete(job(log)));
+        let job: Job = Box::new(move |log| completer.complete(log.and_then(job)));
         match self
             .sender()
             .and_then(|s| s.send(Request::Run(job)).map_err(|_| OutcomeLogError::WriterStopped))
@@ -337,13 +385,80 @@ impl OutcomeWriter {
 
     fn stop(&mut self) -> Option<OutcomeLog> {
         drop(self.tx.take());
-        self.thread.take().and_then(|t| t.join().ok())
+        self.thread.take().and_then(|t| t.join().ok()).flatten()
     }
 }
 
 impl Drop for OutcomeWriter {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// Opens the log, serving requests with [`OutcomeLogError::Unavailable`] and holding appended
+/// rows while it cannot, trying again every `retry`; writes the held rows once it opens.
+/// `None` when the writer is dropped before.
+fn open_when_possible(
+    path: &Path,
+    config: &OutcomeLogConfig,
+    rx: &Receiver<Request>,
+    max_batch: usize,
+    retry: Duration,
+    unavailable: &Mutex<Option<String>>,
+) -> Option<OutcomeLog> {
+    let mut held: Vec<TurnOutcome> = Vec::new();
+    loop {
+        let reason = match OutcomeLog::open(path, config.clone()) {
+            Ok(mut log) => {
+                for batch in held.chunks(max_batch) {
+                    let failed = log.append_batch(batch).into_iter().filter(Result::is_err).count();
+                    if failed > 0 {
+                        tracing::error!(
+                            failed,
+                            "rows held while the outcome log was unavailable not written"
+                        );
+                    }
+                }
+                if !held.is_empty() {
+                    tracing::info!(
+                        rows = held.len(),
+                        "outcome log open: the rows held in memory are written"
+                    );
+                }
+                *unavailable.lock().unwrap_or_else(PoisonError::into_inner) = None;
+                return Some(log);
+            }
+            Err(e) => e.to_string(),
+        };
+        tracing::warn!(path = %path.display(), "outcome log unavailable ({reason}); trying again in {retry:?}");
+        *unavailable.lock().unwrap_or_else(PoisonError::into_inner) = Some(reason.clone());
+        let until = std::time::Instant::now() + retry;
+        loop {
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            let request = match rx.recv_timeout(left) {
+                Ok(request) => request,
+                Err(mpsc::RecvTimeoutError::Timeout) => break,
+                Err(mpsc::RecvTimeoutError::Disconnected) => return None,
+            };
+            match request {
+                Request::Append { outcome, done } => {
+                    let fate = if held.len() < MAX_HELD_ROWS {
+                        held.push(*outcome);
+                        "the row is held in memory and written once the log opens"
+                    } else {
+                        "the row is lost: the rows held in memory reached their bound"
+                    };
+                    done(Err(OutcomeLogError::Unavailable { reason: reason.clone(), fate }));
+                }
+                Request::Run(job) => job(Err(OutcomeLogError::Unavailable {
+                    reason: reason.clone(),
+                    fate: "nothing was done",
+                })),
+            }
+        }
     }
 }
 
@@ -362,7 +477,7 @@ fn run(mut log: OutcomeLog, rx: Receiver<Request>, max_batch: usize) -> OutcomeL
             },
         };
         match request {
-            Request::Run(job) => job(&mut log),
+            Request::Run(job) => job(Ok(&mut log)),
             Request::Append { outcome, done } => {
                 fail::fail_point!("outcome-writer-append");
                 outcomes.push(*outcome);
