@@ -159,6 +159,19 @@ fn refused_with(status: &DeviceStatus, reason: &str) -> bool {
         .is_some_and(|u| !u.accepted && u.reason.as_deref().is_some_and(|r| r.contains(reason)))
 }
 
+/// The outcome collector (the `fleet` crate) writing into `dataset`, connected.
+async fn start_collector(port: u16, dataset: &Path) -> fleet::collector::Collector {
+    let collector = fleet::collector::Collector::start(
+        &LinkConfig::new("127.0.0.1", port, "collector-1"),
+        "collectors".parse().expect("share group"),
+        dataset,
+    )
+    .await
+    .expect("collector");
+    assert!(collector.wait_connected(WAIT).await, "collector connects");
+    collector
+}
+
 async fn ask(client: &Client) -> tmod_api::AskResponse {
     let mut request = AskRequest::new(None, "How long should I boil an egg?");
     request.stream = false;
@@ -198,14 +211,7 @@ async fn fleet_uploads_outcomes_and_pushes_verified_policies_to_a_group() {
     let trusted = hex::encode(key.verifying_key().to_bytes());
 
     let dataset = tempfile::tempdir().expect("tempdir");
-    let collector = fleet::collector::Collector::start(
-        &LinkConfig::new("127.0.0.1", port, "collector-1"),
-        "collectors".parse().expect("share group"),
-        dataset.path(),
-    )
-    .await
-    .expect("collector");
-    assert!(collector.wait_connected(WAIT).await, "collector connects");
+    let collector = start_collector(port, dataset.path()).await;
     let manager = Manager::start(port).await;
 
     let states: Vec<tempfile::TempDir> =
@@ -419,14 +425,7 @@ async fn fleet_rows_a_collector_refuses_are_set_aside_not_marked_uploaded() {
         assert_eq!(changed, 1);
     }
     let dataset = tempfile::tempdir().expect("tempdir");
-    let collector = fleet::collector::Collector::start(
-        &LinkConfig::new("127.0.0.1", port, "collector-1"),
-        "collectors".parse().expect("share group"),
-        dataset.path(),
-    )
-    .await
-    .expect("collector");
-    assert!(collector.wait_connected(WAIT).await, "collector connects");
+    let collector = start_collector(port, dataset.path()).await;
     let keys = wait_rows(dataset.path(), 1).await;
     assert_eq!(keys[0].1, good);
     let started = Instant::now();
@@ -481,14 +480,7 @@ async fn fleet_an_oversized_row_goes_up_cut_and_never_blocks_the_rows_behind_it(
         assert_eq!((set_answer, set_telemetry), (1, 1));
     }
     let dataset = tempfile::tempdir().expect("tempdir");
-    let collector = fleet::collector::Collector::start(
-        &LinkConfig::new("127.0.0.1", port, "collector-1"),
-        "collectors".parse().expect("share group"),
-        dataset.path(),
-    )
-    .await
-    .expect("collector");
-    assert!(collector.wait_connected(WAIT).await, "collector connects");
+    let collector = start_collector(port, dataset.path()).await;
     wait_rows(dataset.path(), 2).await;
     manager
         .wait_for(&DEVICES[..1], "two rows uploaded, one set aside", |s| {

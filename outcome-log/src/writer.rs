@@ -202,24 +202,7 @@ pub struct OutcomeWriter {
 impl OutcomeWriter {
     /// Starts the writer thread with `log`.
     pub fn spawn(log: OutcomeLog, config: WriterConfig) -> Result<Self, OutcomeLogError> {
-        if config.queue_capacity == 0 || config.max_batch == 0 {
-            return Err(OutcomeLogError::InvalidConfig(format!(
-                "the writer needs a queue and batches of at least one (queue_capacity {}, max_batch {})",
-                config.queue_capacity, config.max_batch
-            )));
-        }
-        let (tx, rx) = mpsc::sync_channel(config.queue_capacity);
-        let max_batch = config.max_batch;
-        let thread = std::thread::Builder::new()
-            .name("outcome-writer".into())
-            .spawn(move || Some(run(log, rx, max_batch)))
-            .map_err(|e| OutcomeLogError::InvalidConfig(format!("cannot start the writer thread: {e}")))?;
-        Ok(OutcomeWriter {
-            tx: Some(tx),
-            thread: Some(thread),
-            capacity: config.queue_capacity,
-            unavailable: Arc::new(Mutex::new(None)),
-        })
+        Self::start(config, Arc::new(Mutex::new(None)), move |rx, max_batch| Some(run(log, rx, max_batch)))
     }
 
     /// Starts the writer with the log at `path`, opened on the writer thread and, while it
@@ -233,6 +216,21 @@ impl OutcomeWriter {
         config: WriterConfig,
         retry: Duration,
     ) -> Result<Self, OutcomeLogError> {
+        let path = path.as_ref().to_path_buf();
+        let unavailable = Arc::new(Mutex::new(None));
+        let state = unavailable.clone();
+        Self::start(config, unavailable, move |rx, max_batch| {
+            let log = open_when_possible(&path, &log_config, &rx, max_batch, retry, &state)?;
+            Some(run(log, rx, max_batch))
+        })
+    }
+
+    /// Starts the thread named `outcome-writer` running `body` on the request queue.
+    fn start(
+        config: WriterConfig,
+        unavailable: Arc<Mutex<Option<String>>>,
+        body: impl FnOnce(Receiver<Request>, usize) -> Option<OutcomeLog> + Send + 'static,
+    ) -> Result<Self, OutcomeLogError> {
         if config.queue_capacity == 0 || config.max_batch == 0 {
             return Err(OutcomeLogError::InvalidConfig(format!(
                 "the writer needs a queue and batches of at least one (queue_capacity {}, max_batch {})",
@@ -241,15 +239,9 @@ impl OutcomeWriter {
         }
         let (tx, rx) = mpsc::sync_channel(config.queue_capacity);
         let max_batch = config.max_batch;
-        let path = path.as_ref().to_path_buf();
-        let unavailable = Arc::new(Mutex::new(None));
-        let state = unavailable.clone();
         let thread = std::thread::Builder::new()
             .name("outcome-writer".into())
-            .spawn(move || {
-                let log = open_when_possible(&path, &log_config, &rx, max_batch, retry, &state)?;
-                Some(run(log, rx, max_batch))
-            })
+            .spawn(move || body(rx, max_batch))
             .map_err(|e| OutcomeLogError::InvalidConfig(format!("cannot start the writer thread: {e}")))?;
         Ok(OutcomeWriter { tx: Some(tx), thread: Some(thread), capacity: config.queue_capacity, unavailable })
     }
