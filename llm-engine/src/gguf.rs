@@ -75,7 +75,16 @@ impl MappedGguf {
             });
         }
         let mut cursor = Cursor::new(&map[..]);
-        let content = gguf_file::Content::read(&mut cursor).map_err(|e| {
+        // candle's reader bounds every length by the file, but divides by the file's own
+        // `general.alignment` (0 panics): a panic in a third-party parser of an operator's
+        // file is an error here, not an abort of tmod.
+        let read =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| gguf_file::Content::read(&mut cursor)))
+                .map_err(|panic| EngineError::InvalidGguf {
+                    path: path.to_path_buf(),
+                    detail: format!("the GGUF reader failed on this file ({})", panic_message(&panic)),
+                })?;
+        let content = read.map_err(|e| {
             let detail = e.to_string();
             if is_eof(&e) {
                 EngineError::Truncated {
@@ -145,17 +154,43 @@ fn is_eof(error: &candle_core::Error) -> bool {
     text.contains("failed to fill whole buffer") || text.contains("unexpected end of file")
 }
 
+/// The text of a caught panic.
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic".to_owned())
+}
+
+/// Every tensor's size from its shape and type, in checked arithmetic (the counts come from
+/// the file), whole blocks only, and inside the file.
 fn check_tensor_extents(path: &Path, content: &gguf_file::Content, file_bytes: u64) -> Result<()> {
+    let invalid = |detail: String| EngineError::InvalidGguf { path: path.to_path_buf(), detail };
     for (name, info) in &content.tensor_infos {
-        let elems = info.shape.elem_count();
-        let block = info.ggml_dtype.block_size();
-        let bytes = (elems / block.max(1)) * info.ggml_dtype.type_size();
-        let end = content.tensor_data_offset.saturating_add(info.offset).saturating_add(bytes as u64);
-        if end > file_bytes {
-            return Err(EngineError::Truncated {
-                path: path.to_path_buf(),
-                detail: format!("tensor `{name}` ends at byte {end} but the file has {file_bytes} bytes"),
-            });
+        let dims = info.shape.dims();
+        let elems = dims.iter().try_fold(1u64, |n, &d| n.checked_mul(d as u64)).ok_or_else(|| {
+            invalid(format!("tensor `{name}`: shape {dims:?} has more elements than a u64 counts"))
+        })?;
+        let block = info.ggml_dtype.block_size() as u64;
+        if block == 0 || elems % block != 0 {
+            return Err(invalid(format!(
+                "tensor `{name}`: {elems} elements are not whole blocks of {block} ({:?})",
+                info.ggml_dtype
+            )));
+        }
+        let end = (elems / block)
+            .checked_mul(info.ggml_dtype.type_size() as u64)
+            .and_then(|bytes| content.tensor_data_offset.checked_add(info.offset)?.checked_add(bytes));
+        match end {
+            Some(end) if end <= file_bytes => {}
+            Some(end) => {
+                return Err(EngineError::Truncated {
+                    path: path.to_path_buf(),
+                    detail: format!("tensor `{name}` ends at byte {end} but the file has {file_bytes} bytes"),
+                });
+            }
+            None => return Err(invalid(format!("tensor `{name}`: its end is past any file size"))),
         }
     }
     Ok(())
@@ -191,6 +226,66 @@ mod tests {
         file.write_all(b"GGUF\x03\x00\x00\x00\x01\x00").expect("write");
         let error = MappedGguf::open(file.path()).expect_err("must fail");
         assert!(matches!(error, EngineError::Truncated { .. }), "{error}");
+    }
+
+    /// A GGUF v3 header: `general.architecture` = llama, the extra metadata given, one tensor
+    /// `t` of `dims` (innermost first, as the file stores them) and ggml type `dtype`.
+    fn gguf_header(extra: &[(&str, u32, Vec<u8>)], dims: &[u64], dtype: u32) -> Vec<u8> {
+        fn string(out: &mut Vec<u8>, s: &str) {
+            out.extend((s.len() as u64).to_le_bytes());
+            out.extend(s.as_bytes());
+        }
+        let mut out = b"GGUF".to_vec();
+        out.extend(3u32.to_le_bytes());
+        out.extend(1u64.to_le_bytes());
+        out.extend((1 + extra.len() as u64).to_le_bytes());
+        string(&mut out, "general.architecture");
+        out.extend(8u32.to_le_bytes());
+        string(&mut out, "llama");
+        for (key, value_type, value) in extra {
+            string(&mut out, key);
+            out.extend(value_type.to_le_bytes());
+            out.extend(value);
+        }
+        string(&mut out, "t");
+        out.extend((dims.len() as u32).to_le_bytes());
+        for d in dims {
+            out.extend(d.to_le_bytes());
+        }
+        out.extend(dtype.to_le_bytes());
+        out.extend(0u64.to_le_bytes());
+        out
+    }
+
+    fn open_bytes(bytes: &[u8]) -> Result<MappedGguf> {
+        let mut file = tempfile::NamedTempFile::new().expect("temp file");
+        file.write_all(bytes).expect("write");
+        MappedGguf::open(file.path())
+    }
+
+    /// Hostile headers give errors, never a panic, an abort or a huge allocation: an alignment
+    /// of 0 (candle divides by it), a shape whose element count overflows, a tensor that is not
+    /// whole blocks, a tensor past the end of the file, absurd counts.
+    #[test]
+    fn hostile_headers_are_errors() {
+        let f32_type = 0;
+        let q4_0_type = 2;
+        let zero_alignment = [("general.alignment", 4u32, 0u32.to_le_bytes().to_vec())];
+        let cases: [(Vec<u8>, &str); 4] = [
+            (gguf_header(&zero_alignment, &[4], f32_type), "reader failed"),
+            (gguf_header(&[], &[1 << 40, 1 << 40, 1 << 40], f32_type), "more elements"),
+            (gguf_header(&[], &[33], q4_0_type), "whole blocks"),
+            (gguf_header(&[], &[1 << 20], f32_type), "ends at byte"),
+        ];
+        for (bytes, needle) in cases {
+            let error = open_bytes(&bytes).map(|_| ()).expect_err(needle);
+            assert!(error.to_string().contains(needle), "{needle}: {error}");
+        }
+        let mut absurd = b"GGUF".to_vec();
+        absurd.extend(3u32.to_le_bytes());
+        absurd.extend(u64::MAX.to_le_bytes());
+        absurd.extend(u64::MAX.to_le_bytes());
+        assert!(open_bytes(&absurd).is_err());
     }
 
     #[test]

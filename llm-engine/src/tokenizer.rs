@@ -21,6 +21,15 @@ use crate::error::{EngineError, Result};
 
 const SPM_SPACE: &str = "\u{2581}";
 
+/// Longest piece whose merges are derived: finding them tries every split of the piece
+/// (quadratic in its length). Real SentencePiece vocabularies stay well under it (Gemma 3's
+/// longest normal piece is 48 bytes), so a hostile file's longer pieces take no merges instead
+/// of hours of work.
+const MAX_MERGE_PIECE_BYTES: usize = 128;
+
+/// Largest vocabulary accepted (Gemma 3 has 262,144 tokens).
+const MAX_VOCABULARY: usize = 1 << 20;
+
 /// Builds the tokenizer of a model: from the GGUF metadata when its tokenizer model is
 /// `gpt2` (byte-level BPE) or `llama` (SentencePiece BPE); otherwise from a `tokenizer.json`
 /// in the model's directory.
@@ -106,6 +115,12 @@ fn number_array(content: &gguf_file::Content, key: &str) -> Option<Vec<f64>> {
 /// piece is in the vocabulary; the higher the joined piece's score, the earlier it merges).
 fn sentencepiece_bpe(content: &gguf_file::Content) -> Result<Tokenizer> {
     let tokens = string_array(content, "tokenizer.ggml.tokens")?;
+    if tokens.len() > MAX_VOCABULARY {
+        return Err(EngineError::Metadata {
+            key: "tokenizer.ggml.tokens".into(),
+            detail: format!("{} tokens, more than the {MAX_VOCABULARY} a vocabulary may have", tokens.len()),
+        });
+    }
     let scores = number_array(content, "tokenizer.ggml.scores")
         .unwrap_or_else(|| (0..tokens.len()).map(|i| -(i as f64)).collect());
     let types = number_array(content, "tokenizer.ggml.token_type").unwrap_or_else(|| vec![1.0; tokens.len()]);
@@ -119,7 +134,7 @@ fn sentencepiece_bpe(content: &gguf_file::Content) -> Result<Tokenizer> {
     // Only normal pieces (type 1) take part in merges.
     let mut merges: Vec<(f64, u32, String, String)> = Vec::new();
     for (id, piece) in tokens.iter().enumerate() {
-        if types[id] as i64 != 1 || piece.chars().nth(1).is_none() {
+        if types[id] as i64 != 1 || piece.chars().nth(1).is_none() || piece.len() > MAX_MERGE_PIECE_BYTES {
             continue;
         }
         for (split, _) in piece.char_indices().skip(1) {
@@ -226,5 +241,47 @@ impl TextStream {
     /// The whole decoded text so far.
     pub fn text(&self, tokenizer: &Tokenizer) -> Result<String> {
         tokenizer.decode(&self.tokens, true).map_err(|e| EngineError::Tokenizer(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod hostile_tests {
+    use super::*;
+    use candle_core::quantized::gguf_file::{Content, Value, VersionedMagic};
+
+    fn content(tokens: Vec<String>) -> Content {
+        let types = vec![Value::I32(1); tokens.len()];
+        let metadata = [
+            ("tokenizer.ggml.model".to_owned(), Value::String("llama".into())),
+            (
+                "tokenizer.ggml.tokens".to_owned(),
+                Value::Array(tokens.into_iter().map(Value::String).collect()),
+            ),
+            ("tokenizer.ggml.token_type".to_owned(), Value::Array(types)),
+            ("tokenizer.ggml.add_space_prefix".to_owned(), Value::Bool(false)),
+        ];
+        Content {
+            magic: VersionedMagic::GgufV3,
+            metadata: metadata.into_iter().collect(),
+            tensor_infos: HashMap::new(),
+            tensor_data_offset: 0,
+        }
+    }
+
+    /// A vocabulary of long pieces built to make the merge search quadratic (every prefix and
+    /// suffix of each is a token too) loads at once: before, the 64 kB pieces cost about 10^11
+    /// substring hashes. Short real pieces still get their merges.
+    #[test]
+    fn long_pieces_take_no_merge_search() {
+        let mut tokens: Vec<String> = vec!["a".into(), "b".into(), "ab".into()];
+        tokens.extend((0..64).map(|i| format!("{}{}", "a".repeat(65_536 + i), "b")));
+        let tokenizer =
+            load_tokenizer(Path::new("/nonexistent/model.gguf"), &content(tokens)).expect("tokenizer");
+        assert_eq!(encode(&tokenizer, "ab").expect("encode"), vec![2]);
+        let too_many = content(vec!["x".into(); MAX_VOCABULARY + 1]);
+        assert!(matches!(
+            load_tokenizer(Path::new("/nonexistent/model.gguf"), &too_many),
+            Err(EngineError::Metadata { .. })
+        ));
     }
 }
