@@ -26,7 +26,10 @@ use tmo_protocol::ShareGroup;
 use tmo_protocol::link::LinkConfig;
 use tmo_protocol::testing::MosquittoBroker;
 
-const T0: i64 = 1_790_000_000_000;
+/// Rows are made ten days ago (and up to nine days later): inside the collector's window.
+fn t0() -> i64 {
+    outcome_log::now_ms() - 10 * 86_400_000
+}
 
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
@@ -40,9 +43,10 @@ async fn device_run(port: u16, device: String, batches: usize, rows: usize, wind
     let mut client = DeviceClient::connect(port, &device).await;
     let mut in_flight = VecDeque::new();
     let mut acked_rows = 0;
+    let t0 = t0();
     for b in 0..batches {
         let dialogue = format!("{device}-dlg-{b}");
-        let outcomes: Vec<_> = (0..rows as u32).map(|t| outcome(&dialogue, t, T0)).collect();
+        let outcomes: Vec<_> = (0..rows as u32).map(|t| outcome(&dialogue, t, t0)).collect();
         client.send(&batch(&device, b as u64, &outcomes)).await;
         in_flight.push_back(b);
         while in_flight.len() >= window {
@@ -93,6 +97,7 @@ fn scan_bench() {
     }
     let dir = tempfile::tempdir_in(bench_dir()).expect("bench directory");
     let mut writer = DatasetWriter::open(dir.path()).unwrap();
+    let t0 = t0();
     let started = Instant::now();
     let per_call = 10_000;
     let devices = 100;
@@ -103,9 +108,9 @@ fn scan_bench() {
         let device = format!("dev-{}", call % devices);
         // Rows spread over 10 days.
         let rows: Vec<_> = (0..n as u32)
-            .map(|t| outcome(&format!("c{call}"), t, T0 + i64::from(t % 10) * 86_400_000))
+            .map(|t| outcome(&format!("c{call}"), t, t0 + i64::from(t % 10) * 86_400_000))
             .collect();
-        written += writer.append(&device, rows, 1).unwrap().written;
+        written += writer.append(&device, rows, outcome_log::now_ms() as u64).unwrap().written;
         call += 1;
     }
     let write_secs = started.elapsed().as_secs_f64();

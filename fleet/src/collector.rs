@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use outcome_log::TurnOutcome;
-use outcome_log::dataset::{DatasetError, DatasetWriter};
+use outcome_log::dataset::{DatasetError, DatasetWriter, TimeWindow};
 use tmo_protocol::codec::CborMessage;
 use tmo_protocol::link::{
     Delivery, Incoming, Link, LinkConfig, LinkError, LinkSetup, Message, Publisher, QoS, Subscription,
@@ -58,10 +58,14 @@ pub struct CollectorConfig {
     /// Publishes buffered between the link and the writer thread (at least the link's
     /// `incoming_capacity` is raised to this).
     pub queue_capacity: usize,
+    /// How far from its receipt a row's own time may be (rows outside are rejected with the
+    /// reason); the dataset writer holds the keys of the window's days only.
+    pub window: TimeWindow,
 }
 
 impl CollectorConfig {
-    /// Defaults: 16 MiB batches, groups of up to 256 batches or 50,000 rows, 1024 queued.
+    /// Defaults: 16 MiB batches, groups of up to 256 batches or 50,000 rows, 1024 queued, rows
+    /// up to 30 days old.
     pub fn new(share: ShareGroup, out_dir: impl Into<PathBuf>) -> Self {
         Self {
             share,
@@ -70,6 +74,7 @@ impl CollectorConfig {
             max_group_batches: 256,
             max_group_rows: 50_000,
             queue_capacity: 1024,
+            window: TimeWindow::default(),
         }
     }
 }
@@ -174,8 +179,8 @@ impl Collector {
         config: CollectorConfig,
     ) -> Result<Collector, CollectorError> {
         link_config.validate()?;
-        let dir = config.out_dir.clone();
-        let writer = tokio::task::spawn_blocking(move || DatasetWriter::open(dir))
+        let (dir, window) = (config.out_dir.clone(), config.window);
+        let writer = tokio::task::spawn_blocking(move || DatasetWriter::open_with(dir, window))
             .await
             .map_err(|e| CollectorError::Thread(e.to_string()))??;
         let mut link_config = link_config.clone();
@@ -419,7 +424,26 @@ impl WriterStage {
         let received = crate::unix_ms_now();
         let mut batches = Vec::with_capacity(group.len());
         let mut acks = Vec::with_capacity(group.len());
-        for taken in group {
+        let window = self.dataset.window();
+        for mut taken in group {
+            // A row made outside the window of its receipt (a device's clock, or a device) would
+            // pick a partition of its own: rejected with the reason, the device sets it aside.
+            let mut outside = Vec::new();
+            let mut index = 0;
+            taken.rows.retain(|row| {
+                let verdict = window.check(row.created_at_ms, received);
+                if let Err(reason) = verdict.as_ref() {
+                    outside.push((index, reason.clone()));
+                }
+                index += 1;
+                verdict.is_ok()
+            });
+            for (i, reason) in outside.into_iter().rev() {
+                let key = taken.accepted.remove(i);
+                debug!(device = %taken.device, dialogue = %key.dialogue_id, turn = key.turn, %reason, "row rejected");
+                taken.rejected.push(RejectedRow { key, reason });
+                add(&self.counters.rejected_rows, 1);
+            }
             batches.push((taken.device.to_string(), taken.rows));
             acks.push((
                 taken.device,

@@ -4,8 +4,8 @@ mod support;
 
 use std::time::Duration;
 
-use fleet::{Collector, CollectorStats};
-use outcome_log::dataset::read_dataset;
+use fleet::{Collector, CollectorConfig, CollectorStats};
+use outcome_log::dataset::{TimeWindow, read_dataset};
 use support::{DeviceClient, batch, outcome};
 use tmo_protocol::link::LinkConfig;
 use tmo_protocol::testing::MosquittoBroker;
@@ -15,11 +15,18 @@ const T0: i64 = 1_790_000_000_000; // 2026-09-21T14:13:20Z
 const DAY_MS: i64 = 86_400_000;
 const WAIT: Duration = Duration::from_secs(10);
 
+/// A collector taking rows of any day: these tests' rows were made on fixed days (T0).
 async fn collector(broker: &MosquittoBroker, dir: &std::path::Path, client_id: &str) -> Collector {
+    let settings = CollectorConfig {
+        window: TimeWindow::UNBOUNDED,
+        ..CollectorConfig::new(ShareGroup::new("collectors").unwrap(), dir)
+    };
+    collector_with(broker, settings, client_id).await
+}
+
+async fn collector_with(broker: &MosquittoBroker, settings: CollectorConfig, client_id: &str) -> Collector {
     let config = LinkConfig::new("127.0.0.1", broker.port(), client_id);
-    let collector = Collector::start(&config, ShareGroup::new("collectors").unwrap(), dir)
-        .await
-        .expect("collector starts");
+    let collector = Collector::start_with(&config, settings).await.expect("collector starts");
     assert!(collector.wait_connected(WAIT).await, "collector did not connect");
     collector
 }
@@ -164,6 +171,43 @@ async fn fleet_collector_rejects_rows_that_are_not_turn_outcomes_in_the_ack() {
     let ds = read_dataset(dir.path()).unwrap();
     assert_eq!(ds.records.len(), 1);
     assert_eq!(ds.records[0].outcome.turn, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_collector_rejects_rows_made_outside_its_window_so_devices_cannot_pick_days() {
+    let broker = MosquittoBroker::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // The default window: rows up to 30 days old, one day ahead.
+    let c = collector_with(
+        &broker,
+        CollectorConfig::new(ShareGroup::new("collectors").unwrap(), dir.path()),
+        "c",
+    )
+    .await;
+    let mut device = DeviceClient::connect(broker.port(), "dev-6").await;
+    let now = outcome_log::now_ms();
+    let rows = [
+        outcome("d", 0, now),
+        outcome("d", 1, now - 40 * DAY_MS),
+        outcome("d", 2, 253_402_300_799_000), // 9999-12-31
+        outcome("d", 3, now - 29 * DAY_MS),
+    ];
+    device.send(&batch("dev-6", 1, &rows)).await;
+    let ack = device.next_ack(WAIT).await.expect("ack");
+    assert_eq!(ack.accepted.iter().map(|k| k.turn).collect::<Vec<_>>(), vec![0, 3]);
+    let mut rejected: Vec<_> = ack.rejected.iter().map(|r| (r.key.turn, r.reason.clone())).collect();
+    rejected.sort();
+    assert_eq!(rejected.len(), 2, "{rejected:?}");
+    assert!(rejected[0].1.contains("made 40 days before it was received"), "{rejected:?}");
+    assert!(rejected[1].1.contains("the device's clock is ahead"), "{rejected:?}");
+    let stats = c.shutdown(WAIT).await;
+    assert_eq!((stats.rows_written, stats.rejected_rows), (2, 2));
+    let days: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|name| !name.starts_with('.'))
+        .collect();
+    assert_eq!(days.len(), 2, "only the two days in the window: {days:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,6 +9,10 @@
 //!   and skips rows it already holds (they count as duplicates, and the collector acknowledges
 //!   them again). A row always lands in the file of its own day, so a resent row meets its
 //!   first copy in the key set.
+//! - Bounded by a [`TimeWindow`] around receipt: a row whose own time is more than 30 days
+//!   before its receipt (or a day after it) is refused, so devices cannot pick partitions at
+//!   will (any day up to year 9999 before), and the writer scans and holds the keys of the
+//!   window's days only: its memory and its start-up follow the window, not the dataset's age.
 //! - Durable on return: [`DatasetWriter::append_many`] writes every touched file, `fdatasync`s
 //!   each once, and `fsync`s the directories in which it created a day directory or a file,
 //!   before it returns; the collector acknowledges only after that.
@@ -186,6 +190,8 @@ pub struct AppendSummary {
 pub struct OpenReport {
     /// Files scanned.
     pub files: usize,
+    /// Day directories before the window, not scanned (no row can be written there).
+    pub days_before_window: usize,
     /// Rows (keys) found.
     pub rows: usize,
     /// Files whose unfinished tail (a torn or unreadable end) was cut, with the bytes cut.
@@ -194,12 +200,72 @@ pub struct OpenReport {
     pub skipped_lines: Vec<SkippedLine>,
 }
 
+const DAY_MS: u64 = 24 * 3600 * 1000;
+
+/// One device's stored keys of a day: (dialogue id, turn) -> the stored version's score.
+type DeviceKeys = HashMap<(String, u32), StoredScore>;
+
+/// How far a row's own time (`created_at_ms`, which picks its day) may be from its receipt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TimeWindow {
+    /// Longest time before the receipt, ms.
+    pub max_age_ms: u64,
+    /// Longest time after the receipt (a device's clock ahead), ms.
+    pub max_ahead_ms: u64,
+}
+
+impl Default for TimeWindow {
+    /// 30 days back, one day ahead.
+    fn default() -> Self {
+        Self { max_age_ms: 30 * DAY_MS, max_ahead_ms: DAY_MS }
+    }
+}
+
+impl TimeWindow {
+    /// Every day: for importing a dataset of any age (and tests with fixed times).
+    pub const UNBOUNDED: Self = Self { max_age_ms: u64::MAX, max_ahead_ms: u64::MAX };
+
+    /// A window of `days` back and one day ahead.
+    pub fn days(days: u32) -> Self {
+        Self { max_age_ms: u64::from(days) * DAY_MS, ..Self::default() }
+    }
+
+    /// Whether a row made at `created_at_ms` may be filed when received at `received_unix_ms`.
+    pub fn check(&self, created_at_ms: i64, received_unix_ms: u64) -> Result<(), String> {
+        let received = i128::from(received_unix_ms);
+        let created = i128::from(created_at_ms);
+        if created < received - i128::from(self.max_age_ms) {
+            return Err(format!(
+                "made {} days before it was received; the dataset takes rows up to {} days old",
+                (received - created) / i128::from(DAY_MS),
+                self.max_age_ms / DAY_MS
+            ));
+        }
+        if created > received + i128::from(self.max_ahead_ms) {
+            return Err(format!(
+                "made {} hours after it was received (the device's clock is ahead); at most {} hours are taken",
+                (created - received) / 3_600_000,
+                self.max_ahead_ms / 3_600_000
+            ));
+        }
+        Ok(())
+    }
+
+    /// The first day rows received at `now_unix_ms` may be filed under.
+    fn first_day(&self, now_unix_ms: u64) -> String {
+        let first = now_unix_ms.saturating_sub(self.max_age_ms);
+        utc_day(i64::try_from(first).unwrap_or(i64::MAX)).unwrap_or_default()
+    }
+}
+
 /// Appends outcome rows to a dataset directory, each row once. One writer per directory.
 #[derive(Debug)]
 pub struct DatasetWriter {
     dir: PathBuf,
-    /// Stored keys: device id -> (dialogue id, turn) -> the stored version's score.
-    keys: HashMap<String, HashMap<(String, u32), StoredScore>>,
+    window: TimeWindow,
+    /// Stored keys of the window's days: day -> device id -> (dialogue id, turn) -> the stored
+    /// version's score.
+    keys: BTreeMap<String, HashMap<String, DeviceKeys>>,
     rows: usize,
     /// Day directories known to exist.
     day_dirs: HashSet<String>,
@@ -305,11 +371,17 @@ fn for_each_line(path: &Path, mut on_line: impl FnMut(u64, &[u8], u64)) -> Resul
 }
 
 impl DatasetWriter {
-    /// Opens (creating it if needed) the dataset in `dir`: scans every file for its keys, cuts
-    /// unfinished tails left by a crash. Scanning parses every line's key: about 2 s for a
-    /// million rows (1.3 GB) on a 2-core VM (bench `collector_ingest` of the `fleet` crate).
-    /// Refuses with [`DatasetError::Locked`] while another writer has the directory open.
+    /// [`DatasetWriter::open_with`] the default [`TimeWindow`].
     pub fn open(dir: impl AsRef<Path>) -> Result<Self, DatasetError> {
+        Self::open_with(dir, TimeWindow::default())
+    }
+
+    /// Opens (creating it if needed) the dataset in `dir`: scans the files of the window's days
+    /// for their keys, cuts unfinished tails left by a crash. Scanning parses every line's key:
+    /// about 2 s for a million rows (1.3 GB) on a 2-core VM (bench `collector_ingest` of the
+    /// `fleet` crate). Refuses with [`DatasetError::Locked`] while another writer has the
+    /// directory open.
+    pub fn open_with(dir: impl AsRef<Path>, window: TimeWindow) -> Result<Self, DatasetError> {
         let dir = dir.as_ref().to_path_buf();
         match std::fs::metadata(&dir) {
             Ok(m) if !m.is_dir() => return Err(DatasetError::NotADirectory(dir)),
@@ -339,7 +411,8 @@ impl DatasetWriter {
         let mut writer = Self {
             _lock: lock,
             dir,
-            keys: HashMap::new(),
+            window,
+            keys: BTreeMap::new(),
             rows: 0,
             day_dirs: HashSet::new(),
             unsynced_dirs: BTreeSet::new(),
@@ -347,10 +420,17 @@ impl DatasetWriter {
             report: OpenReport::default(),
         };
         let started = std::time::Instant::now();
+        let first_day = window.first_day(crate::now_ms().max(0) as u64);
+        let mut before_window = BTreeSet::new();
         for (day, path, device) in dataset_files(&writer.dir)? {
+            if day < first_day {
+                before_window.insert(day);
+                continue;
+            }
+            writer.scan_file(&path, &day, &device)?;
             writer.day_dirs.insert(day);
-            writer.scan_file(&path, &device)?;
         }
+        writer.report.days_before_window = before_window.len();
         info!(
             dir = %writer.dir.display(),
             files = writer.report.files,
@@ -364,7 +444,7 @@ impl DatasetWriter {
     }
 
     /// Reads the keys of one file; cuts everything after its last good line.
-    fn scan_file(&mut self, path: &Path, device: &str) -> Result<(), DatasetError> {
+    fn scan_file(&mut self, path: &Path, day: &str, device: &str) -> Result<(), DatasetError> {
         let mut good_end = 0u64;
         let mut bad: Vec<(SkippedLine, u64)> = Vec::new();
         let mut keys: Vec<((String, u32), StoredScore)> = Vec::new();
@@ -404,7 +484,7 @@ impl DatasetWriter {
             warn!(path = %s.path.display(), line = s.line, reason = %s.reason, "unreadable dataset line left in place");
         }
         self.report.skipped_lines.extend(bad.into_iter().map(|(s, _)| s));
-        let set = self.keys.entry(device.to_owned()).or_default();
+        let set = self.keys.entry(day.to_owned()).or_default().entry(device.to_owned()).or_default();
         for (key, score) in keys {
             // Lines are in write order: the last version of a row wins.
             if set.insert(key, score).is_none() {
@@ -425,14 +505,39 @@ impl DatasetWriter {
         &self.report
     }
 
-    /// Rows in the dataset (distinct keys).
+    /// Rows of the window's days in the dataset (distinct keys).
     pub fn rows(&self) -> usize {
         self.rows
     }
 
-    /// Whether the row (device, dialogue, turn) is stored.
+    /// The window rows must be made in, around their receipt.
+    pub fn window(&self) -> TimeWindow {
+        self.window
+    }
+
+    /// Whether the row (device, dialogue, turn) is stored under one of the window's days.
     pub fn contains(&self, device_id: &str, dialogue_id: &str, turn: u32) -> bool {
-        self.keys.get(device_id).is_some_and(|set| set.contains_key(&(dialogue_id.to_owned(), turn)))
+        let key = (dialogue_id.to_owned(), turn);
+        self.keys.values().any(|day| day.get(device_id).is_some_and(|set| set.contains_key(&key)))
+    }
+
+    /// Forgets the keys and handles of the days before the window at `now_unix_ms`.
+    fn leave_days_before(&mut self, now_unix_ms: u64) {
+        let first_day = self.window.first_day(now_unix_ms);
+        let kept = self.keys.split_off(first_day.as_str());
+        let gone = std::mem::replace(&mut self.keys, kept);
+        if gone.is_empty() {
+            return;
+        }
+        self.rows -= gone.values().flat_map(|day| day.values()).map(DeviceKeys::len).sum::<usize>();
+        self.day_dirs.retain(|day| day.as_str() >= first_day.as_str());
+        let dir = &self.dir;
+        self.files.retain(|path, _| {
+            path.strip_prefix(dir)
+                .ok()
+                .and_then(|p| p.components().next())
+                .is_some_and(|day| day.as_os_str().to_string_lossy().as_ref() >= first_day.as_str())
+        });
     }
 
     /// Appends the rows of one device; durable on return. See [`DatasetWriter::append_many`].
@@ -449,8 +554,9 @@ impl DatasetWriter {
     /// Appends several batches (device id, rows) at once, with one fdatasync per touched file:
     /// the collector's way to share the cost of durability between batches that arrived
     /// together. Rows already stored, or repeated in the call, are counted as duplicates and
-    /// not written. Every row is checked first ([`TurnOutcome::validate`]): on an invalid row
-    /// or device id nothing is written. On an I/O error nothing is recorded as stored (rows
+    /// not written. Every row is checked first ([`TurnOutcome::validate`], and its time against
+    /// the [`TimeWindow`] of `received_unix_ms`): on an invalid row or device id nothing is
+    /// written. On an I/O error nothing is recorded as stored (rows
     /// that did reach a file are found by the next scan, or written again: a file cut back to
     /// its length before the failed write).
     pub fn append_many(
@@ -471,6 +577,7 @@ impl DatasetWriter {
                     reason,
                 };
                 row.validate().map_err(|e| invalid(e.to_string()))?;
+                self.window.check(row.created_at_ms, received_unix_ms).map_err(invalid)?;
                 let day = utc_day(row.created_at_ms).ok_or_else(|| {
                     invalid(format!("created_at_ms {} is past year 9999", row.created_at_ms))
                 })?;
@@ -480,18 +587,20 @@ impl DatasetWriter {
         }
 
         let mut summaries = Vec::with_capacity(batches.len());
-        let mut new_keys: HashMap<(&str, &str, u32), StoredScore> = HashMap::new();
+        self.leave_days_before(received_unix_ms);
+        let mut new_keys: HashMap<(&str, &str, &str, u32), StoredScore> = HashMap::new();
         let mut by_file: BTreeMap<(&str, &str), Vec<u8>> = BTreeMap::new();
         for ((device_id, rows), row_days) in batches.iter().zip(&days) {
             let mut summary = AppendSummary::default();
             for (row, day) in rows.iter().zip(row_days) {
-                let key = (device_id.as_str(), row.dialogue_id.as_str(), row.turn);
+                let key = (day.as_str(), device_id.as_str(), row.dialogue_id.as_str(), row.turn);
                 let score = stored_score(row.score, row.score_source);
                 let stored = match new_keys.get(&key) {
                     Some(s) => Some(*s),
                     None => self
                         .keys
-                        .get(device_id.as_str())
+                        .get(day.as_str())
+                        .and_then(|d| d.get(device_id.as_str()))
                         .and_then(|set| set.get(&(row.dialogue_id.clone(), row.turn)).copied()),
                 };
                 match stored {
@@ -519,8 +628,8 @@ impl DatasetWriter {
         }
         self.sync_dirs()?;
 
-        for ((device_id, dialogue_id, turn), score) in new_keys {
-            let set = self.keys.entry(device_id.to_owned()).or_default();
+        for ((day, device_id, dialogue_id, turn), score) in new_keys {
+            let set = self.keys.entry(day.to_owned()).or_default().entry(device_id.to_owned()).or_default();
             if set.insert((dialogue_id.to_owned(), turn), score).is_none() {
                 self.rows += 1;
             }
@@ -706,6 +815,11 @@ mod tests {
 
     const DAY_MS: i64 = 86_400_000;
 
+    /// The writer with no time window: these rows were made on fixed days.
+    fn open(dir: &Path) -> Result<DatasetWriter, DatasetError> {
+        DatasetWriter::open_with(dir, TimeWindow::UNBOUNDED)
+    }
+
     fn at(dialogue: &str, turn: u32, created_at_ms: i64) -> TurnOutcome {
         TurnOutcome { created_at_ms, ..sample(dialogue, turn) }
     }
@@ -726,7 +840,7 @@ mod tests {
     #[test]
     fn rows_land_in_the_file_of_their_day_and_read_back_in_order() {
         let dir = tempfile::tempdir().unwrap();
-        let mut w = DatasetWriter::open(dir.path()).unwrap();
+        let mut w = open(dir.path()).unwrap();
         let t0 = 1_790_000_000_000; // 2026-09-21
         let rows = vec![at("d1", 0, t0), at("d1", 1, t0 + DAY_MS), at("d2", 0, t0)];
         assert_eq!(
@@ -762,7 +876,7 @@ mod tests {
     #[test]
     fn duplicates_are_skipped_within_a_call_across_calls_and_across_reopen() {
         let dir = tempfile::tempdir().unwrap();
-        let mut w = DatasetWriter::open(dir.path()).unwrap();
+        let mut w = open(dir.path()).unwrap();
         let s = w.append("dev", vec![sample("d", 0), sample("d", 1), sample("d", 0)], 1).unwrap();
         assert_eq!(s, AppendSummary { written: 2, duplicates: 1, rescored: 0 });
         assert_eq!(
@@ -773,7 +887,7 @@ mod tests {
         assert_eq!(w.append("other", vec![sample("d", 0)], 2).unwrap().written, 1);
         drop(w);
 
-        let mut w = DatasetWriter::open(dir.path()).unwrap();
+        let mut w = open(dir.path()).unwrap();
         assert_eq!(w.rows(), 4);
         assert!(w.contains("dev", "d", 2) && !w.contains("dev", "d", 3));
         let summaries = w
@@ -807,7 +921,7 @@ mod tests {
     #[test]
     fn a_row_sent_again_with_a_new_score_supersedes_the_stored_one() {
         let dir = tempfile::tempdir().unwrap();
-        let mut w = DatasetWriter::open(dir.path()).unwrap();
+        let mut w = open(dir.path()).unwrap();
         w.append("dev", vec![sample("d", 0), sample("d", 1)], 1).unwrap();
         // The user rated turn 0 after its upload: the device sends the row again.
         let rated =
@@ -819,7 +933,7 @@ mod tests {
         // Sent once more (an ack lost): a duplicate, also after reopening.
         assert_eq!(w.append("dev", vec![rated.clone()], 3).unwrap().duplicates, 1);
         drop(w);
-        let mut w = DatasetWriter::open(dir.path()).unwrap();
+        let mut w = open(dir.path()).unwrap();
         assert_eq!(w.rows(), 2);
         assert_eq!(w.append("dev", vec![rated.clone()], 4).unwrap().duplicates, 1);
         let ds = read_dataset(dir.path()).unwrap();
@@ -830,7 +944,7 @@ mod tests {
     #[test]
     fn a_torn_last_line_is_reported_by_the_reader_and_cut_by_the_writer() {
         let dir = tempfile::tempdir().unwrap();
-        let mut w = DatasetWriter::open(dir.path()).unwrap();
+        let mut w = open(dir.path()).unwrap();
         w.append("dev", vec![sample("d", 0), sample("d", 1)], 1).unwrap();
         drop(w);
         let day = utc_day(sample("d", 0).created_at_ms).unwrap();
@@ -853,7 +967,7 @@ mod tests {
         assert_eq!(ds.skipped_lines[0].line, 3);
         assert!(ds.skipped_lines[0].reason.contains("incomplete final line"), "{:?}", ds.skipped_lines);
 
-        let mut w = DatasetWriter::open(dir.path()).unwrap();
+        let mut w = open(dir.path()).unwrap();
         assert_eq!(w.open_report().truncated, vec![(path.clone(), (third.len() / 2) as u64)]);
         assert_eq!(std::fs::read(&path).unwrap(), whole);
         // The row that was being written when the crash came is not stored: its device resends it.
@@ -869,7 +983,7 @@ mod tests {
     #[test]
     fn a_torn_file_met_by_a_running_writer_is_repaired_before_appending() {
         let dir = tempfile::tempdir().unwrap();
-        let mut w = DatasetWriter::open(dir.path()).unwrap();
+        let mut w = open(dir.path()).unwrap();
         // A file that another writer left torn after this one opened (not scanned).
         let day = utc_day(sample("d", 0).created_at_ms).unwrap();
         std::fs::create_dir_all(dir.path().join(&day)).unwrap();
@@ -884,7 +998,7 @@ mod tests {
     #[test]
     fn damaged_lines_in_the_middle_are_reported_and_kept() {
         let dir = tempfile::tempdir().unwrap();
-        let mut w = DatasetWriter::open(dir.path()).unwrap();
+        let mut w = open(dir.path()).unwrap();
         w.append("dev", vec![sample("d", 0)], 1).unwrap();
         drop(w);
         let day = utc_day(sample("d", 0).created_at_ms).unwrap();
@@ -900,7 +1014,7 @@ mod tests {
         assert_eq!(ds.records.len(), 2);
         assert_eq!(ds.skipped_lines.len(), 1);
         assert_eq!((ds.skipped_lines[0].path.clone(), ds.skipped_lines[0].line), (path.clone(), 2));
-        let w = DatasetWriter::open(dir.path()).unwrap();
+        let w = open(dir.path()).unwrap();
         assert_eq!(w.rows(), 2);
         assert!(w.open_report().truncated.is_empty());
         assert_eq!(w.open_report().skipped_lines.len(), 1);
@@ -910,7 +1024,7 @@ mod tests {
     #[test]
     fn bad_input_is_refused_before_anything_is_written() {
         let dir = tempfile::tempdir().unwrap();
-        let mut w = DatasetWriter::open(dir.path()).unwrap();
+        let mut w = open(dir.path()).unwrap();
         for bad in ["", "a/b", "nul\0"] {
             assert!(matches!(
                 w.append(bad, vec![sample("d", 0)], 1),
@@ -927,7 +1041,7 @@ mod tests {
 
         let file = dir.path().join("plain-file");
         std::fs::write(&file, b"x").unwrap();
-        assert!(matches!(DatasetWriter::open(&file), Err(DatasetError::NotADirectory(_))));
+        assert!(matches!(open(&file), Err(DatasetError::NotADirectory(_))));
         assert!(matches!(read_dataset(&file), Err(DatasetError::NotADirectory(_))));
         assert!(matches!(read_dataset(dir.path().join("missing")), Err(DatasetError::Io { .. })));
     }
@@ -935,10 +1049,10 @@ mod tests {
     #[test]
     fn one_writer_per_directory() {
         let dir = tempfile::tempdir().unwrap();
-        let first = DatasetWriter::open(dir.path()).unwrap();
-        assert!(matches!(DatasetWriter::open(dir.path()), Err(DatasetError::Locked(_))));
+        let first = open(dir.path()).unwrap();
+        assert!(matches!(open(dir.path()), Err(DatasetError::Locked(_))));
         drop(first);
-        DatasetWriter::open(dir.path()).unwrap();
+        open(dir.path()).unwrap();
     }
 
     #[test]
@@ -946,12 +1060,45 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("README"), b"notes").unwrap();
         std::fs::create_dir(dir.path().join("scratch")).unwrap();
-        let mut w = DatasetWriter::open(dir.path()).unwrap();
+        let mut w = open(dir.path()).unwrap();
         w.append("dev", vec![sample("d", 0)], 1).unwrap();
         let day = utc_day(sample("d", 0).created_at_ms).unwrap();
         std::fs::write(dir.path().join(&day).join("notes.txt"), b"x").unwrap();
         assert_eq!(read_dataset(dir.path()).unwrap().records.len(), 1);
         drop(w);
-        assert_eq!(DatasetWriter::open(dir.path()).unwrap().rows(), 1);
+        assert_eq!(open(dir.path()).unwrap().rows(), 1);
+    }
+
+    #[test]
+    fn rows_outside_the_window_are_refused_and_old_days_are_neither_scanned_nor_held() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = crate::now_ms();
+        // An old day written while it was in the window (an import, or a collector long ago).
+        let old = at("old", 0, now - 40 * DAY_MS);
+        open(dir.path()).unwrap().append("dev", vec![old.clone()], (now - 40 * DAY_MS) as u64).unwrap();
+
+        let mut w = DatasetWriter::open(dir.path()).unwrap();
+        assert_eq!((w.open_report().days_before_window, w.open_report().files, w.rows()), (1, 0, 0));
+        let received = now as u64;
+        for (row, reason) in [
+            (at("late", 0, now - 31 * DAY_MS), "made 31 days before it was received"),
+            (at("ahead", 0, now + 2 * DAY_MS), "made 48 hours after it was received"),
+            (at("far", 0, 253_402_300_799_000), "the device's clock is ahead"),
+        ] {
+            let err = w.append("dev", vec![row], received).unwrap_err();
+            assert!(err.to_string().contains(reason), "{err}");
+        }
+        let fresh = at("fresh", 0, now - DAY_MS);
+        assert_eq!(w.append("dev", vec![fresh.clone(), at("now", 0, now)], received).unwrap().written, 2);
+        assert_eq!(w.rows(), 2);
+        assert!(w.contains("dev", "fresh", 0));
+        // Thirty days on, yesterday's keys leave the window with their day.
+        let later = received + 30 * DAY_MS as u64;
+        assert_eq!(w.append("dev", vec![at("later", 0, later as i64)], later).unwrap().written, 1);
+        assert!(!w.contains("dev", "fresh", 0));
+        assert_eq!(w.rows(), 2, "the row of now and the later one");
+        // Readers see every day.
+        drop(w);
+        assert_eq!(read_dataset(dir.path()).unwrap().records.len(), 4);
     }
 }
