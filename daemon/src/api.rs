@@ -194,8 +194,10 @@ async fn new_dialogue(State(service): State<Arc<Service>>) -> Response {
 async fn feedback(State(service): State<Arc<Service>>, body: Bytes) -> Result<Response, AskError> {
     let request: FeedbackRequest = parse(&body)?;
     let update = service.feedback(&request.dialogue_id, request.turn, request.score).await?;
-    Ok(axum::Json(serde_json::json!({ "stored": matches!(update, outcome_log::ScoreUpdate::Updated) }))
-        .into_response())
+    Ok(axum::Json(
+        serde_json::json!({ "stored": matches!(update, outcome_log::ScoreUpdate::Updated { .. }) }),
+    )
+    .into_response())
 }
 
 async fn status(State(service): State<Arc<Service>>) -> Response {

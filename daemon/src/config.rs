@@ -72,6 +72,7 @@ pub struct PolicyConfig {
     pub exploration: String,
     pub epsilon: f64,
     pub max_bytes: u64,
+    pub trial_decisions: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -27,7 +27,8 @@ use policy_onnx::LoadOptions;
 use tmo_protocol::link::{Delivered, Incoming, Message, QoS};
 use tmo_protocol::{
     CborMessage, DeviceId, DeviceStatus, GroupName, Inbox, JsonMessage, OutcomeAck, OutcomeBatch, OutcomeKey,
-    OutcomeRow, PolicyBundle, PolicyUpdateReport, ReassemblyLimits, StatusCounters, Topic, in_canary,
+    OutcomeRow, PolicyBundle, PolicyStats, PolicyUpdateReport, ReassemblyLimits, StatusCounters, Topic,
+    in_canary,
 };
 use tokio::sync::{Notify, oneshot};
 
@@ -56,6 +57,10 @@ pub trait FleetHost: Send + Sync + 'static {
     fn policy_versions(&self) -> (String, u64, Option<String>);
     /// The last policy bundle handled.
     fn last_policy_update(&self) -> Option<PolicyUpdateReport>;
+    /// How the recent policy versions served, the serving one first.
+    fn policy_stats(&self) -> Vec<PolicyStats>;
+    /// tmod stops cleanly: a policy on trial goes on with its trial at the next start.
+    fn note_clean_stop(&self);
     /// Records what became of a bundle, for `/v1/status` and the status topic.
     fn report_policy_update(&self, version: String, accepted: bool, reason: Option<String>);
     /// The highest bundle sequence taken, kept across restarts.
@@ -370,6 +375,12 @@ fn take_bundle(
         }
         return false;
     }
+    if manifest.sequence == high_water && high_water > 0 {
+        // The bundle taken last, which this device went back from (a failed decision, or a tmod
+        // that ended with it on trial), delivered again: that was reported when it happened.
+        tracing::info!(version = %manifest.version, "policy bundle gone back from is not taken again");
+        return true;
+    }
     if let Err(e) = manifest.check_binding(group, device, now, high_water) {
         return refuse(manifest.version, e.to_string());
     }
@@ -447,6 +458,7 @@ async fn device_status(
         previous_policy_version: previous,
         last_policy_update: service.last_policy_update(),
         counters,
+        policy_stats: service.policy_stats(),
         updated_unix_ms: unix_ms_now(),
         extra: serde_json::Map::new(),
     }

@@ -7,6 +7,12 @@
 //! board's observation and action counts), the daemon version it needs, and a probe run over
 //! every task and a spread of budgets that must give finite scores. Only then are its bytes and
 //! the new state written (atomically, see `policy_store.rs`) and the decider swapped.
+//!
+//! An adopted policy is then on trial: the device commits to it once its first
+//! `[policy] trial_decisions` decisions succeed. A decision that fails goes back to the previous
+//! policy at once (at any time, on trial or not), and a tmod that dies while its policy is on
+//! trial (a crash, the watchdog, a power cut: anything but a clean stop) starts again with the
+//! previous policy, reporting why.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -131,6 +137,9 @@ fn newer_than_this_daemon(required: &str) -> bool {
     }
 }
 
+/// Decisions an adopted policy makes on trial unless `[policy] trial_decisions` says otherwise.
+pub const DEFAULT_TRIAL_DECISIONS: u32 = 3;
+
 /// The serving policy, its decider and the previous policy.
 #[derive(Debug)]
 pub struct Policies {
@@ -140,6 +149,13 @@ pub struct Policies {
     exploration: Exploration,
     store: PolicyStore,
     state: StoreState,
+    /// Decisions an adopted policy must make before the device commits to it.
+    trial_decisions: u32,
+    /// Decisions made by the policy on trial since this start.
+    trial_passed: u32,
+    /// A policy left on trial by a tmod that did not stop cleanly, gone back from at this start:
+    /// the version now serving and why.
+    restart_rollback: Option<(String, String)>,
 }
 
 impl Policies {
@@ -190,8 +206,96 @@ impl Policies {
                 (configured, None)
             }
         };
+        if state.current.is_none() {
+            state.on_trial = false;
+        }
         let decider = Decider::new(current.policy.clone(), exploration, None).context("policy session")?;
-        Ok(Self { decider, current, previous, exploration, store, state })
+        let mut policies = Self {
+            decider,
+            current,
+            previous,
+            exploration,
+            store,
+            state,
+            trial_decisions: DEFAULT_TRIAL_DECISIONS,
+            trial_passed: 0,
+            restart_rollback: None,
+        };
+        policies.resume_trial();
+        Ok(policies)
+    }
+
+    /// At start: a policy still on trial after a clean stop goes on with its trial; after any
+    /// other end of tmod, the previous policy serves again.
+    fn resume_trial(&mut self) {
+        if !self.state.on_trial {
+            return;
+        }
+        if self.state.trial_stopped_cleanly {
+            let state = StoreState { trial_stopped_cleanly: false, ..self.state.clone() };
+            match self.store.save_state(&state) {
+                Ok(()) => self.state = state,
+                Err(e) => tracing::warn!("policy state not updated: {e}"),
+            }
+            return;
+        }
+        let failed = self.current.record.version.clone();
+        let reason = format!("rolled back: tmod ended before policy {failed} passed its health check");
+        match self.rollback() {
+            Ok(version) => {
+                tracing::error!(%reason, restored = %version, "policy rolled back");
+                self.restart_rollback = Some((version, reason));
+            }
+            Err(e) => tracing::error!(version = %failed, "policy on trial kept: {e}"),
+        }
+    }
+
+    /// Sets how many decisions an adopted policy must make before the device commits to it
+    /// (0: at once).
+    pub fn set_trial_decisions(&mut self, decisions: u32) {
+        self.trial_decisions = decisions;
+    }
+
+    /// The rollback done at start, if any (taken once, to report it).
+    pub fn take_restart_rollback(&mut self) -> Option<(String, String)> {
+        self.restart_rollback.take()
+    }
+
+    /// Whether the device has committed to the serving policy.
+    pub fn committed(&self) -> bool {
+        !self.state.on_trial
+    }
+
+    /// Counts a decision the serving policy made; once a policy on trial has made enough, the
+    /// device commits to it (on disk). Returns the version committed to, when that happened.
+    pub fn decision_succeeded(&mut self) -> Option<Result<String, String>> {
+        if !self.state.on_trial {
+            return None;
+        }
+        self.trial_passed += 1;
+        if self.trial_passed < self.trial_decisions {
+            return None;
+        }
+        let state = StoreState { on_trial: false, trial_stopped_cleanly: false, ..self.state.clone() };
+        Some(match self.store.save_state(&state) {
+            Ok(()) => {
+                self.state = state;
+                Ok(self.current.record.version.clone())
+            }
+            Err(e) => Err(format!("storing the policy state: {e}")),
+        })
+    }
+
+    /// Records a clean stop: a policy on trial goes on with its trial at the next start.
+    pub fn note_clean_stop(&mut self) {
+        if !self.state.on_trial {
+            return;
+        }
+        let state = StoreState { trial_stopped_cleanly: true, ..self.state.clone() };
+        match self.store.save_state(&state) {
+            Ok(()) => self.state = state,
+            Err(e) => tracing::warn!("policy state not updated at stop: {e}"),
+        }
     }
 
     pub fn decider(&mut self) -> &mut Decider {
@@ -229,12 +333,13 @@ impl Policies {
         let decider =
             Decider::new(new.policy.clone(), self.exploration, None).map_err(|e| format!("session: {e}"))?;
         let old = std::mem::replace(&mut self.current, new);
-        if let Err(e) = self.persist(&old) {
+        if let Err(e) = self.persist(&old, self.trial_decisions > 0) {
             self.current = old;
             return Err(e);
         }
         self.decider = decider;
         self.previous = Some(old);
+        self.trial_passed = 0;
         Ok(())
     }
 
@@ -248,18 +353,19 @@ impl Policies {
         let decider = Decider::new(previous.policy.clone(), self.exploration, None)
             .map_err(|e| format!("session: {e}"))?;
         let old = std::mem::replace(&mut self.current, previous);
-        if let Err(e) = self.persist(&old) {
+        if let Err(e) = self.persist(&old, false) {
             self.previous = Some(std::mem::replace(&mut self.current, old));
             return Err(e);
         }
         self.decider = decider;
         self.previous = Some(old);
+        self.trial_passed = 0;
         Ok(self.current.record.version.clone())
     }
 
-    /// Writes both policies' bytes and the state naming `self.current` and `previous`, with
-    /// the mark raised to the current policy's sequence.
-    fn persist(&mut self, previous: &ServingPolicy) -> Result<(), String> {
+    /// Writes both policies' bytes and the state naming `self.current` (on trial or not) and
+    /// `previous`, with the mark raised to the current policy's sequence.
+    fn persist(&mut self, previous: &ServingPolicy, on_trial: bool) -> Result<(), String> {
         for p in [&self.current, previous] {
             self.store
                 .save_onnx(&p.record.sha256, &p.bytes)
@@ -269,6 +375,8 @@ impl Policies {
         state.current = Some(self.current.record.clone());
         state.previous = Some(previous.record.clone());
         state.sequence_high_water = state.sequence_high_water.max(self.current.sequence);
+        state.on_trial = on_trial;
+        state.trial_stopped_cleanly = false;
         self.store.save_state(&state).map_err(|e| format!("storing the policy state: {e}"))?;
         self.state = state;
         Ok(())
@@ -316,6 +424,8 @@ mod tests {
         let schema = Schema::new(3, 5);
         let options = LoadOptions { schema: schema.clone(), max_bytes: 1 << 20 };
         let mut policies = Policies::load(dir.path(), "", &options, Exploration::Greedy).expect("load");
+        // Committed at once (the trial has its own test).
+        policies.set_trial_decisions(0);
         let built_in = policies.current().clone();
         assert!(policies.previous().is_none());
 
@@ -357,5 +467,53 @@ mod tests {
         reopened.raise_sequence_high_water(50).expect("raise");
         let reopened = Policies::load(dir.path(), "", &options, Exploration::Greedy).expect("reload");
         assert_eq!(reopened.sequence_high_water(), 50);
+    }
+
+    #[test]
+    fn a_policy_on_trial_commits_after_its_first_decisions_or_goes_back_when_tmod_dies() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let options = LoadOptions { schema: Schema::new(3, 5), max_bytes: 1 << 20 };
+        let load = || Policies::load(dir.path(), "", &options, Exploration::Greedy).expect("load");
+        let onnx = policy_onnx::DEFAULT_POLICY.to_vec();
+        let mut policies = load();
+        policies.set_trial_decisions(2);
+        let built_in = policies.current().version.clone();
+        assert!(policies.committed());
+        assert_eq!(policies.decision_succeeded(), None, "nothing is on trial");
+
+        // tmod dies (crash, watchdog, power) while the pushed policy is on trial: the next start
+        // serves the previous policy, says why, and keeps the mark so the bundle is not retaken.
+        policies.adopt(ServingPolicy::prepare(onnx.clone(), &manifest(&onnx), &options).unwrap()).unwrap();
+        assert!(!policies.committed());
+        assert_eq!(policies.decision_succeeded(), None, "one decision of two");
+        drop(policies);
+        let mut policies = load();
+        assert_eq!(policies.current().version, built_in);
+        assert!(policies.committed());
+        let (restored, reason) = policies.take_restart_rollback().expect("a rollback at start");
+        assert_eq!(restored, built_in);
+        assert!(reason.contains("pushed-1") && reason.contains("health check"), "{reason}");
+        assert_eq!(policies.sequence_high_water(), 42);
+        assert_eq!(load().current().version, built_in, "the rollback is on disk");
+
+        // A clean stop carries the trial over; the trial's decisions then commit it, and a
+        // later end of tmod (clean or not) keeps it.
+        let m = PolicyManifest { version: "pushed-2".into(), sequence: 43, ..manifest(&onnx) };
+        let mut policies = load();
+        policies.set_trial_decisions(2);
+        policies.adopt(ServingPolicy::prepare(onnx.clone(), &m, &options).unwrap()).unwrap();
+        policies.note_clean_stop();
+        drop(policies);
+        let mut policies = load();
+        policies.set_trial_decisions(2);
+        assert_eq!((policies.current().version.as_str(), policies.committed()), ("pushed-2", false));
+        assert!(policies.take_restart_rollback().is_none());
+        assert_eq!(policies.decision_succeeded(), None);
+        assert_eq!(policies.decision_succeeded(), Some(Ok("pushed-2".into())));
+        assert!(policies.committed());
+        assert_eq!(policies.decision_succeeded(), None, "committed once");
+        drop(policies);
+        let policies = load();
+        assert_eq!((policies.current().version.as_str(), policies.committed()), ("pushed-2", true));
     }
 }

@@ -28,6 +28,13 @@ pub struct StoreState {
     /// at or below it is refused, across restarts.
     #[serde(default)]
     pub sequence_high_water: u64,
+    /// The current policy has not passed its health check yet (its first decisions): if tmod
+    /// stops without having stopped cleanly, the next start goes back to the previous policy.
+    #[serde(default)]
+    pub on_trial: bool,
+    /// tmod stopped cleanly while the current policy was on trial: its trial goes on.
+    #[serde(default)]
+    pub trial_stopped_cleanly: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -158,6 +165,8 @@ mod tests {
             current: Some(stored("c", c)),
             previous: Some(stored("b", b)),
             sequence_high_water: 1_790_000_000_000,
+            on_trial: true,
+            trial_stopped_cleanly: false,
         };
         store.save_state(&state).expect("save state");
         assert_eq!(PolicyStore::open(dir.path()).state().expect("state"), state);

@@ -116,6 +116,10 @@ async fn serve(service: Arc<Service>, config: &Config) -> anyhow::Result<()> {
     }
     let _ = std::fs::remove_file(&file.api.socket);
     service.shutdown_cloud().await;
+    if stopped_part.is_none() && failed.is_none() {
+        // Stopped by a signal: a policy on trial goes on with its trial at the next start.
+        crate::fleet::FleetHost::note_clean_stop(&*service);
+    }
     if let Some(part) = stopped_part {
         bail!("{part} has stopped: exiting so that systemd restarts tmod");
     }

@@ -16,7 +16,7 @@ use outcome_log::{OutcomeLogError, OutcomeWriter, ScoreSource, ScoreUpdate};
 use policy_onnx::{Exploration, LoadOptions, Schema};
 use sensing::{Sensing, SensingHandle};
 use task_classifier::TaskClassifier;
-use tmo_protocol::{DeviceId, JudgeScore, PolicyUpdateReport, StatusCounters};
+use tmo_protocol::{DeviceId, JudgeScore, PolicyStats, PolicyUpdateReport, StatusCounters};
 use tmod_api::{Budget, DialogueCreated};
 use tokio::sync::mpsc;
 
@@ -131,13 +131,51 @@ struct Counters {
     last_outcome_ms: AtomicU64,
     /// Sum and count of the scores received (refusal heuristic, judge, feedback).
     scores: Mutex<(f64, u64)>,
+    /// How each recent policy version served, most recently created first.
+    policies: Mutex<Vec<PolicyStats>>,
 }
 
+/// Policy versions whose figures the status carries.
+const POLICY_STATS_KEPT: usize = 4;
+
 impl Counters {
+    /// A score for an answer of policy `version`, counted for it (see [`Counters::score`]).
+    fn policy_score(&self, version: &str, score: f64) {
+        self.policy(version, |p| {
+            p.scored += 1;
+            p.score_sum += score;
+        });
+    }
+
     fn score(&self, score: f64) {
         let mut s = lock(&self.scores);
         s.0 += score;
         s.1 += 1;
+    }
+
+    /// Updates the figures of policy `version` (made on first use, the oldest dropped).
+    fn policy(&self, version: &str, update: impl FnOnce(&mut PolicyStats)) {
+        let mut book = lock(&self.policies);
+        let i = match book.iter().position(|p| p.version == version) {
+            Some(i) => i,
+            None => {
+                book.insert(
+                    0,
+                    PolicyStats { version: version.to_owned(), committed: true, ..PolicyStats::default() },
+                );
+                book.truncate(POLICY_STATS_KEPT);
+                0
+            }
+        };
+        update(&mut book[i]);
+    }
+
+    /// The policies' figures, the serving one (`current`, committed or on trial) first.
+    fn policy_stats(&self, current: &str, committed: bool) -> Vec<PolicyStats> {
+        self.policy(current, |p| p.committed = committed);
+        let mut book = lock(&self.policies).clone();
+        book.sort_by_key(|p| p.version != current);
+        book
     }
 
     /// The counters as the status message carries them (the log's figures added by the caller).
@@ -174,7 +212,14 @@ impl Service {
             "epsilon" => Exploration::EpsilonGreedy { epsilon: file.policy.epsilon },
             _ => Exploration::Greedy,
         };
-        let policies = Policies::load(&file.state_dir, &file.policy.path, &policy_options, exploration)?;
+        let mut policies = Policies::load(&file.state_dir, &file.policy.path, &policy_options, exploration)?;
+        policies.set_trial_decisions(file.policy.trial_decisions);
+        let restart_rollback = policies.take_restart_rollback().map(|(version, reason)| PolicyUpdateReport {
+            version,
+            accepted: true,
+            reason: Some(reason),
+            unix_ms: unix_ms_now(),
+        });
 
         let classifier_dir = llm_engine::resolve_model(&file.classifier.model)
             .with_context(|| format!("classifier model {:?}", file.classifier.model))?;
@@ -237,7 +282,7 @@ impl Service {
             modality_names: profile.modalities.iter().map(|m| m.name.clone()).collect(),
             policies: Mutex::new(policies),
             policy_options,
-            last_policy_update: Mutex::new(None),
+            last_policy_update: Mutex::new(restart_rollback),
             upload_wakeup: tokio::sync::Notify::new(),
             status_wakeup: tokio::sync::Notify::new(),
             counters: Counters::default(),
@@ -294,6 +339,9 @@ impl Service {
         match self.outcomes.set_score(dialogue_id, turn, score, ScoreSource::Feedback).await {
             Ok(update) => {
                 self.counters.score(score);
+                if let ScoreUpdate::Updated { policy_version } = &update {
+                    self.counters.policy_score(policy_version, score);
+                }
                 Ok(update)
             }
             Err(OutcomeLogError::UnknownTurn { dialogue, turn }) => {
@@ -373,6 +421,7 @@ impl Service {
                 "sha256": policy_sha256,
                 "previous_version": previous_policy,
                 "last_update": lock(&self.last_policy_update).clone(),
+                "stats": FleetHost::policy_stats(self),
             },
             "model": {
                 "name": info.name,
@@ -446,6 +495,18 @@ impl FleetHost for Service {
         lock(&self.last_policy_update).clone()
     }
 
+    fn policy_stats(&self) -> Vec<PolicyStats> {
+        let (current, committed) = {
+            let p = lock(&self.policies);
+            (p.current().version.clone(), p.committed())
+        };
+        self.counters.policy_stats(&current, committed)
+    }
+
+    fn note_clean_stop(&self) {
+        lock(&self.policies).note_clean_stop();
+    }
+
     fn policy_sequence_high_water(&self) -> u64 {
         lock(&self.policies).sequence_high_water()
     }
@@ -489,6 +550,9 @@ async fn store_judge_scores(mut scores: mpsc::Receiver<JudgeScore>, service: std
                 Ok(update) => {
                     tracing::debug!(dialogue = %score.dialogue_id, turn = score.turn, ?update, "judge score");
                     service.counters.score(score.score);
+                    if let ScoreUpdate::Updated { policy_version } = &update {
+                        service.counters.policy_score(policy_version, score.score);
+                    }
                     break;
                 }
                 // The turn's row may not be durable yet when a fast judge answers.

@@ -83,10 +83,12 @@ fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
+/// Devices of `kitchens` on the broker at `port`, trusting `trusted`. They commit to a pushed
+/// policy at once (`trial_decisions = 0`): the trial has its own test.
 fn device_config(port: u16, trusted: &str) -> String {
     format!(
         "[model]\nmax_tokens = 8\n\
-         [policy]\nmax_bytes = 65536\n\
+         [policy]\nmax_bytes = 65536\ntrial_decisions = 0\n\
          [mqtt]\nenabled = true\nhost = \"127.0.0.1\"\nport = {port}\nreconnect_initial_ms = 50\nreconnect_max_ms = 500\n\
          [fleet]\ngroup = \"kitchens\"\ntrusted_keys = [\"{trusted}\"]\nstatus_interval_secs = 1.0\nack_timeout_secs = 5.0\n"
     )
@@ -511,4 +513,142 @@ async fn fleet_an_oversized_row_goes_up_cut_and_never_blocks_the_rows_behind_it(
     assert!(reason.as_deref().is_some_and(|r| r.contains("one upload packet carries")), "{reason:?}");
     let stats = collector.shutdown(Duration::from_secs(5)).await;
     assert_eq!((stats.rows_written, stats.rejected_rows), (2, 0), "{stats:?}");
+}
+
+/// `tmoctl` next to the `tmod` under test (a workspace test build makes both).
+fn tmoctl() -> std::process::Command {
+    let path = Path::new(env!("CARGO_BIN_EXE_tmod")).with_file_name("tmoctl");
+    assert!(path.exists(), "{} is missing: build the workspace (cargo test --workspace)", path.display());
+    let mut command = std::process::Command::new(path);
+    command.env_remove("TMO_MQTT_PASSWORD").stdin(std::process::Stdio::null());
+    command
+}
+
+/// Asks a turn of a new dialogue and scores its answer as the user would.
+async fn ask_and_score(client: &Client, score: f64) -> String {
+    let asked = ask(client).await;
+    let feedback =
+        tmod_api::FeedbackRequest { dialogue_id: asked.decision.dialogue_id.clone(), turn: 0, score };
+    client.feedback(&feedback).await.expect("feedback");
+    asked.decision.policy_version
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_a_staged_rollout_stops_itself_and_a_policy_on_trial_goes_back_when_tmod_dies() {
+    let broker = MosquittoBroker::start().expect("mosquitto (apt-get install mosquitto)");
+    let port = broker.port();
+    let work = tempfile::tempdir().expect("tempdir");
+    let key = work.path().join("fleet.key");
+    let out = tmoctl().args(["fleet", "keygen", "--out"]).arg(&key).output().expect("tmoctl keygen");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let trusted = std::fs::read_to_string(work.path().join("fleet.key.pub")).expect("public key");
+    let manager = Manager::start(port).await;
+    // Two devices that commit to a policy after two decisions.
+    let devices = &DEVICES[..2];
+    let config = device_config(port, trusted.trim()).replace("trial_decisions = 0", "trial_decisions = 2");
+    let states: Vec<tempfile::TempDir> =
+        devices.iter().map(|_| tempfile::tempdir().expect("tempdir")).collect();
+    let mut daemons: Vec<Daemon> =
+        devices.iter().zip(&states).map(|(id, state)| Daemon::start_as(state.path(), id, &config)).collect();
+    let push_with_history = |version: &str, seed: f32, history: &str, abort: &[&str]| {
+        let policy = work.path().join(format!("{version}.onnx"));
+        std::fs::write(&policy, local_policy(16, seed)).expect("policy file");
+        let mut command = tmoctl();
+        command
+            .args(["fleet", "push", "--broker", &format!("127.0.0.1:{port}"), "--group", "kitchens"])
+            .args(["--version", version, "--key"])
+            .arg(&key)
+            .arg("--policy")
+            .arg(&policy)
+            .arg("--history")
+            .arg(work.path().join(history))
+            .args(abort);
+        command
+    };
+    let push = |version: &str, seed: f32, abort: &[&str]| push_with_history(version, seed, "pushes", abort);
+    let serving =
+        |version: &'static str| move |s: &DeviceStatus| s.policy_version.as_deref() == Some(version);
+
+    // The policy the group runs well: every answer scored 1.
+    let out = push("roll-good", 1.0, &[]).output().expect("tmoctl push");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    manager.wait_for(devices, "roll-good adopted", serving("roll-good")).await;
+    for daemon in &daemons {
+        for _ in 0..3 {
+            assert_eq!(ask_and_score(&daemon.client(), 1.0).await, "roll-good");
+        }
+    }
+    manager
+        .wait_for(devices, "roll-good committed and scored", |s| {
+            s.policy_stats.first().is_some_and(|p| p.version == "roll-good" && p.committed && p.scored == 3)
+        })
+        .await;
+
+    // A staged rollout of a policy whose answers users score 0: the push watches the group and,
+    // once both policies have 4 scored answers, rolls the group back by itself and says why.
+    let rules = ["--abort-score-drop", "0.3", "--abort-decision-failures", "0", "--min-answers", "4"];
+    let watching = push("roll-bad", 2.0, &rules)
+        .args(["--watch-secs", "120"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("tmoctl push --abort-*");
+    manager.wait_for(devices, "roll-bad adopted", serving("roll-bad")).await;
+    let on_trial = manager.statuses.lock().expect("lock")[devices[0]].policy_stats[0].clone();
+    assert_eq!((on_trial.version.as_str(), on_trial.committed), ("roll-bad", false));
+    for daemon in &daemons {
+        for _ in 0..2 {
+            assert_eq!(ask_and_score(&daemon.client(), 0.0).await, "roll-bad");
+        }
+    }
+    let out =
+        tokio::task::spawn_blocking(move || watching.wait_with_output()).await.expect("join").expect("wait");
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("the mean score fell from 1.000 (6 answers of roll-good) to 0.000 (4 answers)"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("rollback: pushed policy roll-good"), "{stdout}");
+    assert!(stderr.contains("rolled back to roll-good"), "{stderr}");
+    manager.wait_for(devices, "rolled back by the fleet", serving("roll-good")).await;
+
+    // A rule that needs an earlier push to go back to is refused before anything goes out.
+    let out = push_with_history("roll-first", 3.0, "empty-history", &rules).output().expect("tmoctl push");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("need an earlier push"), "{out:?}");
+    assert!(
+        manager
+            .statuses
+            .lock()
+            .expect("lock")
+            .values()
+            .all(|s| s.policy_version.as_deref() == Some("roll-good"))
+    );
+
+    // The device commits to a policy only after its health check: killed (as a crash or the
+    // watchdog would) before its first two decisions, it starts again on the previous policy,
+    // says why, and does not take the retained bundle again.
+    let out = push("roll-trial", 4.0, &[]).output().expect("tmoctl push");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    manager.wait_for(devices, "roll-trial adopted", serving("roll-trial")).await;
+    assert_eq!(ask(&daemons[1].client()).await.decision.policy_version, "roll-trial");
+    daemons[0].kill();
+    daemons[0] = Daemon::start_as(states[0].path(), devices[0], &config);
+    manager
+        .wait_for(&devices[..1], "went back at start", |s| {
+            s.policy_version.as_deref() == Some("roll-good")
+                && s.last_policy_update.as_ref().is_some_and(|u| {
+                    u.reason.as_deref().is_some_and(|r| r.contains("roll-trial passed its health check"))
+                })
+        })
+        .await;
+    assert_eq!(ask(&daemons[0].client()).await.decision.policy_version, "roll-good");
+    // The other device commits after its second decision.
+    assert_eq!(ask(&daemons[1].client()).await.decision.policy_version, "roll-trial");
+    manager
+        .wait_for(&devices[1..], "roll-trial committed", |s| {
+            s.policy_stats.first().is_some_and(|p| p.version == "roll-trial" && p.committed)
+        })
+        .await;
 }

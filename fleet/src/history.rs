@@ -160,32 +160,47 @@ impl PushHistory {
         group: &GroupName,
         to_version: Option<&str>,
     ) -> Result<Pushed, HistoryError> {
-        let mut pushes = self.pushes(group)?;
-        let Some(latest) = pushes.pop() else {
-            return Err(HistoryError::NothingToRollBackTo(format!(
-                "no push to group {group} is recorded in {}: push the earlier policy again with `tmoctl fleet \
-                 push`, or give the history directory it was pushed from (--history)",
-                self.dir.display()
-            )));
+        let pushes = self.pushes(group)?;
+        let Some(latest) = pushes.last() else {
+            return Err(self.nothing_pushed(group));
         };
         let current = latest.manifest.version.as_str();
-        if to_version == Some(current) {
+        let Some(wanted) = to_version else {
+            return self.rollback_target_from(group, current);
+        };
+        if wanted == current {
             return Err(HistoryError::NothingToRollBackTo(format!(
                 "{current} is the group's latest push already"
             )));
         }
-        let wanted = |p: &&Pushed| match to_version {
-            Some(v) => p.manifest.version == v,
-            None => p.manifest.version != current,
-        };
-        pushes.iter().rev().find(wanted).cloned().ok_or_else(|| {
-            HistoryError::NothingToRollBackTo(match to_version {
-                Some(v) => format!("no push of version {v} to group {group} is recorded in {}", self.dir.display()),
-                None => format!(
-                    "every recorded push to group {group} is of version {current}: nothing earlier to go back to"
-                ),
-            })
+        pushes.iter().rev().find(|p| p.manifest.version == wanted).cloned().ok_or_else(|| {
+            HistoryError::NothingToRollBackTo(format!(
+                "no push of version {wanted} to group {group} is recorded in {}",
+                self.dir.display()
+            ))
         })
+    }
+
+    /// What a rollback from `current` (pushed last, or about to be) goes back to: the newest
+    /// push of `group` of another version.
+    pub fn rollback_target_from(&self, group: &GroupName, current: &str) -> Result<Pushed, HistoryError> {
+        let pushes = self.pushes(group)?;
+        if pushes.is_empty() {
+            return Err(self.nothing_pushed(group));
+        }
+        pushes.iter().rev().find(|p| p.manifest.version != current).cloned().ok_or_else(|| {
+            HistoryError::NothingToRollBackTo(format!(
+                "every recorded push to group {group} is of version {current}: nothing earlier to go back to"
+            ))
+        })
+    }
+
+    fn nothing_pushed(&self, group: &GroupName) -> HistoryError {
+        HistoryError::NothingToRollBackTo(format!(
+            "no push to group {group} is recorded in {}: push the earlier policy again with `tmoctl fleet \
+             push`, or give the history directory it was pushed from (--history)",
+            self.dir.display()
+        ))
     }
 }
 

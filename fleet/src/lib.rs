@@ -8,6 +8,7 @@
 //!   under a newer sequence) and sequences that only rise;
 //! - [`keys`]: Ed25519 key files (hex seed, mode 0600, and `<file>.pub`);
 //! - [`status`]: the fleet's status table from retained status and availability messages;
+//! - [`rollout`]: staged rollouts judged against abort rules from the group's statuses;
 //! - [`net`]: connecting and publishing with confirmation.
 //!
 //! Topic strings and payload encodings come from `tmo-protocol`; this crate knows none itself.
@@ -17,6 +18,7 @@ pub mod history;
 pub mod keys;
 pub mod net;
 pub mod push;
+pub mod rollout;
 pub mod status;
 
 pub use collector::{Collector, CollectorConfig, CollectorError, CollectorStats, DEFAULT_SHARE};
@@ -26,6 +28,7 @@ pub use net::NetError;
 pub use push::{
     BundleSpec, PublishedBundle, PushError, build_bundle, build_bundle_from_file, publish_bundle, push_bundle,
 };
+pub use rollout::{AbortRules, Rollout, RolloutFigures};
 pub use status::{DeviceEntry, FleetView, StatusError};
 
 /// Unix time now, in milliseconds.

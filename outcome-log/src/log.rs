@@ -433,14 +433,14 @@ impl OutcomeLog {
             });
         }
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let existing: Option<Option<String>> = tx
+        let existing: Option<(Option<String>, String)> = tx
             .query_row(
-                "SELECT score_source FROM outcomes WHERE dialogue_id = ?1 AND turn = ?2",
+                "SELECT score_source, policy_version FROM outcomes WHERE dialogue_id = ?1 AND turn = ?2",
                 params![dialogue, turn],
-                |r| r.get(0),
+                |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .optional()?;
-        let Some(existing) = existing else {
+        let Some((existing, policy_version)) = existing else {
             return Err(OutcomeLogError::UnknownTurn { dialogue: dialogue.to_owned(), turn });
         };
         if let Some(existing) = existing.as_deref().and_then(|s| s.parse::<ScoreSource>().ok())
@@ -454,7 +454,7 @@ impl OutcomeLog {
             params![dialogue, turn, score, source.as_str()],
         )?;
         tx.commit()?;
-        Ok(ScoreUpdate::Updated)
+        Ok(ScoreUpdate::Updated { policy_version })
     }
 
     /// Up to `limit` rows waiting for upload, oldest first (rows refused by a collector are not).
@@ -856,7 +856,10 @@ mod tests {
         let mut log = open(&dir, 1 << 20);
         let id = log.append(&sample("d", 0)).unwrap();
         assert_eq!(log.mark_uploaded(&[id]).unwrap(), 1);
-        assert_eq!(log.set_score("d", 0, 0.0, ScoreSource::RefusalHeuristic).unwrap(), ScoreUpdate::Updated);
+        assert_eq!(
+            log.set_score("d", 0, 0.0, ScoreSource::RefusalHeuristic).unwrap(),
+            ScoreUpdate::Updated { policy_version: "2026-11-20.1".into() }
+        );
         let row = log.turn("d", 0).unwrap().unwrap();
         assert_eq!(
             (row.outcome.score, row.outcome.score_source),
@@ -864,12 +867,18 @@ mod tests {
         );
         assert_eq!(row.uploaded_at_ms, None, "a new score is uploaded again");
 
-        assert_eq!(log.set_score("d", 0, 0.9, ScoreSource::Feedback).unwrap(), ScoreUpdate::Updated);
+        assert_eq!(
+            log.set_score("d", 0, 0.9, ScoreSource::Feedback).unwrap(),
+            ScoreUpdate::Updated { policy_version: "2026-11-20.1".into() }
+        );
         assert_eq!(
             log.set_score("d", 0, 0.1, ScoreSource::Judge).unwrap(),
             ScoreUpdate::KeptHigherRanked { existing: ScoreSource::Feedback }
         );
-        assert_eq!(log.set_score("d", 0, 0.7, ScoreSource::Feedback).unwrap(), ScoreUpdate::Updated);
+        assert_eq!(
+            log.set_score("d", 0, 0.7, ScoreSource::Feedback).unwrap(),
+            ScoreUpdate::Updated { policy_version: "2026-11-20.1".into() }
+        );
         let row = log.turn("d", 0).unwrap().unwrap();
         assert_eq!((row.outcome.score, row.outcome.score_source), (Some(0.7), Some(ScoreSource::Feedback)));
 
@@ -957,7 +966,10 @@ mod tests {
             ));
             assert_eq!(log.turn("d", turn).unwrap().unwrap().outcome.score, None);
         }
-        assert_eq!(log.set_judge_score("d", 2, 0.7).unwrap(), ScoreUpdate::Updated);
+        assert_eq!(
+            log.set_judge_score("d", 2, 0.7).unwrap(),
+            ScoreUpdate::Updated { policy_version: "2026-11-20.1".into() }
+        );
         let row = log.turn("d", 2).unwrap().unwrap().outcome;
         assert_eq!((row.score, row.score_source), (Some(0.7), Some(ScoreSource::Judge)));
         assert!(matches!(log.set_judge_score("d", 9, 0.7), Err(OutcomeLogError::UnknownTurn { .. })));

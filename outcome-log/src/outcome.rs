@@ -232,10 +232,14 @@ pub struct LoggedOutcome {
 }
 
 /// What `set_score` did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ScoreUpdate {
-    /// The score was stored (and the row is pending upload again, so the collector gets it).
-    Updated,
+    /// The score was stored (and the row is pending upload again, so the collector gets it);
+    /// the row's policy version says which policy the score judges.
+    Updated {
+        /// The policy version that decided the turn.
+        policy_version: String,
+    },
     /// The row keeps its score from a higher-ranked source.
     KeptHigherRanked { existing: ScoreSource },
 }

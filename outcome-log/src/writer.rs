@@ -560,7 +560,7 @@ mod tests {
 
         assert_eq!(
             writer.set_score("cb", 0, 1.0, ScoreSource::Feedback).wait().unwrap(),
-            ScoreUpdate::Updated
+            ScoreUpdate::Updated { policy_version: "2026-11-20.1".into() }
         );
         let err = writer.set_score("cb", 9, 1.0, ScoreSource::Feedback).wait().unwrap_err();
         assert!(matches!(err, OutcomeLogError::UnknownTurn { turn: 9, .. }), "{err}");

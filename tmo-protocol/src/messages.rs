@@ -344,6 +344,37 @@ pub struct StatusCounters {
     pub last_outcome_unix_ms: Option<u64>,
 }
 
+/// How one policy version served on a device since the daemon started (or since it began
+/// serving): its decisions, their failures, its cloud turns and their fallbacks, and the scores
+/// its answers received (judge, user feedback, refusal heuristic).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PolicyStats {
+    /// The policy version.
+    pub version: String,
+    /// Whether the device has committed to it: its health check (probe run, first decisions)
+    /// passed. A policy on trial that fails goes back to the previous one.
+    pub committed: bool,
+    /// Decisions made with it.
+    pub decisions: u64,
+    /// Decisions it failed (the device then went back to its previous policy).
+    pub decision_failures: u64,
+    /// Turns it sent to the cloud.
+    pub cloud_attempts: u64,
+    /// Of those, the ones answered locally after all (the cloud failed or was late).
+    pub cloud_fallbacks: u64,
+    /// Scores received for its answers.
+    pub scored: u64,
+    /// Their sum (mean = `score_sum / scored`).
+    pub score_sum: f64,
+}
+
+impl PolicyStats {
+    /// The mean score, if any answer was scored.
+    pub fn mean_score(&self) -> Option<f64> {
+        (self.scored > 0).then(|| self.score_sum / self.scored as f64)
+    }
+}
+
 /// The result of the last policy bundle a device received.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PolicyUpdateReport {
@@ -380,6 +411,10 @@ pub struct DeviceStatus {
     /// Counters.
     #[serde(default)]
     pub counters: StatusCounters,
+    /// How each policy served since the daemon started, the serving one first (at most a few):
+    /// what a staged rollout watches.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub policy_stats: Vec<PolicyStats>,
     /// When this status was written (unix ms).
     pub updated_unix_ms: u64,
     /// Members not known to this version.

@@ -8,8 +8,9 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use fleet::push::BundleSpec;
-use fleet::{Collector, FleetView, PushHistory, keys};
-use tmo_protocol::link::LinkConfig;
+use fleet::{AbortRules, Collector, CollectorConfig, FleetView, PushHistory, Rollout, keys};
+use outcome_log::dataset::TimeWindow;
+use tmo_protocol::link::{Link, LinkConfig};
 use tmo_protocol::{DeviceId, GroupName, PolicyBundle, PolicyManifest, ShareGroup};
 
 /// The environment variable holding the MQTT password (never a command-line argument).
@@ -25,7 +26,7 @@ pub enum FleetCommand {
         out: PathBuf,
     },
     /// Sign a policy for a device group and publish it retained (recorded in the push history).
-    Push(PushArgs),
+    Push(Box<PushArgs>),
     /// Sign the group's earlier policy again under a newer sequence and publish it retained,
     /// replacing the latest bundle: it holds across the devices' reconnects and restarts.
     Rollback(RollbackArgs),
@@ -142,6 +143,55 @@ pub struct PushArgs {
     devices: Vec<DeviceId>,
     #[command(flatten)]
     bundle: BundleArgs,
+    #[command(flatten)]
+    abort: AbortArgs,
+}
+
+/// A staged rollout that stops itself: with any `--abort-*` rule, the push watches the group's
+/// statuses for `--watch-secs` and, when a rule breaks, signs the group's earlier push again
+/// (as `fleet rollback` does), says why and exits non-zero.
+#[derive(Debug, Args)]
+pub struct AbortArgs {
+    /// Roll back when more than this many devices refuse the bundle (another canary share's
+    /// refusal does not count).
+    #[arg(long)]
+    abort_refusals: Option<u64>,
+    /// Roll back when the new policy fails more than this many decisions over the group.
+    #[arg(long)]
+    abort_decision_failures: Option<u64>,
+    /// Roll back when more than this share (0-1) of the new policy's cloud turns fall back to
+    /// local answers, over at least --min-answers cloud turns.
+    #[arg(long, value_parser = share)]
+    abort_fallback_rate: Option<f64>,
+    /// Roll back when the new policy's mean score is more than this below the previous
+    /// policy's, each over at least --min-answers scored answers.
+    #[arg(long, value_parser = share)]
+    abort_score_drop: Option<f64>,
+    /// Answers (scored, or cloud turns) needed before the score and fallback rules judge.
+    #[arg(long, default_value_t = 20)]
+    min_answers: u64,
+    /// How long to watch the rollout, seconds.
+    #[arg(long, default_value_t = 600)]
+    watch_secs: u64,
+}
+
+impl AbortArgs {
+    fn rules(&self) -> AbortRules {
+        AbortRules {
+            max_refusals: self.abort_refusals,
+            max_decision_failures: self.abort_decision_failures,
+            max_fallback_rate: self.abort_fallback_rate,
+            max_score_drop: self.abort_score_drop,
+            min_answers: self.min_answers,
+        }
+    }
+}
+
+fn share(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
+        _ => Err(format!("expected a number from 0 to 1, found {text:?}")),
+    }
 }
 
 /// What every signed bundle takes: its validity and where pushes are recorded.
@@ -204,6 +254,10 @@ pub struct CollectArgs {
     /// The shared-subscription group: collectors with the same name split the batches.
     #[arg(long, default_value = fleet::DEFAULT_SHARE)]
     share: ShareGroup,
+    /// Oldest row taken, in days before its receipt (older rows are rejected with the reason
+    /// and set aside on their device); the collector holds the keys of these days only.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..=3650))]
+    max_age_days: u32,
 }
 
 #[derive(Debug, Args)]
@@ -221,7 +275,7 @@ pub struct StatusArgs {
 pub fn run(command: FleetCommand) -> anyhow::Result<()> {
     match command {
         FleetCommand::Keygen { out } => keygen(&out),
-        FleetCommand::Push(args) => runtime()?.block_on(push(args)),
+        FleetCommand::Push(args) => runtime()?.block_on(push(*args)),
         FleetCommand::Rollback(args) => runtime()?.block_on(rollback(args)),
         FleetCommand::Collect(args) => runtime()?.block_on(collect(args)),
         FleetCommand::Status(args) => runtime()?.block_on(status(args)),
@@ -262,7 +316,70 @@ async fn push(args: PushArgs) -> anyhow::Result<()> {
     let bundle = fleet::build_bundle_from_file(&args.policy, &spec, &key)
         .with_context(|| format!("building the bundle of {}", args.policy.display()))?;
     let signer = keys::public_key_hex(&key.verifying_key());
-    publish(&config, &args.broker, &args.group, &bundle, &history, &signer, "pushed").await
+    let rules = args.abort.rules();
+    if !rules.any() {
+        return publish(&config, &args.broker, &args.group, &bundle, &history, &signer, "pushed").await;
+    }
+    // What a rollback would go back to, known before anything goes out.
+    let version =
+        fleet::push::manifest_of(&bundle).context("the manifest just signed does not decode")?.version;
+    let earlier = history.rollback_target_from(&args.group, &version).with_context(|| {
+        format!("--abort-* rules need an earlier push of group {} to go back to", args.group)
+    })?;
+    // Statuses are watched from before the push, so that no report is missed.
+    let mut link = fleet::net::connect(&config, FleetView::subscriptions(), args.broker.timeout()).await?;
+    let rollout = Rollout {
+        group: args.group.clone(),
+        version,
+        previous: earlier.manifest.version.clone(),
+        pushed_unix_ms: fleet::unix_ms_now(),
+        rules,
+    };
+    publish(&config, &args.broker, &args.group, &bundle, &history, &signer, "pushed").await?;
+    let watched = watch_rollout(&mut link, &rollout, Duration::from_secs(args.abort.watch_secs)).await;
+    link.shutdown(Duration::from_secs(2)).await;
+    let Some(reason) = watched else { return Ok(()) };
+    println!("rollout of {} stopped: {reason}", rollout.version);
+    let spec = args.bundle.spec(&args.group, &history)?;
+    let bundle = fleet::rebundle(&earlier, &spec, &key)
+        .with_context(|| format!("signing {} again", earlier.manifest.version))?;
+    publish(&config, &args.broker, &args.group, &bundle, &history, &signer, "rollback: pushed").await?;
+    anyhow::bail!(
+        "the rollout of {} to group {} was stopped and rolled back to {}: {reason}",
+        rollout.version,
+        args.group,
+        rollout.previous
+    )
+}
+
+/// Judges `rollout` on every status until `watch` has passed: the reason to roll back, or
+/// `None` when it stayed healthy (its figures printed as they change).
+async fn watch_rollout(link: &mut Link, rollout: &Rollout, watch: Duration) -> Option<String> {
+    let mut view = FleetView::new();
+    let deadline = tokio::time::Instant::now() + watch;
+    let mut shown = None;
+    loop {
+        let figures = rollout.figures(&view);
+        if let Some(reason) = rollout.broken_rule(&figures) {
+            println!("rollout of {}: {figures}", rollout.version);
+            return Some(reason);
+        }
+        if shown.as_ref() != Some(&figures) {
+            println!("rollout of {}: {figures}", rollout.version);
+            shown = Some(figures);
+        }
+        match tokio::time::timeout_at(deadline, link.incoming.recv()).await {
+            Ok(Some(incoming)) => fleet::status::apply_logged(&mut view, &incoming),
+            Ok(None) => {
+                println!("rollout of {}: the broker went away; no longer watched", rollout.version);
+                return None;
+            }
+            Err(_) => {
+                println!("rollout of {} healthy after {} s", rollout.version, watch.as_secs());
+                return None;
+            }
+        }
+    }
 }
 
 /// Publishes a signed bundle retained, records it in the history and prints what went out.
@@ -317,7 +434,11 @@ async fn rollback(args: RollbackArgs) -> anyhow::Result<()> {
 
 async fn collect(args: CollectArgs) -> anyhow::Result<()> {
     let config = args.broker.link_config("collect")?;
-    let collector = Collector::start(&config, args.share.clone(), &args.out)
+    let settings = CollectorConfig {
+        window: TimeWindow::days(args.max_age_days),
+        ..CollectorConfig::new(args.share.clone(), &args.out)
+    };
+    let collector = Collector::start_with(&config, settings)
         .await
         .with_context(|| format!("starting the collector on {}", args.out.display()))?;
     if collector.wait_connected(args.broker.timeout()).await {

@@ -90,6 +90,7 @@ impl Service {
         if let Err(e) = &decided {
             // A policy that fails gives way to the previous one at once.
             let reason = format!("the policy failed: {e}");
+            self.counters.policy(&policies.current().version, |p| p.decision_failures += 1);
             if let Ok(version) = policies.rollback() {
                 tracing::error!(%reason, restored = %version, "policy rolled back");
                 self.metrics.set_policy(&policies.current().version, &policies.current().sha256);
@@ -98,6 +99,17 @@ impl Service {
             }
         }
         let decision = decided.map_err(|e| AskError::Internal(format!("decision: {e}")))?;
+        self.counters.policy(&policies.current().version, |p| p.decisions += 1);
+        match policies.decision_succeeded() {
+            Some(Ok(version)) => {
+                tracing::info!(%version, "policy committed: its first decisions succeeded");
+                self.status_wakeup.notify_one();
+            }
+            Some(Err(e)) => {
+                tracing::warn!("policy commit not stored (tried again at the next decision): {e}")
+            }
+            None => {}
+        }
         let preferred = argmax(policies.decider().scores());
         let preferred_action = self.schema.action(preferred).unwrap_or(Action::Local);
         let policy_schema = policies.decider().policy().version().tag();

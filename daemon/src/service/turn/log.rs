@@ -95,6 +95,14 @@ impl Service {
         c.last_outcome_ms.store(unix_ms_now(), Ordering::Relaxed);
         if let Some(score) = score {
             c.score(score);
+            c.policy_score(&decision.policy_version, score);
+        }
+        let fell_back = produced.route == "local:cloud-fallback";
+        if fell_back || produced.route == "cloud" {
+            c.policy(&decision.policy_version, |p| {
+                p.cloud_attempts += 1;
+                p.cloud_fallbacks += u64::from(fell_back);
+            });
         }
         self.upload_wakeup.notify_one();
         self.status_wakeup.notify_one();
