@@ -16,13 +16,15 @@ use serde::de::DeserializeOwned;
 use tmod_api::{AskRequest, AskResponse, ErrorBody, FeedbackRequest};
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
 
 use crate::dialogues::DialogueError;
 use crate::service::{AskError, DecidedTurn, Service};
 use tmod_api::{DecisionEvent, OutcomeEvent};
 
-/// The router over a running service.
-pub fn router(service: Arc<Service>, max_body_bytes: usize) -> Router {
+/// The router over a running service: tmod's own API, and OpenAI's chat completions
+/// (`openai.rs`), whose bodies carry whole conversations (`max_chat_body_bytes`).
+pub fn router(service: Arc<Service>, max_body_bytes: usize, max_chat_body_bytes: usize) -> Router {
     Router::new()
         .route("/v1/ask", post(ask))
         .route("/v1/dialogues", post(new_dialogue))
@@ -31,7 +33,8 @@ pub fn router(service: Arc<Service>, max_body_bytes: usize) -> Router {
         .route("/metrics", get(metrics))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such route".into()) })
         .layer(DefaultBodyLimit::max(max_body_bytes))
-        .with_state(service)
+        .with_state(service.clone())
+        .merge(crate::openai::router(service, max_chat_body_bytes))
 }
 
 /// The bearer token in `path` (surrounding whitespace trimmed), or `None` for an empty path.
@@ -76,7 +79,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn error(status: StatusCode, message: String) -> Response {
+pub(crate) fn error(status: StatusCode, message: String) -> Response {
     (status, axum::Json(ErrorBody { error: message })).into_response()
 }
 
@@ -100,12 +103,12 @@ impl IntoResponse for AskError {
 }
 
 /// Parses a JSON body with a message that says what is wrong and where.
-fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, AskError> {
+pub(crate) fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, AskError> {
     serde_json::from_slice(body).map_err(|e| AskError::BadRequest(format!("malformed JSON body: {e}")))
 }
 
 /// What a turn's task tells the handler that waits for it.
-enum TurnEvent {
+pub(crate) enum TurnEvent {
     Decided(DecisionEvent),
     Token(String),
     Finished(Result<OutcomeEvent, AskError>),
@@ -119,13 +122,7 @@ async fn ask(State(service): State<Arc<Service>>, body: Bytes) -> Result<Respons
     // Admission before any work: a burst beyond what can be decided at once is refused with
     // 503 and Retry-After, rather than piling up classifier work on the blocking pool.
     let admitted = service.admit_turn()?;
-    let (events, mut turn) = tokio::sync::mpsc::channel::<Result<TurnEvent, AskError>>(64);
-    tokio::spawn(run_turn(service, request, received, decode_ms, events, admitted));
-    let decision = match turn.recv().await {
-        Some(Ok(TurnEvent::Decided(decision))) => decision,
-        Some(Err(e)) => return Err(e),
-        _ => return Err(AskError::Internal("the turn ended before its decision".into())),
-    };
+    let (decision, mut turn) = start_turn(service, request, received, decode_ms, admitted, None).await?;
 
     if !stream {
         while let Some(event) = turn.recv().await {
@@ -146,6 +143,29 @@ async fn ask(State(service): State<Arc<Service>>, body: Bytes) -> Result<Respons
     Ok(Sse::new(first.chain(rest)).keep_alive(KeepAlive::default()).into_response())
 }
 
+/// The events of a turn after its decision.
+pub(crate) type TurnEvents = tokio::sync::mpsc::Receiver<Result<TurnEvent, AskError>>;
+
+/// Starts a turn in its own task ([`run_turn`]) and waits for its decision. Cancelling `stop`
+/// ends the generation early (a stop sequence seen) while the turn is still finished and logged.
+pub(crate) async fn start_turn(
+    service: Arc<Service>,
+    request: AskRequest,
+    received: Instant,
+    decode_ms: f64,
+    admitted: tokio::sync::OwnedSemaphorePermit,
+    stop: Option<CancellationToken>,
+) -> Result<(DecisionEvent, TurnEvents), AskError> {
+    let (events, mut turn) = tokio::sync::mpsc::channel::<Result<TurnEvent, AskError>>(64);
+    let stop = stop.unwrap_or_default();
+    tokio::spawn(run_turn(service, request, received, decode_ms, events, admitted, stop));
+    match turn.recv().await {
+        Some(Ok(TurnEvent::Decided(decision))) => Ok((decision, turn)),
+        Some(Err(e)) => Err(e),
+        _ => Err(AskError::Internal("the turn ended before its decision".into())),
+    }
+}
+
 /// One turn from its decision to its log row, in its own task: a client that goes away (its
 /// handler or event stream dropped, so `events` is closed) cancels the generation, never the
 /// turn's accounting and logging, and the dialogue is free for its next turn.
@@ -156,6 +176,7 @@ async fn run_turn(
     decode_ms: f64,
     events: tokio::sync::mpsc::Sender<Result<TurnEvent, AskError>>,
     admitted: tokio::sync::OwnedSemaphorePermit,
+    stop: CancellationToken,
 ) {
     let decide_service = service.clone();
     // Classification and scoring are CPU work of a few milliseconds: off the reactor.
@@ -172,7 +193,12 @@ async fn run_turn(
         }
     };
     let mut listening = events.send(Ok(TurnEvent::Decided(decision.clone()))).await.is_ok();
-    while listening && let Some(piece) = tokens.recv().await {
+    while listening {
+        let piece = tokio::select! {
+            piece = tokens.recv() => piece,
+            () = stop.cancelled() => None,
+        };
+        let Some(piece) = piece else { break };
         listening = events.send(Ok(TurnEvent::Token(piece))).await.is_ok();
     }
     // Dropping the receiver cancels a generation nobody listens to any more.

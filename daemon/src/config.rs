@@ -58,6 +58,7 @@ pub struct ApiConfig {
     pub socket: PathBuf,
     pub tcp: String,
     pub max_body_bytes: usize,
+    pub max_chat_body_bytes: usize,
     pub max_connections: usize,
     pub header_timeout_secs: f64,
     pub idle_timeout_secs: f64,
@@ -255,6 +256,15 @@ impl Config {
         }
         if f.api.max_turns_deciding == 0 {
             return Err(("api.max_turns_deciding", "must be at least 1".into()));
+        }
+        if f.api.max_chat_body_bytes < f.api.max_body_bytes {
+            return Err((
+                "api.max_chat_body_bytes",
+                format!(
+                    "must be at least api.max_body_bytes ({}), found {}",
+                    f.api.max_body_bytes, f.api.max_chat_body_bytes
+                ),
+            ));
         }
         if f.api.max_body_bytes < 256 {
             return Err((

@@ -80,7 +80,9 @@ impl Dialogues {
     }
 
     /// Starts a dialogue and returns its id.
-    pub fn create(&mut self, now: Instant) -> String {
+    /// A new dialogue whose local conversation starts with `system_prompt` (the configured one
+    /// when `None`).
+    pub fn create(&mut self, now: Instant, system_prompt: Option<&str>) -> String {
         self.expire(now);
         while self.open.len() >= self.max_active {
             let oldest = self
@@ -108,7 +110,7 @@ impl Dialogues {
                 spent_cost_usd: 0.0,
                 budget_latency_secs: self.budget_latency_secs,
                 budget_cost_usd: self.budget_cost_usd,
-                conversation: Some(Conversation::new(Some(&self.system_prompt))),
+                conversation: Some(Conversation::new(Some(system_prompt.unwrap_or(&self.system_prompt)))),
                 last_active: now,
             },
         );
@@ -198,7 +200,7 @@ mod tests {
     fn a_turn_spends_the_budget_and_extends_the_history() {
         let mut dialogues = store(8);
         let t0 = Instant::now();
-        let id = dialogues.create(t0);
+        let id = dialogues.create(t0, None);
         let start = dialogues.start_turn(&id, t0).expect("start");
         assert_eq!((start.turn, start.remaining_latency_secs), (0, 30.0));
         assert_eq!(dialogues.start_turn(&id, t0).expect_err("busy"), DialogueError::Busy(id.clone()));
@@ -214,7 +216,7 @@ mod tests {
     fn idle_dialogues_expire_and_unknown_ids_are_refused() {
         let mut dialogues = store(8);
         let t0 = Instant::now();
-        let id = dialogues.create(t0);
+        let id = dialogues.create(t0, None);
         assert_eq!(
             dialogues.start_turn("nope", t0).expect_err("unknown"),
             DialogueError::Unknown("nope".into())
@@ -228,11 +230,11 @@ mod tests {
     fn the_least_recently_used_dialogue_closes_first() {
         let mut dialogues = store(2);
         let t0 = Instant::now();
-        let a = dialogues.create(t0);
-        let b = dialogues.create(t0 + Duration::from_secs(1));
+        let a = dialogues.create(t0, None);
+        let b = dialogues.create(t0 + Duration::from_secs(1), None);
         let start = dialogues.start_turn(&a, t0 + Duration::from_secs(2)).expect("touch a");
         dialogues.abandon_turn(start);
-        let _c = dialogues.create(t0 + Duration::from_secs(3));
+        let _c = dialogues.create(t0 + Duration::from_secs(3), None);
         assert_eq!(dialogues.len(), 2);
         assert!(dialogues.start_turn(&b, t0 + Duration::from_secs(4)).is_err());
         assert!(dialogues.start_turn(&a, t0 + Duration::from_secs(4)).is_ok());

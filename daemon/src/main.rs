@@ -9,6 +9,7 @@ mod http;
 mod link;
 mod local_llm;
 mod metrics;
+mod openai;
 mod policies;
 mod policy_store;
 mod sense;

@@ -35,7 +35,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
 
 async fn serve(service: Arc<Service>, config: &Config) -> anyhow::Result<()> {
     let file = &config.file;
-    let router = crate::api::router(service.clone(), file.api.max_body_bytes);
+    let router = crate::api::router(service.clone(), file.api.max_body_bytes, file.api.max_chat_body_bytes);
     let stop = CancellationToken::new();
 
     let limits = crate::http::ConnectionLimits {

@@ -314,8 +314,27 @@ impl Service {
 
     /// Starts a dialogue.
     pub fn new_dialogue(&self) -> DialogueCreated {
+        self.new_dialogue_with(None)
+    }
+
+    /// The local model's name: its registry name, else the GGUF's `general.name`, else the
+    /// file's stem.
+    pub fn local_model_name(&self) -> String {
+        let configured = &self.config.file.model.name;
+        if !configured.contains('/') {
+            return configured.clone();
+        }
+        self.llm.info().name.clone().unwrap_or_else(|| {
+            Path::new(configured)
+                .file_stem()
+                .map_or_else(|| configured.clone(), |s| s.to_string_lossy().into_owned())
+        })
+    }
+
+    /// A new dialogue with its own system prompt (the configured one when `None`).
+    pub fn new_dialogue_with(&self, system_prompt: Option<&str>) -> DialogueCreated {
         let mut dialogues = lock(&self.dialogues);
-        let dialogue_id = dialogues.create(Instant::now());
+        let dialogue_id = dialogues.create(Instant::now(), system_prompt);
         let (latency_secs, cost_usd) = dialogues.budgets();
         self.metrics.open_dialogues.set(dialogues.len() as i64);
         DialogueCreated { dialogue_id, budget: Budget { latency_secs, cost_usd } }

@@ -36,6 +36,52 @@ pub struct AskRequest {
     /// Stream the answer as server-sent events (default) or return one JSON body.
     #[serde(default = "yes", skip_serializing_if = "is_true")]
     pub stream: bool,
+    /// The system prompt of the dialogue this question starts (the device's configured one
+    /// when absent); refused for a question that continues a dialogue.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system_prompt: Option<String>,
+    /// How to generate this answer; absent settings are the device's.
+    #[serde(default, skip_serializing_if = "Generation::is_default")]
+    pub generation: Generation,
+}
+
+/// Generation settings of one answer.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Generation {
+    /// Most tokens of the answer (the device's `[model] max_tokens` bounds it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<u32>,
+    /// Sampling temperature (0 to 2; 0 is greedy, the device's default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f64>,
+    /// Nucleus sampling mass (above 0, up to 1), used with a temperature.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_p: Option<f64>,
+    /// Seed of the sampler.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+}
+
+impl Generation {
+    /// No setting given.
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+
+    /// Why the settings cannot be used, naming the field.
+    pub fn check(&self) -> Result<(), (&'static str, String)> {
+        if self.max_tokens == Some(0) {
+            return Err(("max_tokens", "must be at least 1".into()));
+        }
+        if let Some(t) = self.temperature.filter(|t| !(t.is_finite() && (0.0..=2.0).contains(t))) {
+            return Err(("temperature", format!("must be from 0 to 2, found {t}")));
+        }
+        if let Some(p) = self.top_p.filter(|p| !(p.is_finite() && *p > 0.0 && *p <= 1.0)) {
+            return Err(("top_p", format!("must be above 0 and at most 1, found {p}")));
+        }
+        Ok(())
+    }
 }
 
 fn yes() -> bool {
@@ -49,7 +95,14 @@ fn is_true(b: &bool) -> bool {
 impl AskRequest {
     /// A streamed question in `dialogue_id` (or a new dialogue).
     pub fn new(dialogue_id: Option<&str>, text: &str) -> Self {
-        Self { dialogue_id: dialogue_id.map(str::to_owned), text: text.to_owned(), task: None, stream: true }
+        Self {
+            dialogue_id: dialogue_id.map(str::to_owned),
+            text: text.to_owned(),
+            task: None,
+            stream: true,
+            system_prompt: None,
+            generation: Generation::default(),
+        }
     }
 }
 

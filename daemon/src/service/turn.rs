@@ -87,6 +87,14 @@ impl Service {
         if question.is_empty() {
             return Err(AskError::BadRequest("`text` must not be empty".into()));
         }
+        if let Err((field, why)) = request.generation.check() {
+            return Err(AskError::BadRequest(format!("`generation.{field}` {why}")));
+        }
+        if request.dialogue_id.is_some() && request.system_prompt.is_some() {
+            return Err(AskError::BadRequest(
+                "`system_prompt` starts a dialogue: it cannot be given with `dialogue_id`".into(),
+            ));
+        }
         let mut timings = Timings { decode_ms, ..Timings::default() };
 
         let started = Instant::now();
@@ -95,7 +103,7 @@ impl Service {
 
         let dialogue_id = match request.dialogue_id {
             Some(id) => id,
-            None => self.new_dialogue().dialogue_id,
+            None => self.new_dialogue_with(request.system_prompt.as_deref()).dialogue_id,
         };
         let start = lock(&self.dialogues).start_turn(&dialogue_id, Instant::now())?;
 
@@ -112,7 +120,8 @@ impl Service {
             timings.attach_ms = ms(started.elapsed());
         }
 
-        let (answering, tokens) = match self.start_answer(&start, &question, decided.local_route(), cloud) {
+        let answer = self.start_answer(&start, &question, &request.generation, decided.local_route(), cloud);
+        let (answering, tokens) = match answer {
             Ok(answer) => answer,
             Err(e) => return Err(self.abandon(start, e)),
         };

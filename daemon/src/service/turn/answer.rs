@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use llm_engine::GenerationParams;
 use outcome_log::CloudAttempt;
 use tmo_protocol::CloudRequest;
+use tmod_api::Generation;
 use tokio::sync::{mpsc, oneshot};
 
 use super::attach::CloudCall;
@@ -56,17 +57,29 @@ impl Service {
         &self,
         start: &TurnStart,
         question: &str,
+        generation: &Generation,
         local_route: &'static str,
-        cloud: Option<CloudCall>,
+        mut cloud: Option<CloudCall>,
     ) -> Result<(Answering, mpsc::UnboundedReceiver<String>), AskError> {
         let (token_tx, tokens) = mpsc::unbounded_channel();
         let (done_tx, answer) = oneshot::channel();
         let max_answer = Duration::from_secs_f64(self.config.file.model.max_answer_secs);
+        // The request's settings, within the board's bound on the answer's length.
+        let max_tokens = generation.max_tokens.map_or(self.config.file.model.max_tokens, |n| {
+            (n as usize).min(self.config.file.model.max_tokens)
+        });
+        let defaults = GenerationParams::default();
         let params = GenerationParams {
-            max_tokens: self.config.file.model.max_tokens,
+            max_tokens,
+            temperature: generation.temperature.or(defaults.temperature),
+            top_p: generation.top_p.or(defaults.top_p),
+            seed: generation.seed.unwrap_or(defaults.seed),
             deadline: Some(Instant::now() + max_answer),
-            ..GenerationParams::default()
+            ..defaults
         };
+        if let (Some(call), Some(asked)) = (cloud.as_mut(), generation.max_tokens) {
+            call.request.max_tokens = call.request.max_tokens.min(asked);
+        }
         let job = LocalJob {
             conversation: start.conversation.clone(),
             question: question.to_owned(),
