@@ -91,7 +91,7 @@ impl IntoResponse for AskError {
                 StatusCode::NOT_FOUND
             }
             AskError::Dialogue(DialogueError::Busy(_)) => StatusCode::CONFLICT,
-            AskError::Busy { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            AskError::Busy { .. } | AskError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             AskError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         let mut response = error(status, self.to_string());

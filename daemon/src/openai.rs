@@ -2,7 +2,8 @@
 //! the device by changing a base URL: `POST /v1/chat/completions` (plain, or streamed as
 //! `data:` chunks ending with `data: [DONE]`) and `GET /v1/models`, in OpenAI's shapes and
 //! error objects. A completion is one turn of a device dialogue, run as `/v1/ask` runs it
-//! (`api::start_turn`): the policy decides, the answer streams, the turn is logged.
+//! (`api::start_turn`): the policy decides (model `tmo`; `tmo-local` and `tmo-cloud` force the
+//! route, logged as forced), the answer streams, the turn is logged.
 //!
 //! Stateless clients resend the whole conversation every turn. A request continues the dialogue
 //! whose conversation (every message up to and including tmod's last answer, exactly as sent)
@@ -25,7 +26,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tmod_api::{AskRequest, DecisionEvent, Generation, OutcomeEvent};
+use tmod_api::{AskRequest, DecisionEvent, ForcedRoute, Generation, OutcomeEvent};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
@@ -34,8 +35,10 @@ use crate::dialogues::DialogueError;
 use crate::service::{AskError, Service};
 use crate::util::{lock, unix_ms_now};
 
-/// The model id apps ask for: the device's policy decides where each turn is answered.
-pub const MODEL: &str = "tmo";
+/// The model ids apps ask for: `tmo` (the device's policy decides where each turn is answered),
+/// `tmo-local` and `tmo-cloud` (the app forces the route; such turns are logged as forced).
+pub const MODELS: [(&str, Option<ForcedRoute>); 3] =
+    [("tmo", None), ("tmo-local", Some(ForcedRoute::Local)), ("tmo-cloud", Some(ForcedRoute::Cloud))];
 /// Conversations remembered for mapping resent conversations to dialogues.
 const CONVERSATIONS_KEPT: usize = 4096;
 /// OpenAI's limit on stop sequences.
@@ -96,6 +99,9 @@ impl From<AskError> for ApiError {
                 (StatusCode::CONFLICT, "invalid_request_error", Some("dialogue_busy"))
             }
             AskError::Busy { .. } => (StatusCode::SERVICE_UNAVAILABLE, "server_error", Some("overloaded")),
+            AskError::Unavailable(_) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "server_error", Some("route_unavailable"))
+            }
             AskError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "server_error", None),
         };
         let retry_after_secs = match e {
@@ -119,7 +125,10 @@ impl IntoResponse for ApiError {
 async fn models() -> Response {
     axum::Json(json!({
         "object": "list",
-        "data": [{ "id": MODEL, "object": "model", "created": 0, "owned_by": "tmo-edge" }],
+        "data": MODELS
+            .iter()
+            .map(|(id, _)| json!({ "id": id, "object": "model", "created": 0, "owned_by": "tmo-edge" }))
+            .collect::<Vec<_>>(),
     }))
     .into_response()
 }
@@ -225,6 +234,7 @@ impl Message {
 struct Chat {
     stream: bool,
     include_usage: bool,
+    route: Option<ForcedRoute>,
     question: String,
     /// Images of the question (not sent on a local route).
     images: usize,
@@ -237,16 +247,21 @@ struct Chat {
 }
 
 fn check(request: ChatRequest, headers: &HeaderMap) -> Result<Chat, ApiError> {
-    if request.model != MODEL {
+    let Some((_, route)) = MODELS.iter().find(|(id, _)| *id == request.model) else {
+        let served: Vec<&str> = MODELS.iter().map(|(id, _)| *id).collect();
         return Err(ApiError {
             status: StatusCode::NOT_FOUND,
             code: Some("model_not_found"),
             ..ApiError::invalid(
                 Some("model"),
-                format!("The model `{}` does not exist; this device serves `{MODEL}`", request.model),
+                format!(
+                    "The model `{}` does not exist; this device serves {}",
+                    request.model,
+                    served.join(", ")
+                ),
             )
         });
-    }
+    };
     if request.n.is_some_and(|n| n != 1) {
         return Err(ApiError::invalid(Some("n"), "this device makes one choice per request: `n` must be 1"));
     }
@@ -317,6 +332,7 @@ fn check(request: ChatRequest, headers: &HeaderMap) -> Result<Chat, ApiError> {
     Ok(Chat {
         stream: request.stream,
         include_usage: request.stream_options.is_some_and(|o| o.include_usage),
+        route: *route,
         question,
         images,
         system_prompt,
@@ -405,6 +421,7 @@ async fn chat_completions(
         stream: chat.stream,
         system_prompt,
         generation: chat.generation.clone(),
+        route: chat.route,
     };
     let stop = CancellationToken::new();
     let (decision, turn) =
@@ -477,6 +494,7 @@ impl Reply {
             "action_index": d.action_index,
             "modalities": d.modalities,
             "propensity": d.propensity,
+            "forced": d.forced,
             "policy_version": d.policy_version,
             "images_left_out": self.images_left_out,
         });

@@ -85,6 +85,10 @@ pub enum AskError {
         "tmod is busy (the local model's queue, or the turns being decided, are full); retry in a moment"
     )]
     Busy { retry_after_secs: u64 },
+    /// What the request needs cannot be had now (a forced cloud route with the cloud out of
+    /// reach or over budget).
+    #[error("{0}")]
+    Unavailable(String),
     #[error("internal error: {0}")]
     Internal(String),
 }

@@ -41,19 +41,21 @@ fn serving_openai_sdk_lists_models_completes_streams_and_keeps_a_conversation_as
     assert_eq!(seen["first"]["model"], "smollm2-135m", "{seen}");
     assert_eq!(seen["second"]["dialogue_id"], seen["first"]["dialogue_id"]);
 
-    // Every completion was a logged turn of a device dialogue: two of the conversation, one streamed.
+    // Every completion was a logged turn of a device dialogue: two of the conversation, one
+    // streamed, one forced local (logged as forced, so off-policy estimates leave it out).
     let db = rusqlite::Connection::open(state.path().join("outcomes.sqlite")).expect("log");
-    let turns: Vec<(String, u32)> = db
-        .prepare("SELECT dialogue_id, turn FROM outcomes ORDER BY created_at_ms")
+    let turns: Vec<(String, u32, bool)> = db
+        .prepare("SELECT dialogue_id, turn, forced FROM outcomes ORDER BY created_at_ms")
         .expect("query")
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
         .expect("rows")
         .collect::<Result<_, _>>()
         .expect("rows");
     let dialogue = seen["first"]["dialogue_id"].as_str().expect("id");
-    assert_eq!(turns.len(), 3, "{turns:?}");
-    assert_eq!(turns[..2], [(dialogue.to_owned(), 0), (dialogue.to_owned(), 1)]);
-    assert_ne!(turns[2].0, dialogue, "a new conversation is a new dialogue");
+    assert_eq!(turns.len(), 4, "{turns:?}");
+    assert_eq!(turns[..2], [(dialogue.to_owned(), 0, false), (dialogue.to_owned(), 1, false)]);
+    assert!(turns[2].0 != dialogue && !turns[2].2, "a new conversation is a new dialogue");
+    assert_eq!(turns[3], (seen["forced"]["dialogue_id"].as_str().expect("id").to_owned(), 0, true));
 }
 
 #[test]

@@ -8,7 +8,7 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, TransactionBehavio
 use crate::{LoggedOutcome, OutcomeLogError, RowId, ScoreSource, ScoreUpdate, TurnOutcome, now_ms};
 
 /// The schema version this build writes, kept in `PRAGMA user_version`.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 /// `PRAGMA application_id` of outcome logs ("TMOL"), so that another SQLite file is not taken
 /// for a log.
@@ -52,6 +52,7 @@ CREATE TABLE outcomes (
     created_at_ms    INTEGER NOT NULL,
     uploaded_at_ms   INTEGER,
     upload_refused   TEXT,
+    forced           INTEGER NOT NULL DEFAULT 0 CHECK (forced IN (0, 1)),
     UNIQUE (dialogue_id, turn),
     CHECK ((score IS NULL) = (score_source IS NULL))
 );
@@ -61,14 +62,15 @@ CREATE INDEX outcomes_uploaded ON outcomes (id) WHERE uploaded_at_ms IS NOT NULL
 
 const COLUMNS: &str = "id, dialogue_id, turn, question, task, observation, action_index, cloud, modalities, \
     propensity, policy_version, policy_sha256, latency_secs, energy_joules, cost_usd, prompt_tokens, \
-    generated_tokens, answer, score, score_source, telemetry, route, created_at_ms, uploaded_at_ms, cloud_attempt";
+    generated_tokens, answer, score, score_source, telemetry, route, created_at_ms, uploaded_at_ms, cloud_attempt, \
+    forced";
 
 const INSERT: &str = "INSERT INTO outcomes (dialogue_id, turn, question, task, observation, action_index, \
     cloud, modalities, propensity, policy_version, policy_sha256, latency_secs, energy_joules, cost_usd, \
     prompt_tokens, generated_tokens, answer, score, score_source, telemetry, route, created_at_ms, \
-    cloud_attempt) \
+    cloud_attempt, forced) \
     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, \
-    ?23)";
+    ?23, ?24)";
 
 /// Schema changes from each older version to the next (index 0: from 1 to 2).
 const MIGRATIONS: &[&str] = &[
@@ -78,6 +80,8 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE outcomes ADD COLUMN upload_refused TEXT;
      DROP INDEX outcomes_pending;
      CREATE INDEX outcomes_pending ON outcomes (id) WHERE uploaded_at_ms IS NULL AND upload_refused IS NULL;",
+    // 4: turns whose route the app forced (kept out of off-policy estimates and training).
+    "ALTER TABLE outcomes ADD COLUMN forced INTEGER NOT NULL DEFAULT 0 CHECK (forced IN (0, 1));",
 ];
 
 /// How much a commit must survive before it is acknowledged.
@@ -664,6 +668,7 @@ fn insert_row(stmt: &mut rusqlite::CachedStatement<'_>, o: &TurnOutcome) -> Resu
         o.route,
         o.created_at_ms,
         o.cloud_attempt.as_ref().map(|a| serde_json::to_string(a).unwrap_or_default()),
+        o.forced,
     ])
 }
 
@@ -721,6 +726,7 @@ fn read_row(r: &Row<'_>) -> Result<LoggedOutcome, OutcomeLogError> {
             cloud_attempt,
             created_at_ms: r.get(22)?,
             text_cut_bytes: 0,
+            forced: r.get(25)?,
         },
         uploaded_at_ms: r.get(23)?,
     })
@@ -781,6 +787,7 @@ mod tests {
         let conn = Connection::open(&path).unwrap();
         conn.execute_batch(
             "DROP INDEX outcomes_pending; ALTER TABLE outcomes DROP COLUMN upload_refused; \
+             ALTER TABLE outcomes DROP COLUMN forced; \
              CREATE INDEX outcomes_pending ON outcomes (id) WHERE uploaded_at_ms IS NULL; \
              ALTER TABLE outcomes DROP COLUMN cloud_attempt; PRAGMA user_version = 1;",
         )

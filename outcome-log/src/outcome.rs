@@ -143,10 +143,18 @@ pub struct TurnOutcome {
     /// the device's own log.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub text_cut_bytes: u64,
+    /// The app forced the route (OpenAI model `tmo-local` or `tmo-cloud`): the action is not a
+    /// draw of the logging policy, so off-policy estimates and training leave the row out.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub forced: bool,
 }
 
 fn is_zero(n: &u64) -> bool {
     *n == 0
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 impl TurnOutcome {
@@ -286,6 +294,7 @@ pub(crate) mod tests {
             cloud_attempt: None,
             created_at_ms: 1_790_000_000_000 + i64::from(turn),
             text_cut_bytes: 0,
+            forced: false,
         }
     }
 

@@ -179,6 +179,7 @@ mod tests {
                     cloud_attempt: None,
                     created_at_ms: 0,
                     text_cut_bytes: 0,
+                    forced: false,
                 };
                 log.append(&outcome).unwrap();
                 history.push(turn);

@@ -297,6 +297,9 @@ pub struct DatasetCounts {
     pub scored_rows: usize,
     /// Rows without a score: left out of training and evaluation.
     pub unscored_rows: usize,
+    /// Scored rows whose route the app forced (OpenAI model `tmo-local` / `tmo-cloud`): not
+    /// draws of the logging policy, so left out of the off-policy estimates.
+    pub forced_rows: usize,
     /// Scored rows that do not fit the profile's contract (observation length, action index)
     /// or fail validation: left out.
     pub invalid_rows: usize,
@@ -340,6 +343,10 @@ impl LoggedOutcomes {
                 continue;
             };
             counts.scored_rows += 1;
+            if o.forced {
+                counts.forced_rows += 1;
+                continue;
+            }
             let action = o.action_index as usize;
             // v1 rows (27 floats for X = 3) and v2 rows (37, with the cost table of the turn).
             let v2 = schema.to_version(ObservationVersion::V2);
@@ -547,8 +554,14 @@ impl OpeReport {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "off-policy evaluation on {} scored logged turns ({} dialogues, {} devices); left out: {} unscored, {} invalid rows, {} skipped lines",
-            self.evaluated_turns, d.dialogues, d.devices, d.unscored_rows, d.invalid_rows, d.skipped_lines
+            "off-policy evaluation on {} scored logged turns ({} dialogues, {} devices); left out: {} unscored, {} forced, {} invalid rows, {} skipped lines",
+            self.evaluated_turns,
+            d.dialogues,
+            d.devices,
+            d.unscored_rows,
+            d.forced_rows,
+            d.invalid_rows,
+            d.skipped_lines
         );
         let versions: Vec<String> = self.policy_versions.iter().map(|(v, n)| format!("{v} ({n})")).collect();
         let _ = writeln!(out, "logged by: {}", versions.join(", "));

@@ -98,6 +98,7 @@ fn fleet_rows(dialogues: &[Dialogue], devices: &[&str], unscored_every: usize) -
                 cloud_attempt: None,
                 created_at_ms: 1_795_996_800_000 + count as i64,
                 text_cut_bytes: 0,
+                forced: false,
             };
             latency_left -= latency;
             cost_left -= cost;
@@ -137,7 +138,12 @@ fn finite_interval(v: &serde_json::Value) -> bool {
 #[test]
 fn policy_train_from_collected_outcomes_writes_a_policy_and_an_off_policy_report() {
     let dialogues = train_dialogues();
-    let rows = fleet_rows(&dialogues, &DEVICES, 13);
+    let mut rows = fleet_rows(&dialogues, &DEVICES, 13);
+    // Turns an app forced (OpenAI model tmo-local): not draws of the logging policy.
+    let forced = 5;
+    for (_, o) in rows.iter_mut().filter(|(_, o)| o.score.is_some()).take(forced) {
+        o.forced = true;
+    }
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("dataset");
     write_dataset(&data, &rows);
@@ -182,13 +188,14 @@ fn policy_train_from_collected_outcomes_writes_a_policy_and_an_off_policy_report
     assert_eq!(report["dataset"]["devices"], 3);
     assert_eq!(report["dataset"]["dialogues"], dialogues.len());
     assert_eq!(report["dataset"]["unscored_rows"], unscored);
-    assert_eq!(report["evaluated_turns"], rows.len() - unscored);
+    assert_eq!(report["dataset"]["forced_rows"], forced);
+    assert_eq!(report["evaluated_turns"], rows.len() - unscored - forced);
     let policies = report["policies"].as_array().unwrap();
     assert_eq!(policies.len(), 2);
     assert_eq!(policies[0]["role"], "new");
     assert_eq!(policies[0]["sha256"], policy.info().sha256.as_str());
     assert_eq!(policies[1]["role"], "logging");
-    assert_eq!(policies[1]["logged_turns_by_this_policy"], rows.len() - unscored);
+    assert_eq!(policies[1]["logged_turns_by_this_policy"], rows.len() - unscored - forced);
     for p in policies {
         let e = &p["estimate"];
         for k in ["logging", "ips", "snips", "dr", "dr_gain"] {

@@ -43,6 +43,20 @@ pub struct AskRequest {
     /// How to generate this answer; absent settings are the device's.
     #[serde(default, skip_serializing_if = "Generation::is_default")]
     pub generation: Generation,
+    /// Answer here whatever the policy prefers (logged as forced, and kept out of off-policy
+    /// estimates); absent lets the policy decide.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route: Option<ForcedRoute>,
+}
+
+/// Where an app may force a turn to be answered.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ForcedRoute {
+    /// The local model.
+    Local,
+    /// The cloud, with the attachments the policy scores highest among those allowed now.
+    Cloud,
 }
 
 /// Generation settings of one answer.
@@ -92,6 +106,10 @@ fn is_true(b: &bool) -> bool {
     *b
 }
 
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
 impl AskRequest {
     /// A streamed question in `dialogue_id` (or a new dialogue).
     pub fn new(dialogue_id: Option<&str>, text: &str) -> Self {
@@ -102,6 +120,7 @@ impl AskRequest {
             stream: true,
             system_prompt: None,
             generation: Generation::default(),
+            route: None,
         }
     }
 }
@@ -128,6 +147,9 @@ pub struct DecisionEvent {
     pub propensity: f64,
     /// The unmasked arg-max of the policy's scores.
     pub preferred_action_index: u32,
+    /// The app forced the route (`AskRequest::route`); the propensity is then 1.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub forced: bool,
     /// How the turn is answered: `local`, `cloud`, or `local:cloud-unavailable` when the
     /// policy preferred a cloud action that the mask removed.
     pub route: String,

@@ -72,6 +72,8 @@ struct TurnRecord {
     telemetry: serde_json::Value,
     /// The board's load when the turn was decided (a local answer's latency is normalised by it).
     load: Load,
+    /// The app forced the route.
+    forced: bool,
 }
 
 impl Service {
@@ -108,7 +110,7 @@ impl Service {
         let start = lock(&self.dialogues).start_turn(&dialogue_id, Instant::now())?;
 
         let started = Instant::now();
-        let decided = match self.encode_and_decide(&start, classified.task) {
+        let decided = match self.encode_and_decide(&start, classified.task, request.route) {
             Ok(decided) => decided,
             Err(e) => return Err(self.abandon(start, e)),
         };

@@ -15,7 +15,7 @@ seen = {}
 
 # The models.
 models = [m.id for m in client.models.list()]
-assert models == ["tmo"], models
+assert models == ["tmo", "tmo-local", "tmo-cloud"], models
 
 # A plain completion, with the response headers.
 messages = [
@@ -62,6 +62,20 @@ finished = [c for c in chunks if c.choices and c.choices[0].finish_reason]
 assert len(finished) == 1 and "latency_secs" in finished[0].tmo, finished
 assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0, chunks[-1]
 seen["stream"] = {"chunks": len(chunks), "text": text, "turn": finished[0].tmo["turn"]}
+
+# Forced routes: tmo-local answers locally whatever the policy prefers, logged as forced; with no
+# cloud configured, tmo-cloud is refused as unavailable (503), not answered locally.
+forced = client.chat.completions.create(
+    model="tmo-local", messages=[{"role": "user", "content": "Is basil a herb?"}], max_tokens=8
+)
+assert forced.tmo["forced"] is True and forced.tmo["route"] == "local", forced.tmo
+assert forced.tmo["propensity"] == 1.0, forced.tmo
+seen["forced"] = {"dialogue_id": forced.tmo["dialogue_id"]}
+try:
+    client.chat.completions.create(model="tmo-cloud", messages=[{"role": "user", "content": "Hi"}])
+    raise AssertionError("tmo-cloud was served without a cloud")
+except openai.InternalServerError as e:
+    assert e.status_code == 503 and e.code == "route_unavailable", e.body
 
 # Errors come as OpenAI's error objects and statuses.
 try:

@@ -58,6 +58,7 @@ pub fn outcome(dialogue: &str, turn: u32, created_at_ms: i64) -> TurnOutcome {
         }),
         created_at_ms,
         text_cut_bytes: 0,
+        forced: false,
     }
 }
 

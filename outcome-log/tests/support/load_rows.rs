@@ -57,5 +57,6 @@ pub fn row(dialogue: &str, turn: u32) -> TurnOutcome {
         cloud_attempt: None,
         created_at_ms: 1_790_000_000_000 + i64::from(turn),
         text_cut_bytes: 0,
+        forced: false,
     }
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use policy_onnx::train::sim::argmax;
 use policy_onnx::{Action, Availability, ClassCosts, Decision, DecisionRequest, ModalitySet, TaskCategory};
 use sensing::TelemetrySnapshot;
-use tmod_api::{CostClasses, DecisionEvent};
+use tmod_api::{CostClasses, DecisionEvent, ForcedRoute};
 
 use super::TurnRecord;
 use super::classify::Classified;
@@ -36,6 +36,8 @@ pub(super) struct Decided {
     /// Sensing's telemetry when the decision was taken, and the load read from it.
     telemetry: Arc<TelemetrySnapshot>,
     load: Load,
+    /// The app forced the route (`decision` is then the forced action, with propensity 1).
+    forced: bool,
 }
 
 impl Decided {
@@ -54,6 +56,7 @@ impl Decided {
             propensity: self.decision.propensity,
             telemetry: serde_json::to_value(&*self.telemetry).unwrap_or(serde_json::Value::Null),
             load: self.load,
+            forced: self.forced,
         }
     }
 }
@@ -64,6 +67,7 @@ impl Service {
         &self,
         start: &TurnStart,
         task: TaskCategory,
+        forced: Option<ForcedRoute>,
     ) -> Result<Decided, AskError> {
         let telemetry = self.sensing.telemetry();
         let available = ModalitySet::from_indices(
@@ -112,13 +116,20 @@ impl Service {
         }
         let preferred = argmax(policies.decider().scores());
         let preferred_action = self.schema.action(preferred).unwrap_or(Action::Local);
+        let decision = match forced {
+            None => decision,
+            Some(route) => {
+                let decider = policies.decider();
+                self.forced_decision(route, decider.scores(), decider.allowed())?
+            }
+        };
         let policy_schema = policies.decider().policy().version().tag();
         let classes = ClassCosts::from_table(&costs);
         let mut observation = policies.decider().observation()[..self.schema.dialogue_len()].to_vec();
         observation.extend(classes.latency_secs.iter().chain(&classes.usage_usd).map(|v| *v as f32));
         let current = policies.current();
         Ok(Decided {
-            cloud_unavailable: preferred_action.is_cloud() && !decision.action.is_cloud(),
+            cloud_unavailable: forced.is_none() && preferred_action.is_cloud() && !decision.action.is_cloud(),
             decision,
             preferred,
             observation,
@@ -128,7 +139,30 @@ impl Service {
             policy_schema,
             telemetry,
             load,
+            forced: forced.is_some(),
         })
+    }
+
+    /// The action an app forced: local, or the cloud action the policy scores highest among
+    /// those the mask allows now (modalities fresh, the cloud reachable, within the budgets).
+    fn forced_decision(
+        &self,
+        route: ForcedRoute,
+        scores: &[f32],
+        allowed: &[bool],
+    ) -> Result<Decision, AskError> {
+        let index = match route {
+            ForcedRoute::Local => self.schema.action_index(Action::Local),
+            ForcedRoute::Cloud => (0..scores.len())
+                .filter(|i| allowed[*i] && self.schema.action(*i).is_some_and(|a| a.is_cloud()))
+                .max_by(|a, b| scores[*a].total_cmp(&scores[*b])),
+        };
+        let Some((action_index, action)) = index.and_then(|i| Some((i, self.schema.action(i)?))) else {
+            return Err(AskError::Unavailable(
+                "the cloud cannot answer this turn now (out of reach, or over the dialogue's budgets)".into(),
+            ));
+        };
+        Ok(Decision { action_index, action, propensity: 1.0 })
     }
 
     /// The `decision` event the client receives first.
@@ -152,6 +186,7 @@ impl Service {
             modalities: self.names(decision.action.modalities()),
             propensity: decision.propensity,
             preferred_action_index: decided.preferred as u32,
+            forced: decided.forced,
             route: route.to_owned(),
             policy_version: decided.policy_version.clone(),
             policy_sha256: decided.policy_sha256.clone(),

@@ -61,6 +61,7 @@ impl Service {
             cloud_attempt,
             created_at_ms: outcome_log::now_ms(),
             text_cut_bytes: 0,
+            forced: record.forced,
         };
         let logging = Instant::now();
         let logged = self.outcomes.append(outcome).await;
