@@ -5,6 +5,10 @@
 
 use std::path::Path;
 
+// Built with the fuzz targets' flags (scripts/fuzz), so that it reuses their build: the
+// coverage instrumentation needs libFuzzer's runtime linked.
+use libfuzzer_sys as _;
+
 use ed25519_dalek::SigningKey;
 use tmo_protocol::messages::*;
 use tmo_protocol::{CborMessage, DeviceId, JsonMessage, PolicyBundle, PolicyManifest, Topic, split};
