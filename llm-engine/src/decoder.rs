@@ -236,7 +236,10 @@ impl Decoder {
             (None, 0)
         };
 
-        let mut layers = Vec::with_capacity(layers_n);
+        // `block_count` is the file's word: reserve no more layers than its tensor table could
+        // hold (a layer is nine tensors or more), or a hostile count aborts the process on an
+        // allocation of hundreds of gigabytes before the first missing tensor is found.
+        let mut layers = Vec::with_capacity(layers_n.min(content.tensor_infos.len()));
         for i in 0..layers_n {
             let p = |s: &str| format!("blk.{i}.{s}");
             // Gemma 3: every sixth layer attends globally, the others to a sliding window.
