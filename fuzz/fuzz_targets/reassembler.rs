@@ -36,6 +36,10 @@ fn round_trip(data: &[u8]) {
     let max_frame = CHUNK_HEADER_BYTES + 1 + usize::from(u16::from_be_bytes([*a, *b]) % 512);
     let Ok(mut frames) = split(body, max_frame, 0x5eed) else { return };
     let n = frames.len();
+    if n > 1 && body.len() + n * CHUNK_SLOT_BYTES > LIMITS.max_partial_bytes {
+        // Refused by design: more than the partial-byte limit (its slot table included).
+        return;
+    }
     frames.rotate_left(usize::from(*rotate) % n);
     let mut reassembler = Reassembler::new(LIMITS);
     let now = Instant::now();

@@ -12,7 +12,10 @@ pub fn let_caught_panics_unwind(crates: &'static [&'static str]) {
     let abort_hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         let third_party = info.location().is_some_and(|l| crates.iter().any(|c| l.file().contains(c)));
-        if !third_party {
+        if third_party {
+            // Printed, in case nothing catches it (libfuzzer-sys then aborts with no message).
+            eprintln!("third-party panic, to be caught: {info}");
+        } else {
             abort_hook(info);
         }
     }));

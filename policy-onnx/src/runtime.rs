@@ -210,7 +210,12 @@ impl PolicySession {
         }
         debug_assert_eq!(out.len(), self.action_count);
         let input = Tensor::from_shape(&[1, self.observation_len], observation).map_err(run_error)?;
-        let outputs = self.state.run(tvec!(input.into_tvalue())).map_err(run_error)?;
+        // tract panics on some hostile graphs while running them (found by fuzzing: a Gather
+        // whose constant indices are out of range indexes past its input): an error here, for
+        // the probe of a pushed policy and for every turn, not a panic of tmod.
+        let outputs = catch_unwind(AssertUnwindSafe(|| self.state.run(tvec!(input.into_tvalue()))))
+            .map_err(|_| PolicyError::Run("tract panicked while running the policy".into()))?
+            .map_err(run_error)?;
         let values = outputs[0].try_as_plain_ram().map_err(run_error)?;
         let values = values.as_slice::<f32>().map_err(run_error)?;
         if values.len() != self.action_count {

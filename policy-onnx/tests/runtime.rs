@@ -298,3 +298,18 @@ fn the_decider_masks_and_reports_propensity() {
     }
     assert_eq!(seen.len(), 9, "epsilon-greedy reaches every allowed action: {seen:?}");
 }
+
+/// Found by fuzzing (fuzz target `policy_from_bytes`, a mutation of the default policy): a Gather
+/// whose indices are out of range made tract panic in the probe run, outside the guard around
+/// tract's preparation. Loading it is now an error.
+#[test]
+fn a_policy_that_panics_tract_when_run_is_refused() {
+    let bytes = include_bytes!("data/gather-index-out-of-range.onnx");
+    match Policy::from_bytes(bytes, &LoadOptions::default()) {
+        Err(PolicyError::Run(reason) | PolicyError::Unrunnable(reason)) => {
+            assert!(reason.contains("panicked"), "{reason}")
+        }
+        Ok(_) => panic!("the policy loaded"),
+        Err(other) => panic!("expected a run error, got {other}"),
+    }
+}
