@@ -123,6 +123,16 @@ fn json_messages() {
         group: Some("kitchens".parse().unwrap()),
         policy_version: Some("2026-09-22.1".into()),
         previous_policy_version: Some("2026-09-01.3".into()),
+        policy_stats: vec![tmo_protocol::PolicyStats {
+            version: "2026-09-22.1".into(),
+            committed: true,
+            decisions: 40,
+            decision_failures: 0,
+            cloud_attempts: 12,
+            cloud_fallbacks: 1,
+            scored: 9,
+            score_sum: 7.5,
+        }],
         last_policy_update: Some(PolicyUpdateReport {
             version: "2026-09-22.1".into(),
             accepted: true,

@@ -9,7 +9,7 @@ use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
 use outcome_log::TurnOutcome;
-use outcome_log::dataset::{DatasetWriter, read_dataset};
+use outcome_log::dataset::{DatasetWriter, TimeWindow, read_dataset};
 
 const DEVICE: &str = "kitchen-a";
 const DAY: &str = "2026-09-22";
@@ -36,7 +36,8 @@ fuzz_target!(|bytes: &[u8]| {
     let dataset = read_dataset(dir).expect("reading a dataset of one file");
     assert!(dataset.records.iter().all(|r| r.device_id == DEVICE));
 
-    let mut writer = DatasetWriter::open(dir).expect("opening the dataset");
+    // No time window: the file is of a fixed day, which the writer must scan.
+    let mut writer = DatasetWriter::open_with(dir, TimeWindow::UNBOUNDED).expect("opening the dataset");
     let after_open = std::fs::read(&file).expect("the day file");
     assert!(after_open.is_empty() || after_open.ends_with(b"\n"), "an unfinished tail was left");
     assert!(bytes.starts_with(&after_open), "opening changed more than the tail");

@@ -67,5 +67,6 @@ pub fn sample_row(dialogue: &str, turn: u32, created_at_ms: i64) -> outcome_log:
         cloud_attempt: None,
         created_at_ms,
         text_cut_bytes: 0,
+        forced: false,
     }
 }
