@@ -1,6 +1,7 @@
 //! The serving figures of the issue, measured on a real `tmod run` process:
 //! - API overhead per request excluding generation (decode, classify, decide, log and the
-//!   HTTP/SSE round trip over the Unix socket), median and tail;
+//!   HTTP/SSE round trip over the Unix socket), median and tail, for `/v1/ask` and for OpenAI's
+//!   `/v1/chat/completions` (a growing conversation, as a stateless client resends it);
 //! - CPU of the idle daemon with its models loaded.
 //!
 //! `cargo bench -p daemon --bench serving [-- --requests N --idle-secs S]`
@@ -88,12 +89,44 @@ fn main() {
             log.push(t.log_ms);
         }
     });
+    // The same questions through OpenAI's API: each conversation grows to five turns, resent
+    // whole every time, as the SDKs do.
+    let (mut chat_server, mut chat_round_trip) = (Vec::new(), Vec::new());
+    runtime.block_on(async {
+        let mut messages = Vec::new();
+        for i in 0..requests + 10 {
+            if i % 5 == 0 {
+                messages.clear();
+            }
+            messages.push(serde_json::json!({ "role": "user", "content": questions[i % questions.len()] }));
+            let body = serde_json::json!({ "model": "tmo", "messages": messages }).to_string().into_bytes();
+            let sent = Instant::now();
+            let (status, bytes) = client
+                .raw(hyper::Method::POST, "/v1/chat/completions", Some(body))
+                .await
+                .expect("chat completion");
+            let elapsed_ms = sent.elapsed().as_secs_f64() * 1e3;
+            assert!(status.is_success(), "{status}: {}", String::from_utf8_lossy(&bytes));
+            let reply: serde_json::Value = serde_json::from_slice(&bytes).expect("json");
+            let answer = reply["choices"][0]["message"]["content"].clone();
+            messages.push(serde_json::json!({ "role": "assistant", "content": answer }));
+            if i < 10 {
+                continue;
+            }
+            let t: tmod_api::Timings =
+                serde_json::from_value(reply["tmo"]["timings"].clone()).expect("timings");
+            chat_server.push(t.overhead_ms());
+            chat_round_trip.push(elapsed_ms - t.generate_ms - t.queue_ms);
+        }
+    });
     println!("tmod API overhead, excluding generation ({requests} requests, 1 generated token each)");
-    summary("on the daemon", server);
-    summary("client round trip", round_trip);
+    summary("/v1/ask on the daemon", server);
+    summary("/v1/ask client round trip", round_trip);
     summary("  classify", classify);
     summary("  decide", decide);
     summary("  outcome log (durable)", log);
+    summary("chat on the daemon", chat_server);
+    summary("chat client round trip", chat_round_trip);
 
     std::thread::sleep(Duration::from_secs(5));
     let ticks_per_sec = 100.0; // USER_HZ on Linux

@@ -504,6 +504,7 @@ impl Reply {
             tmo["cost_usd"] = json!(o.cost_usd);
             tmo["budget_left"] = json!(o.budget_left);
             tmo["finish"] = json!(o.finish);
+            tmo["timings"] = json!(o.timings);
         }
         tmo
     }
