@@ -12,8 +12,8 @@ use tmo_protocol::chunk::WHOLE_HEADER_BYTES;
 use tmo_protocol::link::{Delivered, DeliveryError, Link, LinkConfig, LinkError, LinkSetup, Message};
 use tmo_protocol::link::{Incoming, PublishError, Publisher, QoS, Subscription};
 use tmo_protocol::{
-    CborMessage, CloudAnswer, CloudErrorKind, CloudReply, CloudRequest, DeviceId, Inbox, JsonMessage,
-    JudgeScore, ReassemblyLimits, ReplyResult, RequestId, Topic,
+    CborMessage, CloudAnswer, CloudCapabilities, CloudErrorKind, CloudReply, CloudRequest, DeviceId, Inbox,
+    JsonMessage, JudgeScore, MediaType, ReassemblyLimits, ReplyResult, RequestId, Topic,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -91,6 +91,8 @@ pub struct RequestCost {
 pub const PROBE_BYTES: usize = 200;
 
 type Waiters = Arc<Mutex<HashMap<RequestId, oneshot::Sender<CloudReply>>>>;
+/// What the cloud's backend takes, as the bridges last published it.
+type Capabilities = Arc<Mutex<Option<CloudCapabilities>>>;
 
 /// The running MQTT link of the daemon and the requests waiting for replies.
 #[derive(Debug)]
@@ -102,6 +104,7 @@ pub struct DeviceLink {
     request_topic: String,
     reply_topic: String,
     waiters: Waiters,
+    capabilities: Capabilities,
 }
 
 impl DeviceLink {
@@ -118,7 +121,8 @@ impl DeviceLink {
     ) -> Result<Self, LinkError> {
         let reply_topic = Topic::CloudReply(device.clone()).name();
         let score_topic = Topic::Score(device.clone()).name();
-        let subscriptions = [reply_topic.clone(), score_topic.clone()]
+        let capabilities_topic = Topic::CloudCapabilities.name();
+        let subscriptions = [reply_topic.clone(), score_topic.clone(), capabilities_topic.clone()]
             .into_iter()
             .chain(fleet_topics)
             .map(|topic| Subscription::new(topic, QoS::AtLeastOnce))
@@ -128,10 +132,18 @@ impl DeviceLink {
             LinkSetup { availability_topic: Some(Topic::Availability(device.clone()).name()), subscriptions },
         )?;
         let waiters = Waiters::default();
+        let capabilities = Capabilities::default();
         let (_, closed) = mpsc::channel(1);
         let incoming = std::mem::replace(&mut link.incoming, closed);
-        let routes =
-            Routes { reply_topic: reply_topic.clone(), score_topic, waiters: waiters.clone(), scores, fleet };
+        let routes = Routes {
+            reply_topic: reply_topic.clone(),
+            score_topic,
+            capabilities_topic,
+            waiters: waiters.clone(),
+            capabilities: capabilities.clone(),
+            scores,
+            fleet,
+        };
         tokio::spawn(dispatch(incoming, routes));
         Ok(DeviceLink {
             publisher: link.publisher(),
@@ -141,7 +153,14 @@ impl DeviceLink {
             device,
             reply_topic,
             waiters,
+            capabilities,
         })
+    }
+
+    /// The attachment media the cloud takes, once a bridge has said (`None` before: anything
+    /// may be attached).
+    pub fn cloud_accepts(&self) -> Option<Vec<MediaType>> {
+        lock(&self.capabilities).as_ref().map(|c| c.accepts.clone())
     }
 
     /// Whether a request can be sent now (connected, subscriptions in place).
@@ -294,7 +313,9 @@ impl DeviceLink {
 struct Routes {
     reply_topic: String,
     score_topic: String,
+    capabilities_topic: String,
     waiters: Waiters,
+    capabilities: Capabilities,
     scores: mpsc::Sender<JudgeScore>,
     fleet: mpsc::Sender<Incoming>,
 }
@@ -329,6 +350,19 @@ async fn dispatch(mut incoming: mpsc::Receiver<Incoming>, routes: Routes) {
                 None => {
                     tracing::debug!(request_id = %reply.request_id, "reply to a request no longer waiting")
                 }
+            }
+        } else if message.topic == routes.capabilities_topic {
+            let taken = if message.payload.is_empty() {
+                Ok(None) // the retained copy was cleared
+            } else {
+                CloudCapabilities::from_json(&message.payload, MAX_REPLY_BYTES).map(Some)
+            };
+            match taken {
+                Ok(capabilities) => {
+                    tracing::info!(accepts = ?capabilities.as_ref().map(|c| &c.accepts), "cloud capabilities");
+                    *lock(&routes.capabilities) = capabilities;
+                }
+                Err(error) => tracing::warn!(topic = %message.topic, %error, "cloud capabilities refused"),
             }
         } else if message.topic == routes.score_topic {
             match JudgeScore::from_json(&message.payload, MAX_REPLY_BYTES) {

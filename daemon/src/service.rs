@@ -16,7 +16,7 @@ use outcome_log::{OutcomeLogError, OutcomeWriter, ScoreSource, ScoreUpdate};
 use policy_onnx::{Exploration, LoadOptions, Schema};
 use sensing::{Sensing, SensingHandle};
 use task_classifier::TaskClassifier;
-use tmo_protocol::{DeviceId, JudgeScore, PolicyStats, PolicyUpdateReport, StatusCounters};
+use tmo_protocol::{DeviceId, JudgeScore, MediaType, PolicyStats, PolicyUpdateReport, StatusCounters};
 use tmod_api::{Budget, DialogueCreated};
 use tokio::sync::mpsc;
 
@@ -99,6 +99,8 @@ pub struct Service {
     config: Config,
     schema: Schema,
     modality_names: Vec<String>,
+    /// The media each modality is sent as (camera views as JPEG, audio as WAV).
+    modality_media: Vec<MediaType>,
     policies: Mutex<Policies>,
     policy_options: LoadOptions,
     /// The last policy bundle or command handled, for the status topic.
@@ -284,6 +286,14 @@ impl Service {
         let service = Service {
             schema,
             modality_names: profile.modalities.iter().map(|m| m.name.clone()).collect(),
+            modality_media: profile
+                .modalities
+                .iter()
+                .map(|m| match m.kind {
+                    device_profiles::ModalityKind::Camera => MediaType::ImageJpeg,
+                    device_profiles::ModalityKind::Audio => MediaType::AudioWav,
+                })
+                .collect(),
             policies: Mutex::new(policies),
             policy_options,
             last_policy_update: Mutex::new(restart_rollback),
@@ -457,6 +467,8 @@ impl Service {
                 "enabled": self.cloud.is_some(),
                 "reachable": self.cloud_reachable(),
                 "broker": format!("{}:{}", self.config.file.mqtt.host, self.config.file.mqtt.port),
+                // What the bridges said the backend takes (null until one has).
+                "accepts": self.cloud.as_ref().and_then(|c| c.cloud_accepts()),
             },
             "dialogues": { "open": open, "least_budget_left": least_left.map(|(l, c)| Budget { latency_secs: l, cost_usd: c }) },
             "expected_costs": estimates,
@@ -470,6 +482,15 @@ impl Service {
     pub async fn shutdown_cloud(&self) {
         if let Some(cloud) = &self.cloud {
             cloud.shutdown(Duration::from_secs(2)).await;
+        }
+    }
+
+    /// Whether the cloud takes modality `index` (its media), as far as the bridges have said.
+    fn cloud_takes(&self, index: usize) -> bool {
+        let accepts = self.cloud.as_ref().and_then(|c| c.cloud_accepts());
+        match (accepts, self.modality_media.get(index)) {
+            (Some(accepts), Some(media)) => accepts.contains(media),
+            _ => true,
         }
     }
 

@@ -23,7 +23,7 @@ mod bridge;
 #[path = "support/daemon.rs"]
 mod daemon;
 
-use bridge::{start_bridge, wait_cloud_reachable};
+use bridge::{start_bridge, start_bridge_taking, wait_cloud_reachable};
 use daemon::Daemon;
 
 const DEVICE: &str = "test-device";
@@ -32,12 +32,19 @@ const WAIT: Duration = Duration::from_secs(60);
 /// A real ONNX policy (contract v1, the x86-dev board's three views) that prefers the cloud
 /// with every view attached, and local next: what the cloud path is tested with.
 fn cloud_preferring_policy(dir: &Path) -> std::path::PathBuf {
+    policy_with_biases(
+        dir,
+        &[(Action::Cloud { modalities: ModalitySet::all(3) }, 10.0), (Action::Local, 5.0)],
+    )
+}
+
+/// A real ONNX policy scoring `actions` by their bias (-1 for the others), whatever it reads.
+fn policy_with_biases(dir: &Path, actions: &[(Action, f32)]) -> std::path::PathBuf {
     let schema = Schema::new(3, 5);
-    let cloud_all = schema.action_index(Action::Cloud { modalities: ModalitySet::all(3) }).expect("action");
-    let local = schema.action_index(Action::Local).expect("local");
     let mut bias = vec![-1.0f32; schema.action_count()];
-    bias[cloud_all] = 10.0;
-    bias[local] = 5.0;
+    for (action, b) in actions {
+        bias[schema.action_index(*action).expect("action")] = *b;
+    }
     let layer = Dense {
         inputs: schema.observation_len(),
         outputs: schema.action_count(),
@@ -392,4 +399,39 @@ async fn cloud_reply_with_a_nan_negative_or_infinite_cost_is_refused_and_answere
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     rogue.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cloud_a_text_only_backend_gets_no_views_the_device_never_pays_to_send_them() {
+    let state = tempfile::tempdir().expect("tempdir");
+    let broker = MosquittoBroker::start().expect("mosquitto (apt-get install mosquitto)");
+    let port = broker.port();
+    // The bridge says (retained) that its backend takes no attachments.
+    let bridge = start_bridge_taking(port, "[]").await;
+    let mut observer = observer(port).await;
+    // The policy prefers every view, then the cloud without views, then local.
+    let all = Action::Cloud { modalities: ModalitySet::all(3) };
+    let bare = Action::Cloud { modalities: ModalitySet::from_indices([]) };
+    let policy = policy_with_biases(state.path(), &[(all, 10.0), (bare, 7.0), (Action::Local, 5.0)]);
+    let daemon = Daemon::start(state.path(), &tmod_config(port, &policy));
+    let client = daemon.client();
+    wait_cloud_reachable(&client, true).await;
+    let started = Instant::now();
+    while client.status().await.expect("status")["cloud"]["accepts"] != serde_json::json!([]) {
+        assert!(started.elapsed() < WAIT, "the bridge's capabilities never reached the device");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let dialogue = client.new_dialogue().await.expect("dialogue").dialogue_id;
+    let answered = ask(&client, &dialogue, "What can I cook with what is on the counter?").await;
+    assert_eq!(answered.decision.action, "cloud");
+    assert!(answered.decision.modalities.is_empty(), "{:?}", answered.decision.modalities);
+    assert_eq!(answered.outcome.route, "cloud");
+    let sent =
+        tokio::time::timeout(WAIT, observer.incoming.recv()).await.expect("request seen").expect("link");
+    let request: CloudRequest = Inbox::new(ReassemblyLimits::default())
+        .receive(&sent.topic, &sent.payload, Instant::now())
+        .expect("request decodes");
+    assert!(request.attachments.is_empty(), "{} attachments sent", request.attachments.len());
+    bridge.stop.cancel();
+    let _ = bridge.task.await;
 }

@@ -1,11 +1,12 @@
 //! The JSON message decoders of tmo-protocol (`JsonMessage::from_json`): a device's retained
-//! status (read by the fleet tools) and a judge's score (read by a device). A decoded message
+//! status (read by the fleet tools), a judge's score and the cloud's capabilities (read by a
+//! device). A decoded message
 //! must encode again to JSON that decodes (the fleet re-publishes statuses it read).
 
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tmo_protocol::{DeviceStatus, JsonMessage, JudgeScore};
+use tmo_protocol::{CloudCapabilities, DeviceStatus, JsonMessage, JudgeScore};
 
 const MAX_BYTES: usize = 1 << 16;
 
@@ -21,4 +22,5 @@ fn round_trip<M: JsonMessage>(bytes: &[u8]) {
 fuzz_target!(|bytes: &[u8]| {
     round_trip::<DeviceStatus>(bytes);
     round_trip::<JudgeScore>(bytes);
+    round_trip::<CloudCapabilities>(bytes);
 });

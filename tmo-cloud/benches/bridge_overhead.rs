@@ -45,6 +45,7 @@ async fn spawn_bridge(broker: &MosquittoBroker, client_id: &str, backend: &str) 
         &config,
         format!(
             "share_group = \"bench\"\nmax_concurrent_requests = 64\n\
+             [per_device]\nin_flight = 100000\nrequests_per_minute = 100000000\n\
              [mqtt]\nhost = \"127.0.0.1\"\nport = {}\nclient_id = \"{client_id}\"\nmax_packet_bytes = 4194304\n\
              incoming_capacity = 2048\noutgoing_capacity = 2048\n{backend}",
             broker.port()

@@ -1,15 +1,16 @@
 //! The bridge loop: requests in from the shared subscription, backend calls within each
 //! request's deadline, replies out on the device's reply topic.
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tmo_protocol::link::{Incoming, Link, LinkSetup, Message, Publisher, QoS, Subscription};
 use tmo_protocol::topic::filter;
 use tmo_protocol::{
-    CborMessage, CloudAnswer, CloudError, CloudErrorKind, CloudReply, CloudRequest, Inbox, JsonMessage,
-    ReassemblyLimits, ReplyResult, ReplyRoute, Topic,
+    CborMessage, CloudAnswer, CloudCapabilities, CloudError, CloudErrorKind, CloudReply, CloudRequest,
+    DeviceId, Inbox, JsonMessage, ReassemblyLimits, ReplyResult, ReplyRoute, Topic,
 };
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -17,7 +18,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::backend::Backend;
-use crate::config::{Config, Price};
+use crate::config::{Config, PerDeviceLimits, Price};
 use crate::judge::Judge;
 
 /// The bridge's counters.
@@ -48,6 +49,78 @@ struct Shared {
     reply_margin: Duration,
     slots: Semaphore,
     counters: BridgeCounters,
+    limits: PerDeviceLimits,
+    /// What each device is using of its limits.
+    usage: Mutex<HashMap<DeviceId, DeviceUse>>,
+}
+
+/// One device's requests in flight and its request bucket.
+#[derive(Debug)]
+struct DeviceUse {
+    in_flight: usize,
+    /// Requests it may send now (refilled at `requests_per_minute`, up to as many).
+    tokens: f64,
+    refilled: Instant,
+}
+
+/// Devices whose use is remembered before the idle ones are forgotten.
+const DEVICES_REMEMBERED: usize = 10_000;
+
+impl Shared {
+    /// Takes a place among `device`'s requests, or says which limit it is over.
+    fn admit(self: &Arc<Self>, device: &DeviceId) -> Result<DevicePermit, CloudError> {
+        let limits = self.limits;
+        let now = Instant::now();
+        let mut usage = self.usage.lock().unwrap_or_else(PoisonError::into_inner);
+        if usage.len() >= DEVICES_REMEMBERED {
+            // A device idle for a minute has its whole bucket back: forgetting it changes nothing.
+            usage.retain(|_, u| u.in_flight > 0 || now.duration_since(u.refilled) < Duration::from_secs(60));
+        }
+        let used = usage.entry(device.clone()).or_insert(DeviceUse {
+            in_flight: 0,
+            tokens: limits.requests_per_minute,
+            refilled: now,
+        });
+        let refill = now.duration_since(used.refilled).as_secs_f64() * limits.requests_per_minute / 60.0;
+        used.tokens = (used.tokens + refill).min(limits.requests_per_minute);
+        used.refilled = now;
+        if used.in_flight >= limits.in_flight {
+            return Err(CloudError {
+                kind: CloudErrorKind::Overloaded,
+                message: format!(
+                    "device {device} has {} requests in flight, the most this bridge serves at once per device",
+                    used.in_flight
+                ),
+            });
+        }
+        if used.tokens < 1.0 {
+            return Err(CloudError {
+                kind: CloudErrorKind::RateLimited,
+                message: format!(
+                    "device {device} is over its {} requests per minute at this bridge",
+                    limits.requests_per_minute
+                ),
+            });
+        }
+        used.tokens -= 1.0;
+        used.in_flight += 1;
+        Ok(DevicePermit { shared: self.clone(), device: device.clone() })
+    }
+}
+
+/// A device's place among its requests in flight, given back when dropped.
+struct DevicePermit {
+    shared: Arc<Shared>,
+    device: DeviceId,
+}
+
+impl Drop for DevicePermit {
+    fn drop(&mut self) {
+        let mut usage = self.shared.usage.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(used) = usage.get_mut(&self.device) {
+            used.in_flight = used.in_flight.saturating_sub(1);
+        }
+    }
 }
 
 /// Unix time in ms now.
@@ -69,6 +142,15 @@ pub async fn run(
         LinkSetup { availability_topic: None, subscriptions: vec![subscription] },
     )?;
     let publisher = link.publisher();
+    let capabilities = CloudCapabilities {
+        v: tmo_protocol::MESSAGE_VERSION,
+        model: config.file.backend.model().to_owned(),
+        accepts: config.file.backend.accepts(),
+        max_tokens: config.file.per_device.max_tokens,
+        updated_unix_ms: unix_ms_now(),
+        extra: serde_json::Map::new(),
+    };
+    tokio::spawn(publish_capabilities(capabilities, link.connected(), publisher.clone(), shutdown.clone()));
     let shared = Arc::new(Shared {
         backend,
         judge,
@@ -77,6 +159,8 @@ pub async fn run(
         reply_margin: Duration::from_millis(config.file.reply_margin_ms),
         slots: Semaphore::new(config.file.max_concurrent_requests),
         counters: BridgeCounters::default(),
+        limits: config.file.per_device,
+        usage: Mutex::new(HashMap::new()),
     });
     let mut inbox = Inbox::new(ReassemblyLimits {
         max_message_bytes: config.file.max_request_bytes,
@@ -139,7 +223,8 @@ fn handle_incoming(
     tracker: &TaskTracker,
 ) {
     let received = Instant::now();
-    let Some(request) = inbox.receive::<CloudRequest>(&incoming.topic, &incoming.payload, received) else {
+    let Some(mut request) = inbox.receive::<CloudRequest>(&incoming.topic, &incoming.payload, received)
+    else {
         return;
     };
     let route = match ReplyRoute::for_request(
@@ -156,10 +241,28 @@ fn handle_incoming(
         }
     };
     shared.counters.requests.fetch_add(1, Ordering::Relaxed);
+    let admitted = shared.admit(&request.device_id);
+    request.max_tokens = request.max_tokens.min(shared.limits.max_tokens);
     let shared = shared.clone();
     let publisher = publisher.clone();
     let judge_tracker = tracker.clone();
     tracker.spawn(async move {
+        let _permit = match admitted {
+            Ok(permit) => permit,
+            Err(refusal) => {
+                // Over the device's limits: refused at once, the backend never called.
+                info!(request_id = %request.request_id, device = %request.device_id, kind = ?refusal.kind, "{}", refusal.message);
+                shared.counters.errors.fetch_add(1, Ordering::Relaxed);
+                let reply = CloudReply {
+                    request_id: request.request_id,
+                    backend_latency_ms: 0,
+                    bridge_latency_ms: received.elapsed().as_millis().try_into().unwrap_or(u32::MAX),
+                    result: ReplyResult::Error(refusal),
+                };
+                publish_reply(&shared, &publisher, &route, &reply).await;
+                return;
+            }
+        };
         let reply = serve(&shared, &request, received).await;
         publish_reply(&shared, &publisher, &route, &reply).await;
         if let ReplyResult::Answer(answer) = reply.result
@@ -200,6 +303,36 @@ async fn judge_and_publish(shared: &Shared, publisher: &Publisher, request: &Clo
         Err(error) => {
             shared.counters.score_failures.fetch_add(1, Ordering::Relaxed);
             warn!(%error, "score not published");
+        }
+    }
+}
+
+/// Publishes what the backend takes (retained) at every connection: a broker that restarted
+/// without persistence has lost the retained copy.
+async fn publish_capabilities(
+    capabilities: CloudCapabilities,
+    mut connected: tokio::sync::watch::Receiver<bool>,
+    publisher: Publisher,
+    shutdown: CancellationToken,
+) {
+    let topic = Topic::CloudCapabilities.name();
+    let payload = match capabilities.to_json() {
+        Ok(p) => p,
+        Err(error) => return warn!(%error, "capabilities not encoded"),
+    };
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            up = connected.wait_for(|up| *up) => if up.is_err() { return },
+        }
+        let message = Message::new(topic.clone(), QoS::AtLeastOnce, payload.clone()).retained(true);
+        match publisher.publish(message).await {
+            Ok(_) => info!(accepts = ?capabilities.accepts, "capabilities published"),
+            Err(error) => warn!(%error, "capabilities not published"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            down = connected.wait_for(|up| !*up) => if down.is_err() { return },
         }
     }
 }

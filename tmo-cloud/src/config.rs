@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
-use tmo_protocol::ShareGroup;
 use tmo_protocol::link::LinkConfig;
+use tmo_protocol::{MediaType, ShareGroup};
 
 /// The reference configuration, printed by `tmo-cloud print-config`.
 pub const REFERENCE_CONFIG: &str = include_str!("../tmo-cloud.toml");
@@ -81,6 +81,46 @@ pub struct FileConfig {
     /// Optional LLM-as-judge scoring a sample of the answers.
     #[serde(default)]
     pub judge: Option<JudgeConfig>,
+    /// Bounds per device, so that one misbehaving board cannot hold the bridge or run up the
+    /// backend's bill.
+    #[serde(default)]
+    pub per_device: PerDeviceLimits,
+}
+
+/// `[per_device]`: what one device may ask of the bridge.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PerDeviceLimits {
+    /// Requests of one device answered at once; more are refused at once (`overloaded`).
+    #[serde(default = "default_in_flight")]
+    pub in_flight: usize,
+    /// Requests of one device per minute, with bursts of as many (a token bucket); more are
+    /// refused at once (`rate_limited`).
+    #[serde(default = "default_requests_per_minute")]
+    pub requests_per_minute: f64,
+    /// Most tokens of an answer; a request asking more is cut to it.
+    #[serde(default = "default_max_tokens")]
+    pub max_tokens: u32,
+}
+
+impl Default for PerDeviceLimits {
+    fn default() -> Self {
+        Self {
+            in_flight: default_in_flight(),
+            requests_per_minute: default_requests_per_minute(),
+            max_tokens: default_max_tokens(),
+        }
+    }
+}
+
+fn default_in_flight() -> usize {
+    2
+}
+fn default_requests_per_minute() -> f64 {
+    60.0
+}
+fn default_max_tokens() -> u32 {
+    1024
 }
 
 /// `[judge]`: scores a sample of the answers and publishes them on the device's score topic.
@@ -155,6 +195,19 @@ pub enum BackendConfig {
 }
 
 impl BackendConfig {
+    /// The attachment media the backend takes.
+    pub fn accepts(&self) -> Vec<MediaType> {
+        match self {
+            Self::Openai(c) => {
+                [(c.accepts_images, MediaType::ImageJpeg), (c.accepts_audio, MediaType::AudioWav)]
+                    .into_iter()
+                    .filter_map(|(yes, media)| yes.then_some(media))
+                    .collect()
+            }
+            Self::Candle(c) => c.accepts.clone(),
+        }
+    }
+
     /// The model name the price table is looked up with.
     pub fn model(&self) -> &str {
         match self {
@@ -228,6 +281,11 @@ pub struct CandleConfig {
     /// Requests waiting for the engine thread; more are refused as overloaded.
     #[serde(default = "default_queue")]
     pub queue_capacity: usize,
+    /// Attachments it takes (`"image/jpeg"`, `"audio/wav"`), which it describes to the model
+    /// in text: the stand-in for a multi-modal cloud. Empty (the default): a text-only cloud,
+    /// and devices attach nothing.
+    #[serde(default)]
+    pub accepts: Vec<MediaType>,
 }
 
 fn default_queue() -> usize {
@@ -266,6 +324,16 @@ impl FileConfig {
     pub fn validate(self) -> Result<Config, ConfigError> {
         let share_group = ShareGroup::new(self.share_group.clone())
             .map_err(|e| ConfigError::invalid("share_group", e.to_string()))?;
+        let limits = &self.per_device;
+        if limits.in_flight == 0 {
+            return Err(ConfigError::invalid("per_device.in_flight", "must be at least 1"));
+        }
+        if !(limits.requests_per_minute.is_finite() && limits.requests_per_minute > 0.0) {
+            return Err(ConfigError::invalid("per_device.requests_per_minute", "must be above 0"));
+        }
+        if limits.max_tokens == 0 {
+            return Err(ConfigError::invalid("per_device.max_tokens", "must be at least 1"));
+        }
         if self.max_concurrent_requests == 0 {
             return Err(ConfigError::invalid("max_concurrent_requests", "must be at least 1"));
         }

@@ -233,6 +233,10 @@ fn classify(status: StatusCode, retry_after: Option<Duration>, body: Bytes) -> A
         Attempt::Done(body)
     } else if status == StatusCode::TOO_MANY_REQUESTS {
         Attempt::Retry(Retry { kind: RetryKind::RateLimited, retry_after })
+    } else if status.is_server_error() && refuses_a_capability(&body) {
+        // llama.cpp's server answers 500 "image input is not supported" to a text-only model's
+        // images: asking again cannot succeed.
+        Attempt::Fatal(BackendError::Refused { status: status.as_u16(), body: snippet() })
     } else if status.is_server_error() {
         Attempt::Retry(Retry {
             kind: RetryKind::Server(format!("HTTP {status}: {}", snippet())),
@@ -241,6 +245,13 @@ fn classify(status: StatusCode, retry_after: Option<Duration>, body: Bytes) -> A
     } else {
         Attempt::Fatal(BackendError::Refused { status: status.as_u16(), body: snippet() })
     }
+}
+
+/// Whether an error body says the model cannot take what was sent (images, audio).
+fn refuses_a_capability(body: &[u8]) -> bool {
+    let text = String::from_utf8_lossy(&body[..body.len().min(4096)]).to_ascii_lowercase();
+    ["not supported", "unsupported", "does not support"].iter().any(|m| text.contains(m))
+        && ["image", "audio", "multimodal", "modality"].iter().any(|m| text.contains(m))
 }
 
 enum Attempt {
@@ -393,6 +404,23 @@ fn build_request_body(config: &OpenAiConfig, request: &CloudRequest, system_prom
 mod tests {
     use super::*;
     use tmo_protocol::{Attachment, DeviceId, HistoryTurn, RequestId};
+
+    #[test]
+    fn a_server_error_that_refuses_a_capability_is_not_retried() {
+        let status = StatusCode::INTERNAL_SERVER_ERROR;
+        let body = |text: &str| Bytes::from(text.to_owned());
+        let llama = r#"{"error":{"code":500,"message":"image input is not supported - hint: if this is unexpected, you may need to provide the mmproj","type":"server_error"}}"#;
+        assert!(matches!(
+            classify(status, None, body(llama)),
+            Attempt::Fatal(BackendError::Refused { status: 500, .. })
+        ));
+        assert!(matches!(classify(status, None, body("boom")), Attempt::Retry(_)));
+        assert!(matches!(classify(status, None, body("feature not supported yet")), Attempt::Retry(_)));
+        assert!(matches!(
+            classify(StatusCode::BAD_GATEWAY, None, body("audio input is unsupported")),
+            Attempt::Fatal(_)
+        ));
+    }
 
     fn config(accepts_audio: bool) -> OpenAiConfig {
         OpenAiConfig {

@@ -20,8 +20,8 @@ use tmo_cloud::bridge::unix_ms_now;
 use tmo_protocol::link::{Link, LinkConfig, LinkSetup, Message, QoS, Subscription};
 use tmo_protocol::testing::MosquittoBroker;
 use tmo_protocol::{
-    Attachment, CborMessage, CloudAnswer, CloudErrorKind, CloudReply, CloudRequest, DeviceId, HistoryTurn,
-    Inbox, MediaType, ReassemblyLimits, ReplyResult, RequestId, Topic,
+    Attachment, CborMessage, CloudAnswer, CloudCapabilities, CloudErrorKind, CloudReply, CloudRequest,
+    DeviceId, HistoryTurn, Inbox, JsonMessage, MediaType, ReassemblyLimits, ReplyResult, RequestId, Topic,
 };
 
 const API_KEY: &str = "test-key-123";
@@ -173,9 +173,12 @@ fn candle_backend(model: &str) -> String {
     )
 }
 
-fn write_config(dir: &Path, port: u16, client_id: &str, backend: &str) -> PathBuf {
+/// Bounds per device that the tests' bursts from one device stay under.
+const ROOMY: &str = "[per_device]\nin_flight = 64\nrequests_per_minute = 100000\n";
+
+fn write_config(dir: &Path, port: u16, client_id: &str, backend: &str, per_device: &str) -> PathBuf {
     let text = format!(
-        "share_group = \"bridges\"\nmax_concurrent_requests = 8\nreply_margin_ms = 100\n\
+        "share_group = \"bridges\"\nmax_concurrent_requests = 8\nreply_margin_ms = 100\n{per_device}\
          [mqtt]\nhost = \"127.0.0.1\"\nport = {port}\nclient_id = \"{client_id}\"\nmax_packet_bytes = 1048576\n\
          reconnect_initial_ms = 50\nreconnect_max_ms = 500\n{backend}"
     );
@@ -185,8 +188,17 @@ fn write_config(dir: &Path, port: u16, client_id: &str, backend: &str) -> PathBu
 }
 
 fn spawn_bridge(broker: &MosquittoBroker, client_id: &str, backend: &str) -> Bridge {
+    spawn_bridge_bounded(broker, client_id, backend, ROOMY)
+}
+
+fn spawn_bridge_bounded(
+    broker: &MosquittoBroker,
+    client_id: &str,
+    backend: &str,
+    per_device: &str,
+) -> Bridge {
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), broker.port(), client_id, backend);
+    let config = write_config(dir.path(), broker.port(), client_id, backend, per_device);
     let log = std::fs::File::create(dir.path().join("bridge.log")).unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_tmo-cloud"))
         .arg("--config")
@@ -445,6 +457,70 @@ async fn cloud_bridge_openai_backend_end_to_end() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cloud_bridge_says_what_its_backend_takes_and_bounds_each_device() {
+    let broker = MosquittoBroker::start().unwrap();
+    let server = start_server().await;
+    // A text-only model, one request at a time per device, three a minute, answers of 10 tokens.
+    let backend = openai_backend(&server.base_url, "text-only")
+        .replace("max_retries", "accepts_images = false\nmax_retries");
+    let limits = "[per_device]\nin_flight = 1\nrequests_per_minute = 3\nmax_tokens = 10\n";
+    let mut bridge = spawn_bridge_bounded(&broker, "bridge-bounded", &backend, limits);
+    wait_subscribed(&broker, &mut bridge).await;
+
+    // What the backend takes, retained for devices that come later.
+    let mut watcher = Link::start(
+        &LinkConfig::new("127.0.0.1", broker.port(), "capabilities-watcher"),
+        LinkSetup {
+            availability_topic: None,
+            subscriptions: vec![Subscription::new(Topic::CloudCapabilities.name(), QoS::AtLeastOnce)],
+        },
+    )
+    .unwrap();
+    let m = tokio::time::timeout(WAIT, watcher.incoming.recv()).await.expect("capabilities").unwrap();
+    assert!(m.retain, "capabilities are retained");
+    let capabilities = CloudCapabilities::from_json(&m.payload, 1 << 16).unwrap();
+    assert_eq!(
+        (capabilities.model.as_str(), capabilities.accepts.len(), capabilities.max_tokens),
+        ("text-only", 0, 10)
+    );
+
+    // One in flight: a second request of the same device while the first is slow is refused
+    // at once, without reaching the backend; another device is not held back.
+    let mut device = device_side(&broker, "kitchen-busy").await;
+    let slow = request(&device.device, "slow but fine", 10_000, &[]);
+    device.send(&slow).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (reply, _) = device.ask(&request(&device.device, "ok meanwhile", 10_000, &[])).await;
+    let (kind, message) = error_kind(&reply);
+    assert_eq!(kind, CloudErrorKind::Overloaded, "{message}");
+    assert!(message.contains("in flight"), "{message}");
+    let mut other = device_side(&broker, "kitchen-calm").await;
+    let (reply, _) = other.ask(&request(&other.device, "ok other device", 10_000, &[])).await;
+    assert_eq!(answer(&reply).answer, "answer to: ok other device");
+    let (reply, _) = device.reply().await;
+    assert_eq!(
+        (reply.request_id, answer(&reply).answer.as_str()),
+        (slow.request_id, "answer to: slow but fine")
+    );
+
+    // Three a minute: the slow one and two more go through, the fourth is refused. Answers
+    // are cut to 10 tokens whatever the device asked (24).
+    for n in 0..2 {
+        let (reply, _) = device.ask(&request(&device.device, &format!("ok number {n}"), 10_000, &[])).await;
+        assert_eq!(answer(&reply).answer, format!("answer to: ok number {n}"));
+    }
+    let (reply, _) = device.ask(&request(&device.device, "ok one too many", 10_000, &[])).await;
+    let (kind, message) = error_kind(&reply);
+    assert_eq!(kind, CloudErrorKind::RateLimited, "{message}");
+    assert!(recorded(&server, "ok").iter().all(|r| r.body["max_tokens"] == 10));
+    assert!(
+        recorded(&server, "ok")
+            .iter()
+            .all(|r| question_of(&r.body) != "ok meanwhile" && question_of(&r.body) != "ok one too many")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cloud_two_bridges_split_twenty_requests() {
     let broker = MosquittoBroker::start().unwrap();
     let server = start_server().await;
@@ -558,7 +634,7 @@ async fn cloud_judge_scores_sampled_answers_on_the_score_topic() {
 #[test]
 fn cloud_validate_exits_64_naming_the_field() {
     let dir = tempfile::tempdir().unwrap();
-    let good = write_config(dir.path(), 1883, "b", &candle_backend("smollm2-135m"));
+    let good = write_config(dir.path(), 1883, "b", &candle_backend("smollm2-135m"), ROOMY);
     let run = |path: &Path| {
         Command::new(env!("CARGO_BIN_EXE_tmo-cloud"))
             .arg("validate")

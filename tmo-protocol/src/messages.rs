@@ -212,6 +212,30 @@ pub enum CloudErrorKind {
     BadRequest,
 }
 
+/// What the cloud's backend takes (topic [`crate::Topic::CloudCapabilities`], retained JSON):
+/// a device attaches only media the backend accepts, so it never pays to send views a
+/// text-only model refuses. Members this version does not know are kept in `extra`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CloudCapabilities {
+    /// Message version (1).
+    pub v: u8,
+    /// The backend's model.
+    pub model: String,
+    /// The attachment media the backend takes.
+    pub accepts: Vec<MediaType>,
+    /// Most tokens of an answer (a request asking more is cut to it).
+    pub max_tokens: u32,
+    /// When the bridge published this (unix ms).
+    pub updated_unix_ms: u64,
+    /// Members not known to this version.
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+impl JsonMessage for CloudCapabilities {
+    const NAME: &'static str = "cloud capabilities";
+}
+
 /// A cloud failure.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CloudError {

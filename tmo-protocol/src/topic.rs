@@ -165,6 +165,9 @@ pub enum Topic {
     /// `tmo/v1/group/<g>/policy`: retained signed policy bundle (a rollback is a newer bundle
     /// of the earlier policy, replacing the retained one).
     Policy(GroupName),
+    /// `tmo/v1/cloud/capabilities`: retained JSON, what the cloud bridges' backend accepts
+    /// (published by the bridges at start; devices leave out attachments it cannot take).
+    CloudCapabilities,
 }
 
 impl Topic {
@@ -188,6 +191,7 @@ impl Topic {
                     _ => Err(unknown()),
                 }
             }
+            ["cloud", "capabilities"] => Ok(Self::CloudCapabilities),
             ["group", group, tail @ ..] => {
                 let group = GroupName::new(*group)?;
                 match tail {
@@ -211,6 +215,7 @@ impl Topic {
             Self::OutcomeAck(d) => format!("{ROOT}/dev/{d}/outcomes/ack"),
             Self::LinkProbe(d) => format!("{ROOT}/dev/{d}/probe"),
             Self::Policy(g) => format!("{ROOT}/group/{g}/policy"),
+            Self::CloudCapabilities => format!("{ROOT}/cloud/capabilities"),
         }
     }
 
@@ -225,7 +230,7 @@ impl Topic {
             | Self::Outcomes(d)
             | Self::OutcomeAck(d)
             | Self::LinkProbe(d) => Some(d),
-            Self::Policy(_) => None,
+            Self::Policy(_) | Self::CloudCapabilities => None,
         }
     }
 
@@ -238,7 +243,7 @@ impl Topic {
 
     /// Whether messages on this topic are published retained.
     pub fn retained(&self) -> bool {
-        matches!(self, Self::Availability(_) | Self::Status(_) | Self::Policy(_))
+        matches!(self, Self::Availability(_) | Self::Status(_) | Self::Policy(_) | Self::CloudCapabilities)
     }
 }
 

@@ -14,13 +14,19 @@ pub struct Bridge {
     pub task: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
 
-/// Starts a bridge on the broker at `broker_port`.
+/// Starts a bridge on the broker at `broker_port`: the stand-in for a multi-modal cloud (it
+/// takes views and audio, which it describes to the model).
 pub async fn start_bridge(broker_port: u16) -> Bridge {
+    start_bridge_taking(broker_port, "[\"image/jpeg\", \"audio/wav\"]").await
+}
+
+/// Starts a bridge whose backend takes the attachment media `accepts` (a TOML array).
+pub async fn start_bridge_taking(broker_port: u16, accepts: &str) -> Bridge {
     let text = format!(
         "share_group = \"bridges\"\nreply_margin_ms = 100\n\
          [mqtt]\nhost = \"127.0.0.1\"\nport = {broker_port}\nclient_id = \"bridge-1\"\n\
          max_packet_bytes = 1048576\nreconnect_initial_ms = 50\nreconnect_max_ms = 500\n\
-         [backend]\nkind = \"candle\"\nmodel = \"gemma3-270m\"\n\
+         [backend]\nkind = \"candle\"\nmodel = \"gemma3-270m\"\naccepts = {accepts}\n\
          [prices.\"gemma3-270m\"]\nprompt_per_million_usd = 0.05\ncompletion_per_million_usd = 0.1\n"
     );
     let config = tmo_cloud::config::Config::parse(&text, Path::new("bridge.toml")).expect("bridge config");

@@ -70,8 +70,15 @@ impl Service {
         forced: Option<ForcedRoute>,
     ) -> Result<Decided, AskError> {
         let telemetry = self.sensing.telemetry();
+        // Fresh modalities that the cloud's backend takes: a view a text-only backend refuses is
+        // never attached (the mask leaves out the actions that would).
         let available = ModalitySet::from_indices(
-            self.sensing.availability().iter().enumerate().filter(|(_, ok)| **ok).map(|(i, _)| i),
+            self.sensing
+                .availability()
+                .iter()
+                .enumerate()
+                .filter(|(i, ok)| **ok && self.cloud_takes(*i))
+                .map(|(i, _)| i),
         );
         // The expected latency, cost and energy of each action class, as the device measures them
         // now (the board's load included): what the mask checks and what a v2 policy reads.
