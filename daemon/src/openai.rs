@@ -236,8 +236,10 @@ struct Chat {
     include_usage: bool,
     route: Option<ForcedRoute>,
     question: String,
-    /// Images of the question (not sent on a local route).
+    /// Images of the question: data URLs go with a cloud request, other URLs never (the
+    /// device does not fetch them).
     images: usize,
+    image_data_urls: Vec<String>,
     system_prompt: Option<String>,
     generation: Generation,
     stops: Vec<String>,
@@ -297,7 +299,14 @@ fn check(request: ChatRequest, headers: &HeaderMap) -> Result<Chat, ApiError> {
     if question.trim().is_empty() {
         return Err(ApiError::invalid(Some("messages"), "the last message has no text"));
     }
-    let images = last.items().iter().filter(|(kind, _)| *kind == "image").count();
+    let image_urls: Vec<&str> =
+        last.items().iter().filter(|(kind, _)| *kind == "image").map(|(_, url)| *url).collect();
+    let images = image_urls.len();
+    let image_data_urls = image_urls
+        .iter()
+        .filter(|u| u.starts_with("data:image/jpeg;base64,"))
+        .map(|u| (*u).to_owned())
+        .collect();
     // System (and developer) messages before the first user message are the system prompt.
     let leading: Vec<String> = request
         .messages
@@ -335,6 +344,7 @@ fn check(request: ChatRequest, headers: &HeaderMap) -> Result<Chat, ApiError> {
         route: *route,
         question,
         images,
+        image_data_urls,
         system_prompt,
         generation,
         stops,
@@ -422,6 +432,7 @@ async fn chat_completions(
         system_prompt,
         generation: chat.generation.clone(),
         route: chat.route,
+        images: chat.image_data_urls.clone(),
     };
     let stop = CancellationToken::new();
     let (decision, turn) =
@@ -430,7 +441,7 @@ async fn chat_completions(
         id: format!("chatcmpl-{}-{}", decision.dialogue_id, decision.turn),
         created: unix_ms_now() / 1000,
         local_model: service.local_model_name(),
-        images_left_out: chat.images,
+        images_left_out: chat.images.saturating_sub(decision.app_images_sent as usize),
         decision,
     };
     let headers = reply.headers();

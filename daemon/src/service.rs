@@ -487,11 +487,12 @@ impl Service {
 
     /// Whether the cloud takes modality `index` (its media), as far as the bridges have said.
     fn cloud_takes(&self, index: usize) -> bool {
-        let accepts = self.cloud.as_ref().and_then(|c| c.cloud_accepts());
-        match (accepts, self.modality_media.get(index)) {
-            (Some(accepts), Some(media)) => accepts.contains(media),
-            _ => true,
-        }
+        self.modality_media.get(index).is_none_or(|media| self.cloud_takes_media(*media))
+    }
+
+    /// Whether the cloud takes `media`, as far as the bridges have said (yes until they have).
+    fn cloud_takes_media(&self, media: MediaType) -> bool {
+        self.cloud.as_ref().and_then(|c| c.cloud_accepts()).is_none_or(|accepts| accepts.contains(&media))
     }
 
     /// Whether a cloud request can be sent now.

@@ -435,3 +435,66 @@ async fn cloud_a_text_only_backend_gets_no_views_the_device_never_pays_to_send_t
     bridge.stop.cancel();
     let _ = bridge.task.await;
 }
+
+/// A real JPEG, as an app would send a photo.
+fn app_photo() -> Vec<u8> {
+    let (w, h) = (64u16, 48u16);
+    let pixels: Vec<u8> =
+        (0..u32::from(w) * u32::from(h)).flat_map(|i| [(i % 251) as u8, (i / 7 % 256) as u8, 90]).collect();
+    let mut out = Vec::new();
+    jpeg_encoder::Encoder::new(&mut out, 80)
+        .encode(&pixels, w, h, jpeg_encoder::ColorType::Rgb)
+        .expect("jpeg");
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cloud_an_apps_own_image_goes_with_the_cloud_request_through_the_openai_api() {
+    use base64::Engine as _;
+    let state = tempfile::tempdir().expect("tempdir");
+    let broker = MosquittoBroker::start().expect("mosquitto (apt-get install mosquitto)");
+    let port = broker.port();
+    let bridge = start_bridge(port).await;
+    let mut observer = observer(port).await;
+    let policy = cloud_preferring_policy(state.path());
+    let daemon = Daemon::start(state.path(), &tmod_config(port, &policy));
+    let client = daemon.client();
+    wait_cloud_reachable(&client, true).await;
+    let photo = app_photo();
+    let url = format!("data:image/jpeg;base64,{}", base64::engine::general_purpose::STANDARD.encode(&photo));
+    let body = serde_json::json!({
+        "model": "tmo",
+        "messages": [{ "role": "user", "content": [
+            { "type": "text", "text": "What is in my photo?" },
+            { "type": "image_url", "image_url": { "url": url } },
+            { "type": "image_url", "image_url": { "url": "https://example.invalid/fridge.jpg" } },
+        ]}],
+    });
+    let (status, bytes) = client
+        .raw(hyper::Method::POST, "/v1/chat/completions", Some(body.to_string().into_bytes()))
+        .await
+        .expect("chat completion");
+    let reply: serde_json::Value = serde_json::from_slice(&bytes).expect("json");
+    assert_eq!(status.as_u16(), 200, "{reply}");
+    assert_eq!(reply["tmo"]["route"], "cloud", "{reply}");
+    // The data URL went with the three views; the device does not fetch the https one.
+    assert_eq!(reply["tmo"]["images_left_out"], 1, "{reply}");
+    let sent =
+        tokio::time::timeout(WAIT, observer.incoming.recv()).await.expect("request seen").expect("link");
+    let request: CloudRequest = Inbox::new(ReassemblyLimits::default())
+        .receive(&sent.topic, &sent.payload, Instant::now())
+        .expect("request decodes");
+    let names: Vec<&str> = request.attachments.iter().map(|a| a.name.as_str()).collect();
+    assert_eq!(names, ["view-0", "view-1", "view-2", "app-image-0"]);
+    assert_eq!(request.attachments[3].data, photo);
+
+    // A malformed data URL is the app's error, said as OpenAI says it.
+    let bad = body.to_string().replace(&url[30..60], "!!!!");
+    let (status, bytes) = client
+        .raw(hyper::Method::POST, "/v1/chat/completions", Some(bad.into_bytes()))
+        .await
+        .expect("request");
+    assert_eq!(status.as_u16(), 400, "{}", String::from_utf8_lossy(&bytes));
+    bridge.stop.cancel();
+    let _ = bridge.task.await;
+}

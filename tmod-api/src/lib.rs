@@ -47,6 +47,11 @@ pub struct AskRequest {
     /// estimates); absent lets the policy decide.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub route: Option<ForcedRoute>,
+    /// The app's own JPEG images, as data URLs (`data:image/jpeg;base64,...`): sent with a cloud
+    /// request besides the views the policy chose, when the cloud takes images; a local answer
+    /// leaves them out (`DecisionEvent::app_images_sent` says how many went).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub images: Vec<String>,
 }
 
 /// Where an app may force a turn to be answered.
@@ -110,6 +115,10 @@ fn is_false(b: &bool) -> bool {
     !*b
 }
 
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
 impl AskRequest {
     /// A streamed question in `dialogue_id` (or a new dialogue).
     pub fn new(dialogue_id: Option<&str>, text: &str) -> Self {
@@ -121,6 +130,7 @@ impl AskRequest {
             system_prompt: None,
             generation: Generation::default(),
             route: None,
+            images: Vec::new(),
         }
     }
 }
@@ -150,6 +160,9 @@ pub struct DecisionEvent {
     /// The app forced the route (`AskRequest::route`); the propensity is then 1.
     #[serde(default, skip_serializing_if = "is_false")]
     pub forced: bool,
+    /// The app's images (`AskRequest::images`) sent with the cloud request.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub app_images_sent: u32,
     /// How the turn is answered: `local`, `cloud`, or `local:cloud-unavailable` when the
     /// policy preferred a cloud action that the mask removed.
     pub route: String,

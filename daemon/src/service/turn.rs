@@ -92,6 +92,14 @@ impl Service {
         if let Err((field, why)) = request.generation.check() {
             return Err(AskError::BadRequest(format!("`generation.{field}` {why}")));
         }
+        let app_images = request
+            .images
+            .iter()
+            .enumerate()
+            .map(|(i, url)| {
+                jpeg_of_data_url(url).map_err(|why| AskError::BadRequest(format!("`images[{i}]` {why}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         if request.dialogue_id.is_some() && request.system_prompt.is_some() {
             return Err(AskError::BadRequest(
                 "`system_prompt` starts a dialogue: it cannot be given with `dialogue_id`".into(),
@@ -117,7 +125,8 @@ impl Service {
         timings.decide_ms = ms(started.elapsed());
 
         let started = Instant::now();
-        let cloud = self.attach(&start, classified.task, &question, decided.decision.action);
+        let cloud = self.attach(&start, classified.task, &question, decided.decision.action, app_images);
+        let app_images_sent = cloud.as_ref().map_or(0, |c| c.app_images);
         if cloud.is_some() {
             timings.attach_ms = ms(started.elapsed());
         }
@@ -128,7 +137,8 @@ impl Service {
             Err(e) => return Err(self.abandon(start, e)),
         };
 
-        let decision = self.decision_event(dialogue_id, start.turn, &classified, &decided);
+        let mut decision = self.decision_event(dialogue_id, start.turn, &classified, &decided);
+        decision.app_images_sent = app_images_sent;
         let record = decided.into_record(question, classified.task);
         Ok(DecidedTurn {
             decision,
@@ -169,4 +179,20 @@ impl Service {
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
+}
+
+/// The JPEG bytes of a `data:image/jpeg;base64,...` URL, or why it is not one.
+fn jpeg_of_data_url(url: &str) -> Result<Vec<u8>, String> {
+    use base64::Engine as _;
+    let Some(encoded) = url.strip_prefix("data:image/jpeg;base64,") else {
+        let shown: String = url.chars().take(40).collect();
+        return Err(format!("must be a data URL of a JPEG (data:image/jpeg;base64,...), found {shown:?}"));
+    };
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .map_err(|e| format!("is not valid base64: {e}"))?;
+    if !bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
+        return Err("does not hold a JPEG (no FF D8 FF start)".into());
+    }
+    Ok(bytes)
 }

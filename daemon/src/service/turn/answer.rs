@@ -89,7 +89,7 @@ impl Service {
             enqueued: Instant::now(),
         };
         let answering = match cloud {
-            Some(CloudCall { link, request, wait }) => {
+            Some(CloudCall { link, request, wait, .. }) => {
                 let fallback = LocalFallback { llm: self.llm.clone(), job, answer, max_answer };
                 let estimates = self.estimates.clone();
                 Answering::Cloud(tokio::spawn(answer_in_cloud(link, request, wait, fallback, estimates)))

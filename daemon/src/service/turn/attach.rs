@@ -19,7 +19,12 @@ pub(super) struct CloudCall {
     pub link: Arc<DeviceLink>,
     pub request: CloudRequest,
     pub wait: Duration,
+    /// The app's own images among the attachments.
+    pub app_images: u32,
 }
+
+/// The modality index of the app's own images in a cloud request (past every board's).
+pub const APP_IMAGE_MODALITY: u8 = u8::MAX;
 
 impl Service {
     /// The cloud request of a cloud action (`None` for a local one, or without an MQTT link).
@@ -31,6 +36,7 @@ impl Service {
         task: TaskCategory,
         question: &str,
         action: Action,
+        app_images: Vec<Vec<u8>>,
     ) -> Option<CloudCall> {
         let (Some(link), Action::Cloud { modalities }) = (&self.cloud, action) else { return None };
         let c = &self.config.file.cloud;
@@ -50,7 +56,22 @@ impl Service {
             deadline_unix_ms: unix_ms_now() + wait.as_millis() as u64,
             max_tokens: c.max_tokens,
         };
-        Some(CloudCall { link: link.clone(), request, wait })
+        let mut request = request;
+        let mut app_sent = 0;
+        // The app's images go too, when the cloud takes images.
+        if self.cloud_takes_media(MediaType::ImageJpeg) {
+            for (i, data) in app_images.into_iter().enumerate() {
+                let name = format!("app-image-{i}");
+                request.attachments.push(Attachment {
+                    modality: APP_IMAGE_MODALITY,
+                    name,
+                    media_type: MediaType::ImageJpeg,
+                    data,
+                });
+                app_sent += 1;
+            }
+        }
+        Some(CloudCall { link: link.clone(), request, wait, app_images: app_sent })
     }
 
     /// The latest JPEG of camera modality `index`, or the latest utterance of an audio one.

@@ -194,6 +194,7 @@ impl Service {
             propensity: decision.propensity,
             preferred_action_index: decided.preferred as u32,
             forced: decided.forced,
+            app_images_sent: 0,
             route: route.to_owned(),
             policy_version: decided.policy_version.clone(),
             policy_sha256: decided.policy_sha256.clone(),
