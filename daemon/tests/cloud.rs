@@ -23,7 +23,7 @@ mod bridge;
 #[path = "support/daemon.rs"]
 mod daemon;
 
-use bridge::{start_bridge, start_bridge_taking, wait_cloud_reachable};
+use bridge::wait_cloud_reachable;
 use daemon::Daemon;
 
 const DEVICE: &str = "test-device";
@@ -84,6 +84,46 @@ async fn observer(broker_port: u16) -> Link {
     link
 }
 
+/// The cloud path of one test: Mosquitto, a bridge whose backend takes `accepts` (a TOML
+/// array), an observer of the cloud requests, and tmod with `policy`, once it sees the cloud.
+struct CloudPath {
+    broker: MosquittoBroker,
+    bridge: bridge::Bridge,
+    observer: Link,
+    daemon: Daemon,
+}
+
+impl CloudPath {
+    async fn start(state: &Path, accepts: &str, policy: &Path) -> CloudPath {
+        let broker = MosquittoBroker::start().expect("mosquitto (apt-get install mosquitto)");
+        let port = broker.port();
+        let bridge = bridge::start_bridge_taking(port, accepts).await;
+        let observer = observer(port).await;
+        let daemon = Daemon::start(state, &tmod_config(port, policy));
+        wait_cloud_reachable(&daemon.client(), true).await;
+        CloudPath { broker, bridge, observer, daemon }
+    }
+
+    /// The next cloud request seen on the broker.
+    async fn next_request(&mut self) -> CloudRequest {
+        let sent = tokio::time::timeout(WAIT, self.observer.incoming.recv())
+            .await
+            .expect("request seen")
+            .expect("link");
+        Inbox::new(ReassemblyLimits::default())
+            .receive(&sent.topic, &sent.payload, Instant::now())
+            .expect("request decodes")
+    }
+
+    async fn stop(self) {
+        self.bridge.stop.cancel();
+        let _ = self.bridge.task.await;
+    }
+}
+
+/// What the stand-in bridge of most tests takes: views and audio, which it describes.
+const MULTI_MODAL: &str = "[\"image/jpeg\", \"audio/wav\"]";
+
 async fn ask(client: &Client, dialogue: &str, question: &str) -> AskResponse {
     let mut streamed = String::new();
     let response = client
@@ -106,14 +146,9 @@ fn attempt(response: &AskResponse) -> &serde_json::Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cloud_answers_with_three_frames_falls_back_when_the_broker_dies_and_comes_back() {
     let state = tempfile::tempdir().expect("tempdir");
-    let mut broker = MosquittoBroker::start().expect("mosquitto (apt-get install mosquitto)");
-    let port = broker.port();
-    let bridge = start_bridge(port).await;
-    let mut observer = observer(port).await;
     let policy = cloud_preferring_policy(state.path());
-    let daemon = Daemon::start(state.path(), &tmod_config(port, &policy));
-    let client = daemon.client();
-    wait_cloud_reachable(&client, true).await;
+    let mut path = CloudPath::start(state.path(), MULTI_MODAL, &policy).await;
+    let client = path.daemon.client();
     let dialogue = client.new_dialogue().await.expect("dialogue").dialogue_id;
 
     // Turn 0: the cloud answers, with the three camera views attached.
@@ -128,7 +163,7 @@ async fn cloud_answers_with_three_frames_falls_back_when_the_broker_dies_and_com
     assert!(first.outcome.prompt_tokens > 0 && first.outcome.generated_tokens > 0);
     assert!(first.outcome.timings.cloud_ms > 0.0);
     let sent =
-        tokio::time::timeout(WAIT, observer.incoming.recv()).await.expect("request seen").expect("link");
+        tokio::time::timeout(WAIT, path.observer.incoming.recv()).await.expect("request seen").expect("link");
     let mut inbox = Inbox::new(ReassemblyLimits::default());
     let request: CloudRequest =
         inbox.receive(&sent.topic, &sent.payload, Instant::now()).expect("request decodes");
@@ -152,7 +187,7 @@ async fn cloud_answers_with_three_frames_falls_back_when_the_broker_dies_and_com
         score: 0.75,
         judge_model: "judge".into(),
     };
-    let publisher = observer.publisher();
+    let publisher = path.observer.publisher();
     let score_topic = Topic::Score(DeviceId::new(DEVICE).expect("id")).name();
     // Malformed payloads on the daemon's topics are refused and change nothing.
     for (topic, payload) in [
@@ -193,7 +228,7 @@ async fn cloud_answers_with_three_frames_falls_back_when_the_broker_dies_and_com
         .ask(&AskRequest::new(Some(&dialogue), "And what wine goes with it?"), |event| {
             if let AskEvent::Decision(d) = event {
                 assert_eq!(d.action, "cloud");
-                broker.stop();
+                path.broker.stop();
                 killed = true;
             }
         })
@@ -219,7 +254,7 @@ async fn cloud_answers_with_three_frames_falls_back_when_the_broker_dies_and_com
     assert!(third.outcome.cloud_attempt.is_none());
 
     // Turn 3: the broker returns; the daemon and the bridge reconnect and the cloud answers.
-    broker.restart().expect("broker restarts on its port");
+    path.broker.restart().expect("broker restarts on its port");
     wait_cloud_reachable(&client, true).await;
     let started = Instant::now();
     let fourth = loop {
@@ -253,8 +288,8 @@ async fn cloud_answers_with_three_frames_falls_back_when_the_broker_dies_and_com
     assert!(metrics.contains("tmod_cloud_failures_total{reason=\""), "{metrics}");
     assert!(metrics.contains("route=\"local:cloud-fallback\""), "{metrics}");
 
-    bridge.stop.cancel();
-    bridge.task.await.expect("bridge task").expect("bridge stops cleanly");
+    path.bridge.stop.cancel();
+    path.bridge.task.await.expect("bridge task").expect("bridge stops cleanly");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -404,18 +439,13 @@ async fn cloud_reply_with_a_nan_negative_or_infinite_cost_is_refused_and_answere
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cloud_a_text_only_backend_gets_no_views_the_device_never_pays_to_send_them() {
     let state = tempfile::tempdir().expect("tempdir");
-    let broker = MosquittoBroker::start().expect("mosquitto (apt-get install mosquitto)");
-    let port = broker.port();
-    // The bridge says (retained) that its backend takes no attachments.
-    let bridge = start_bridge_taking(port, "[]").await;
-    let mut observer = observer(port).await;
     // The policy prefers every view, then the cloud without views, then local.
     let all = Action::Cloud { modalities: ModalitySet::all(3) };
     let bare = Action::Cloud { modalities: ModalitySet::from_indices([]) };
     let policy = policy_with_biases(state.path(), &[(all, 10.0), (bare, 7.0), (Action::Local, 5.0)]);
-    let daemon = Daemon::start(state.path(), &tmod_config(port, &policy));
-    let client = daemon.client();
-    wait_cloud_reachable(&client, true).await;
+    // The bridge says (retained) that its backend takes no attachments.
+    let mut path = CloudPath::start(state.path(), "[]", &policy).await;
+    let client = path.daemon.client();
     let started = Instant::now();
     while client.status().await.expect("status")["cloud"]["accepts"] != serde_json::json!([]) {
         assert!(started.elapsed() < WAIT, "the bridge's capabilities never reached the device");
@@ -426,14 +456,9 @@ async fn cloud_a_text_only_backend_gets_no_views_the_device_never_pays_to_send_t
     assert_eq!(answered.decision.action, "cloud");
     assert!(answered.decision.modalities.is_empty(), "{:?}", answered.decision.modalities);
     assert_eq!(answered.outcome.route, "cloud");
-    let sent =
-        tokio::time::timeout(WAIT, observer.incoming.recv()).await.expect("request seen").expect("link");
-    let request: CloudRequest = Inbox::new(ReassemblyLimits::default())
-        .receive(&sent.topic, &sent.payload, Instant::now())
-        .expect("request decodes");
+    let request = path.next_request().await;
     assert!(request.attachments.is_empty(), "{} attachments sent", request.attachments.len());
-    bridge.stop.cancel();
-    let _ = bridge.task.await;
+    path.stop().await;
 }
 
 /// A real JPEG, as an app would send a photo.
@@ -452,14 +477,9 @@ fn app_photo() -> Vec<u8> {
 async fn cloud_an_apps_own_image_goes_with_the_cloud_request_through_the_openai_api() {
     use base64::Engine as _;
     let state = tempfile::tempdir().expect("tempdir");
-    let broker = MosquittoBroker::start().expect("mosquitto (apt-get install mosquitto)");
-    let port = broker.port();
-    let bridge = start_bridge(port).await;
-    let mut observer = observer(port).await;
     let policy = cloud_preferring_policy(state.path());
-    let daemon = Daemon::start(state.path(), &tmod_config(port, &policy));
-    let client = daemon.client();
-    wait_cloud_reachable(&client, true).await;
+    let mut path = CloudPath::start(state.path(), MULTI_MODAL, &policy).await;
+    let client = path.daemon.client();
     let photo = app_photo();
     let url = format!("data:image/jpeg;base64,{}", base64::engine::general_purpose::STANDARD.encode(&photo));
     let body = serde_json::json!({
@@ -479,11 +499,7 @@ async fn cloud_an_apps_own_image_goes_with_the_cloud_request_through_the_openai_
     assert_eq!(reply["tmo"]["route"], "cloud", "{reply}");
     // The data URL went with the three views; the device does not fetch the https one.
     assert_eq!(reply["tmo"]["images_left_out"], 1, "{reply}");
-    let sent =
-        tokio::time::timeout(WAIT, observer.incoming.recv()).await.expect("request seen").expect("link");
-    let request: CloudRequest = Inbox::new(ReassemblyLimits::default())
-        .receive(&sent.topic, &sent.payload, Instant::now())
-        .expect("request decodes");
+    let request = path.next_request().await;
     let names: Vec<&str> = request.attachments.iter().map(|a| a.name.as_str()).collect();
     assert_eq!(names, ["view-0", "view-1", "view-2", "app-image-0"]);
     assert_eq!(request.attachments[3].data, photo);
@@ -495,6 +511,5 @@ async fn cloud_an_apps_own_image_goes_with_the_cloud_request_through_the_openai_
         .await
         .expect("request");
     assert_eq!(status.as_u16(), 400, "{}", String::from_utf8_lossy(&bytes));
-    bridge.stop.cancel();
-    let _ = bridge.task.await;
+    path.stop().await;
 }
