@@ -138,9 +138,7 @@ async fn models() -> Response {
 struct ChatRequest {
     model: String,
     messages: Vec<Message>,
-    #[serde(default)]
-    stream: bool,
-    #[serde(default)]
+    stream: Option<bool>,
     stream_options: Option<StreamOptions>,
     max_tokens: Option<u32>,
     max_completion_tokens: Option<u32>,
@@ -149,10 +147,9 @@ struct ChatRequest {
     stop: Option<Stop>,
     seed: Option<i64>,
     n: Option<u32>,
-    #[serde(default)]
-    tools: Vec<Value>,
-    #[serde(default)]
-    logprobs: bool,
+    // Clients send `null` for what they leave unset, as OpenAI accepts.
+    tools: Option<Vec<Value>>,
+    logprobs: Option<bool>,
     response_format: Option<Value>,
     /// tmo: continue this dialogue.
     dialogue_id: Option<String>,
@@ -162,8 +159,7 @@ struct ChatRequest {
 
 #[derive(Debug, Deserialize)]
 struct StreamOptions {
-    #[serde(default)]
-    include_usage: bool,
+    include_usage: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -267,10 +263,10 @@ fn check(request: ChatRequest, headers: &HeaderMap) -> Result<Chat, ApiError> {
     if request.n.is_some_and(|n| n != 1) {
         return Err(ApiError::invalid(Some("n"), "this device makes one choice per request: `n` must be 1"));
     }
-    if !request.tools.is_empty() {
+    if request.tools.as_ref().is_some_and(|t| !t.is_empty()) {
         return Err(ApiError::invalid(Some("tools"), "tools are not supported by this device"));
     }
-    if request.logprobs {
+    if request.logprobs == Some(true) {
         return Err(ApiError::invalid(Some("logprobs"), "logprobs are not supported by this device"));
     }
     if let Some(format) = &request.response_format
@@ -339,8 +335,8 @@ fn check(request: ChatRequest, headers: &HeaderMap) -> Result<Chat, ApiError> {
     }
     let header_dialogue = headers.get("x-tmo-dialogue-id").and_then(|v| v.to_str().ok()).map(str::to_owned);
     Ok(Chat {
-        stream: request.stream,
-        include_usage: request.stream_options.is_some_and(|o| o.include_usage),
+        stream: request.stream.unwrap_or(false),
+        include_usage: request.stream_options.and_then(|o| o.include_usage).unwrap_or(false),
         route: *route,
         question,
         images,
@@ -741,6 +737,20 @@ mod tests {
 
     fn message(role: &str, content: Value) -> Message {
         serde_json::from_value(json!({ "role": role, "content": content })).unwrap()
+    }
+
+    #[test]
+    fn members_left_unset_as_null_are_taken_as_absent() {
+        let body = json!({
+            "model": "tmo", "messages": [{ "role": "user", "content": "Hi" }],
+            "stream": null, "stream_options": { "include_usage": null }, "tools": null, "logprobs": null,
+            "max_tokens": null, "temperature": null, "top_p": null, "stop": null, "seed": null, "n": null,
+            "response_format": null, "user": "kitchen-app",
+        });
+        let request: ChatRequest = serde_json::from_value(body).expect("parses");
+        let chat = check(request, &HeaderMap::new()).expect("valid");
+        assert!(!chat.stream && !chat.include_usage && chat.stops.is_empty());
+        assert!(chat.generation.is_default());
     }
 
     #[test]
