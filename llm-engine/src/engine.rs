@@ -156,6 +156,21 @@ pub struct ModelInfo {
     pub load_time: Duration,
     /// Vocabulary size.
     pub vocab_size: usize,
+    /// The file's tensors by weight type, and the product each type runs.
+    pub weight_types: Vec<WeightType>,
+}
+
+/// The tensors of one weight type in a model file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WeightType {
+    /// The GGUF type (`Q4K`, `Q6K`, `F32`, ...).
+    pub dtype: String,
+    /// How many tensors have it.
+    pub tensors: usize,
+    /// Their bytes in the file.
+    pub bytes: u64,
+    /// The product they run ([`crate::kernel_for`]).
+    pub kernel: &'static str,
 }
 
 /// A loaded model ready to generate. `Send`: the daemon keeps it on a dedicated thread.
@@ -193,6 +208,25 @@ impl Engine {
             .threads
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get));
         let MappedGguf { content, map, .. } = gguf;
+        let mut weight_types: Vec<WeightType> = Vec::new();
+        for info in content.tensor_infos.values() {
+            let dtype = format!("{:?}", info.ggml_dtype);
+            let elements = info.shape.elem_count() as u64;
+            let bytes = elements / info.ggml_dtype.block_size() as u64 * info.ggml_dtype.type_size() as u64;
+            match weight_types.iter_mut().find(|w| w.dtype == dtype) {
+                Some(w) => {
+                    w.tensors += 1;
+                    w.bytes += bytes;
+                }
+                None => weight_types.push(WeightType {
+                    dtype,
+                    tensors: 1,
+                    bytes,
+                    kernel: crate::kernels::kernel_for(info.ggml_dtype),
+                }),
+            }
+        }
+        weight_types.sort_by_key(|w| std::cmp::Reverse(w.bytes));
         let decoder = Decoder::new(architecture, &content, map, threads)?;
         let mut stop_tokens: Vec<u32> =
             template.end_of_turn_tokens().iter().filter_map(|t| tokenizer.token_to_id(t)).collect();
@@ -212,6 +246,7 @@ impl Engine {
             file_bytes,
             load_time: started.elapsed(),
             vocab_size: tokenizer.get_vocab_size(true),
+            weight_types,
         };
         if decoder.spec().vocab < info.vocab_size {
             return Err(EngineError::Tokenizer(format!(

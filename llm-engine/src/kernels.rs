@@ -1241,6 +1241,22 @@ pub fn kernel_level() -> &'static str {
     "portable"
 }
 
+/// Which product a weight matrix of `dtype` runs (at [`kernel_level`] for ours).
+pub fn kernel_for(dtype: GgmlDType) -> &'static str {
+    match dtype {
+        GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q8_0 => "ours, 8-bit activation rows",
+        GgmlDType::Q4K if q4_k_kernel().is_some() => "ours, 8-bit activation rows",
+        GgmlDType::Q6K if q6_k_kernel().is_some() => "ours, 8-bit activation rows",
+        GgmlDType::F32 | GgmlDType::F16 => "ours, f32 activations",
+        GgmlDType::Q4_0 => "candle's block dot, Q8_0 activations",
+        GgmlDType::Q5_1 => "candle's block dot, Q8_1 activations",
+        GgmlDType::Q2K | GgmlDType::Q3K | GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K => {
+            "candle's block dot, Q8_K activations"
+        }
+        _ => "not supported",
+    }
+}
+
 /// Picks the kernel of the best instruction set: the x86 level found at run time, NEON with
 /// SDOT when the build has dotprod, else the portable one.
 macro_rules! dispatch {

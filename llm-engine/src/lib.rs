@@ -18,10 +18,10 @@ mod tokenizer;
 
 pub use engine::{
     Conversation, Engine, EngineConfig, FinishReason, Generation, GenerationParams, GenerationReport,
-    ModelInfo,
+    ModelInfo, WeightType,
 };
 pub use error::{EngineError, Result};
 pub use gguf::Architecture;
-pub use kernels::kernel_level;
+pub use kernels::{kernel_for, kernel_level};
 pub use registry::{KnownModel, default_model_dir, fetch_model, resolve_model, resolve_model_in};
 pub use template::{ChatMessage, ChatTemplate, Role};

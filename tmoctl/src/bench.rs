@@ -82,6 +82,15 @@ fn llm(args: LlmBenchArgs) -> anyhow::Result<()> {
     println!("model        {} ({:?})", path.display(), info.architecture);
     println!("threads      {}", engine.threads());
     println!("kernels      {}", llm_engine::kernel_level());
+    for w in &info.weight_types {
+        println!(
+            "  {:<6} {:>4} tensors {:>9.1} MiB  {}",
+            w.dtype,
+            w.tensors,
+            w.bytes as f64 / (1024.0 * 1024.0),
+            w.kernel
+        );
+    }
     println!("load         {load_secs:.3} s");
     println!(
         "resident     {:.1} MiB after load ({:.1} MiB before), file {:.1} MiB, ratio {:.2}",
