@@ -79,22 +79,26 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-pub(crate) fn error(status: StatusCode, message: String) -> Response {
+fn error(status: StatusCode, message: String) -> Response {
     (status, axum::Json(ErrorBody { error: message })).into_response()
+}
+
+/// The HTTP status a refused request gets, on tmod's API and OpenAI's alike.
+pub(crate) fn status_of(e: &AskError) -> StatusCode {
+    match e {
+        AskError::BadRequest(_) => StatusCode::BAD_REQUEST,
+        AskError::Dialogue(DialogueError::Unknown(_) | DialogueError::UnknownTurn { .. }) => {
+            StatusCode::NOT_FOUND
+        }
+        AskError::Dialogue(DialogueError::Busy(_)) => StatusCode::CONFLICT,
+        AskError::Busy { .. } | AskError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        AskError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    }
 }
 
 impl IntoResponse for AskError {
     fn into_response(self) -> Response {
-        let status = match &self {
-            AskError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            AskError::Dialogue(DialogueError::Unknown(_) | DialogueError::UnknownTurn { .. }) => {
-                StatusCode::NOT_FOUND
-            }
-            AskError::Dialogue(DialogueError::Busy(_)) => StatusCode::CONFLICT,
-            AskError::Busy { .. } | AskError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-            AskError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
-        };
-        let mut response = error(status, self.to_string());
+        let mut response = error(status_of(&self), self.to_string());
         if let AskError::Busy { retry_after_secs } = self {
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
         }
@@ -103,7 +107,7 @@ impl IntoResponse for AskError {
 }
 
 /// Parses a JSON body with a message that says what is wrong and where.
-pub(crate) fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, AskError> {
+fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, AskError> {
     serde_json::from_slice(body).map_err(|e| AskError::BadRequest(format!("malformed JSON body: {e}")))
 }
 

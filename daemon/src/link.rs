@@ -163,6 +163,11 @@ impl DeviceLink {
         lock(&self.capabilities).as_ref().map(|c| c.accepts.clone())
     }
 
+    /// Whether the cloud takes `media`, as far as the bridges have said (yes until one has).
+    pub fn cloud_takes(&self, media: MediaType) -> bool {
+        lock(&self.capabilities).as_ref().is_none_or(|c| c.accepts.contains(&media))
+    }
+
     /// Whether a request can be sent now (connected, subscriptions in place).
     pub fn reachable(&self) -> bool {
         *self.connected.borrow()

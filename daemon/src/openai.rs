@@ -90,19 +90,16 @@ impl ApiError {
 impl From<AskError> for ApiError {
     fn from(e: AskError) -> Self {
         let message = e.to_string();
-        let (status, kind, code) = match &e {
-            AskError::BadRequest(_) => (StatusCode::BAD_REQUEST, "invalid_request_error", None),
+        let status = crate::api::status_of(&e);
+        let kind = if status.is_server_error() { "server_error" } else { "invalid_request_error" };
+        let code = match &e {
             AskError::Dialogue(DialogueError::Unknown(_) | DialogueError::UnknownTurn { .. }) => {
-                (StatusCode::NOT_FOUND, "invalid_request_error", Some("dialogue_not_found"))
+                Some("dialogue_not_found")
             }
-            AskError::Dialogue(DialogueError::Busy(_)) => {
-                (StatusCode::CONFLICT, "invalid_request_error", Some("dialogue_busy"))
-            }
-            AskError::Busy { .. } => (StatusCode::SERVICE_UNAVAILABLE, "server_error", Some("overloaded")),
-            AskError::Unavailable(_) => {
-                (StatusCode::SERVICE_UNAVAILABLE, "server_error", Some("route_unavailable"))
-            }
-            AskError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "server_error", None),
+            AskError::Dialogue(DialogueError::Busy(_)) => Some("dialogue_busy"),
+            AskError::Busy { .. } => Some("overloaded"),
+            AskError::Unavailable(_) => Some("route_unavailable"),
+            AskError::BadRequest(_) | AskError::Internal(_) => None,
         };
         let retry_after_secs = match e {
             AskError::Busy { retry_after_secs } => Some(retry_after_secs),

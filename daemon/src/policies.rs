@@ -232,10 +232,8 @@ impl Policies {
             return;
         }
         if self.state.trial_stopped_cleanly {
-            let state = StoreState { trial_stopped_cleanly: false, ..self.state.clone() };
-            match self.store.save_state(&state) {
-                Ok(()) => self.state = state,
-                Err(e) => tracing::warn!("policy state not updated: {e}"),
+            if let Err(e) = self.update_state(|s| s.trial_stopped_cleanly = false) {
+                tracing::warn!("policy state not updated: {e}");
             }
             return;
         }
@@ -276,14 +274,10 @@ impl Policies {
         if self.trial_passed < self.trial_decisions {
             return None;
         }
-        let state = StoreState { on_trial: false, trial_stopped_cleanly: false, ..self.state.clone() };
-        Some(match self.store.save_state(&state) {
-            Ok(()) => {
-                self.state = state;
-                Ok(self.current.record.version.clone())
-            }
-            Err(e) => Err(format!("storing the policy state: {e}")),
-        })
+        Some(
+            self.update_state(|s| (s.on_trial, s.trial_stopped_cleanly) = (false, false))
+                .map(|()| self.current.record.version.clone()),
+        )
     }
 
     /// Records a clean stop: a policy on trial goes on with its trial at the next start.
@@ -291,11 +285,18 @@ impl Policies {
         if !self.state.on_trial {
             return;
         }
-        let state = StoreState { trial_stopped_cleanly: true, ..self.state.clone() };
-        match self.store.save_state(&state) {
-            Ok(()) => self.state = state,
-            Err(e) => tracing::warn!("policy state not updated at stop: {e}"),
+        if let Err(e) = self.update_state(|s| s.trial_stopped_cleanly = true) {
+            tracing::warn!("policy state not updated at stop: {e}");
         }
+    }
+
+    /// Changes the stored state, on disk first: on an error nothing changes.
+    fn update_state(&mut self, change: impl FnOnce(&mut StoreState)) -> Result<(), String> {
+        let mut state = self.state.clone();
+        change(&mut state);
+        self.store.save_state(&state).map_err(|e| format!("storing the policy state: {e}"))?;
+        self.state = state;
+        Ok(())
     }
 
     pub fn decider(&mut self) -> &mut Decider {
@@ -321,10 +322,7 @@ impl Policies {
         if sequence <= self.state.sequence_high_water {
             return Ok(());
         }
-        let state = StoreState { sequence_high_water: sequence, ..self.state.clone() };
-        self.store.save_state(&state).map_err(|e| format!("storing the policy state: {e}"))?;
-        self.state = state;
-        Ok(())
+        self.update_state(|s| s.sequence_high_water = sequence)
     }
 
     /// Serves `new` from now on; the current policy becomes the previous one and the mark

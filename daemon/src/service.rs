@@ -492,7 +492,7 @@ impl Service {
 
     /// Whether the cloud takes `media`, as far as the bridges have said (yes until they have).
     fn cloud_takes_media(&self, media: MediaType) -> bool {
-        self.cloud.as_ref().and_then(|c| c.cloud_accepts()).is_none_or(|accepts| accepts.contains(&media))
+        self.cloud.as_ref().is_none_or(|c| c.cloud_takes(media))
     }
 
     /// Whether a cloud request can be sent now.

@@ -320,6 +320,14 @@ struct Taken {
     rejected: Vec<RejectedRow>,
 }
 
+impl Taken {
+    /// Lists the row `key` in the ack's `rejected`, with the reason.
+    fn reject(&mut self, key: OutcomeKey, reason: String) {
+        debug!(device = %self.device, dialogue = %key.dialogue_id, turn = key.turn, %reason, "row rejected");
+        self.rejected.push(RejectedRow { key, reason });
+    }
+}
+
 struct WriterStage {
     incoming: mpsc::Receiver<Incoming>,
     dataset: DatasetWriter,
@@ -407,10 +415,7 @@ impl WriterStage {
                     taken.rows.push(outcome);
                     taken.accepted.push(row.key);
                 }
-                Err(reason) => {
-                    debug!(device = %taken.device, dialogue = %row.key.dialogue_id, turn = row.key.turn, %reason, "row rejected");
-                    taken.rejected.push(RejectedRow { key: row.key, reason });
-                }
+                Err(reason) => taken.reject(row.key, reason),
             }
         }
         add(&self.counters.batches, 1);
@@ -428,23 +433,22 @@ impl WriterStage {
         for mut taken in group {
             // A row made outside the window of its receipt (a device's clock, or a device) would
             // pick a partition of its own: rejected with the reason, the device sets it aside.
-            let mut outside = Vec::new();
-            let mut index = 0;
-            taken.rows.retain(|row| {
-                let verdict = window.check(row.created_at_ms, received);
-                if let Err(reason) = verdict.as_ref() {
-                    outside.push((index, reason.clone()));
+            let (mut rows, mut accepted) = (Vec::with_capacity(taken.rows.len()), Vec::new());
+            let taken_rows = std::mem::take(&mut taken.rows);
+            for (row, key) in taken_rows.into_iter().zip(std::mem::take(&mut taken.accepted)) {
+                match window.check(row.created_at_ms, received) {
+                    Ok(()) => {
+                        rows.push(row);
+                        accepted.push(key);
+                    }
+                    Err(reason) => {
+                        taken.reject(key, reason);
+                        add(&self.counters.rejected_rows, 1);
+                    }
                 }
-                index += 1;
-                verdict.is_ok()
-            });
-            for (i, reason) in outside.into_iter().rev() {
-                let key = taken.accepted.remove(i);
-                debug!(device = %taken.device, dialogue = %key.dialogue_id, turn = key.turn, %reason, "row rejected");
-                taken.rejected.push(RejectedRow { key, reason });
-                add(&self.counters.rejected_rows, 1);
             }
-            batches.push((taken.device.to_string(), taken.rows));
+            taken.accepted = accepted;
+            batches.push((taken.device.to_string(), rows));
             acks.push((
                 taken.device,
                 OutcomeAck { batch_id: taken.batch_id, accepted: taken.accepted, rejected: taken.rejected },

@@ -166,7 +166,7 @@ impl PushHistory {
         };
         let current = latest.manifest.version.as_str();
         let Some(wanted) = to_version else {
-            return self.rollback_target_from(group, current);
+            return newest_other(&pushes, group, current);
         };
         if wanted == current {
             return Err(HistoryError::NothingToRollBackTo(format!(
@@ -188,11 +188,7 @@ impl PushHistory {
         if pushes.is_empty() {
             return Err(self.nothing_pushed(group));
         }
-        pushes.iter().rev().find(|p| p.manifest.version != current).cloned().ok_or_else(|| {
-            HistoryError::NothingToRollBackTo(format!(
-                "every recorded push to group {group} is of version {current}: nothing earlier to go back to"
-            ))
-        })
+        newest_other(&pushes, group, current)
     }
 
     fn nothing_pushed(&self, group: &GroupName) -> HistoryError {
@@ -202,6 +198,15 @@ impl PushHistory {
             self.dir.display()
         ))
     }
+}
+
+/// The newest of `pushes` of another version than `current`.
+fn newest_other(pushes: &[Pushed], group: &GroupName, current: &str) -> Result<Pushed, HistoryError> {
+    pushes.iter().rev().find(|p| p.manifest.version != current).cloned().ok_or_else(|| {
+        HistoryError::NothingToRollBackTo(format!(
+            "every recorded push to group {group} is of version {current}: nothing earlier to go back to"
+        ))
+    })
 }
 
 /// Signs `earlier`'s policy again for `spec`'s group, devices, sequence, expiry and canary

@@ -247,23 +247,7 @@ fn handle_incoming(
     let publisher = publisher.clone();
     let judge_tracker = tracker.clone();
     tracker.spawn(async move {
-        let _permit = match admitted {
-            Ok(permit) => permit,
-            Err(refusal) => {
-                // Over the device's limits: refused at once, the backend never called.
-                info!(request_id = %request.request_id, device = %request.device_id, kind = ?refusal.kind, "{}", refusal.message);
-                shared.counters.errors.fetch_add(1, Ordering::Relaxed);
-                let reply = CloudReply {
-                    request_id: request.request_id,
-                    backend_latency_ms: 0,
-                    bridge_latency_ms: received.elapsed().as_millis().try_into().unwrap_or(u32::MAX),
-                    result: ReplyResult::Error(refusal),
-                };
-                publish_reply(&shared, &publisher, &route, &reply).await;
-                return;
-            }
-        };
-        let reply = serve(&shared, &request, received).await;
+        let reply = serve(&shared, &request, received, admitted).await;
         publish_reply(&shared, &publisher, &route, &reply).await;
         if let ReplyResult::Answer(answer) = reply.result
             && shared.judge.as_ref().is_some_and(|j| j.sampled(&request))
@@ -343,11 +327,24 @@ fn reply_deadline(request: &CloudRequest, received: Instant, margin: Duration) -
     (received + Duration::from_millis(remaining_ms)).checked_sub(margin).unwrap_or(received)
 }
 
-async fn serve(shared: &Shared, request: &CloudRequest, received: Instant) -> CloudReply {
+/// Answers `request` (holding its device's place, `admitted`, until then), or says why not.
+async fn serve(
+    shared: &Shared,
+    request: &CloudRequest,
+    received: Instant,
+    admitted: Result<DevicePermit, CloudError>,
+) -> CloudReply {
     let deadline = reply_deadline(request, received, shared.reply_margin);
     let error = |kind, message: String| ReplyResult::Error(CloudError { kind, message });
     let mut backend_latency = Duration::ZERO;
-    let result = if request.expired(unix_ms_now()) || Instant::now() >= deadline {
+    let (_permit, refusal) = match admitted {
+        Ok(permit) => (Some(permit), None),
+        Err(refusal) => (None, Some(refusal)),
+    };
+    let result = if let Some(refusal) = refusal {
+        // Over the device's limits: refused at once, the backend never called.
+        ReplyResult::Error(refusal)
+    } else if request.expired(unix_ms_now()) || Instant::now() >= deadline {
         error(CloudErrorKind::DeadlineExceeded, "the request arrived after its deadline".into())
     } else {
         let deadline_tokio = tokio::time::Instant::from_std(deadline);

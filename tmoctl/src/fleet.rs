@@ -340,10 +340,8 @@ async fn push(args: PushArgs) -> anyhow::Result<()> {
     link.shutdown(Duration::from_secs(2)).await;
     let Some(reason) = watched else { return Ok(()) };
     println!("rollout of {} stopped: {reason}", rollout.version);
-    let spec = args.bundle.spec(&args.group, &history)?;
-    let bundle = fleet::rebundle(&earlier, &spec, &key)
-        .with_context(|| format!("signing {} again", earlier.manifest.version))?;
-    publish(&config, &args.broker, &args.group, &bundle, &history, &signer, "rollback: pushed").await?;
+    let to = Rollback { broker: &args.broker, group: &args.group, bundle: &args.bundle, key: &key };
+    to.publish(&config, &history, &earlier).await?;
     anyhow::bail!(
         "the rollout of {} to group {} was stopped and rolled back to {}: {reason}",
         rollout.version,
@@ -425,11 +423,31 @@ async fn rollback(args: RollbackArgs) -> anyhow::Result<()> {
     let config = args.broker.link_config("rollback")?;
     let history = args.bundle.history()?;
     let target = history.rollback_target(&args.group, args.to_version.as_deref())?;
-    let spec = args.bundle.spec(&args.group, &history)?;
-    let bundle = fleet::rebundle(&target, &spec, &key)
-        .with_context(|| format!("signing {} again", target.manifest.version))?;
-    let signer = keys::public_key_hex(&key.verifying_key());
-    publish(&config, &args.broker, &args.group, &bundle, &history, &signer, "rollback: pushed").await
+    let to = Rollback { broker: &args.broker, group: &args.group, bundle: &args.bundle, key: &key };
+    to.publish(&config, &history, &target).await
+}
+
+/// A rollback of a group: an earlier push signed again under a newer sequence, published.
+struct Rollback<'a> {
+    broker: &'a BrokerArgs,
+    group: &'a GroupName,
+    bundle: &'a BundleArgs,
+    key: &'a keys::SigningKey,
+}
+
+impl Rollback<'_> {
+    async fn publish(
+        &self,
+        config: &LinkConfig,
+        history: &PushHistory,
+        earlier: &fleet::Pushed,
+    ) -> anyhow::Result<()> {
+        let spec = self.bundle.spec(self.group, history)?;
+        let bundle = fleet::rebundle(earlier, &spec, self.key)
+            .with_context(|| format!("signing {} again", earlier.manifest.version))?;
+        let signer = keys::public_key_hex(&self.key.verifying_key());
+        publish(config, self.broker, self.group, &bundle, history, &signer, "rollback: pushed").await
+    }
 }
 
 async fn collect(args: CollectArgs) -> anyhow::Result<()> {

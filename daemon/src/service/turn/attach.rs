@@ -44,7 +44,7 @@ impl Service {
         let wait_secs =
             (start.remaining_latency_secs - expected_local).clamp(c.min_wait_secs, c.max_wait_secs);
         let wait = Duration::from_secs_f64(wait_secs);
-        let request = CloudRequest {
+        let mut request = CloudRequest {
             request_id: RequestId::generate(),
             device_id: link.device().clone(),
             dialogue_id: start.dialogue_id.clone(),
@@ -56,21 +56,15 @@ impl Service {
             deadline_unix_ms: unix_ms_now() + wait.as_millis() as u64,
             max_tokens: c.max_tokens,
         };
-        let mut request = request;
-        let mut app_sent = 0;
         // The app's images go too, when the cloud takes images.
-        if self.cloud_takes_media(MediaType::ImageJpeg) {
-            for (i, data) in app_images.into_iter().enumerate() {
-                let name = format!("app-image-{i}");
-                request.attachments.push(Attachment {
-                    modality: APP_IMAGE_MODALITY,
-                    name,
-                    media_type: MediaType::ImageJpeg,
-                    data,
-                });
-                app_sent += 1;
-            }
-        }
+        let app_images = if self.cloud_takes_media(MediaType::ImageJpeg) { app_images } else { Vec::new() };
+        let app_sent = app_images.len() as u32;
+        request.attachments.extend(app_images.into_iter().enumerate().map(|(i, data)| Attachment {
+            modality: APP_IMAGE_MODALITY,
+            name: format!("app-image-{i}"),
+            media_type: MediaType::ImageJpeg,
+            data,
+        }));
         Some(CloudCall { link: link.clone(), request, wait, app_images: app_sent })
     }
 
