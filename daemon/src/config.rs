@@ -158,6 +158,10 @@ pub struct CloudConfig {
     pub max_history_turns: usize,
     /// Seconds between link probes (0: none).
     pub probe_interval_secs: f64,
+    /// Ask the bridge to stream the answer's pieces as they are generated.
+    pub stream: bool,
+    /// A stream that began and then stays silent this long ends with what arrived.
+    pub stall_secs: f64,
 }
 
 /// Site overrides of the profile's `[sensing]` sources.
@@ -333,6 +337,7 @@ impl Config {
         }
         positive("cloud.max_wait_secs", f.cloud.max_wait_secs)?;
         positive("cloud.min_wait_secs", f.cloud.min_wait_secs)?;
+        positive("cloud.stall_secs", f.cloud.stall_secs)?;
         if !(f.cloud.probe_interval_secs.is_finite() && f.cloud.probe_interval_secs >= 0.0) {
             return Err(("cloud.probe_interval_secs", "must be a number of seconds >= 0".into()));
         }

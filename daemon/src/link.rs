@@ -1,10 +1,11 @@
-//! The device's MQTT link to the fleet's broker: cloud requests and their replies, judge scores,
-//! and the fleet's topics (outcome acks, policy bundles, group commands), which it hands to
-//! `fleet.rs`. Topic names and encodings belong to `tmo-protocol`; this module pairs requests with
-//! replies and turns every way a cloud request can fail into a [`CloudFailure`] that the caller
-//! answers locally.
+//! The device's MQTT link to the fleet's broker: cloud requests, the pieces of their streamed
+//! answers and their replies, judge scores, and the fleet's topics (outcome acks, policy bundles),
+//! which it hands to `fleet.rs`. Topic names and encodings belong to `tmo-protocol`; this module
+//! pairs requests with their pieces and replies, passes the pieces on in order and once each, tells
+//! the bridges when it stops waiting, and turns every way a cloud request can fail into a
+//! [`CloudFailure`] (answered locally by the caller when nothing was shown yet).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -12,10 +13,11 @@ use tmo_protocol::chunk::WHOLE_HEADER_BYTES;
 use tmo_protocol::link::{Delivered, DeliveryError, Link, LinkConfig, LinkError, LinkSetup, Message};
 use tmo_protocol::link::{Incoming, PublishError, Publisher, QoS, Subscription};
 use tmo_protocol::{
-    CborMessage, CloudAnswer, CloudCapabilities, CloudErrorKind, CloudReply, CloudRequest, DeviceId, Inbox,
-    JsonMessage, JudgeScore, MediaType, ReassemblyLimits, ReplyResult, RequestId, Topic,
+    CborMessage, CloudAnswer, CloudCancel, CloudCapabilities, CloudChunk, CloudErrorKind, CloudReply,
+    CloudRequest, DeviceId, Inbox, JsonMessage, JudgeScore, MediaType, ReassemblyLimits, ReplyResult,
+    RequestId, Topic,
 };
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 
 use crate::util::lock;
 
@@ -43,6 +45,10 @@ pub enum CloudFailure {
     Encode(String),
     #[error("the cloud's reply was refused: {0}")]
     InvalidReply(String),
+    #[error("the answer's stream stalled: nothing for {0:.2} s")]
+    Stalled(f64),
+    #[error("the client went away")]
+    Cancelled,
 }
 
 impl CloudFailure {
@@ -64,6 +70,8 @@ impl CloudFailure {
             },
             CloudFailure::Encode(_) => "encode",
             CloudFailure::InvalidReply(_) => "invalid_reply",
+            CloudFailure::Stalled(_) => "stalled",
+            CloudFailure::Cancelled => "cancelled",
         }
     }
 }
@@ -75,8 +83,19 @@ pub struct CloudAnswered {
     pub backend_latency_ms: u32,
 }
 
+/// What of a streamed answer was passed on before the request ended, however it ended.
+#[derive(Debug, Clone, Default)]
+pub struct Shown {
+    /// The text passed on, in order.
+    pub text: String,
+    /// From handing the request to the link to the first text passed on.
+    pub first: Option<Duration>,
+    /// Pieces received (duplicates and late ones not counted).
+    pub pieces: u32,
+}
+
 /// What any request, answered or not, took.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct RequestCost {
     /// Bytes of the request on the wire (0 when it was not sent).
     pub bytes: usize,
@@ -85,12 +104,55 @@ pub struct RequestCost {
     /// From handing the request to the link to the broker's PUBACK: the time the request took
     /// to go up (the link's round trip and upload), `None` when no PUBACK came.
     pub acknowledged: Option<Duration>,
+    /// What of the answer was passed on as it streamed.
+    pub shown: Shown,
+}
+
+/// What reaches a request waiting for its answer.
+#[derive(Debug)]
+enum FromBridge {
+    Piece(CloudChunk),
+    Reply(CloudReply),
+}
+
+/// Pieces held back while one before them is missing, at most; beyond, they wait for the reply.
+const MAX_PIECES_HELD: usize = 256;
+
+/// Puts the pieces of a streamed answer back in order: each is passed on once, in sequence;
+/// duplicates are dropped and pieces after a gap are held until the gap fills (or the reply,
+/// which holds the whole answer, arrives).
+#[derive(Debug, Default)]
+struct PieceOrder {
+    next: u32,
+    held: BTreeMap<u32, String>,
+}
+
+impl PieceOrder {
+    /// Takes `chunk`; returns the text that is now in order, if any.
+    fn accept(&mut self, chunk: CloudChunk) -> Option<String> {
+        if chunk.seq < self.next || self.held.contains_key(&chunk.seq) {
+            return None; // a duplicate
+        }
+        if chunk.seq > self.next {
+            if self.held.len() < MAX_PIECES_HELD {
+                self.held.insert(chunk.seq, chunk.text);
+            }
+            return None;
+        }
+        let mut text = chunk.text;
+        self.next += 1;
+        while let Some(more) = self.held.remove(&self.next) {
+            text.push_str(&more);
+            self.next += 1;
+        }
+        Some(text)
+    }
 }
 
 /// Bytes of a link probe's payload: small enough to measure the round trip, not the upload.
 pub const PROBE_BYTES: usize = 200;
 
-type Waiters = Arc<Mutex<HashMap<RequestId, oneshot::Sender<CloudReply>>>>;
+type Waiters = Arc<Mutex<HashMap<RequestId, mpsc::UnboundedSender<FromBridge>>>>;
 /// What the cloud's backend takes, as the bridges last published it.
 type Capabilities = Arc<Mutex<Option<CloudCapabilities>>>;
 
@@ -103,6 +165,7 @@ pub struct DeviceLink {
     device: DeviceId,
     request_topic: String,
     reply_topic: String,
+    cancel_topic: String,
     waiters: Waiters,
     capabilities: Capabilities,
 }
@@ -120,10 +183,12 @@ impl DeviceLink {
         fleet: mpsc::Sender<Incoming>,
     ) -> Result<Self, LinkError> {
         let reply_topic = Topic::CloudReply(device.clone()).name();
+        let stream_topic = Topic::CloudStream(device.clone()).name();
         let score_topic = Topic::Score(device.clone()).name();
         let capabilities_topic = Topic::CloudCapabilities.name();
-        let subscriptions = [reply_topic.clone(), score_topic.clone(), capabilities_topic.clone()]
+        let subscriptions = [&reply_topic, &stream_topic, &score_topic, &capabilities_topic]
             .into_iter()
+            .cloned()
             .chain(fleet_topics)
             .map(|topic| Subscription::new(topic, QoS::AtLeastOnce))
             .collect();
@@ -137,6 +202,7 @@ impl DeviceLink {
         let incoming = std::mem::replace(&mut link.incoming, closed);
         let routes = Routes {
             reply_topic: reply_topic.clone(),
+            stream_topic,
             score_topic,
             capabilities_topic,
             waiters: waiters.clone(),
@@ -150,6 +216,7 @@ impl DeviceLink {
             connected: link.connected(),
             link: tokio::sync::Mutex::new(Some(link)),
             request_topic: Topic::CloudRequest(device.clone()).name(),
+            cancel_topic: Topic::CloudCancel(device.clone()).name(),
             device,
             reply_topic,
             waiters,
@@ -188,25 +255,52 @@ impl DeviceLink {
         &self.device
     }
 
-    /// Sends `request` and waits for its reply, at most `wait`. Fails early when the broker
-    /// says nobody listens, when the connection drops, or when the bridge replies with an error.
+    /// Sends `request` and waits for its reply, at most `wait`, passing the text of a streamed
+    /// answer to `pieces` as it comes (the reply's text past what the pieces showed at the end).
+    /// Fails early when the broker says nobody listens, when the connection drops, when the
+    /// bridge replies with an error, when a stream that began stays silent for `stall`, or when
+    /// `pieces` is closed (the client went away); the bridges are told when the device stops
+    /// waiting, so that the backend stops too. What was passed on is in the cost's `shown`.
     pub async fn ask(
         &self,
         request: &CloudRequest,
         wait: Duration,
+        stall: Duration,
+        pieces: &mpsc::UnboundedSender<String>,
     ) -> (Result<CloudAnswered, CloudFailure>, RequestCost) {
         let started = Instant::now();
         let mut cost = RequestCost::default();
-        let result = self.exchange(request, wait, &mut cost).await;
+        let result = self.exchange(request, wait, stall, pieces, &mut cost).await;
         lock(&self.waiters).remove(&request.request_id);
+        if matches!(
+            result,
+            Err(CloudFailure::Timeout(_) | CloudFailure::Stalled(_) | CloudFailure::Cancelled)
+        ) {
+            self.cancel(request.request_id).await;
+        }
         cost.wait = started.elapsed();
         (result, cost)
+    }
+
+    /// Tells the bridges the device no longer waits for `request_id` (best effort: a bridge that
+    /// does not hear it stops at the request's deadline).
+    async fn cancel(&self, request_id: RequestId) {
+        let Ok(body) = (CloudCancel { request_id }).to_cbor() else { return };
+        let template = Message {
+            expiry_secs: Some(60),
+            ..Message::new(self.cancel_topic.clone(), QoS::AtLeastOnce, Vec::new())
+        };
+        if let Err(error) = self.publisher.publish_body(&template, &body).await {
+            tracing::debug!(%request_id, %error, "cancel not sent");
+        }
     }
 
     async fn exchange(
         &self,
         request: &CloudRequest,
         wait: Duration,
+        stall: Duration,
+        pieces: &mpsc::UnboundedSender<String>,
         cost: &mut RequestCost,
     ) -> Result<CloudAnswered, CloudFailure> {
         let deadline = tokio::time::Instant::now() + wait;
@@ -224,8 +318,8 @@ impl DeviceLink {
         if cost.bytes > max {
             return Err(CloudFailure::TooLarge { len: cost.bytes, max });
         }
-        let (reply_tx, mut reply_rx) = oneshot::channel();
-        lock(&self.waiters).insert(request.request_id, reply_tx);
+        let (to_request, mut from_bridge) = mpsc::unbounded_channel();
+        lock(&self.waiters).insert(request.request_id, to_request);
         let sent = Instant::now();
         let mut deliveries = match self.publisher.publish_body(&template, &body).await {
             Ok(d) => d,
@@ -240,6 +334,10 @@ impl DeviceLink {
         let confirmed = delivery.confirmed();
         tokio::pin!(confirmed);
         let mut acknowledged = false;
+        let mut order = PieceOrder::default();
+        // Silence is measured from the last piece once the stream began.
+        let mut stalls_at: Option<tokio::time::Instant> = None;
+        let shown = &mut cost.shown;
         loop {
             tokio::select! {
                 delivered = &mut confirmed, if !acknowledged => {
@@ -258,23 +356,31 @@ impl DeviceLink {
                         Err(DeliveryError::Refused(reason)) => return Err(CloudFailure::Refused(reason)),
                     }
                 }
-                reply = &mut reply_rx => {
-                    let Ok(reply) = reply else { return Err(CloudFailure::ConnectionLost) };
-                    return match reply.result {
-                        // Refused whole: nothing of it reaches the budget, the estimates or the log.
-                        ReplyResult::Answer(answer) => match answer.check() {
-                            Ok(()) => Ok(CloudAnswered { answer, backend_latency_ms: reply.backend_latency_ms }),
-                            Err(reason) => Err(CloudFailure::InvalidReply(reason)),
-                        },
-                        ReplyResult::Error(e) => Err(CloudFailure::Cloud { kind: e.kind, message: e.message }),
-                    };
-                }
+                message = from_bridge.recv() => match message {
+                    None => return Err(CloudFailure::ConnectionLost),
+                    Some(FromBridge::Piece(chunk)) => {
+                        if let Some(text) = order.accept(chunk) {
+                            shown.pieces += 1;
+                            shown.first.get_or_insert_with(|| sent.elapsed());
+                            shown.text.push_str(&text);
+                            if pieces.send(text).is_err() {
+                                return Err(CloudFailure::Cancelled);
+                            }
+                        }
+                        stalls_at = Some(tokio::time::Instant::now() + stall);
+                    }
+                    Some(FromBridge::Reply(reply)) => return finish(reply, shown, pieces, sent),
+                },
+                () = pieces.closed() => return Err(CloudFailure::Cancelled),
                 changed = connected.wait_for(|up| !*up) => {
                     let _ = changed;
                     return Err(CloudFailure::ConnectionLost);
                 }
-                _ = tokio::time::sleep_until(deadline) => {
-                    return Err(CloudFailure::Timeout(wait.as_secs_f64()));
+                () = tokio::time::sleep_until(stalls_at.unwrap_or(deadline).min(deadline)) => {
+                    return Err(match stalls_at {
+                        Some(at) if at < deadline => CloudFailure::Stalled(stall.as_secs_f64()),
+                        _ => CloudFailure::Timeout(wait.as_secs_f64()),
+                    });
                 }
             }
         }
@@ -314,9 +420,39 @@ impl DeviceLink {
     }
 }
 
+/// The answer of `reply`: a streamed answer's text past what was shown goes to `pieces`.
+fn finish(
+    reply: CloudReply,
+    shown: &mut Shown,
+    pieces: &mpsc::UnboundedSender<String>,
+    sent: Instant,
+) -> Result<CloudAnswered, CloudFailure> {
+    match reply.result {
+        // Refused whole: nothing of it reaches the budget, the estimates or the log.
+        ReplyResult::Answer(answer) => {
+            answer.check().map_err(CloudFailure::InvalidReply)?;
+            match answer.answer.strip_prefix(shown.text.as_str()) {
+                Some("") => {}
+                Some(rest) => {
+                    shown.first.get_or_insert_with(|| sent.elapsed());
+                    shown.text.push_str(rest);
+                    let _ = pieces.send(rest.to_owned());
+                }
+                None => tracing::warn!(
+                    request_id = %reply.request_id,
+                    "the streamed text is not the start of the reply's answer: the log keeps the reply's"
+                ),
+            }
+            Ok(CloudAnswered { answer, backend_latency_ms: reply.backend_latency_ms })
+        }
+        ReplyResult::Error(e) => Err(CloudFailure::Cloud { kind: e.kind, message: e.message }),
+    }
+}
+
 /// Where incoming publishes go.
 struct Routes {
     reply_topic: String,
+    stream_topic: String,
     score_topic: String,
     capabilities_topic: String,
     waiters: Waiters,
@@ -325,7 +461,20 @@ struct Routes {
     fleet: mpsc::Sender<Incoming>,
 }
 
-/// Routes incoming publishes: replies to the request waiting for them, scores to `scores`, the
+impl Routes {
+    /// Hands a piece or a reply to the request waiting for it (late ones are dropped).
+    fn to_waiter(&self, request_id: RequestId, message: FromBridge) {
+        let waiters = lock(&self.waiters);
+        match waiters.get(&request_id) {
+            Some(waiter) => {
+                let _ = waiter.send(message);
+            }
+            None => tracing::debug!(%request_id, "reply or piece for a request no longer waiting"),
+        }
+    }
+}
+
+/// Routes incoming publishes: replies and pieces to the request waiting for them, scores to `scores`, the
 /// rest to `fleet`. Malformed payloads are refused, counted and logged; they never stop the loop.
 async fn dispatch(mut incoming: mpsc::Receiver<Incoming>, routes: Routes) {
     let mut inbox = Inbox::new(ReassemblyLimits {
@@ -348,14 +497,13 @@ async fn dispatch(mut incoming: mpsc::Receiver<Incoming>, routes: Routes) {
             else {
                 continue;
             };
-            match lock(&routes.waiters).remove(&reply.request_id) {
-                Some(waiter) => {
-                    let _ = waiter.send(reply);
-                }
-                None => {
-                    tracing::debug!(request_id = %reply.request_id, "reply to a request no longer waiting")
-                }
-            }
+            routes.to_waiter(reply.request_id, FromBridge::Reply(reply));
+        } else if message.topic == routes.stream_topic {
+            let Some(chunk) = inbox.receive::<CloudChunk>(&message.topic, &message.payload, Instant::now())
+            else {
+                continue;
+            };
+            routes.to_waiter(chunk.request_id, FromBridge::Piece(chunk));
         } else if message.topic == routes.capabilities_topic {
             let taken = if message.payload.is_empty() {
                 Ok(None) // the retained copy was cleared
@@ -381,5 +529,67 @@ async fn dispatch(mut incoming: mpsc::Receiver<Incoming>, routes: Routes) {
         } else if routes.fleet.send(message).await.is_err() {
             break;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn piece(seq: u32, text: &str) -> CloudChunk {
+        CloudChunk { request_id: RequestId(7), seq, text: text.into() }
+    }
+
+    #[test]
+    fn pieces_pass_on_in_order_once_each() {
+        let mut order = PieceOrder::default();
+        assert_eq!(order.accept(piece(0, "a")).as_deref(), Some("a"));
+        assert_eq!(order.accept(piece(0, "a")), None, "a duplicate");
+        assert_eq!(order.accept(piece(2, "c")), None, "held until 1 comes");
+        assert_eq!(order.accept(piece(3, "d")), None);
+        assert_eq!(order.accept(piece(2, "c")), None, "a duplicate of a held piece");
+        assert_eq!(order.accept(piece(1, "b")).as_deref(), Some("bcd"), "the gap filled");
+        assert_eq!(order.accept(piece(1, "b")), None, "late");
+        assert_eq!(order.accept(piece(4, "e")).as_deref(), Some("e"));
+    }
+
+    #[test]
+    fn pieces_after_a_long_gap_are_not_held_without_bound() {
+        let mut order = PieceOrder::default();
+        for seq in 1..=(MAX_PIECES_HELD as u32 + 50) {
+            assert_eq!(order.accept(piece(seq, "x")), None);
+        }
+        assert_eq!(order.held.len(), MAX_PIECES_HELD);
+    }
+
+    #[test]
+    fn the_reply_completes_what_the_pieces_showed() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let reply = |text: &str| CloudReply {
+            request_id: RequestId(7),
+            backend_latency_ms: 5,
+            bridge_latency_ms: 6,
+            result: ReplyResult::Answer(CloudAnswer {
+                answer: text.into(),
+                model: "m".into(),
+                prompt_tokens: 1,
+                completion_tokens: 2,
+                cost_usd: 0.001,
+            }),
+        };
+        let mut shown = Shown { text: "Hello ".into(), first: Some(Duration::from_millis(3)), pieces: 1 };
+        let answered = finish(reply("Hello world"), &mut shown, &tx, Instant::now()).expect("answer");
+        assert_eq!(answered.answer.answer, "Hello world");
+        assert_eq!(rx.try_recv().ok().as_deref(), Some("world"), "the missing end is passed on");
+        assert_eq!(shown.text, "Hello world");
+        // A reply that does not start with what was shown is kept whole; nothing more is shown.
+        let mut shown = Shown { text: "Bye".into(), ..Shown::default() };
+        finish(reply("Hello"), &mut shown, &tx, Instant::now()).expect("answer");
+        assert!(rx.try_recv().is_err());
+        // Nothing shown: the whole answer goes at once.
+        let mut shown = Shown::default();
+        finish(reply("Hi"), &mut shown, &tx, Instant::now()).expect("answer");
+        assert_eq!(rx.try_recv().ok().as_deref(), Some("Hi"));
+        assert!(shown.first.is_some());
     }
 }

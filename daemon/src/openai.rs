@@ -537,7 +537,7 @@ impl Reply {
 /// OpenAI's reason for the end: `length` when the answer was cut short, else `stop`.
 fn finish_reason(outcome: &OutcomeEvent, stopped: bool) -> &'static str {
     match outcome.finish.as_str() {
-        "max_tokens" | "context_full" | "deadline" if !stopped => "length",
+        "max_tokens" | "context_full" | "deadline" | "cloud_partial" if !stopped => "length",
         _ => "stop",
     }
 }

@@ -41,6 +41,7 @@ fn request() -> CloudRequest {
         }],
         deadline_unix_ms: 1_790_078_400_000,
         max_tokens: 256,
+        stream: false,
     }
 }
 

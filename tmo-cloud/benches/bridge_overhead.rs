@@ -141,6 +141,7 @@ impl Device {
                 .collect(),
             deadline_unix_ms: unix_ms_now() + 120_000,
             max_tokens,
+            stream: false,
         }
     }
 
@@ -277,6 +278,7 @@ async fn candle_overhead(broker: &MosquittoBroker) {
                 history: vec![],
                 attachments: vec![],
                 deadline_unix_ms: 0,
+                stream: false,
                 max_tokens,
             };
             let messages = tmo_cloud::candle::chat_messages(&request, system);

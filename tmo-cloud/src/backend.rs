@@ -7,6 +7,10 @@ use tmo_protocol::{CloudErrorKind, CloudRequest, MediaType};
 use crate::candle::CandleBackend;
 use crate::openai::OpenAiBackend;
 
+/// Where a backend sends the text of an answer as it is generated (pieces in order; their
+/// concatenation is the answer's text). A closed receiver means nobody reads them any more.
+pub type Pieces = tokio::sync::mpsc::UnboundedSender<String>;
+
 /// What a backend answered.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BackendAnswer {
@@ -94,16 +98,19 @@ pub enum Backend {
 }
 
 impl Backend {
-    /// Answers `request` before `deadline` (the caller also enforces it).
+    /// Answers `request` before `deadline` (the caller also enforces it), sending the text to
+    /// `pieces` as it is generated when given. Dropping the future stops the backend call: the
+    /// HTTP stream is closed, the candle engine stops generating.
     pub async fn answer(
         &self,
         request: &CloudRequest,
         system_prompt: &str,
         deadline: Instant,
+        pieces: Option<&Pieces>,
     ) -> Result<BackendAnswer, BackendError> {
         match self {
-            Self::OpenAi(b) => b.answer(request, system_prompt, deadline).await,
-            Self::Candle(b) => b.answer(request, system_prompt, deadline).await,
+            Self::OpenAi(b) => b.answer(request, system_prompt, deadline, pieces).await,
+            Self::Candle(b) => b.answer(request, system_prompt, deadline, pieces).await,
         }
     }
 

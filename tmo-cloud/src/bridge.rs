@@ -1,5 +1,7 @@
 //! The bridge loop: requests in from the shared subscription, backend calls within each
-//! request's deadline, replies out on the device's reply topic.
+//! request's deadline, the pieces of streamed answers on the device's stream topic as they come,
+//! replies out on the device's reply topic. A device's cancel (heard by every bridge) stops the
+//! backend call of the bridge serving it, which then replies nothing.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -9,10 +11,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tmo_protocol::link::{Incoming, Link, LinkSetup, Message, Publisher, QoS, Subscription};
 use tmo_protocol::topic::filter;
 use tmo_protocol::{
-    CborMessage, CloudAnswer, CloudCapabilities, CloudError, CloudErrorKind, CloudReply, CloudRequest,
-    DeviceId, Inbox, JsonMessage, ReassemblyLimits, ReplyResult, ReplyRoute, Topic,
+    CborMessage, CloudAnswer, CloudCancel, CloudCapabilities, CloudChunk, CloudError, CloudErrorKind,
+    CloudReply, CloudRequest, DeviceId, Inbox, JsonMessage, ReassemblyLimits, ReplyResult, ReplyRoute,
+    RequestId, Topic,
 };
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
@@ -34,6 +37,12 @@ pub struct BridgeCounters {
     pub refused: AtomicU64,
     /// Replies that could not be published.
     pub publish_failures: AtomicU64,
+    /// Requests their device cancelled while they were served (no reply sent).
+    pub cancelled: AtomicU64,
+    /// Redeliveries of a request already being served, dropped.
+    pub duplicates: AtomicU64,
+    /// Pieces of streamed answers published.
+    pub chunks: AtomicU64,
     /// Judge scores published.
     pub scores: AtomicU64,
     /// Sampled answers the judge could not score.
@@ -47,11 +56,47 @@ struct Shared {
     price: Price,
     system_prompt: String,
     reply_margin: Duration,
+    stream_batch: Duration,
     slots: Semaphore,
     counters: BridgeCounters,
     limits: PerDeviceLimits,
     /// What each device is using of its limits.
     usage: Mutex<HashMap<DeviceId, DeviceUse>>,
+    /// The requests being served, to cancel when their device says so.
+    in_progress: Mutex<HashMap<(DeviceId, RequestId), CancellationToken>>,
+}
+
+/// A request's place among those in progress, removed when dropped.
+struct InProgress {
+    shared: Arc<Shared>,
+    key: (DeviceId, RequestId),
+    cancel: CancellationToken,
+}
+
+impl Shared {
+    /// Registers a request as in progress, or `None` when it already is (a redelivery).
+    fn start(self: &Arc<Self>, request: &CloudRequest) -> Option<InProgress> {
+        let key = (request.device_id.clone(), request.request_id);
+        let mut in_progress = self.in_progress.lock().unwrap_or_else(PoisonError::into_inner);
+        if in_progress.contains_key(&key) {
+            return None;
+        }
+        let cancel = CancellationToken::new();
+        in_progress.insert(key.clone(), cancel.clone());
+        Some(InProgress { shared: self.clone(), key, cancel })
+    }
+
+    /// Cancels `device`'s request `request_id` if this bridge is serving it.
+    fn cancel(&self, device: DeviceId, request_id: RequestId) -> bool {
+        let in_progress = self.in_progress.lock().unwrap_or_else(PoisonError::into_inner);
+        in_progress.get(&(device, request_id)).map(CancellationToken::cancel).is_some()
+    }
+}
+
+impl Drop for InProgress {
+    fn drop(&mut self) {
+        self.shared.in_progress.lock().unwrap_or_else(PoisonError::into_inner).remove(&self.key);
+    }
 }
 
 /// One device's requests in flight and its request bucket.
@@ -135,12 +180,11 @@ pub async fn run(
     judge: Option<Judge>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let subscription =
-        Subscription::new(filter::cloud_requests_shared(&config.share_group), QoS::AtLeastOnce);
-    let mut link = Link::start(
-        &config.file.mqtt,
-        LinkSetup { availability_topic: None, subscriptions: vec![subscription] },
-    )?;
+    let subscriptions = vec![
+        Subscription::new(filter::cloud_requests_shared(&config.share_group), QoS::AtLeastOnce),
+        Subscription::new(filter::all_cloud_cancels(), QoS::AtLeastOnce),
+    ];
+    let mut link = Link::start(&config.file.mqtt, LinkSetup { availability_topic: None, subscriptions })?;
     let publisher = link.publisher();
     let capabilities = CloudCapabilities {
         v: tmo_protocol::MESSAGE_VERSION,
@@ -157,10 +201,12 @@ pub async fn run(
         price: config.price,
         system_prompt: config.file.system_prompt.clone(),
         reply_margin: Duration::from_millis(config.file.reply_margin_ms),
+        stream_batch: Duration::from_millis(config.file.stream_batch_ms),
         slots: Semaphore::new(config.file.max_concurrent_requests),
         counters: BridgeCounters::default(),
         limits: config.file.per_device,
         usage: Mutex::new(HashMap::new()),
+        in_progress: Mutex::new(HashMap::new()),
     });
     let mut inbox = Inbox::new(ReassemblyLimits {
         max_message_bytes: config.file.max_request_bytes,
@@ -206,6 +252,9 @@ pub async fn run(
         errors = c.errors.load(Ordering::Relaxed),
         refused = c.refused.load(Ordering::Relaxed),
         publish_failures = c.publish_failures.load(Ordering::Relaxed),
+        cancelled = c.cancelled.load(Ordering::Relaxed),
+        duplicates = c.duplicates.load(Ordering::Relaxed),
+        chunks = c.chunks.load(Ordering::Relaxed),
         scores = c.scores.load(Ordering::Relaxed),
         score_failures = c.score_failures.load(Ordering::Relaxed),
         malformed_payloads = rejected.total(),
@@ -223,6 +272,14 @@ fn handle_incoming(
     tracker: &TaskTracker,
 ) {
     let received = Instant::now();
+    if let Ok(Topic::CloudCancel(device)) = Topic::parse(&incoming.topic) {
+        if let Some(cancel) = inbox.receive::<CloudCancel>(&incoming.topic, &incoming.payload, received)
+            && shared.cancel(device, cancel.request_id)
+        {
+            info!(request_id = %cancel.request_id, "cancelled by its device");
+        }
+        return;
+    }
     let Some(mut request) = inbox.receive::<CloudRequest>(&incoming.topic, &incoming.payload, received)
     else {
         return;
@@ -240,6 +297,11 @@ fn handle_incoming(
             return;
         }
     };
+    let Some(in_progress) = shared.start(&request) else {
+        shared.counters.duplicates.fetch_add(1, Ordering::Relaxed);
+        debug!(request_id = %request.request_id, "redelivery of a request in progress dropped");
+        return;
+    };
     shared.counters.requests.fetch_add(1, Ordering::Relaxed);
     let admitted = shared.admit(&request.device_id);
     request.max_tokens = request.max_tokens.min(shared.limits.max_tokens);
@@ -247,7 +309,16 @@ fn handle_incoming(
     let publisher = publisher.clone();
     let judge_tracker = tracker.clone();
     tracker.spawn(async move {
-        let reply = serve(&shared, &request, received, admitted).await;
+        let cancel = in_progress.cancel.clone();
+        let reply = tokio::select! {
+            reply = serve(&shared, &publisher, &request, received, admitted) => reply,
+            // Dropping `serve` stops the backend call (and the pieces still to publish).
+            () = cancel.cancelled() => {
+                shared.counters.cancelled.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        };
+        drop(in_progress);
         publish_reply(&shared, &publisher, &route, &reply).await;
         if let ReplyResult::Answer(answer) = reply.result
             && shared.judge.as_ref().is_some_and(|j| j.sampled(&request))
@@ -256,6 +327,50 @@ fn handle_incoming(
                 .spawn(async move { judge_and_publish(&shared, &publisher, &request, &answer.answer).await });
         }
     });
+}
+
+/// Publishes the pieces of a streamed answer on `device`'s stream topic as they come, numbered
+/// from 0: the first at once, later ones gathered while the last went out less than `batch`
+/// ago. Ends when the backend call drops its sender. Returns the number of pieces published.
+async fn forward_pieces(
+    mut pieces: mpsc::UnboundedReceiver<String>,
+    publisher: &Publisher,
+    device: &DeviceId,
+    request_id: RequestId,
+    batch: Duration,
+) -> u32 {
+    let template = Message::new(Topic::CloudStream(device.clone()).name(), QoS::AtLeastOnce, Vec::new());
+    let mut seq = 0u32;
+    let mut last_sent: Option<tokio::time::Instant> = None;
+    let mut open = true;
+    while open {
+        let Some(mut text) = pieces.recv().await else { break };
+        if let Some(due) = last_sent.map(|at| at + batch) {
+            loop {
+                tokio::select! {
+                    piece = pieces.recv() => match piece {
+                        Some(piece) => text.push_str(&piece),
+                        None => { open = false; break }
+                    },
+                    () = tokio::time::sleep_until(due) => break,
+                }
+            }
+        }
+        let body = match (CloudChunk { request_id, seq, text }).to_cbor() {
+            Ok(body) => body,
+            Err(error) => {
+                warn!(%error, "answer piece not encoded");
+                continue;
+            }
+        };
+        last_sent = Some(tokio::time::Instant::now());
+        if let Err(error) = publisher.publish_body(&template, &body).await {
+            // The reply still carries the whole answer.
+            debug!(%error, %request_id, seq, "answer piece not published");
+        }
+        seq += 1;
+    }
+    seq
 }
 
 async fn judge_and_publish(shared: &Shared, publisher: &Publisher, request: &CloudRequest, answer: &str) {
@@ -327,9 +442,11 @@ fn reply_deadline(request: &CloudRequest, received: Instant, margin: Duration) -
     (received + Duration::from_millis(remaining_ms)).checked_sub(margin).unwrap_or(received)
 }
 
-/// Answers `request` (holding its device's place, `admitted`, until then), or says why not.
+/// Answers `request` (holding its device's place, `admitted`, until then), or says why not. A
+/// request that streams has its answer's pieces published while the backend generates them.
 async fn serve(
     shared: &Shared,
+    publisher: &Publisher,
     request: &CloudRequest,
     received: Instant,
     admitted: Result<DevicePermit, CloudError>,
@@ -353,11 +470,23 @@ async fn serve(
             Ok(Err(_)) => error(CloudErrorKind::Overloaded, "the bridge is stopping".into()),
             Ok(Ok(_permit)) => {
                 let started = Instant::now();
-                let answered = tokio::time::timeout_at(
-                    deadline_tokio,
-                    shared.backend.answer(request, &shared.system_prompt, deadline),
-                )
-                .await;
+                let (pieces, streamed) = mpsc::unbounded_channel();
+                let call = async move {
+                    // Owns the sender: the forwarder ends when the call does.
+                    let pieces = request.stream.then_some(pieces);
+                    let answer =
+                        shared.backend.answer(request, &shared.system_prompt, deadline, pieces.as_ref());
+                    tokio::time::timeout_at(deadline_tokio, answer).await
+                };
+                let forward = forward_pieces(
+                    streamed,
+                    publisher,
+                    &request.device_id,
+                    request.request_id,
+                    shared.stream_batch,
+                );
+                let (answered, chunks) = tokio::join!(call, forward);
+                shared.counters.chunks.fetch_add(u64::from(chunks), Ordering::Relaxed);
                 backend_latency = started.elapsed();
                 match answered {
                     Err(_) => error(

@@ -1,6 +1,8 @@
 //! The candle backend: a local GGUF (llm-engine) on a dedicated thread, for a self-hosted
 //! text-only cloud. Attachments are described in the prompt (`[3 camera views attached]`).
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -10,7 +12,7 @@ use tmo_protocol::CloudRequest;
 use tokio::sync::oneshot;
 use tracing::{info, warn};
 
-use crate::backend::{BackendAnswer, BackendError, count_media, describe_attachments};
+use crate::backend::{BackendAnswer, BackendError, Pieces, count_media, describe_attachments};
 use crate::config::CandleConfig;
 
 /// The engine could not be started.
@@ -33,7 +35,20 @@ struct Job {
     messages: Vec<ChatMessage>,
     max_tokens: u32,
     deadline: Instant,
+    pieces: Option<Pieces>,
+    /// Set when the caller no longer waits (its future dropped): a queued job is skipped, a
+    /// running one stops at its next token.
+    cancel: Arc<AtomicBool>,
     reply: oneshot::Sender<Result<BackendAnswer, BackendError>>,
+}
+
+/// Sets the flag when dropped: the answer's future went away.
+struct CancelOnDrop(Arc<AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
 }
 
 /// A GGUF model answering on its own thread, one request at a time.
@@ -80,18 +95,24 @@ impl CandleBackend {
         &self.model
     }
 
-    /// Answers `request` on the engine thread before `deadline`.
+    /// Answers `request` on the engine thread before `deadline`, each token's text to `pieces`
+    /// when given. Dropping the future stops the generation at its next token.
     pub async fn answer(
         &self,
         request: &CloudRequest,
         system_prompt: &str,
         deadline: Instant,
+        pieces: Option<&Pieces>,
     ) -> Result<BackendAnswer, BackendError> {
         let (reply, answer) = oneshot::channel();
+        let cancel = Arc::new(AtomicBool::new(false));
+        let _stop_when_dropped = CancelOnDrop(cancel.clone());
         let job = Job {
             messages: chat_messages(request, system_prompt),
             max_tokens: request.max_tokens,
             deadline,
+            pieces: pieces.cloned(),
+            cancel,
             reply,
         };
         let jobs = self.jobs.as_ref().ok_or_else(|| BackendError::Engine("engine stopped".into()))?;
@@ -118,6 +139,9 @@ impl Drop for CandleBackend {
 }
 
 fn run_job(engine: &mut Engine, model: &str, job: &Job) -> Result<BackendAnswer, BackendError> {
+    if job.cancel.load(Ordering::Relaxed) {
+        return Err(BackendError::Engine("cancelled in the engine queue".into()));
+    }
     if Instant::now() >= job.deadline {
         return Err(BackendError::Deadline { attempts: 0, last: Some("expired in the engine queue".into()) });
     }
@@ -126,17 +150,30 @@ fn run_job(engine: &mut Engine, model: &str, job: &Job) -> Result<BackendAnswer,
         deadline: Some(job.deadline),
         ..GenerationParams::default()
     };
+    let mut on_text = |piece: &str| {
+        if let Some(pieces) = &job.pieces {
+            let _ = pieces.send(piece.to_owned());
+        }
+    };
     let generation = engine
-        .chat(&job.messages, &params, None, &mut |_| {})
+        .chat(&job.messages, &params, Some(&job.cancel), &mut on_text)
         .map_err(|e| BackendError::Engine(e.to_string()))?;
-    if generation.report.finish == llm_engine::FinishReason::Deadline {
-        return Err(BackendError::Deadline {
-            attempts: 1,
-            last: Some("generation cut at the deadline".into()),
-        });
+    match generation.report.finish {
+        llm_engine::FinishReason::Deadline => {
+            return Err(BackendError::Deadline {
+                attempts: 1,
+                last: Some("generation cut at the deadline".into()),
+            });
+        }
+        llm_engine::FinishReason::Cancelled => {
+            info!(generated = generation.report.generated_tokens, "generation cancelled");
+            return Err(BackendError::Engine("cancelled".into()));
+        }
+        _ => {}
     }
     Ok(BackendAnswer {
-        text: generation.text.trim().to_owned(),
+        // A streamed answer is exactly its pieces, which the device has shown already.
+        text: if job.pieces.is_some() { generation.text } else { generation.text.trim().to_owned() },
         model: model.to_owned(),
         prompt_tokens: u32::try_from(generation.report.prompt_tokens).unwrap_or(u32::MAX),
         completion_tokens: u32::try_from(generation.report.generated_tokens).unwrap_or(u32::MAX),
@@ -187,6 +224,7 @@ mod tests {
                 .collect(),
             deadline_unix_ms: 0,
             max_tokens: 8,
+            stream: false,
         };
         let m = chat_messages(&request, "sys");
         assert_eq!(m.len(), 4);

@@ -65,6 +65,11 @@ pub struct FileConfig {
     /// error reply if the backend has not answered), so that it reaches the device in time.
     #[serde(default = "default_reply_margin_ms")]
     pub reply_margin_ms: u64,
+    /// A streamed answer's pieces are published at most this often (the first at once, later
+    /// ones gathered while the last was this recent): few messages on a slow link, and a
+    /// backend slower than one token per interval streams token by token. 0: every piece.
+    #[serde(default = "default_stream_batch_ms")]
+    pub stream_batch_ms: u64,
     /// On SIGTERM/SIGINT, requests in progress get this long to finish.
     #[serde(default = "default_drain_timeout_ms")]
     pub drain_timeout_ms: u64,
@@ -154,6 +159,9 @@ fn default_max_request_bytes() -> usize {
 }
 fn default_reply_margin_ms() -> u64 {
     50
+}
+fn default_stream_batch_ms() -> u64 {
+    20
 }
 fn default_drain_timeout_ms() -> u64 {
     10_000

@@ -60,10 +60,12 @@ impl Judge {
         prompt.question = text;
         prompt.max_tokens = self.max_tokens;
         let deadline = Instant::now() + self.timeout;
-        let graded =
-            tokio::time::timeout(self.timeout, self.backend.answer(&prompt, JUDGE_SYSTEM_PROMPT, deadline))
-                .await
-                .map_err(|_| BackendError::Deadline { attempts: 1, last: None })??;
+        let graded = tokio::time::timeout(
+            self.timeout,
+            self.backend.answer(&prompt, JUDGE_SYSTEM_PROMPT, deadline, None),
+        )
+        .await
+        .map_err(|_| BackendError::Deadline { attempts: 1, last: None })??;
         let score = parse_score(&graded.text).ok_or_else(|| JudgeError::NoScore(graded.text.clone()))?;
         Ok(JudgeScore {
             v: tmo_protocol::MESSAGE_VERSION,

@@ -3,7 +3,11 @@
 //! Images go as `image_url` parts with `data:image/jpeg;base64,...` URLs, audio as
 //! `input_audio` parts (`format: "wav"`) when the model takes audio. HTTP 429 and 5xx (and
 //! connection failures) are retried with exponential backoff, honouring `Retry-After`
-//! (seconds), as long as the deadline allows.
+//! (seconds), as long as the deadline allows and no text of the answer has been passed on yet.
+//!
+//! A request whose answer streams asks for `stream: true` (with `stream_options.include_usage`)
+//! and reads the server-sent events as they come; a server that answers with a whole JSON
+//! completion instead is read as one piece.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -11,6 +15,7 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use bytes::Bytes;
+use eventsource_stream::Eventsource as _;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use hyper::{Method, Request, StatusCode, Uri};
@@ -21,9 +26,10 @@ use hyper_util::rt::TokioExecutor;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tmo_protocol::{CloudRequest, MediaType};
+use tokio_stream::StreamExt as _;
 use tracing::{debug, info, warn};
 
-use crate::backend::{BackendAnswer, BackendError, count_media, describe_attachments};
+use crate::backend::{BackendAnswer, BackendError, Pieces, count_media, describe_attachments};
 use crate::config::OpenAiConfig;
 
 /// Largest response body read.
@@ -133,31 +139,35 @@ impl OpenAiBackend {
         &self.config.model
     }
 
-    /// The JSON request body for `request`, and the number of images in it.
-    pub fn request_body(&self, request: &CloudRequest, system_prompt: &str) -> (Value, u32) {
-        build_request_body(&self.config, request, system_prompt)
+    /// The JSON request body for `request`, and the number of images in it (`stream` asks for
+    /// server-sent events).
+    pub fn request_body(&self, request: &CloudRequest, system_prompt: &str, stream: bool) -> (Value, u32) {
+        build_request_body(&self.config, request, system_prompt, stream)
     }
 
-    /// Answers `request`, retrying within `deadline`.
+    /// Answers `request`, retrying within `deadline` until text has been passed to `pieces`.
     pub async fn answer(
         &self,
         request: &CloudRequest,
         system_prompt: &str,
         deadline: Instant,
+        pieces: Option<&Pieces>,
     ) -> Result<BackendAnswer, BackendError> {
-        let (body, images_sent) = self.request_body(request, system_prompt);
+        let (body, images_sent) = self.request_body(request, system_prompt, pieces.is_some());
         let body =
             Bytes::from(serde_json::to_vec(&body).map_err(|e| BackendError::BadRequest(e.to_string()))?);
         let deadline_tokio = tokio::time::Instant::from_std(deadline);
         let mut attempts = 0u32;
         let mut last_failure: Option<String>;
+        let mut passed_on = false;
         loop {
             attempts += 1;
-            let outcome = tokio::time::timeout_at(deadline_tokio, self.attempt(body.clone())).await;
+            let outcome =
+                tokio::time::timeout_at(deadline_tokio, self.attempt(body.clone(), pieces, &mut passed_on))
+                    .await;
             let retry = match outcome {
                 Err(_) => return Err(BackendError::Deadline { attempts, last: None }),
-                Ok(Attempt::Done(completion)) => {
-                    let mut answer = parse_completion(&completion)?;
+                Ok(Attempt::Done(mut answer)) => {
                     answer.images_sent = images_sent;
                     answer.attempts = attempts;
                     return Ok(answer);
@@ -172,7 +182,8 @@ impl OpenAiBackend {
                     BackendError::Unavailable { attempts, detail: detail.clone() }
                 }
             };
-            if attempts > self.config.max_retries {
+            if attempts > self.config.max_retries || passed_on {
+                // Text already shown cannot be taken back: a stream broken midway is not retried.
                 return Err(give_up(attempts));
             }
             let backoff = backoff_delay(
@@ -191,7 +202,8 @@ impl OpenAiBackend {
         }
     }
 
-    async fn attempt(&self, body: Bytes) -> Attempt {
+    /// One HTTP request; `passed_on` becomes true once text has gone to `pieces`.
+    async fn attempt(&self, body: Bytes, pieces: Option<&Pieces>, passed_on: &mut bool) -> Attempt {
         let mut builder = Request::builder()
             .method(Method::POST)
             .uri(self.endpoint.clone())
@@ -214,6 +226,14 @@ impl OpenAiBackend {
         };
         let status = response.status();
         let retry_after = response.headers().get(RETRY_AFTER).and_then(parse_retry_after);
+        let event_stream = response
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"));
+        if status.is_success() && event_stream {
+            return read_events(response.into_body(), pieces, passed_on).await;
+        }
         let bytes = match Limited::new(response.into_body(), MAX_RESPONSE_BYTES).collect().await {
             Ok(collected) => collected.to_bytes(),
             Err(e) => {
@@ -223,14 +243,88 @@ impl OpenAiBackend {
                 });
             }
         };
-        classify(status, retry_after, bytes)
+        let attempt = classify(status, retry_after, bytes);
+        if let (Attempt::Done(answer), Some(pieces)) = (&attempt, pieces) {
+            // A server that does not stream: its whole answer is the one piece.
+            *passed_on = true;
+            let _ = pieces.send(answer.text.clone());
+        }
+        attempt
     }
+}
+
+/// Reads a streamed chat completion: each delta's text goes to `pieces` as it arrives; usage
+/// and model from the chunks that carry them.
+async fn read_events(body: hyper::body::Incoming, pieces: Option<&Pieces>, passed_on: &mut bool) -> Attempt {
+    let mut events = body.into_data_stream().eventsource();
+    let mut answer = BackendAnswer {
+        text: String::new(),
+        model: String::new(),
+        prompt_tokens: 0,
+        completion_tokens: 0,
+        images_sent: 0,
+        attempts: 1,
+    };
+    let mut usage = false;
+    let mut deltas = 0u32;
+    let broken =
+        |detail: String| Attempt::Retry(Retry { kind: RetryKind::Connection(detail), retry_after: None });
+    while let Some(event) = events.next().await {
+        let event = match event {
+            Ok(event) => event,
+            Err(e) => return broken(format!("reading the event stream: {e}")),
+        };
+        if event.data.trim() == "[DONE]" {
+            break;
+        }
+        let chunk: StreamChunk = match serde_json::from_str(&event.data) {
+            Ok(chunk) => chunk,
+            Err(e) => return Attempt::Fatal(BackendError::Malformed(format!("stream chunk: {e}"))),
+        };
+        if let Some(error) = chunk.error {
+            // A server that fails after the stream began says so in the stream.
+            return Attempt::Retry(Retry {
+                kind: RetryKind::Server(format!("error in the stream: {error}")),
+                retry_after: None,
+            });
+        }
+        if let Some(model) = chunk.model.filter(|m| !m.is_empty()) {
+            answer.model = model;
+        }
+        if let Some(u) = chunk.usage {
+            (answer.prompt_tokens, answer.completion_tokens, usage) =
+                (u.prompt_tokens, u.completion_tokens, true);
+        }
+        let text = chunk.choices.into_iter().next().and_then(|c| c.delta.content).unwrap_or_default();
+        if text.is_empty() {
+            continue;
+        }
+        if answer.text.len() + text.len() > MAX_RESPONSE_BYTES {
+            return Attempt::Fatal(BackendError::Malformed(format!(
+                "streamed answer longer than {MAX_RESPONSE_BYTES} bytes"
+            )));
+        }
+        deltas += 1;
+        answer.text.push_str(&text);
+        if let Some(pieces) = pieces {
+            *passed_on = true;
+            let _ = pieces.send(text);
+        }
+    }
+    if !usage {
+        warn!(deltas, "streamed completion without usage: completion tokens counted as its deltas");
+        answer.completion_tokens = deltas;
+    }
+    Attempt::Done(answer)
 }
 
 fn classify(status: StatusCode, retry_after: Option<Duration>, body: Bytes) -> Attempt {
     let snippet = || String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned();
     if status.is_success() {
-        Attempt::Done(body)
+        match parse_completion(&body) {
+            Ok(answer) => Attempt::Done(answer),
+            Err(error) => Attempt::Fatal(error),
+        }
     } else if status == StatusCode::TOO_MANY_REQUESTS {
         Attempt::Retry(Retry { kind: RetryKind::RateLimited, retry_after })
     } else if status.is_server_error() && refuses_a_capability(&body) {
@@ -255,7 +349,7 @@ fn refuses_a_capability(body: &[u8]) -> bool {
 }
 
 enum Attempt {
-    Done(Bytes),
+    Done(BackendAnswer),
     Retry(Retry),
     Fatal(BackendError),
 }
@@ -313,6 +407,31 @@ struct ChoiceMessage {
     content: Option<String>,
 }
 
+/// One `data:` event of a streamed completion.
+#[derive(Deserialize)]
+struct StreamChunk {
+    #[serde(default)]
+    model: Option<String>,
+    #[serde(default)]
+    choices: Vec<StreamChoice>,
+    #[serde(default)]
+    usage: Option<Usage>,
+    #[serde(default)]
+    error: Option<Value>,
+}
+
+#[derive(Deserialize)]
+struct StreamChoice {
+    #[serde(default)]
+    delta: Delta,
+}
+
+#[derive(Deserialize, Default)]
+struct Delta {
+    #[serde(default)]
+    content: Option<String>,
+}
+
 #[derive(Deserialize)]
 struct Usage {
     prompt_tokens: u32,
@@ -344,7 +463,12 @@ pub fn parse_completion(body: &[u8]) -> Result<BackendAnswer, BackendError> {
     })
 }
 
-fn build_request_body(config: &OpenAiConfig, request: &CloudRequest, system_prompt: &str) -> (Value, u32) {
+fn build_request_body(
+    config: &OpenAiConfig,
+    request: &CloudRequest,
+    system_prompt: &str,
+    stream: bool,
+) -> (Value, u32) {
     let mut messages = vec![json!({"role": "system", "content": system_prompt})];
     for turn in &request.history {
         messages.push(json!({"role": "user", "content": turn.question}));
@@ -392,8 +516,11 @@ fn build_request_body(config: &OpenAiConfig, request: &CloudRequest, system_prom
         "model": config.model,
         "messages": messages,
         "max_tokens": request.max_tokens,
-        "stream": false,
+        "stream": stream,
     });
+    if stream {
+        body["stream_options"] = json!({"include_usage": true});
+    }
     if let Some(t) = config.temperature {
         body["temperature"] = json!(t);
     }
@@ -462,12 +589,13 @@ mod tests {
             ],
             deadline_unix_ms: 0,
             max_tokens: 64,
+            stream: false,
         }
     }
 
     #[test]
     fn body_has_history_images_and_audio_when_taken() {
-        let (body, images) = build_request_body(&config(true), &request(), "sys");
+        let (body, images) = build_request_body(&config(true), &request(), "sys", false);
         assert_eq!(images, 1);
         let messages = body["messages"].as_array().unwrap();
         let roles: Vec<&str> = messages.iter().map(|m| m["role"].as_str().unwrap()).collect();
@@ -482,7 +610,7 @@ mod tests {
 
     #[test]
     fn audio_is_dropped_with_a_note_when_not_taken() {
-        let (body, _) = build_request_body(&config(false), &request(), "sys");
+        let (body, _) = build_request_body(&config(false), &request(), "sys", false);
         let parts = body["messages"][3]["content"].as_array().unwrap();
         assert_eq!(parts.len(), 2);
         let text = parts[0]["text"].as_str().unwrap();
@@ -523,7 +651,15 @@ mod tests {
 
     #[test]
     fn statuses_are_classified() {
-        assert!(matches!(classify(StatusCode::OK, None, Bytes::new()), Attempt::Done(_)));
+        assert!(matches!(
+            classify(
+                StatusCode::OK,
+                None,
+                Bytes::from_static(br#"{"choices":[{"message":{"content":"x"}}]}"#)
+            ),
+            Attempt::Done(_)
+        ));
+        assert!(matches!(classify(StatusCode::OK, None, Bytes::new()), Attempt::Fatal(_)));
         assert!(matches!(
             classify(StatusCode::TOO_MANY_REQUESTS, Some(Duration::from_secs(1)), Bytes::new()),
             Attempt::Retry(Retry { kind: RetryKind::RateLimited, retry_after: Some(_) })

@@ -17,11 +17,13 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use serde_json::{Value, json};
 use tmo_cloud::bridge::unix_ms_now;
+use tmo_cloud::testing::{ChatServer, Ended, LONG_WORDS, SHORT_WORDS, answer_text};
 use tmo_protocol::link::{Link, LinkConfig, LinkSetup, Message, QoS, Subscription};
 use tmo_protocol::testing::MosquittoBroker;
 use tmo_protocol::{
-    Attachment, CborMessage, CloudAnswer, CloudCapabilities, CloudErrorKind, CloudReply, CloudRequest,
-    DeviceId, HistoryTurn, Inbox, JsonMessage, MediaType, ReassemblyLimits, ReplyResult, RequestId, Topic,
+    Attachment, CborMessage, CloudAnswer, CloudCancel, CloudCapabilities, CloudChunk, CloudErrorKind,
+    CloudReply, CloudRequest, DeviceId, HistoryTurn, Inbox, JsonMessage, MediaType, ReassemblyLimits,
+    ReplyResult, RequestId, Topic,
 };
 
 const API_KEY: &str = "test-key-123";
@@ -245,11 +247,15 @@ async fn device_side(broker: &MosquittoBroker, name: &str) -> DeviceSide {
     let mut config = LinkConfig::new("127.0.0.1", broker.port(), name);
     config.max_packet_bytes = 1 << 20;
     let reply = Topic::CloudReply(device.clone()).name();
+    let stream = Topic::CloudStream(device.clone()).name();
     let link = Link::start(
         &config,
         LinkSetup {
             availability_topic: None,
-            subscriptions: vec![Subscription::new(reply, QoS::AtLeastOnce)],
+            subscriptions: vec![
+                Subscription::new(reply, QoS::AtLeastOnce),
+                Subscription::new(stream, QoS::AtLeastOnce),
+            ],
         },
     )
     .unwrap();
@@ -299,6 +305,7 @@ fn request(device: &DeviceId, question: &str, deadline_ms_from_now: u64, images:
             .collect(),
         deadline_unix_ms: unix_ms_now() + deadline_ms_from_now,
         max_tokens: 24,
+        stream: false,
     }
 }
 
@@ -317,18 +324,61 @@ impl DeviceSide {
         }
     }
 
-    /// The next reply, with the unix ms it arrived at; checks the correlation data.
+    /// The next reply, with the unix ms it arrived at; checks the correlation data. Pieces of
+    /// streamed answers before it are skipped.
     async fn reply(&mut self) -> (CloudReply, u64) {
         loop {
             let m = tokio::time::timeout(WAIT, self.link.incoming.recv())
                 .await
                 .expect("a reply in time")
                 .unwrap();
+            if m.topic.ends_with("/cloud/stream") {
+                continue;
+            }
             if let Some(reply) = self.inbox.receive::<CloudReply>(&m.topic, &m.payload, Instant::now()) {
                 let correlated = m.correlation_data.as_deref().and_then(RequestId::from_correlation_data);
                 assert_eq!(correlated, Some(reply.request_id), "correlation data echoed");
                 return (reply, unix_ms_now());
             }
+        }
+    }
+
+    /// The pieces of a streamed answer, each with when it arrived, and then its reply.
+    async fn streamed(&mut self) -> (Vec<(CloudChunk, Instant)>, CloudReply, Instant) {
+        let mut pieces = Vec::new();
+        loop {
+            let m = tokio::time::timeout(WAIT, self.link.incoming.recv())
+                .await
+                .expect("a piece or the reply in time")
+                .unwrap();
+            let now = Instant::now();
+            if m.topic.ends_with("/cloud/stream") {
+                pieces.push((
+                    self.inbox.receive::<CloudChunk>(&m.topic, &m.payload, now).expect("a piece"),
+                    now,
+                ));
+            } else if let Some(reply) = self.inbox.receive::<CloudReply>(&m.topic, &m.payload, now) {
+                return (pieces, reply, now);
+            }
+        }
+    }
+
+    /// The first piece of a streamed answer.
+    async fn first_piece(&mut self) -> CloudChunk {
+        loop {
+            let m = tokio::time::timeout(WAIT, self.link.incoming.recv()).await.expect("a piece").unwrap();
+            if let Some(piece) = self.inbox.receive::<CloudChunk>(&m.topic, &m.payload, Instant::now()) {
+                return piece;
+            }
+        }
+    }
+
+    /// Says the device no longer waits for `request_id`, on `device`'s cancel topic.
+    async fn cancel(&self, device: &DeviceId, request_id: RequestId) {
+        let body = CloudCancel { request_id }.to_cbor().unwrap();
+        let template = Message::new(Topic::CloudCancel(device.clone()).name(), QoS::AtLeastOnce, Vec::new());
+        for d in self.link.publisher().publish_body(&template, &body).await.unwrap() {
+            d.confirmed().await.unwrap();
         }
     }
 
@@ -553,6 +603,78 @@ async fn cloud_two_bridges_split_twenty_requests() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cloud_bridge_streams_an_answer_before_its_reply_and_a_cancel_stops_the_backend() {
+    let broker = MosquittoBroker::start().unwrap();
+    let pace = Duration::from_millis(100);
+    let server = ChatServer::start(pace).await.unwrap();
+    let mut bridge = spawn_bridge(&broker, "bridge-stream", &openai_backend(&server.base_url, "gpt-test"));
+    wait_subscribed(&broker, &mut bridge).await;
+    let mut device = device_side(&broker, "kitchen-6").await;
+
+    // Streamed: the pieces, numbered from 0, come as the backend writes, well before the reply,
+    // and make up the reply's answer.
+    let mut streamed = request(&device.device, "ok stream it", 20_000, &[]);
+    streamed.stream = true;
+    device.send(&streamed).await;
+    let (pieces, reply, replied) = device.streamed().await;
+    let whole = answer(&reply);
+    assert_eq!(whole.answer, answer_text(SHORT_WORDS));
+    assert_eq!(whole.completion_tokens, SHORT_WORDS as u32, "from the stream's usage chunk");
+    let seqs: Vec<u32> = pieces.iter().map(|(p, _)| p.seq).collect();
+    assert_eq!(seqs, (0..pieces.len() as u32).collect::<Vec<_>>());
+    assert!(
+        pieces.len() >= SHORT_WORDS / 2,
+        "{} pieces for {SHORT_WORDS} words {pace:?} apart",
+        pieces.len()
+    );
+    let text: String = pieces.iter().map(|(p, _)| p.text.as_str()).collect();
+    assert_eq!(text, whole.answer);
+    let ahead = replied - pieces[0].1;
+    assert!(ahead >= pace * (SHORT_WORDS as u32 - 2), "first piece only {ahead:?} before the reply");
+    let served = server.served();
+    assert!(served[0].stream && served[0].ended == Some(Ended::Completed));
+    // The backend's first word and the device's first piece, on one clock.
+    let behind = pieces[0].1 - served[0].word_times[0];
+    assert!(behind < Duration::from_millis(500), "first piece {behind:?} after the backend's first word");
+
+    // Not asked to stream (a device of before): the reply alone.
+    let (pieces, reply, _) = {
+        device.send(&request(&device.device, "ok whole", 20_000, &[])).await;
+        device.streamed().await
+    };
+    assert!(pieces.is_empty());
+    assert_eq!(answer(&reply).answer, answer_text(SHORT_WORDS));
+
+    // A long answer cancelled after its first piece: the bridge drops the HTTP stream, which the
+    // backend sees, and replies nothing. A cancel on another device's topic does nothing.
+    let mut long = request(&device.device, "long answer please", 60_000, &[]);
+    long.stream = true;
+    device.send(&long).await;
+    let first = device.first_piece().await;
+    assert_eq!((first.request_id, first.seq), (long.request_id, 0));
+    device.cancel(&DeviceId::new("kitchen-other").unwrap(), long.request_id).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(server.served().iter().all(|s| s.ended.is_none() || !s.question.starts_with("long")));
+    device.cancel(&device.device, long.request_id).await;
+    let ended = server.wait_ended("long", Duration::from_secs(5)).await.expect("the stream ended");
+    assert_eq!(ended.ended, Some(Ended::Dropped));
+    assert!(ended.word_times.len() < LONG_WORDS / 4, "{} words went out", ended.word_times.len());
+    let quiet = tokio::time::timeout(Duration::from_secs(1), device.reply()).await;
+    assert!(quiet.is_err(), "a cancelled request got a reply");
+    assert!(bridge.log().contains("cancelled by its device"), "{}", bridge.log());
+
+    // A text-only server refusing images: one attempt, a bad-request error at once.
+    let mut refused = request(&device.device, "refuse-images look", 20_000, &[camera_jpeg(9)]);
+    refused.stream = true;
+    let sent = Instant::now();
+    let (reply, _) = device.ask(&refused).await;
+    let (kind, message) = error_kind(&reply);
+    assert_eq!(kind, CloudErrorKind::BadRequest, "{message}");
+    assert!(message.contains("not supported"), "{message}");
+    assert!(sent.elapsed() < Duration::from_secs(2), "retried: {:?}", sent.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cloud_bridge_candle_backend_answers_with_smollm2() {
     let broker = MosquittoBroker::start().unwrap();
     let mut bridge = spawn_bridge(&broker, "bridge-candle", &candle_backend("smollm2-135m"));
@@ -583,6 +705,23 @@ async fn cloud_bridge_candle_backend_answers_with_smollm2() {
         );
     }
     assert!(bridge.log().contains("candle model loaded"));
+
+    // Streamed token by token, and stopped by a cancel after the first piece.
+    let mut story =
+        request(&device.device, "Tell me a very long story about a dragon who cooks soup.", 60_000, &[]);
+    (story.stream, story.max_tokens) = (true, 1000);
+    device.send(&story).await;
+    let first = device.first_piece().await;
+    assert_eq!(first.request_id, story.request_id);
+    device.cancel(&device.device, story.request_id).await;
+    let started = Instant::now();
+    while !bridge.log().contains("generation cancelled") {
+        assert!(started.elapsed() < WAIT, "the engine did not stop: {}", bridge.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The engine is free again: a short request is answered.
+    let (reply, _) = device.ask(&request(&device.device, "What is an egg?", 60_000, &[])).await;
+    assert!(!answer(&reply).answer.trim().is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -31,6 +31,7 @@ fn request() -> CloudRequest {
             .collect(),
         deadline_unix_ms: u64::MAX,
         max_tokens: 64,
+        stream: false,
     }
 }
 

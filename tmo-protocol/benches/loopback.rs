@@ -105,6 +105,7 @@ async fn main() {
             attachments: attachments.clone(),
             deadline_unix_ms: u64::MAX,
             max_tokens: 64,
+            stream: false,
         };
         let started = Instant::now();
         let template = Message {

@@ -32,6 +32,10 @@ pub enum MessageKind {
     OutcomeAck = 4,
     /// [`crate::PolicyBundle`].
     PolicyBundle = 5,
+    /// [`crate::CloudChunk`].
+    CloudChunk = 6,
+    /// [`crate::CloudCancel`].
+    CloudCancel = 7,
 }
 
 impl MessageKind {
@@ -42,6 +46,8 @@ impl MessageKind {
             3 => Self::OutcomeBatch,
             4 => Self::OutcomeAck,
             5 => Self::PolicyBundle,
+            6 => Self::CloudChunk,
+            7 => Self::CloudCancel,
             _ => return None,
         })
     }
@@ -54,6 +60,8 @@ impl MessageKind {
             Self::OutcomeBatch => "outcome batch",
             Self::OutcomeAck => "outcome ack",
             Self::PolicyBundle => "policy bundle",
+            Self::CloudChunk => "cloud answer chunk",
+            Self::CloudCancel => "cloud cancel",
         }
     }
 }

@@ -120,6 +120,10 @@ pub struct CloudRequest {
     pub deadline_unix_ms: u64,
     /// Most tokens to generate.
     pub max_tokens: u32,
+    /// Send the answer's pieces as they come ([`CloudChunk`] on [`Topic::CloudStream`]) before
+    /// the reply. A bridge that does not stream ignores it and replies once.
+    #[serde(default)]
+    pub stream: bool,
 }
 
 impl CborMessage for CloudRequest {
@@ -311,6 +315,47 @@ pub struct CloudReply {
 
 impl CborMessage for CloudReply {
     const KIND: MessageKind = MessageKind::CloudReply;
+}
+
+/// Largest text of one [`CloudChunk`], bytes.
+pub const MAX_CHUNK_TEXT_BYTES: usize = 64 * 1024;
+
+/// A piece of a streamed answer (topic [`Topic::CloudStream`]), published as the backend
+/// generates it (batched over a few tens of milliseconds). The pieces of a request are numbered
+/// from 0; the device shows them in that order, once each, and the reply that follows holds
+/// the whole answer, so a piece lost on the way costs only its early display.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CloudChunk {
+    /// The request answered.
+    pub request_id: RequestId,
+    /// The piece's place in the answer, from 0.
+    pub seq: u32,
+    /// The text, to be appended to the pieces before it.
+    pub text: String,
+}
+
+impl CborMessage for CloudChunk {
+    const KIND: MessageKind = MessageKind::CloudChunk;
+
+    fn validate(&self) -> Result<(), String> {
+        if self.text.len() > MAX_CHUNK_TEXT_BYTES {
+            return Err(format!("{} bytes of text, at most {MAX_CHUNK_TEXT_BYTES}", self.text.len()));
+        }
+        Ok(())
+    }
+}
+
+/// The device no longer waits for a request (topic [`Topic::CloudCancel`]): its client went
+/// away, or its deadline passed. The bridge serving it stops the backend call and replies
+/// nothing; the others ignore it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CloudCancel {
+    /// The request given up.
+    pub request_id: RequestId,
+}
+
+impl CborMessage for CloudCancel {
+    const KIND: MessageKind = MessageKind::CloudCancel;
 }
 
 /// A judge's score for a cloud answer (topic [`Topic::Score`], JSON).
@@ -543,6 +588,7 @@ mod tests {
                 .collect(),
             deadline_unix_ms: 1_800_000_000_000,
             max_tokens: 256,
+            stream: false,
         }
     }
 

@@ -7,7 +7,9 @@
 //! | Topic | Direction | Retained | Payload |
 //! |---|---|---|---|
 //! | `tmo/v1/dev/<d>/cloud/req` | device → bridges (`$share/<g>/tmo/v1/dev/+/cloud/req`) | no | one whole frame of CBOR [`crate::CloudRequest`] (chunks refused) |
-//! | `tmo/v1/dev/<d>/cloud/reply` | bridge → device | no | framed CBOR [`crate::CloudReply`] |
+//! | `tmo/v1/dev/<d>/cloud/stream` | bridge → device | no | framed CBOR [`crate::CloudChunk`]: the pieces of a streamed answer, numbered from 0 |
+//! | `tmo/v1/dev/<d>/cloud/reply` | bridge → device | no | framed CBOR [`crate::CloudReply`] (a streamed answer's reply holds it whole) |
+//! | `tmo/v1/dev/<d>/cloud/cancel` | device → every bridge (`tmo/v1/dev/+/cloud/cancel`, not shared) | no | framed CBOR [`crate::CloudCancel`] |
 //! | `tmo/v1/dev/<d>/score` | bridge (judge) → device | no | JSON [`crate::JudgeScore`] |
 //! | `tmo/v1/dev/<d>/availability` | device (and its last will) | yes | `online` / `offline` |
 //! | `tmo/v1/dev/<d>/status` | device → fleet | yes | JSON [`crate::DeviceStatus`] |
@@ -149,6 +151,10 @@ pub enum Topic {
     CloudRequest(DeviceId),
     /// `tmo/v1/dev/<d>/cloud/reply`: the bridge answers a device.
     CloudReply(DeviceId),
+    /// `tmo/v1/dev/<d>/cloud/stream`: the pieces of a streamed answer, before its reply.
+    CloudStream(DeviceId),
+    /// `tmo/v1/dev/<d>/cloud/cancel`: the device no longer waits for a request's answer.
+    CloudCancel(DeviceId),
     /// `tmo/v1/dev/<d>/score`: a judge's score of a cloud answer.
     Score(DeviceId),
     /// `tmo/v1/dev/<d>/availability`: retained `online`/`offline`.
@@ -182,6 +188,8 @@ impl Topic {
                 match tail {
                     ["cloud", "req"] => Ok(Self::CloudRequest(device)),
                     ["cloud", "reply"] => Ok(Self::CloudReply(device)),
+                    ["cloud", "stream"] => Ok(Self::CloudStream(device)),
+                    ["cloud", "cancel"] => Ok(Self::CloudCancel(device)),
                     ["score"] => Ok(Self::Score(device)),
                     ["availability"] => Ok(Self::Availability(device)),
                     ["status"] => Ok(Self::Status(device)),
@@ -208,6 +216,8 @@ impl Topic {
         match self {
             Self::CloudRequest(d) => format!("{ROOT}/dev/{d}/cloud/req"),
             Self::CloudReply(d) => format!("{ROOT}/dev/{d}/cloud/reply"),
+            Self::CloudStream(d) => format!("{ROOT}/dev/{d}/cloud/stream"),
+            Self::CloudCancel(d) => format!("{ROOT}/dev/{d}/cloud/cancel"),
             Self::Score(d) => format!("{ROOT}/dev/{d}/score"),
             Self::Availability(d) => format!("{ROOT}/dev/{d}/availability"),
             Self::Status(d) => format!("{ROOT}/dev/{d}/status"),
@@ -224,6 +234,8 @@ impl Topic {
         match self {
             Self::CloudRequest(d)
             | Self::CloudReply(d)
+            | Self::CloudStream(d)
+            | Self::CloudCancel(d)
             | Self::Score(d)
             | Self::Availability(d)
             | Self::Status(d)
@@ -262,6 +274,12 @@ pub mod filter {
         format!("$share/{share}/{ROOT}/dev/+/cloud/req")
     }
 
+    /// `tmo/v1/dev/+/cloud/cancel`: every bridge hears every cancel (not shared: the bridge
+    /// serving the request may be any of them; the others ignore it).
+    pub fn all_cloud_cancels() -> String {
+        format!("{ROOT}/dev/+/cloud/cancel")
+    }
+
     /// `$share/<share>/tmo/v1/dev/+/outcomes`: collectors split the outcome batches.
     pub fn outcomes_shared(share: &ShareGroup) -> String {
         format!("$share/{share}/{ROOT}/dev/+/outcomes")
@@ -294,6 +312,8 @@ mod tests {
         let topics = [
             Topic::CloudRequest(d.clone()),
             Topic::CloudReply(d.clone()),
+            Topic::CloudStream(d.clone()),
+            Topic::CloudCancel(d.clone()),
             Topic::Score(d.clone()),
             Topic::Availability(d.clone()),
             Topic::Status(d.clone()),

@@ -88,6 +88,7 @@ fn request() -> CloudRequest {
             .collect(),
         deadline_unix_ms: 4_000_000_000_000,
         max_tokens: 128,
+        stream: false,
     }
 }
 

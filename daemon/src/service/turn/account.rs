@@ -43,7 +43,9 @@ impl Service {
         let class = CostEstimates::class_of(action.is_cloud().then(|| action.modalities().len()));
         let (energy_j, energy_source) = self.energy(class, received, finished, latency_secs);
         let cost_usd = energy_j * self.usd_per_joule + produced.cloud_price_usd;
-        if class == 0 {
+        if produced.finish == "cancelled" {
+            // The client went away: the time says nothing of what the action costs.
+        } else if class == 0 {
             lock(&self.estimates).record_local(latency_secs, cost_usd, energy_j, record.load);
         } else {
             lock(&self.estimates).record(class, latency_secs, cost_usd, energy_j);

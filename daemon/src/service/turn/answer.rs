@@ -1,6 +1,8 @@
 //! Stage 5: the answer starts. A local action goes into the local model's bounded queue (a full
-//! queue is a 503 at once); a cloud action's request goes out from a tokio task, which answers
-//! locally, streaming to the same client, when the cloud does not.
+//! queue is a 503 at once); a cloud action's request goes out from a tokio task, which passes the
+//! streamed answer on as it comes, and answers locally, streaming to the same client, when the
+//! cloud does not before anything was shown. A stream that breaks after text was shown ends the
+//! turn with that text.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -14,7 +16,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::attach::CloudCall;
 use crate::dialogues::TurnStart;
 use crate::estimates::CostEstimates;
-use crate::link::{CloudAnswered, DeviceLink};
+use crate::link::{CloudAnswered, CloudFailure, DeviceLink};
 use crate::local_llm::{LocalAnswer, LocalJob, LocalLlm, SubmitError};
 use crate::service::{AskError, Service};
 use crate::util::lock;
@@ -37,8 +39,12 @@ pub(super) struct CloudTurn {
 
 #[derive(Debug)]
 pub(super) enum CloudOrLocal {
-    Cloud(CloudAnswered),
-    /// The cloud request failed; the local model answered.
+    /// The cloud's answer; `first_shown` is when its first text was passed on.
+    Cloud { answered: CloudAnswered, first_shown: Option<Duration> },
+    /// The stream broke (stalled, cut at its deadline, or the client went away) after `text`
+    /// was shown: the turn ends with it, charged the class's expected price.
+    CloudPart { text: String, first_shown: Option<Duration>, cancelled: bool, expected_price_usd: f64 },
+    /// The cloud request failed before anything was shown; the local model answered.
     Local(LocalAnswer),
 }
 
@@ -92,7 +98,9 @@ impl Service {
             Some(CloudCall { link, request, wait, .. }) => {
                 let fallback = LocalFallback { llm: self.llm.clone(), job, answer, max_answer };
                 let estimates = self.estimates.clone();
-                Answering::Cloud(tokio::spawn(answer_in_cloud(link, request, wait, fallback, estimates)))
+                let stall = Duration::from_secs_f64(self.config.file.cloud.stall_secs);
+                let call = answer_in_cloud(link, request, (wait, stall), fallback, estimates);
+                Answering::Cloud(tokio::spawn(call))
             }
             None => {
                 match self.llm.submit(job) {
@@ -115,18 +123,20 @@ impl Service {
     }
 }
 
-/// Sends the cloud request; on any failure answers locally, with the same token stream. What the
-/// link measured (the PUBACK time of the request's bytes, the bridge's backend time and price)
-/// moves the expected cost table.
+/// Sends the cloud request, passing its streamed answer on; on a failure before anything was
+/// shown answers locally. What the link measured (the PUBACK time of the request's bytes, the
+/// bridge's backend time and price) moves the expected cost table.
 async fn answer_in_cloud(
     cloud: Arc<DeviceLink>,
     request: CloudRequest,
-    wait: Duration,
+    (wait, stall): (Duration, Duration),
     fallback: LocalFallback,
     estimates: Arc<Mutex<CostEstimates>>,
 ) -> CloudTurn {
-    let (result, cost) = cloud.ask(&request, wait).await;
-    {
+    let LocalFallback { llm, mut job, answer, max_answer } = fallback;
+    let (result, cost) = cloud.ask(&request, wait, stall, &job.tokens).await;
+    let class = CostEstimates::class_of(Some(request.attachments.len()));
+    let expected_price_usd = {
         let mut estimates = lock(&estimates);
         if let Some(acknowledged) = cost.acknowledged {
             estimates.record_delivery(cost.bytes, acknowledged.as_secs_f64());
@@ -139,7 +149,8 @@ async fn answer_in_cloud(
                 answered.answer.cost_usd,
             );
         }
-    }
+        estimates.cost(class).cost_usd
+    };
     let mut attempt = CloudAttempt {
         outcome: "answered".to_owned(),
         detail: None,
@@ -150,36 +161,50 @@ async fn answer_in_cloud(
         backend_latency_ms: None,
         cost_usd: 0.0,
     };
-    let LocalFallback { llm, mut job, answer, max_answer } = fallback;
-    match result {
+    let shown = cost.shown;
+    let failure = match result {
         Ok(answered) => {
             attempt.model = Some(answered.answer.model.clone());
             attempt.backend_latency_ms = Some(answered.backend_latency_ms);
             attempt.cost_usd = answered.answer.cost_usd;
-            let _ = job.tokens.send(answered.answer.answer.clone());
-            CloudTurn { attempt, answer: Ok(CloudOrLocal::Cloud(answered)) }
+            let answer = CloudOrLocal::Cloud { answered, first_shown: shown.first };
+            return CloudTurn { attempt, answer: Ok(answer) };
         }
-        Err(failure) => {
-            tracing::warn!(
-                request_id = %request.request_id,
-                dialogue = %request.dialogue_id,
-                turn = request.turn,
-                reason = failure.kind(),
-                "cloud request failed ({failure}); answering locally"
-            );
-            attempt.outcome = failure.kind().to_owned();
-            attempt.detail = Some(failure.to_string());
-            job.enqueued = Instant::now();
-            job.params.deadline = Some(Instant::now() + max_answer);
-            let answer = match llm.submit(job) {
-                Err(full) => {
-                    Err(format!("the cloud request failed ({failure}) and the local model refused: {full}"))
-                }
-                Ok(()) => {
-                    answer.await.map(CloudOrLocal::Local).map_err(|_| "the model thread ended".to_owned())
-                }
-            };
-            CloudTurn { attempt, answer }
-        }
+        Err(failure) => failure,
+    };
+    attempt.outcome = failure.kind().to_owned();
+    let cancelled = failure == CloudFailure::Cancelled;
+    if !shown.text.is_empty() || cancelled {
+        tracing::info!(
+            request_id = %request.request_id,
+            shown_bytes = shown.text.len(),
+            reason = failure.kind(),
+            "cloud answer ended early ({failure}); the turn ends with what was shown"
+        );
+        attempt.detail =
+            Some(format!("{failure}, after {} bytes of the answer were shown", shown.text.len()));
+        attempt.cost_usd = expected_price_usd;
+        let part = CloudOrLocal::CloudPart {
+            text: shown.text,
+            first_shown: shown.first,
+            cancelled,
+            expected_price_usd,
+        };
+        return CloudTurn { attempt, answer: Ok(part) };
     }
+    tracing::warn!(
+        request_id = %request.request_id,
+        dialogue = %request.dialogue_id,
+        turn = request.turn,
+        reason = failure.kind(),
+        "cloud request failed ({failure}); answering locally"
+    );
+    attempt.detail = Some(failure.to_string());
+    job.enqueued = Instant::now();
+    job.params.deadline = Some(Instant::now() + max_answer);
+    let answer = match llm.submit(job) {
+        Err(full) => Err(format!("the cloud request failed ({failure}) and the local model refused: {full}")),
+        Ok(()) => answer.await.map(CloudOrLocal::Local).map_err(|_| "the model thread ended".to_owned()),
+    };
+    CloudTurn { attempt, answer }
 }

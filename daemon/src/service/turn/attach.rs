@@ -55,6 +55,7 @@ impl Service {
             attachments: modalities.indices().filter_map(|i| self.attachment(i)).collect(),
             deadline_unix_ms: unix_ms_now() + wait.as_millis() as u64,
             max_tokens: c.max_tokens,
+            stream: c.stream,
         };
         // The app's images go too, when the cloud takes images.
         let app_images = if self.cloud_takes_media(MediaType::ImageJpeg) { app_images } else { Vec::new() };

@@ -119,7 +119,7 @@ impl Service {
         m.cost_usd.get_or_create(&label).inc_by(spent.cost_usd);
         m.budget_left_latency.observe(spent.budget_left.latency_secs);
         m.budget_left_cost.observe(spent.budget_left.cost_usd);
-        if produced.finish != "cloud" {
+        if produced.route != "cloud" {
             m.decode_tokens_per_sec.set(produced.decode_tokens_per_sec);
             m.generated_tokens.inc_by(u64::from(produced.generated_tokens));
         }

@@ -51,17 +51,37 @@ impl Service {
                 if attempt.outcome != "answered" {
                     self.metrics.cloud_failure(&attempt.outcome);
                 }
+                let cloud_wait = Duration::from_secs_f64(attempt.wait_secs);
                 let (mut produced, conversation) = match answer? {
-                    CloudOrLocal::Local(local) => Produced::local(local, "local:cloud-fallback")?,
-                    CloudOrLocal::Cloud(answered) => Produced::cloud(answered, conversation, question),
+                    CloudOrLocal::Local(local) => {
+                        let (mut produced, conversation) = Produced::local(local, "local:cloud-fallback")?;
+                        // The local answer started after the cloud's failure.
+                        produced.time_to_first_token += cloud_wait;
+                        (produced, conversation)
+                    }
+                    CloudOrLocal::Cloud { answered, first_shown } => {
+                        let (mut produced, conversation) = Produced::cloud(answered, conversation, question);
+                        produced.time_to_first_token = first_shown.unwrap_or(cloud_wait);
+                        (produced, conversation)
+                    }
+                    CloudOrLocal::CloudPart { text, first_shown, cancelled, expected_price_usd } => {
+                        let answered = CloudAnswered {
+                            answer: tmo_protocol::CloudAnswer {
+                                answer: text,
+                                model: attempt.model.clone().unwrap_or_default(),
+                                prompt_tokens: 0,
+                                completion_tokens: 0,
+                                cost_usd: expected_price_usd,
+                            },
+                            backend_latency_ms: 0,
+                        };
+                        let (mut produced, conversation) = Produced::cloud(answered, conversation, question);
+                        produced.time_to_first_token = first_shown.unwrap_or(cloud_wait);
+                        produced.finish = if cancelled { "cancelled" } else { "cloud_partial" };
+                        (produced, conversation)
+                    }
                 };
-                produced.cloud_wait = Duration::from_secs_f64(attempt.wait_secs);
-                match produced.route {
-                    // The whole answer arrives in one reply.
-                    "cloud" => produced.time_to_first_token = produced.cloud_wait,
-                    // The local answer started after the cloud's failure.
-                    _ => produced.time_to_first_token += produced.cloud_wait,
-                }
+                produced.cloud_wait = cloud_wait;
                 Ok((produced, conversation, Some(attempt)))
             }
         }
@@ -91,7 +111,8 @@ impl Produced {
         Ok((produced, answer.conversation))
     }
 
-    /// A cloud answer as a turn's answer; the local model's view of the dialogue gains the turn.
+    /// A cloud answer (or the part of it shown) as a turn's answer; the local model's view of
+    /// the dialogue gains the turn.
     fn cloud(
         answered: CloudAnswered,
         conversation: &Conversation,
