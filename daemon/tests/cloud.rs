@@ -25,6 +25,7 @@ mod daemon;
 
 use bridge::wait_cloud_reachable;
 use daemon::Daemon;
+use tmo_cloud::testing::{ChatServer, Ended, SHORT_WORDS, answer_text};
 
 const DEVICE: &str = "test-device";
 const WAIT: Duration = Duration::from_secs(60);
@@ -512,4 +513,159 @@ async fn cloud_an_apps_own_image_goes_with_the_cloud_request_through_the_openai_
         .expect("request");
     assert_eq!(status.as_u16(), 400, "{}", String::from_utf8_lossy(&bytes));
     path.stop().await;
+}
+
+/// tmod's own configuration for the streaming tests: a stream silent for a second has stalled.
+fn streaming_config(broker_port: u16, policy: &Path) -> String {
+    format!(
+        "[policy]\npath = {policy:?}\n\
+         [model]\nmax_tokens = 24\n\
+         [dialogues]\nlatency_budget_secs = 600.0\ncost_budget_usd = 5.0\n\
+         [mqtt]\nenabled = true\nhost = \"127.0.0.1\"\nport = {broker_port}\n\
+         reconnect_initial_ms = 50\nreconnect_max_ms = 500\n\
+         [cloud]\nmax_wait_secs = 60.0\nmax_tokens = 32\nstall_secs = 1.0\n"
+    )
+}
+
+/// The log row of `dialogue`'s first turn, once it is written.
+async fn logged_turn(state: &Path, dialogue: &str) -> outcome_log::LoggedOutcome {
+    let log_path = state.join("outcomes.sqlite");
+    let started = Instant::now();
+    loop {
+        if let Ok(log) = OutcomeLog::open_read_only(&log_path)
+            && let Ok(Some(row)) = log.turn(dialogue, 0)
+        {
+            return row;
+        }
+        assert!(started.elapsed() < WAIT, "turn 0 of {dialogue} never logged");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Asks `question` and returns once its first token arrived, dropping the request (the client
+/// goes away), with the dialogue id.
+async fn ask_and_leave(client: &Client, question: &str) -> String {
+    let dialogue = client.new_dialogue().await.expect("dialogue").dialogue_id;
+    let (first_tx, first_rx) = tokio::sync::oneshot::channel();
+    let mut first_tx = Some(first_tx);
+    let request = AskRequest::new(Some(&dialogue), question);
+    let asking = client.ask(&request, |event| {
+        if let AskEvent::Token(_) = event
+            && let Some(tx) = first_tx.take()
+        {
+            let _ = tx.send(());
+        }
+    });
+    tokio::select! {
+        answered = asking => panic!("answered before the client left: {answered:?}"),
+        _ = first_rx => {}
+    }
+    dialogue
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cloud_answers_stream_through_tmod_and_end_cleanly_when_the_client_or_the_bridge_goes() {
+    let state = tempfile::tempdir().expect("tempdir");
+    let policy = cloud_preferring_policy(state.path());
+    let broker = MosquittoBroker::start().expect("mosquitto (apt-get install mosquitto)");
+    let pace = Duration::from_millis(100);
+    let server = ChatServer::start(pace).await.expect("chat server");
+    let bridge = bridge::start_bridge_openai(broker.port(), &server.base_url).await;
+    let daemon = Daemon::start(state.path(), &streaming_config(broker.port(), &policy));
+    let client = daemon.client();
+    wait_cloud_reachable(&client, true).await;
+
+    // The answer streams: its first token reaches the app while the backend still writes, the
+    // tokens make up the answer, and the log row holds it whole.
+    let dialogue = client.new_dialogue().await.expect("dialogue").dialogue_id;
+    let mut tokens: Vec<(String, Instant)> = Vec::new();
+    let response = client
+        .ask(&AskRequest::new(Some(&dialogue), "ok what is for dinner?"), |event| {
+            if let AskEvent::Token(piece) = event {
+                tokens.push((piece.clone(), Instant::now()));
+            }
+        })
+        .await
+        .expect("ask");
+    let done = Instant::now();
+    assert_eq!(response.outcome.route, "cloud");
+    assert_eq!(attempt(&response)["outcome"], "answered");
+    assert_eq!(response.outcome.answer, answer_text(SHORT_WORDS));
+    let streamed: String = tokens.iter().map(|(t, _)| t.as_str()).collect();
+    assert_eq!(streamed, response.outcome.answer);
+    assert!(tokens.len() >= SHORT_WORDS / 2, "{} token events", tokens.len());
+    let ahead = done - tokens[0].1;
+    assert!(ahead >= pace * (SHORT_WORDS as u32 - 2), "first token only {ahead:?} before the end");
+    assert!(
+        response.outcome.time_to_first_token_secs < response.outcome.latency_secs - 0.5,
+        "{} s to the first token of {} s",
+        response.outcome.time_to_first_token_secs,
+        response.outcome.latency_secs
+    );
+    let served = &server.served()[0];
+    let behind = tokens[0].1 - served.word_times[0];
+    assert!(behind < Duration::from_millis(500), "first token {behind:?} after the backend's");
+    assert_eq!(logged_turn(state.path(), &dialogue).await.outcome.answer, response.outcome.answer);
+
+    // The same through OpenAI's API: one content delta per piece, then the last chunk's account.
+    let body = serde_json::json!({
+        "model": "tmo-cloud", "stream": true,
+        "messages": [{ "role": "user", "content": "ok and for dessert?" }],
+    });
+    let (status, bytes) = client
+        .raw(hyper::Method::POST, "/v1/chat/completions", Some(body.to_string().into_bytes()))
+        .await
+        .expect("chat completion");
+    assert_eq!(status.as_u16(), 200);
+    let text = String::from_utf8(bytes.to_vec()).expect("utf-8");
+    let chunks: Vec<serde_json::Value> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str(d).expect("chunk"))
+        .collect();
+    let deltas: Vec<&str> =
+        chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+    assert!(deltas.len() >= SHORT_WORDS / 2, "{text}");
+    assert_eq!(deltas.concat(), answer_text(SHORT_WORDS));
+    let last = chunks.iter().rev().find(|c| c["tmo"]["route"].is_string()).expect("the account");
+    assert_eq!(last["tmo"]["route"], "cloud", "{last}");
+    assert_eq!(last["model"], "gpt-test", "{last}");
+
+    // The client goes away after the first token: the backend's stream is dropped, and the turn
+    // is logged as cancelled with what was shown.
+    let dialogue = ask_and_leave(&client, "long story for the client who leaves").await;
+    let ended = server.wait_ended("long story for the client", WAIT).await.expect("ended");
+    assert_eq!(ended.ended, Some(Ended::Dropped));
+    let row = logged_turn(state.path(), &dialogue).await;
+    let cloud = row.outcome.cloud_attempt.expect("cloud attempt");
+    assert_eq!(cloud.outcome, "cancelled", "{cloud:?}");
+    assert!(row.outcome.answer.starts_with("w0 "), "{:?}", row.outcome.answer);
+
+    // The bridge goes mid-stream: after a second of silence the turn ends with what arrived and
+    // says so; it does not wait for its deadline, nor answer again locally.
+    let dialogue = client.new_dialogue().await.expect("dialogue").dialogue_id;
+    let mut first = None;
+    let mut shown = String::new();
+    let mut bridge = Some(bridge);
+    let response = client
+        .ask(&AskRequest::new(Some(&dialogue), "long story the bridge will not finish"), |event| {
+            if let AskEvent::Token(piece) = event {
+                shown.push_str(piece);
+                if let Some(bridge) = bridge.take() {
+                    first = Some(Instant::now());
+                    bridge.task.abort();
+                }
+            }
+        })
+        .await
+        .expect("ask");
+    let took = first.expect("a first token").elapsed();
+    assert_eq!(response.outcome.route, "cloud");
+    assert_eq!(response.outcome.finish, "cloud_partial");
+    assert_eq!(attempt(&response)["outcome"], "stalled", "{:?}", response.outcome.cloud_attempt);
+    assert_eq!(response.outcome.answer, shown);
+    assert!(shown.starts_with("w0 ") && shown.len() < answer_text(60).len(), "{shown:?}");
+    assert!(took < Duration::from_secs(10), "ended {took:?} after the bridge went");
+    assert!(response.outcome.cost_usd > 0.0, "charged the expected price");
 }

@@ -73,7 +73,11 @@ impl FromStr for ScoreSource {
 pub struct CloudAttempt {
     /// `answered`, or why not: `timeout`, `connection_lost`, `not_connected`, `no_bridge`,
     /// `too_large`, `invalid_reply` (a reply with a cost or token count that is not one, refused
-    /// whole), or the bridge's error kind (`backend`, `overloaded`, `deadline`, ...).
+    /// whole), `stalled` (a streamed answer went silent), `cancelled` (the client went away), or
+    /// the bridge's error kind (`backend`, `overloaded`, `deadline`, ...). When part of a
+    /// streamed answer was shown before the failure, the turn's answer is that part (`detail`
+    /// says how much) and `cost_usd` the class's expected price; otherwise the turn was answered
+    /// locally.
     pub outcome: String,
     /// The error's message, when there was one.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -37,6 +37,23 @@ pub async fn start_bridge_taking(broker_port: u16, accepts: &str) -> Bridge {
     Bridge { stop, task }
 }
 
+/// Starts a bridge whose backend is the OpenAI-compatible server at `base_url` (images taken),
+/// with the price of `gpt-test`.
+pub async fn start_bridge_openai(broker_port: u16, base_url: &str) -> Bridge {
+    let text = format!(
+        "share_group = \"bridges\"\nreply_margin_ms = 100\n\
+         [mqtt]\nhost = \"127.0.0.1\"\nport = {broker_port}\nclient_id = \"bridge-openai\"\n\
+         max_packet_bytes = 1048576\nreconnect_initial_ms = 50\nreconnect_max_ms = 500\n\
+         [backend]\nkind = \"openai\"\nbase_url = \"{base_url}\"\nmodel = \"gpt-test\"\n\
+         [prices.\"gpt-test\"]\nprompt_per_million_usd = 2.5\ncompletion_per_million_usd = 10.0\n"
+    );
+    let config = tmo_cloud::config::Config::parse(&text, Path::new("bridge.toml")).expect("bridge config");
+    let backend = tmo_cloud::build_backend(&config.file.backend).expect("openai backend");
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(tmo_cloud::bridge::run(config, backend, None, stop.clone()));
+    Bridge { stop, task }
+}
+
 /// Waits (at most a minute) until tmod's `/v1/status` says `cloud.reachable` is `reachable`.
 pub async fn wait_cloud_reachable(client: &Client, reachable: bool) {
     let started = Instant::now();
