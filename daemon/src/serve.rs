@@ -60,6 +60,13 @@ async fn serve(service: Arc<Service>, config: &Config) -> anyhow::Result<()> {
             }
         };
         let tcp = TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
+        // Streamed tokens are small writes: each goes out at once, not after the previous
+        // one's ACK (Nagle with the client's delayed ACK holds them up to 40 ms).
+        let tcp = axum::serve::ListenerExt::tap_io(tcp, |stream| {
+            if let Err(e) = stream.set_nodelay(true) {
+                tracing::debug!("TCP_NODELAY not set: {e}");
+            }
+        });
         tracing::info!(%addr, "API listening on TCP");
         let token = stop.clone();
         servers.spawn(async move {

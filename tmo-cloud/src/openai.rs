@@ -122,11 +122,15 @@ impl OpenAiBackend {
             }
             None => None,
         };
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        // Small writes go out at once (no Nagle wait for the previous one's ACK).
+        http.set_nodelay(true);
         let connector = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls_config(config)?)
             .https_or_http()
             .enable_http1()
-            .build();
+            .wrap_connector(http);
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_max_idle_per_host(64)
