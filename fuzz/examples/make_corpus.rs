@@ -101,6 +101,11 @@ fn cbor_messages() {
     };
     put("cbor_messages", "cloud-reply-error", &error.to_cbor().unwrap());
     put("cbor_messages", "outcome-batch", &batch().to_cbor().unwrap());
+    let piece =
+        CloudChunk { request_id: RequestId(0x0123_4567_89ab_cdef), seq: 3, text: "Stir the soup ".into() };
+    put("cbor_messages", "cloud-chunk", &piece.to_cbor().unwrap());
+    let cancel = CloudCancel { request_id: RequestId(0x0123_4567_89ab_cdef) };
+    put("cbor_messages", "cloud-cancel", &cancel.to_cbor().unwrap());
     let ack = OutcomeAck {
         batch_id: 17,
         accepted: vec![OutcomeKey { dialogue_id: "d-7f3a".into(), turn: 0 }],
@@ -178,8 +183,10 @@ fn topics() {
         Topic::Status(d.clone()),
         Topic::Outcomes(d.clone()),
         Topic::OutcomeAck(d.clone()),
-        Topic::LinkProbe(d),
+        Topic::LinkProbe(d.clone()),
         Topic::Policy(g),
+        Topic::CloudStream(d.clone()),
+        Topic::CloudCancel(d),
     ];
     for (i, t) in all.iter().enumerate() {
         put("topic_parse", &format!("topic-{i}"), t.name().as_bytes());

@@ -1,5 +1,5 @@
-//! The CBOR message decoders of tmo-protocol (`CborMessage::from_cbor`): cloud requests and
-//! replies, outcome batches and acks, policy bundles, as a device, bridge or collector receives
+//! The CBOR message decoders of tmo-protocol (`CborMessage::from_cbor`): cloud requests,
+//! replies, answer pieces and cancels, outcome batches and acks, policy bundles, as a device, bridge or collector receives
 //! them. The kind byte of the body header picks the type; a decoded message must encode again,
 //! and its encoding must decode to a message that encodes the same (the bridge and collector
 //! re-encode what they pass on).
@@ -9,7 +9,8 @@
 use libfuzzer_sys::fuzz_target;
 use tmo_protocol::messages::ReplyRoute;
 use tmo_protocol::{
-    CborMessage, CloudReply, CloudRequest, OutcomeAck, OutcomeBatch, PolicyBundle, ReplyResult,
+    CborMessage, CloudCancel, CloudChunk, CloudReply, CloudRequest, MAX_CHUNK_TEXT_BYTES, OutcomeAck,
+    OutcomeBatch, PolicyBundle, ReplyResult,
 };
 
 const MAX_BYTES: usize = 1 << 20;
@@ -52,6 +53,14 @@ fuzz_target!(|body: &[u8]| {
                 // No key is trusted: refused, whatever the bytes.
                 assert!(bundle.verify(&[]).is_err());
             }
+        }
+        Some(6) => {
+            if let Some(chunk) = round_trip::<CloudChunk>(body) {
+                assert!(chunk.text.len() <= MAX_CHUNK_TEXT_BYTES);
+            }
+        }
+        Some(7) => {
+            round_trip::<CloudCancel>(body);
         }
         _ => {
             // Headers of no known kind: every decoder refuses them.
