@@ -25,34 +25,10 @@ use tokio_util::sync::CancellationToken;
 
 #[path = "../tests/support/daemon.rs"]
 mod daemon;
+#[path = "support/figures.rs"]
+mod figures;
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
-}
-
-fn summary(name: &str, mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    let median = percentile(&values, 0.5);
-    println!(
-        "{name:<44} median {median:>8.3} ms   p90 {:>8.3} ms   p99 {:>8.3} ms   (n = {})",
-        percentile(&values, 0.9),
-        percentile(&values, 0.99),
-        values.len()
-    );
-    median
-}
-
-fn arg(name: &str, default: u64) -> u64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+use figures::{arg, summary};
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3

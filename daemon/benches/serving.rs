@@ -13,24 +13,10 @@ use tmod_api::AskRequest;
 
 #[path = "../tests/support/daemon.rs"]
 mod daemon;
+#[path = "support/figures.rs"]
+mod figures;
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
-}
-
-fn summary(name: &str, mut values: Vec<f64>) {
-    values.sort_by(f64::total_cmp);
-    println!(
-        "{name:<28} median {:>8.3} ms   p90 {:>8.3} ms   p99 {:>8.3} ms   (n = {})",
-        percentile(&values, 0.5),
-        percentile(&values, 0.9),
-        percentile(&values, 0.99),
-        values.len()
-    );
-}
+use figures::{arg, summary};
 
 /// utime + stime of a process, in clock ticks.
 fn cpu_ticks(pid: u32) -> u64 {
@@ -40,15 +26,6 @@ fn cpu_ticks(pid: u32) -> u64 {
     let fields: Vec<&str> = rest.split_whitespace().collect();
     let field = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
     field(11) + field(12)
-}
-
-fn arg(name: &str, default: u64) -> u64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
 }
 
 fn main() {

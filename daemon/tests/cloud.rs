@@ -515,16 +515,10 @@ async fn cloud_an_apps_own_image_goes_with_the_cloud_request_through_the_openai_
     path.stop().await;
 }
 
-/// tmod's own configuration for the streaming tests: a stream silent for a second has stalled.
+/// tmod's configuration for the streaming tests: a stream silent for a second has stalled
+/// (`[cloud]` is `tmod_config`'s last table, so the key lands in it).
 fn streaming_config(broker_port: u16, policy: &Path) -> String {
-    format!(
-        "[policy]\npath = {policy:?}\n\
-         [model]\nmax_tokens = 24\n\
-         [dialogues]\nlatency_budget_secs = 600.0\ncost_budget_usd = 5.0\n\
-         [mqtt]\nenabled = true\nhost = \"127.0.0.1\"\nport = {broker_port}\n\
-         reconnect_initial_ms = 50\nreconnect_max_ms = 500\n\
-         [cloud]\nmax_wait_secs = 60.0\nmax_tokens = 32\nstall_secs = 1.0\n"
-    )
+    format!("{}stall_secs = 1.0\n", tmod_config(broker_port, policy))
 }
 
 /// The log row of `dialogue`'s first turn, once it is written.
