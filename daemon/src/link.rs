@@ -90,8 +90,6 @@ pub struct Shown {
     pub text: String,
     /// From handing the request to the link to the first text passed on.
     pub first: Option<Duration>,
-    /// Pieces received (duplicates and late ones not counted).
-    pub pieces: u32,
 }
 
 /// What any request, answered or not, took.
@@ -360,7 +358,6 @@ impl DeviceLink {
                     None => return Err(CloudFailure::ConnectionLost),
                     Some(FromBridge::Piece(chunk)) => {
                         if let Some(text) = order.accept(chunk) {
-                            shown.pieces += 1;
                             shown.first.get_or_insert_with(|| sent.elapsed());
                             shown.text.push_str(&text);
                             if pieces.send(text).is_err() {
@@ -577,7 +574,7 @@ mod tests {
                 cost_usd: 0.001,
             }),
         };
-        let mut shown = Shown { text: "Hello ".into(), first: Some(Duration::from_millis(3)), pieces: 1 };
+        let mut shown = Shown { text: "Hello ".into(), first: Some(Duration::from_millis(3)) };
         let answered = finish(reply("Hello world"), &mut shown, &tx, Instant::now()).expect("answer");
         assert_eq!(answered.answer.answer, "Hello world");
         assert_eq!(rx.try_recv().ok().as_deref(), Some("world"), "the missing end is passed on");

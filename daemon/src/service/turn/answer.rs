@@ -42,8 +42,9 @@ pub(super) enum CloudOrLocal {
     /// The cloud's answer; `first_shown` is when its first text was passed on.
     Cloud { answered: CloudAnswered, first_shown: Option<Duration> },
     /// The stream broke (stalled, cut at its deadline, or the client went away) after `text`
-    /// was shown: the turn ends with it, charged the class's expected price.
-    CloudPart { text: String, first_shown: Option<Duration>, cancelled: bool, expected_price_usd: f64 },
+    /// was shown: the turn ends with it, charged the class's expected price (the attempt's
+    /// `cost_usd`).
+    CloudPart { text: String, first_shown: Option<Duration>, cancelled: bool },
     /// The cloud request failed before anything was shown; the local model answered.
     Local(LocalAnswer),
 }
@@ -184,12 +185,7 @@ async fn answer_in_cloud(
         attempt.detail =
             Some(format!("{failure}, after {} bytes of the answer were shown", shown.text.len()));
         attempt.cost_usd = expected_price_usd;
-        let part = CloudOrLocal::CloudPart {
-            text: shown.text,
-            first_shown: shown.first,
-            cancelled,
-            expected_price_usd,
-        };
+        let part = CloudOrLocal::CloudPart { text: shown.text, first_shown: shown.first, cancelled };
         return CloudTurn { attempt, answer: Ok(part) };
     }
     tracing::warn!(

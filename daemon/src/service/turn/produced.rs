@@ -64,14 +64,15 @@ impl Service {
                         produced.time_to_first_token = first_shown.unwrap_or(cloud_wait);
                         (produced, conversation)
                     }
-                    CloudOrLocal::CloudPart { text, first_shown, cancelled, expected_price_usd } => {
+                    CloudOrLocal::CloudPart { text, first_shown, cancelled } => {
+                        // No reply came: no model, no token counts; the price is the expected one.
                         let answered = CloudAnswered {
                             answer: tmo_protocol::CloudAnswer {
                                 answer: text,
-                                model: attempt.model.clone().unwrap_or_default(),
+                                model: String::new(),
                                 prompt_tokens: 0,
                                 completion_tokens: 0,
-                                cost_usd: expected_price_usd,
+                                cost_usd: attempt.cost_usd,
                             },
                             backend_latency_ms: 0,
                         };
