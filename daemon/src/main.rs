@@ -113,8 +113,8 @@ fn run(path: &std::path::Path) -> ExitCode {
     }
 }
 
-/// The LLM engine sizes its own pool from the configuration, but candle (the task classifier's
-/// BERT) sizes its process-wide pools from `RAYON_NUM_THREADS` and `CANDLE_NUM_THREADS` when
+/// The LLM engine sizes its own pool from the configuration, but candle (whose tensor operations
+/// the sampler uses) sizes its process-wide pools from `RAYON_NUM_THREADS` and `CANDLE_NUM_THREADS` when
 /// first used. Setting the environment of a running process is unsound once threads exist, so
 /// when the configured count is not already in the environment, tmod executes itself again
 /// with it (same process id, as systemd's `Type=notify` expects).

@@ -58,6 +58,9 @@ pub enum EngineError {
     /// The tensor computation failed.
     #[error("candle error: {0}")]
     Candle(#[from] candle_core::Error),
+    /// A dense layer's weights do not have the shape given (see `Q8Linear::quantize`).
+    #[error("dense layer: {0}")]
+    DenseShape(String),
     /// The generation parameters are out of range.
     #[error("invalid generation parameters: {0}")]
     InvalidParams(String),

@@ -336,26 +336,32 @@ impl QMatrix<'_> {
         rows: Range<usize>,
         out: &mut [f32],
     ) {
-        let n = rows.len();
         let mut packed = [PackedRow::default(), PackedRow::default()];
-        let xs: Vec<Q8Row<'_>> = (0..tokens).map(|t| x.q8(t)).collect();
-        let mut products = vec![[0f32; 2]; tokens];
-        let mut i = 0;
-        while i < n {
-            // An odd last row is paired with itself; its second results are dropped.
-            let pair = [i, (i + 1).min(n - 1)];
+        let mut products = PairProducts::new(x, tokens);
+        for pair in row_pairs(rows.len()) {
             for (k, &r) in pair.iter().enumerate() {
                 self.pack_row(rows.start + r, &mut packed[k]);
             }
-            kernel([&packed[0], &packed[1]], &xs, &mut products);
-            for (t, [first, second]) in products.iter().enumerate() {
-                out[t * n + i] = *first;
-                if pair[1] != i {
-                    out[t * n + pair[1]] = *second;
-                }
-            }
-            i += 2;
+            products.run(kernel, [&packed[0], &packed[1]], pair, rows.len(), out);
         }
+    }
+
+    /// Every row in the packed form, for a matrix multiplied many times by batches (the
+    /// rows are then unpacked once, not at every product); `None` where the packed path does
+    /// not take this type on this CPU.
+    pub fn unpacked_rows(&self) -> Option<Vec<PackedRow>> {
+        if !self.packs(PACKED_MIN_TOKENS) {
+            return None;
+        }
+        Some(
+            (0..self.rows)
+                .map(|r| {
+                    let mut row = PackedRow::default();
+                    self.pack_row(r, &mut row);
+                    row
+                })
+                .collect(),
+        )
     }
 
     /// Row `row` in the packed form, exactly: per block of 32, `scale * q + offset` with small
@@ -404,6 +410,45 @@ impl QMatrix<'_> {
             }
             other => unreachable!("`packs` admits Q4_1, Q5_0, Q8_0, Q4_K and Q6_K only, not {other:?}"),
         }
+    }
+}
+
+/// The rows `0..n` in pairs; an odd last row is paired with itself.
+fn row_pairs(n: usize) -> impl Iterator<Item = [usize; 2]> {
+    (0..n).step_by(2).map(move |i| [i, (i + 1).min(n - 1)])
+}
+
+/// The packed kernel's products of one pair of rows with every token, and where they go.
+struct PairProducts<'a> {
+    xs: Vec<Q8Row<'a>>,
+    products: Vec<[f32; 2]>,
+}
+
+impl<'a> PairProducts<'a> {
+    fn new(x: &'a Input, tokens: usize) -> Self {
+        Self { xs: (0..tokens).map(|t| x.q8(t)).collect(), products: vec![[0f32; 2]; tokens] }
+    }
+
+    /// `out[t * n + r] = row r . x[t]` for both rows `pair` of `n` (the second results of a
+    /// row paired with itself are dropped).
+    fn run(&mut self, kernel: PackedKernel, w: [&PackedRow; 2], pair: [usize; 2], n: usize, out: &mut [f32]) {
+        kernel(w, &self.xs, &mut self.products);
+        for (t, [first, second]) in self.products.iter().enumerate() {
+            out[t * n + pair[0]] = *first;
+            if pair[1] != pair[0] {
+                out[t * n + pair[1]] = *second;
+            }
+        }
+    }
+}
+
+/// [`QMatrix::dot_tile`] over all the rows of a matrix whose rows [`QMatrix::unpacked_rows`]
+/// made (the same numbers, for any number of tokens).
+pub(crate) fn dot_unpacked(rows: &[PackedRow], x: &Input, tokens: usize, out: &mut [f32]) {
+    let kernel = packed_kernel().expect("rows are unpacked only where the packed kernel runs");
+    let mut products = PairProducts::new(x, tokens);
+    for pair in row_pairs(rows.len()) {
+        products.run(kernel, [&rows[pair[0]], &rows[pair[1]]], pair, rows.len(), out);
     }
 }
 

@@ -7,6 +7,7 @@
 //! generate, reusing the KV cache of the dialogue so far.
 
 mod decoder;
+pub mod dense;
 mod engine;
 mod error;
 mod gguf;
@@ -16,6 +17,7 @@ pub mod registry;
 mod template;
 mod tokenizer;
 
+pub use dense::{DenseInput, Q8Linear};
 pub use engine::{
     Conversation, Engine, EngineConfig, FinishReason, Generation, GenerationParams, GenerationReport,
     ModelInfo, WeightType,

@@ -1,14 +1,12 @@
 //! Time to classify one question (embedding plus head), with the shipped head.
 //!
-//! Needs the model: `tmoctl model fetch all-minilm-l6-v2`. candle 0.11's CPU matrix products
-//! use `RAYON_NUM_THREADS` threads (else one per CPU of the process; `CANDLE_NUM_THREADS` only
-//! sizes a barrier pool); the bench prints the count it runs with.
-//! Run: `RAYON_NUM_THREADS=1 cargo bench -p task-classifier --bench classify`.
+//! Needs the model: `tmoctl model fetch all-minilm-l6-v2`. A question runs on the calling
+//! thread, with the LLM engine's kernels at the level the bench prints.
+//! Run: `cargo bench -p task-classifier --bench classify`.
 //!
 //! On a machine shared with other work, wall-clock time counts the time the scheduler gives to
 //! others; the group `classify-on-cpu` therefore also measures the calling thread's on-CPU time
-//! (from `/proc/thread-self/schedstat`, in nanoseconds). It is the whole cost only when candle
-//! runs on the calling thread, i.e. with `RAYON_NUM_THREADS=1`.
+//! (from `/proc/thread-self/schedstat`, in nanoseconds), which is the whole cost.
 
 use std::hint::black_box;
 use std::time::Duration;
@@ -32,7 +30,7 @@ fn classify(c: &mut Criterion) {
         Ok(classifier) => classifier,
         Err(e) => panic!("{e}"),
     };
-    eprintln!("candle CPU threads: {}", candle_core::utils::get_num_threads());
+    eprintln!("kernels: {}", llm_engine::kernel_level());
     let mut group = c.benchmark_group("classify");
     group.bench_function("one question (4 questions in turn)", |b| {
         let mut i = 0;
@@ -56,10 +54,6 @@ fn thread_on_cpu() -> Option<Duration> {
 fn classify_on_cpu(c: &mut Criterion) {
     if thread_on_cpu().is_none() {
         eprintln!("no /proc/thread-self/schedstat: skipping the on-CPU time group");
-        return;
-    }
-    if candle_core::utils::get_num_threads() != 1 {
-        eprintln!("classify-on-cpu counts the calling thread only: run it with RAYON_NUM_THREADS=1");
         return;
     }
     let model_dir = match llm_engine::default_model_dir() {

@@ -53,9 +53,6 @@ pub enum ClassifierError {
     /// The tokenizer failed on a question.
     #[error("tokenizing the question failed: {0}")]
     Tokenize(String),
-    /// The model failed while running.
-    #[error("embedding inference failed: {0}")]
-    Inference(#[from] candle_core::Error),
     /// Training data cannot train a head.
     #[error("cannot train a head: {0}")]
     Training(String),

@@ -1,14 +1,13 @@
 //! The task category of a question, predicted on the device.
 //!
-//! A question is embedded with all-MiniLM-L6-v2 (candle's BERT; mean pooling over the attention
-//! mask, then L2 normalisation, as sentence-transformers does), and a small head (multinomial
+//! A question is embedded with all-MiniLM-L6-v2 (a BERT forward pass on the LLM engine's 8-bit
+//! kernels, see [`embed`]; mean pooling, then L2 normalisation, as sentence-transformers does), and a small head (multinomial
 //! logistic regression on the 384-d embedding, trained by `tmoctl classifier train`) gives the
 //! probability of each [`TaskCategory`]. The model directory comes from
 //! `tmoctl model fetch all-minilm-l6-v2`; the default head ships in the crate
 //! ([`DEFAULT_HEAD`], `heads/m4a1-tasks.safetensors`, made by `heads/make-head.sh`).
 //!
-//! Inference runs on the calling thread with candle's CPU kernels, which use
-//! `RAYON_NUM_THREADS` threads (else one per CPU of the process); call it off async workers.
+//! Inference runs on the calling thread alone; call it off async workers.
 
 pub mod embed;
 pub mod error;
@@ -28,12 +27,6 @@ pub const DEFAULT_HEAD: &[u8] = include_bytes!("../heads/m4a1-tasks.safetensors"
 
 /// The name of [`DEFAULT_HEAD`] in errors and logs.
 pub const DEFAULT_HEAD_NAME: &str = "<embedded head heads/m4a1-tasks.safetensors>";
-
-/// The threads candle's CPU matrix products use in this process (`RAYON_NUM_THREADS`, else one
-/// per CPU the process may run on).
-pub fn cpu_threads() -> usize {
-    candle_core::utils::get_num_threads()
-}
 
 /// The prediction for one question.
 #[derive(Debug, Clone, Copy, PartialEq)]

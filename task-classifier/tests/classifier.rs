@@ -57,8 +57,12 @@ fn embedding_equals_sentence_transformers_reference() {
         let embedding = classifier().embed(&case.text).expect("embeds");
         assert_eq!(embedding.len(), 384);
         let max_diff = embedding.iter().zip(&case.embedding).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-        assert!(max_diff < 1e-4, "{:?}: max |difference| {max_diff}", case.text);
-        assert!(dot(&embedding, &case.embedding) > 0.99999, "{:?}", case.text);
+        // The dense layers run in 8 bits (weights and activations): within about 1e-2 of the
+        // f32 model's values, the direction kept to a cosine above 0.999.
+        let cosine = dot(&embedding, &case.embedding);
+        eprintln!("{} tokens: max |difference| {max_diff}, cosine {cosine}", case.tokens);
+        assert!(max_diff < 1e-2, "{:?}: max |difference| {max_diff}", case.text);
+        assert!(cosine > 0.999, "{:?}: cosine {cosine}", case.text);
         assert!((dot(&embedding, &embedding) - 1.0).abs() < 1e-5, "unit norm");
     }
 }

@@ -368,11 +368,11 @@ pub fn run(command: ClassifierCommand) -> anyhow::Result<()> {
             let mean_head_us = head_us.iter().sum::<f64>() / head_us.len().max(1) as f64;
             println!(
                 "time per question: embedding mean {mean_ms:.2} ms, median {:.2} ms, max {:.2} ms; head {mean_head_us:.1} us \
-                 ({} questions, {} candle CPU threads)",
+                 ({} questions, one thread, {} kernels)",
                 embed_ms[embed_ms.len() / 2],
                 embed_ms[embed_ms.len() - 1],
                 embed_ms.len(),
-                task_classifier::cpu_threads()
+                llm_engine::kernel_level()
             );
             Ok(())
         }
