@@ -73,6 +73,55 @@ pub struct Frame {
     pub seq: u64,
     /// The pixels.
     pub pixels: Pixels,
+    /// Its JPEG once made: a frame is encoded once however many requests attach it, and a
+    /// request that asks while another encodes it waits for that encoding.
+    jpeg: Mutex<Option<Arc<EncodedJpeg>>>,
+}
+
+/// A frame's JPEG as [`encode_jpeg`] made it (bytes, quality, width, height), and the settings
+/// asked for (width, height, quality, size cap).
+type EncodedJpeg = ((Vec<u8>, u8, u32, u32), (u32, u32, u8, usize));
+
+impl Frame {
+    /// A frame captured now.
+    pub fn new(seq: u64, pixels: Pixels) -> Self {
+        Self { captured: Instant::now(), seq, pixels, jpeg: Mutex::new(None) }
+    }
+
+    /// The frame as a JPEG at `width` x `height` (`quality`, under `max_bytes`), encoded at the
+    /// first call and the same bytes after for the same settings (a failure is not kept: the
+    /// next call tries again).
+    /// `view` names the frame's view in errors.
+    pub fn jpeg(
+        &self,
+        view: usize,
+        width: u32,
+        height: u32,
+        quality: u8,
+        max_bytes: usize,
+    ) -> Result<Jpeg, CameraError> {
+        let settings = (width, height, quality, max_bytes);
+        let mut cached = lock(&self.jpeg);
+        let encoded = match &*cached {
+            Some(encoded) if encoded.1 == settings => Arc::clone(encoded),
+            _ => {
+                let rgb =
+                    frame_rgb(self, width, height).map_err(|cause| CameraError::Decode { view, cause })?;
+                let encoded = Arc::new((encode_jpeg(&rgb, quality, max_bytes)?, settings));
+                *cached = Some(Arc::clone(&encoded));
+                encoded
+            }
+        };
+        drop(cached);
+        let ((bytes, quality, width, height), _) = &*encoded;
+        Ok(Jpeg {
+            bytes: bytes.clone(),
+            width: *width,
+            height: *height,
+            quality: *quality,
+            frame_age: self.captured.elapsed(),
+        })
+    }
 }
 
 /// A JPEG ready to send.
@@ -249,7 +298,7 @@ impl ViewWorker {
                 while !stop.is_stopped() {
                     seq += 1;
                     let img = test_pattern(self.camera.width, self.camera.height, seq);
-                    slot.put(&self.name, Frame { captured: Instant::now(), seq, pixels: Pixels::Rgb(img) });
+                    slot.put(&self.name, Frame::new(seq, Pixels::Rgb(img)));
                     next += period;
                     let now = Instant::now();
                     if next < now {
@@ -266,10 +315,7 @@ impl ViewWorker {
                     let delay = match dir.next_image() {
                         Ok(img) => {
                             seq += 1;
-                            slot.put(
-                                &self.name,
-                                Frame { captured: Instant::now(), seq, pixels: Pixels::Rgb(img) },
-                            );
+                            slot.put(&self.name, Frame::new(seq, Pixels::Rgb(img)));
                             backoff.reset();
                             Duration::from_millis(hold_ms)
                         }
@@ -324,10 +370,7 @@ impl ViewWorker {
             match cam.frame() {
                 Ok(buf) => {
                     *seq += 1;
-                    slot.put(
-                        &self.name,
-                        Frame { captured: Instant::now(), seq: *seq, pixels: Pixels::Device(buf) },
-                    );
+                    slot.put(&self.name, Frame::new(*seq, Pixels::Device(buf)));
                     backoff.reset();
                 }
                 Err(e) => return format!("{}: {e}", path.display()),
@@ -417,6 +460,31 @@ impl DirectorySource {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_frame_is_encoded_once_for_every_request_and_threads_share_the_encoding() {
+        let frame = Arc::new(Frame::new(1, Pixels::Rgb(test_pattern(640, 480, 1))));
+        let encode = |frame: &Frame| frame.jpeg(0, 640, 480, 80, 200_000).expect("encodes");
+        let threads: Vec<_> = (0..3)
+            .map(|_| {
+                let frame = Arc::clone(&frame);
+                std::thread::spawn(move || encode(&frame).bytes)
+            })
+            .collect();
+        let first = encode(&frame);
+        for thread in threads {
+            assert_eq!(thread.join().expect("encodes"), first.bytes);
+        }
+        let cached = lock(&frame.jpeg).clone().expect("kept with the frame");
+        assert_eq!(cached.0.0, first.bytes);
+        let again = encode(&frame);
+        assert!(Arc::ptr_eq(&cached, lock(&frame.jpeg).as_ref().expect("kept")), "not encoded again");
+        assert!(again.frame_age >= first.frame_age, "the age is the frame's now");
+        assert_eq!((again.width, again.height, again.quality), (640, 480, 80));
+        // Other settings make another encoding.
+        let small = frame.jpeg(0, 320, 240, 80, 200_000).expect("encodes");
+        assert_eq!((small.width, small.height), (320, 240));
+    }
 
     fn write_png(path: &Path, colour: [u8; 3]) {
         RgbImage::from_pixel(64, 48, image::Rgb(colour)).save(path).unwrap();

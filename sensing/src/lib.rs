@@ -194,10 +194,32 @@ impl SensingHandle {
             }
         };
         let c = &self.shared.camera;
-        let rgb = camera::frame_rgb(&frame, c.width, c.height)
-            .map_err(|cause| CameraError::Decode { view: index, cause })?;
-        let (bytes, quality, width, height) = camera::encode_jpeg(&rgb, c.jpeg_quality, c.jpeg_max_bytes)?;
-        Ok(Jpeg { bytes, width, height, quality, frame_age: frame.captured.elapsed() })
+        Ok(frame.jpeg(index, c.width, c.height, c.jpeg_quality, c.jpeg_max_bytes)?)
+    }
+
+    /// Starts encoding the latest frame of every camera view that is up, one thread per view,
+    /// so that a request attaching one soon after finds its JPEG made or being made (each frame
+    /// is encoded once: see [`camera::Frame::jpeg`]). Returns at once; a view that cannot be
+    /// encoded is left for the request to report.
+    pub fn encode_latest_views(&self) {
+        for (index, slot) in self.shared.slots.iter().enumerate() {
+            let Slot::Camera(view) = slot else { continue };
+            if !view.latest().1.up {
+                continue;
+            }
+            let handle = self.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("encode-view-{index}"))
+                .spawn(move || drop(handle.modality_jpeg(index)));
+            if let Err(e) = spawned {
+                tracing::debug!("view {index} not encoded ahead: {e}");
+            }
+        }
+    }
+
+    /// Whether any camera view is up now (its latest frame may be attached).
+    pub fn any_view_up(&self) -> bool {
+        self.shared.slots.iter().any(|slot| matches!(slot, Slot::Camera(view) if view.latest().1.up))
     }
 
     /// The latest utterance cut by VAD.

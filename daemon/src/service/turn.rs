@@ -107,6 +107,7 @@ impl Service {
         }
         let mut timings = Timings { decode_ms, ..Timings::default() };
 
+        self.encode_views_early();
         let started = Instant::now();
         let classified = self.classify(&question, request.task.as_deref())?;
         timings.classify_ms = ms(started.elapsed());

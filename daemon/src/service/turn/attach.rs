@@ -27,6 +27,21 @@ pub(super) struct CloudCall {
 pub const APP_IMAGE_MODALITY: u8 = u8::MAX;
 
 impl Service {
+    /// Starts encoding the camera views on other threads while the question is classified
+    /// and decided (about 6 ms a view at 640x480), so that a cloud action attaching them does
+    /// not wait for it: the encoding is kept with the frame (`sensing::camera::Frame::jpeg`).
+    /// Only when a cloud that takes images is reachable and a view is up; a local decision
+    /// wastes that encoding, on a core the classifier does not use.
+    pub(super) fn encode_views_early(&self) {
+        if !(self.cloud_reachable()
+            && self.cloud_takes_media(MediaType::ImageJpeg)
+            && self.sensing.any_view_up())
+        {
+            return;
+        }
+        self.sensing.encode_latest_views();
+    }
+
     /// The cloud request of a cloud action (`None` for a local one, or without an MQTT link).
     /// The wait is the dialogue's remaining latency budget less the expected local answer (so
     /// that a fallback still fits), within `[cloud] min_wait_secs..=max_wait_secs`.
