@@ -119,6 +119,15 @@ pub struct SensingStatus {
     pub vad: Option<VadStatus>,
 }
 
+/// The frames of the camera views at one instant (a turn's arrival), from
+/// [`SensingHandle::snapshot_views`]: what the device saw when it was asked, encoded while the
+/// question is classified, and attached if the decision takes them.
+#[derive(Debug, Clone, Default)]
+pub struct ViewSnapshot {
+    /// Per modality (policy order): the frame, for a camera view that was up.
+    frames: Vec<Option<Arc<camera::Frame>>>,
+}
+
 /// Cheap, cloneable read access to what sensing captured.
 #[derive(Debug, Clone)]
 pub struct SensingHandle {
@@ -179,47 +188,74 @@ impl SensingHandle {
     }
 
     /// JPEG of the latest frame of camera modality `index` (policy order), at the profile's
-    /// resolution and quality, under its size cap. Blocking (decode + encode, a few ms).
+    /// resolution and quality, under its size cap. Blocking (decode + encode, a few ms, once per
+    /// frame: see [`camera::Frame::jpeg`]).
     pub fn modality_jpeg(&self, index: usize) -> Result<Jpeg, SensingError> {
+        self.view_jpeg(index, None)
+    }
+
+    /// The latest frame of every camera view that is up, at this instant (`None` for the
+    /// others and for audio modalities).
+    pub fn snapshot_views(&self) -> ViewSnapshot {
+        let frames = self
+            .shared
+            .slots
+            .iter()
+            .map(|slot| match slot {
+                Slot::Camera(view) => match view.latest() {
+                    (Some(frame), health) if health.up => Some(frame),
+                    _ => None,
+                },
+                Slot::Audio => None,
+            })
+            .collect();
+        ViewSnapshot { frames }
+    }
+
+    /// Starts encoding the frames of `snapshot` on a thread of its own, one after the other
+    /// (a few ms each), and returns at once: a request attaching them later finds their JPEGs
+    /// made, or waits for the one being made.
+    pub fn encode_snapshot(&self, snapshot: &ViewSnapshot) {
+        if snapshot.frames.iter().all(Option::is_none) {
+            return;
+        }
+        let (handle, snapshot) = (self.clone(), snapshot.clone());
+        let spawned = std::thread::Builder::new().name("encode-views".into()).spawn(move || {
+            for index in 0..snapshot.frames.len() {
+                if snapshot.frames[index].is_some() {
+                    let _ = handle.view_jpeg(index, Some(&snapshot));
+                }
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::debug!("views not encoded ahead: {e}");
+        }
+    }
+
+    /// JPEG of camera modality `index` as `snapshot` holds it (the frame of that instant), or of
+    /// its latest frame when the snapshot has none for it.
+    pub fn snapshot_jpeg(&self, index: usize, snapshot: &ViewSnapshot) -> Result<Jpeg, SensingError> {
+        self.view_jpeg(index, Some(snapshot))
+    }
+
+    fn view_jpeg(&self, index: usize, snapshot: Option<&ViewSnapshot>) -> Result<Jpeg, SensingError> {
         let slot = self.shared.slots.get(index).ok_or(SensingError::NoSuchModality(index))?;
         let Slot::Camera(view) = slot else {
             return Err(SensingError::WrongKind { index, kind: ModalityKind::Audio });
         };
-        let (frame, health) = view.latest();
-        let frame = match frame {
-            Some(f) if health.up => f,
-            _ => {
-                let cause = health.cause.unwrap_or_else(|| "no frame captured yet".into());
-                return Err(CameraError::Unavailable { view: index, cause }.into());
-            }
+        let taken = snapshot.and_then(|s| s.frames.get(index).cloned().flatten());
+        let frame = match taken {
+            Some(frame) => frame,
+            None => match view.latest() {
+                (Some(f), health) if health.up => f,
+                (_, health) => {
+                    let cause = health.cause.unwrap_or_else(|| "no frame captured yet".into());
+                    return Err(CameraError::Unavailable { view: index, cause }.into());
+                }
+            },
         };
         let c = &self.shared.camera;
         Ok(frame.jpeg(index, c.width, c.height, c.jpeg_quality, c.jpeg_max_bytes)?)
-    }
-
-    /// Starts encoding the latest frame of every camera view that is up, one thread per view,
-    /// so that a request attaching one soon after finds its JPEG made or being made (each frame
-    /// is encoded once: see [`camera::Frame::jpeg`]). Returns at once; a view that cannot be
-    /// encoded is left for the request to report.
-    pub fn encode_latest_views(&self) {
-        for (index, slot) in self.shared.slots.iter().enumerate() {
-            let Slot::Camera(view) = slot else { continue };
-            if !view.latest().1.up {
-                continue;
-            }
-            let handle = self.clone();
-            let spawned = std::thread::Builder::new()
-                .name(format!("encode-view-{index}"))
-                .spawn(move || drop(handle.modality_jpeg(index)));
-            if let Err(e) = spawned {
-                tracing::debug!("view {index} not encoded ahead: {e}");
-            }
-        }
-    }
-
-    /// Whether any camera view is up now (its latest frame may be attached).
-    pub fn any_view_up(&self) -> bool {
-        self.shared.slots.iter().any(|slot| matches!(slot, Slot::Camera(view) if view.latest().1.up))
     }
 
     /// The latest utterance cut by VAD.

@@ -62,6 +62,18 @@ fn test_patterns_give_fresh_jpegs_and_a_missing_device_is_masked() {
     let err = h.modality_jpeg(2).unwrap_err().to_string();
     assert!(err.contains("unavailable"), "{err}");
     assert!(h.modality_jpeg(7).is_err());
+
+    // A snapshot keeps the frames of its instant: encoded ahead, attached later unchanged while
+    // the views move on; the view that is down is still reported.
+    let snapshot = h.snapshot_views();
+    h.encode_snapshot(&snapshot);
+    let first = h.snapshot_jpeg(1, &snapshot).unwrap();
+    std::thread::sleep(Duration::from_millis(250)); // several frames at the profile's fps
+    let later = h.snapshot_jpeg(1, &snapshot).unwrap();
+    assert_eq!(later.bytes, first.bytes, "the snapshot's frame, not a newer one");
+    assert!(later.frame_age >= first.frame_age + Duration::from_millis(200));
+    assert_ne!(h.modality_jpeg(1).unwrap().bytes, first.bytes, "the view moved on");
+    assert!(h.snapshot_jpeg(2, &snapshot).unwrap_err().to_string().contains("unavailable"));
     s.shutdown(Duration::from_secs(2));
 }
 

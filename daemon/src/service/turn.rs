@@ -107,7 +107,7 @@ impl Service {
         }
         let mut timings = Timings { decode_ms, ..Timings::default() };
 
-        self.encode_views_early();
+        let views = self.snapshot_views();
         let started = Instant::now();
         let classified = self.classify(&question, request.task.as_deref())?;
         timings.classify_ms = ms(started.elapsed());
@@ -126,7 +126,8 @@ impl Service {
         timings.decide_ms = ms(started.elapsed());
 
         let started = Instant::now();
-        let cloud = self.attach(&start, classified.task, &question, decided.decision.action, app_images);
+        let cloud =
+            self.attach(&start, classified.task, &question, decided.decision.action, app_images, &views);
         let app_images_sent = cloud.as_ref().map_or(0, |c| c.app_images);
         if cloud.is_some() {
             timings.attach_ms = ms(started.elapsed());

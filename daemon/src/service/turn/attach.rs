@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use llm_engine::Conversation;
 use policy_onnx::{Action, TaskCategory};
+use sensing::ViewSnapshot;
 use tmo_protocol::{Attachment, CloudRequest, HistoryTurn, MediaType, RequestId};
 
 use crate::dialogues::TurnStart;
@@ -27,19 +28,18 @@ pub(super) struct CloudCall {
 pub const APP_IMAGE_MODALITY: u8 = u8::MAX;
 
 impl Service {
-    /// Starts encoding the camera views on other threads while the question is classified
-    /// and decided (about 6 ms a view at 640x480), so that a cloud action attaching them does
-    /// not wait for it: the encoding is kept with the frame (`sensing::camera::Frame::jpeg`).
-    /// Only when a cloud that takes images is reachable and a view is up; a local decision
-    /// wastes that encoding, on a core the classifier does not use.
-    pub(super) fn encode_views_early(&self) {
-        if !(self.cloud_reachable()
-            && self.cloud_takes_media(MediaType::ImageJpeg)
-            && self.sensing.any_view_up())
-        {
-            return;
+    /// The camera views' frames at the turn's arrival, their encoding started on another
+    /// thread (about 2 ms a 640x480 view) while the question is classified and decided, so that
+    /// a cloud action attaching them does not wait for it. Only when a cloud that takes images is
+    /// reachable (otherwise empty: nothing is encoded); a local decision wastes that encoding,
+    /// on a core the classifier does not use.
+    pub(super) fn snapshot_views(&self) -> ViewSnapshot {
+        if !(self.cloud_reachable() && self.cloud_takes_media(MediaType::ImageJpeg)) {
+            return ViewSnapshot::default();
         }
-        self.sensing.encode_latest_views();
+        let views = self.sensing.snapshot_views();
+        self.sensing.encode_snapshot(&views);
+        views
     }
 
     /// The cloud request of a cloud action (`None` for a local one, or without an MQTT link).
@@ -52,6 +52,7 @@ impl Service {
         question: &str,
         action: Action,
         app_images: Vec<Vec<u8>>,
+        views: &ViewSnapshot,
     ) -> Option<CloudCall> {
         let (Some(link), Action::Cloud { modalities }) = (&self.cloud, action) else { return None };
         let c = &self.config.file.cloud;
@@ -67,7 +68,7 @@ impl Service {
             task: task.name().to_owned(),
             question: question.to_owned(),
             history: history(&start.conversation, c.max_history_turns),
-            attachments: modalities.indices().filter_map(|i| self.attachment(i)).collect(),
+            attachments: modalities.indices().filter_map(|i| self.attachment(i, views)).collect(),
             deadline_unix_ms: unix_ms_now() + wait.as_millis() as u64,
             max_tokens: c.max_tokens,
             stream: c.stream,
@@ -84,11 +85,12 @@ impl Service {
         Some(CloudCall { link: link.clone(), request, wait, app_images: app_sent })
     }
 
-    /// The latest JPEG of camera modality `index`, or the latest utterance of an audio one.
-    /// A modality that cannot be captured now is left out (and logged): the question still goes.
-    fn attachment(&self, index: usize) -> Option<Attachment> {
+    /// The JPEG of camera modality `index` (its frame in `views`, else its latest), or the
+    /// latest utterance of an audio one. A modality that cannot be captured now is left out (and
+    /// logged): the question still goes.
+    fn attachment(&self, index: usize, views: &ViewSnapshot) -> Option<Attachment> {
         let name = self.modality_names.get(index)?.clone();
-        let captured = match self.sensing.modality_jpeg(index) {
+        let captured = match self.sensing.snapshot_jpeg(index, views) {
             Ok(jpeg) => Ok((MediaType::ImageJpeg, jpeg.bytes)),
             Err(sensing::SensingError::WrongKind { .. }) => {
                 self.sensing.utterance_wav().map(|wav| (MediaType::AudioWav, wav))
