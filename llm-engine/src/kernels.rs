@@ -53,15 +53,24 @@ pub(crate) struct Q4K {
 impl Q4K {
     /// Per sub-block, `[d * sc, -dmin * m]`: the form of Q4_1's scale and offset.
     fn scale_offsets(&self) -> [[f32; 2]; 8] {
-        let (d, dmin, s) = (self.d.to_f32(), self.dmin.to_f32(), &self.scales);
-        std::array::from_fn(|j| {
-            let (sc, m) = if j < 4 {
-                (s[j] & 63, s[j + 4] & 63)
-            } else {
-                ((s[j + 4] & 0x0f) | ((s[j - 4] >> 6) << 4), (s[j + 4] >> 4) | ((s[j] >> 6) << 4))
-            };
-            [d * f32::from(sc), -(dmin * f32::from(m))]
-        })
+        let (d, dmin, sm) = (self.d.to_f32(), self.dmin.to_f32(), self.scales_and_mins());
+        std::array::from_fn(|j| [d * f32::from(sm[2 * j]), -(dmin * f32::from(sm[2 * j + 1]))])
+    }
+
+    /// The 6-bit `sc` and `m` of the eight sub-blocks, as `[sc0, m0, sc1, m1, ...]`.
+    #[inline(always)]
+    fn scales_and_mins(&self) -> [u8; 16] {
+        let s = &self.scales;
+        let mut out = [0u8; 16];
+        for j in 0..4 {
+            out[2 * j] = s[j] & 63;
+            out[2 * j + 1] = s[j + 4] & 63;
+        }
+        for j in 4..8 {
+            out[2 * j] = (s[j + 4] & 0x0f) | ((s[j - 4] >> 6) << 4);
+            out[2 * j + 1] = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+        }
+        out
     }
 }
 
