@@ -18,23 +18,13 @@ import gguf
 import numpy as np
 
 # The shapes of the published models' config.json files.
+QWEN25 = dict(arch="qwen2", vocab=151936, rope_base=1_000_000.0, eps=1e-6, qkv_bias=True, tied=True)
+LLAMA32 = dict(arch="llama", vocab=128256, rope_base=500_000.0, eps=1e-5, qkv_bias=False, tied=True)
 SHAPES = {
-    "qwen2.5-0.5b": dict(
-        arch="qwen2", hidden=896, layers=24, heads=14, kv_heads=2, ffn=4864, vocab=151936,
-        rope_base=1_000_000.0, eps=1e-6, qkv_bias=True, tied=True,
-    ),
-    "qwen2.5-1.5b": dict(
-        arch="qwen2", hidden=1536, layers=28, heads=12, kv_heads=2, ffn=8960, vocab=151936,
-        rope_base=1_000_000.0, eps=1e-6, qkv_bias=True, tied=True,
-    ),
-    "llama-3.2-1b": dict(
-        arch="llama", hidden=2048, layers=16, heads=32, kv_heads=8, ffn=8192, vocab=128256,
-        rope_base=500_000.0, eps=1e-5, qkv_bias=False, tied=True,
-    ),
-    "llama-3.2-3b": dict(
-        arch="llama", hidden=3072, layers=28, heads=24, kv_heads=8, ffn=8192, vocab=128256,
-        rope_base=500_000.0, eps=1e-5, qkv_bias=False, tied=True,
-    ),
+    "qwen2.5-0.5b": dict(QWEN25, hidden=896, layers=24, heads=14, kv_heads=2, ffn=4864),
+    "qwen2.5-1.5b": dict(QWEN25, hidden=1536, layers=28, heads=12, kv_heads=2, ffn=8960),
+    "llama-3.2-1b": dict(LLAMA32, hidden=2048, layers=16, heads=32, kv_heads=8, ffn=8192),
+    "llama-3.2-3b": dict(LLAMA32, hidden=3072, layers=28, heads=24, kv_heads=8, ffn=8192),
 }
 
 
