@@ -76,18 +76,19 @@ impl Q8Linear {
     /// `out[t * rows + r] = W[r] . x[t] + b[r]` for the rows `x` holds (set by
     /// [`DenseInput::set`] with this layer's `cols`); `out` is resized to fit.
     pub fn forward(&self, x: &mut DenseInput, out: &mut Vec<f32>) {
-        assert_eq!(x.cols, self.cols, "input rows of {} values for a layer of {}", x.cols, self.cols);
+        let (tokens, cols) = (x.input.tokens(), x.input.cols());
+        assert_eq!(cols, self.cols, "input rows of {cols} values for a layer of {}", self.cols);
         out.clear();
-        out.resize(x.tokens * self.rows, 0.0);
+        out.resize(tokens * self.rows, 0.0);
         match &self.weights {
             Weights::Unpacked(rows) => {
                 x.input.prepare(InputFormat::Q8, &x.pool);
-                dot_unpacked(rows, &x.input, x.tokens, out);
+                dot_unpacked(rows, &x.input, tokens, out);
             }
             Weights::Blocks(words) => {
                 let matrix = Self::matrix(words, self.rows, self.cols).expect("checked in quantize");
                 x.input.prepare(matrix.input_format(), &x.pool);
-                matrix.dot_tile(&x.input, x.tokens, 0..self.rows, out);
+                matrix.dot_tile(&x.input, tokens, 0..self.rows, out);
             }
         }
         for row in out.chunks_exact_mut(self.rows) {
@@ -115,8 +116,6 @@ fn q8_0_words(weight: &[f32]) -> Vec<u32> {
 pub struct DenseInput {
     input: Input,
     pool: ComputePool,
-    tokens: usize,
-    cols: usize,
 }
 
 impl DenseInput {
@@ -124,15 +123,13 @@ impl DenseInput {
     pub fn new() -> Self {
         // One thread: the caller's. No helper thread is started, so this cannot fail.
         let pool = ComputePool::new(1).expect("a pool of the calling thread alone starts no thread");
-        Self { input: Input::default(), pool, tokens: 0, cols: 0 }
+        Self { input: Input::default(), pool }
     }
 
     /// Takes `tokens` rows of `cols` values (`values.len() == tokens * cols`).
     pub fn set(&mut self, values: &[f32], tokens: usize, cols: usize) {
         assert_eq!(values.len(), tokens * cols, "{tokens} rows of {cols} values");
         self.input.set(values, tokens, cols);
-        self.tokens = tokens;
-        self.cols = cols;
     }
 }
 

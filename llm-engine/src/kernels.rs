@@ -1192,6 +1192,16 @@ impl Input {
         }
     }
 
+    /// Rows given to the last `set`.
+    pub fn tokens(&self) -> usize {
+        self.tokens
+    }
+
+    /// Values per row given to the last `set`.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
     fn f32(&self, token: usize) -> &[f32] {
         &self.f32[token * self.cols..(token + 1) * self.cols]
     }

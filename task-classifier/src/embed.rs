@@ -5,9 +5,9 @@
 //! ([`llm_engine::Q8Linear`]): the dense layers' weights are quantized to Q8_0 at load, the
 //! activations to 8 bits per layer, and the products run at the CPU's best level (AVX-512
 //! VNNI, AVX2, NEON dot products). A question is a few tokens, so an f32 product would mostly
-//! read weights (42 MB of them per question); Q8_0 reads 11 MB. Embeddings stay within about
-//! 1e-2 (cosine above 0.999) of the f32 model's; the test `embeddings_follow_the_f32_model`
-//! holds them to candle's BERT.
+//! read weights (42 MB of them per question); Q8_0 reads 11 MB. Embeddings stay within 1e-2
+//! (cosine above 0.999) of the f32 model's: the test
+//! `embedding_equals_sentence_transformers_reference` holds them to sentence-transformers'.
 //!
 //! One question runs on the calling thread: call it off async workers.
 
@@ -192,7 +192,7 @@ impl Embedder {
         let file = SafeTensors::deserialize(&bytes).map_err(|e| corrupt(&weights_path, e.to_string()))?;
         let w = Weights { file };
         let ffn = config.intermediate_size;
-        let load = || -> std::result::Result<Embedder, String> {
+        let load = move || -> std::result::Result<Embedder, String> {
             let layers = (0..config.num_hidden_layers)
                 .map(|i| {
                     let p = format!("encoder.layer.{i}");
@@ -212,7 +212,7 @@ impl Embedder {
                 })
                 .collect::<std::result::Result<Vec<_>, String>>()?;
             Ok(Embedder {
-                tokenizer: tokenizer.clone(),
+                tokenizer,
                 word_embeddings: w.get("embeddings.word_embeddings.weight", &[config.vocab_size, d])?,
                 position_embeddings: w
                     .get("embeddings.position_embeddings.weight", &[config.max_position_embeddings, d])?,
