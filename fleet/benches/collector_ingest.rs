@@ -10,8 +10,10 @@
 //!    `FLEET_BENCH_ROUNDS` times (default 3), each into a fresh dataset directory under
 //!    `FLEET_BENCH_DIR` (default the system's temporary directory: make sure it is a real
 //!    disk, not tmpfs, or fsync costs nothing).
-//! 2. Scan: `FLEET_BENCH_SCAN_ROWS` rows (default 1,000,000) written straight through the
-//!    DatasetWriter, then the time `DatasetWriter::open` takes to rebuild the key set.
+//! 2. Start-up and read: `FLEET_BENCH_SCAN_ROWS` rows (default 1,000,000) written straight
+//!    through the dataset writer (10,000 rows a call, over 10 days), then the time a writer
+//!    takes to open on that dataset (it reads none of it), and the time the DataFusion reader
+//!    takes to open it and count the latest version of every row.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -20,7 +22,8 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use fleet::{Collector, CollectorStats};
-use outcome_log::dataset::DatasetWriter;
+use fleet_data::{DatasetWriter, OutcomeStore};
+use outcome_log::dataset::TimeWindow;
 use support::{DeviceClient, batch, outcome};
 use tmo_protocol::ShareGroup;
 use tmo_protocol::link::LinkConfig;
@@ -90,13 +93,13 @@ async fn ingest_round(broker: &MosquittoBroker, round: usize) -> (f64, Collector
     (acked as f64 / elapsed.as_secs_f64(), stats, elapsed)
 }
 
-fn scan_bench() {
+fn scan_bench(runtime: &tokio::runtime::Runtime) {
     let total = env_usize("FLEET_BENCH_SCAN_ROWS", 1_000_000);
     if total == 0 {
         return;
     }
     let dir = tempfile::tempdir_in(bench_dir()).expect("bench directory");
-    let mut writer = DatasetWriter::open(dir.path()).unwrap();
+    let mut writer = DatasetWriter::open(dir.path(), "bench", TimeWindow::UNBOUNDED).unwrap();
     let t0 = t0();
     let started = Instant::now();
     let per_call = 10_000;
@@ -110,25 +113,35 @@ fn scan_bench() {
         let rows: Vec<_> = (0..n as u32)
             .map(|t| outcome(&format!("c{call}"), t, t0 + i64::from(t % 10) * 86_400_000))
             .collect();
-        written += writer.append(&device, rows, outcome_log::now_ms() as u64).unwrap().written;
+        let summary = writer.append_many(&[(device, rows)], outcome_log::now_ms() as u64).unwrap();
+        written += summary[0].written;
         call += 1;
     }
     let write_secs = started.elapsed().as_secs_f64();
     drop(writer);
     let bytes: u64 = walk_bytes(dir.path());
     let started = Instant::now();
-    let writer = DatasetWriter::open(dir.path()).unwrap();
+    let writer = DatasetWriter::open(dir.path(), "bench-2", TimeWindow::UNBOUNDED).unwrap();
     let open_secs = started.elapsed().as_secs_f64();
-    assert_eq!(writer.rows(), total);
+    drop(writer);
+    let started = Instant::now();
+    let (store, latest) = runtime.block_on(async {
+        let store = OutcomeStore::open(dir.path().to_str().unwrap()).await.unwrap();
+        let latest = store.latest_count().await.unwrap();
+        (store, latest)
+    });
+    let read_secs = started.elapsed().as_secs_f64();
+    assert_eq!(latest as usize, total);
     println!(
-        "dataset scan: {total} rows, {:.0} MB in {} files; writing them directly {:.1} s; \
-         DatasetWriter::open (key set rebuilt) {:.2} s = {:.0} rows/s, {:.0} MB/s",
+        "dataset: {total} rows, {:.0} MB of Parquet in {} files; written directly {:.1} s = {:.0} rows/s; \
+         a writer opens on it in {:.1} ms; the reader opens it and counts the latest rows in {:.2} s = {:.0} rows/s",
         bytes as f64 / 1e6,
-        writer.open_report().files,
+        store.files(),
         write_secs,
-        open_secs,
-        total as f64 / open_secs,
-        bytes as f64 / 1e6 / open_secs
+        total as f64 / write_secs,
+        open_secs * 1e3,
+        read_secs,
+        total as f64 / read_secs
     );
 }
 
@@ -167,5 +180,5 @@ fn main() {
             stats.dropped_queue_full,
         );
     }
-    scan_bench();
+    scan_bench(&runtime);
 }

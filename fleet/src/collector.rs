@@ -5,12 +5,14 @@
 //! 1. a tokio task forwards received publishes from the link to
 //! 2. the writer thread (`fleet-collector`), which takes every publish waiting at that moment
 //!    (up to a group limit), decodes them (frames, CBOR, each row's JSON as a `TurnOutcome`),
-//!    appends the whole group with one fdatasync per touched file, and only then hands the
-//!    acks to
+//!    writes the whole group as one Parquet file per day it touches (`fleet_data::writer`:
+//!    atomic, fsynced), and only then hands the acks to
 //! 3. a tokio task that publishes each ack (CBOR, QoS 1) on the device's ack topic.
 //!
-//! Batches that arrive together share one fsync, which is what makes the throughput: the
-//! cost of durability is per group, not per batch. Refusals never stop the collector: a
+//! Batches that arrive together share one file and one fsync, which is what makes the
+//! throughput: the cost of durability is per group, not per batch. The collector keeps no
+//! keys: a batch sent again is written again, and readers keep each row's latest version, so
+//! it starts at once and several collectors may write one dataset. Refusals never stop the collector: a
 //! malformed payload is counted and logged; a batch whose device differs from its topic's is
 //! counted and not acknowledged; a row that is not a `TurnOutcome`, disagrees with its key or
 //! fails validation is listed with its reason in the ack's `rejected`. A write error is logged
@@ -23,7 +25,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use outcome_log::TurnOutcome;
-use outcome_log::dataset::{DatasetError, DatasetWriter, TimeWindow};
+use fleet_data::{DataError, DatasetWriter};
+use outcome_log::dataset::TimeWindow;
 use tmo_protocol::codec::CborMessage;
 use tmo_protocol::link::{
     Delivery, Incoming, Link, LinkConfig, LinkError, LinkSetup, Message, Publisher, QoS, Subscription,
@@ -47,7 +50,7 @@ pub const DEFAULT_SHARE: &str = "collectors";
 pub struct CollectorConfig {
     /// Collectors with the same share group split the batches between them.
     pub share: ShareGroup,
-    /// The dataset directory.
+    /// The dataset directory (several collectors may share one).
     pub out_dir: PathBuf,
     /// Largest batch accepted (bytes of its CBOR body).
     pub max_batch_bytes: usize,
@@ -59,7 +62,7 @@ pub struct CollectorConfig {
     /// `incoming_capacity` is raised to this).
     pub queue_capacity: usize,
     /// How far from its receipt a row's own time may be (rows outside are rejected with the
-    /// reason); the dataset writer holds the keys of the window's days only.
+    /// reason), so that devices cannot pick partitions.
     pub window: TimeWindow,
 }
 
@@ -84,7 +87,7 @@ impl CollectorConfig {
 pub enum CollectorError {
     /// The dataset could not be opened.
     #[error("opening the dataset: {0}")]
-    Dataset(#[from] DatasetError),
+    Dataset(#[from] DataError),
     /// The MQTT link could not start.
     #[error(transparent)]
     Link(#[from] LinkError),
@@ -98,20 +101,16 @@ pub enum CollectorError {
 pub struct CollectorStats {
     /// Batches decoded and accepted for writing.
     pub batches: u64,
-    /// Rows written to the dataset.
+    /// Rows written to the dataset (a row sent again is written again: readers keep its
+    /// latest version).
     pub rows_written: u64,
-    /// Rows already in the dataset (acknowledged again, not written).
-    pub duplicates: u64,
-    /// Rows already in the dataset with another score (feedback or a judge after the upload),
-    /// written again as their newer version (counted in `rows_written` too).
-    pub rescored: u64,
     /// Rows rejected (listed in the ack's `rejected`).
     pub rejected_rows: u64,
     /// Payloads refused as frames or CBOR (malformed, oversized, wrong version, ...).
     pub malformed: u64,
     /// Batches refused because their device is not their topic's (not acknowledged).
     pub refused_batches: u64,
-    /// Groups written (each with one fdatasync per touched file).
+    /// Groups written (each as one file per day it touches).
     pub write_groups: u64,
     /// Groups that failed to write (not acknowledged; devices resend).
     pub write_errors: u64,
@@ -127,8 +126,6 @@ pub struct CollectorStats {
 struct Counters {
     batches: AtomicU64,
     rows_written: AtomicU64,
-    duplicates: AtomicU64,
-    rescored: AtomicU64,
     rejected_rows: AtomicU64,
     malformed: AtomicU64,
     refused_batches: AtomicU64,
@@ -179,8 +176,8 @@ impl Collector {
         config: CollectorConfig,
     ) -> Result<Collector, CollectorError> {
         link_config.validate()?;
-        let (dir, window) = (config.out_dir.clone(), config.window);
-        let writer = tokio::task::spawn_blocking(move || DatasetWriter::open_with(dir, window))
+        let (dir, window, name) = (config.out_dir.clone(), config.window, link_config.client_id.clone());
+        let writer = tokio::task::spawn_blocking(move || DatasetWriter::open(dir, &name, window))
             .await
             .map_err(|e| CollectorError::Thread(e.to_string()))??;
         let mut link_config = link_config.clone();
@@ -247,8 +244,6 @@ impl Collector {
         CollectorStats {
             batches: get(&c.batches),
             rows_written: get(&c.rows_written),
-            duplicates: get(&c.duplicates),
-            rescored: get(&c.rescored),
             rejected_rows: get(&c.rejected_rows),
             malformed: get(&c.malformed),
             refused_batches: get(&c.refused_batches),
@@ -455,21 +450,19 @@ impl WriterStage {
             ));
         }
         let started = Instant::now();
-        match self.dataset.append_many(batches, received) {
+        match self.dataset.append_many(&batches, received) {
             Ok(summaries) => {
                 add(&self.counters.write_groups, 1);
                 let written: usize = summaries.iter().map(|s| s.written).sum();
-                let duplicates: usize = summaries.iter().map(|s| s.duplicates).sum();
                 add(&self.counters.rows_written, written as u64);
-                add(&self.counters.duplicates, duplicates as u64);
-                add(&self.counters.rescored, summaries.iter().map(|s| s.rescored as u64).sum());
                 debug!(
                     batches = acks.len(),
                     written,
-                    duplicates,
                     elapsed_us = started.elapsed().as_micros() as u64,
                     "group written"
                 );
+                // Tests stop or kill the collector here: written, not yet acknowledged.
+                fail::fail_point!("collector-after-write");
                 for ack in acks {
                     if self.acks.blocking_send(ack).is_err() {
                         warn!("ack publisher gone; acks dropped (devices resend)");

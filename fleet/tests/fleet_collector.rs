@@ -1,12 +1,13 @@
-//! The collector against a real Mosquitto: each row stored once, acks, refusals.
+//! The collector against a real Mosquitto: acks, refusals, and each row read once (its latest
+//! version) under resends, restarts and several collectors on one dataset.
 
 mod support;
 
 use std::time::Duration;
 
 use fleet::{Collector, CollectorConfig, CollectorStats};
-use outcome_log::dataset::{TimeWindow, read_dataset};
-use support::{DeviceClient, batch, outcome};
+use outcome_log::dataset::TimeWindow;
+use support::{DeviceClient, batch, latest, outcome};
 use tmo_protocol::link::LinkConfig;
 use tmo_protocol::testing::MosquittoBroker;
 use tmo_protocol::{OutcomeKey, ShareGroup};
@@ -44,7 +45,7 @@ async fn stats_until(collector: &Collector, check: impl Fn(&CollectorStats) -> b
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fleet_collector_stores_each_batch_once_and_acks_it_again_when_resent() {
+async fn fleet_collector_acks_every_batch_and_readers_see_each_row_once_under_resends_and_restarts() {
     let broker = MosquittoBroker::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let c = collector(&broker, dir.path(), "collector-1").await;
@@ -59,36 +60,45 @@ async fn fleet_collector_stores_each_batch_once_and_acks_it_again_when_resent() 
     assert_eq!(ack.accepted, keys);
     assert!(ack.rejected.is_empty());
 
-    // The device did not see the ack (say) and sends the same batch again.
+    // The device did not see the ack (say) and sends the same batch again: written again (the
+    // collector keeps no keys), acknowledged the same, read once.
     device.send(&first).await;
     let again = device.next_ack(WAIT).await.expect("second ack");
     assert_eq!(again, ack);
-    let stats = stats_until(&c, |s| s.duplicates == 5).await;
-    assert_eq!((stats.batches, stats.rows_written, stats.duplicates), (2, 5, 5));
+    let stats = stats_until(&c, |s| s.rows_written == 10).await;
+    assert_eq!((stats.batches, stats.rows_written), (2, 10));
+    let read = latest(dir.path()).await;
+    assert!(read.torn.is_empty(), "{:?}", read.torn);
+    assert_eq!((read.records.len(), read.versions), (5, 10));
+    assert_eq!(read.records.iter().map(|r| r.outcome.clone()).collect::<Vec<_>>(), rows);
+    assert!(read.records.iter().all(|r| r.device_id == "kitchen-1"));
+    // Hive partitions by the rows' own day (two days here).
+    assert!(dir.path().join("day=2026-09-21").is_dir());
+    assert!(dir.path().join("day=2026-09-22").is_dir());
 
-    // Rows are durable and readable; days by created_at (two days here).
-    let ds = read_dataset(dir.path()).unwrap();
-    assert!(ds.skipped_lines.is_empty(), "{:?}", ds.skipped_lines);
-    assert_eq!(ds.records.len(), 5);
-    assert_eq!(ds.records.iter().map(|r| r.outcome.clone()).collect::<Vec<_>>(), rows);
-    assert!(ds.records.iter().all(|r| r.device_id == "kitchen-1"));
-    assert!(dir.path().join("2026-09-21/kitchen-1.jsonl").is_file());
-    assert!(dir.path().join("2026-09-22/kitchen-1.jsonl").is_file());
+    // A rescored row (feedback after the upload) supersedes its first version.
+    let mut rescored = rows[2].clone();
+    rescored.score = Some(0.25);
+    rescored.score_source = Some(outcome_log::ScoreSource::Feedback);
+    device.send(&batch("kitchen-1", 8, std::slice::from_ref(&rescored))).await;
+    assert_eq!(device.next_ack(WAIT).await.expect("ack of the rescored row").batch_id, 8);
 
-    // A restarted collector knows what it stored: the batch is acknowledged, nothing written.
+    // A restarted collector starts without reading the dataset and goes on.
     let stats = c.shutdown(WAIT).await;
-    assert_eq!(stats.acks_published, 2);
+    assert_eq!(stats.acks_published, 3);
     let c = collector(&broker, dir.path(), "collector-2").await;
     let mut more = rows.clone();
     more.push(outcome("dlg-1", 5, T0 + 3 * DAY_MS));
-    device.send(&batch("kitchen-1", 8, &more)).await;
+    device.send(&batch("kitchen-1", 9, &more)).await;
     let ack = device.next_ack(WAIT).await.expect("ack after restart");
-    assert_eq!(ack.batch_id, 8);
-    assert_eq!(ack.accepted.len(), 6);
+    assert_eq!((ack.batch_id, ack.accepted.len()), (9, 6));
     let stats = stats_until(&c, |s| s.batches == 1).await;
-    assert_eq!((stats.rows_written, stats.duplicates), (1, 5));
-    let ds = read_dataset(dir.path()).unwrap();
-    assert_eq!(ds.records.len(), 6);
+    assert_eq!(stats.rows_written, 6);
+    let read = latest(dir.path()).await;
+    assert_eq!((read.records.len(), read.versions), (6, 17));
+    let mut expected = more.clone();
+    expected[2] = rescored;
+    assert_eq!(read.records.iter().map(|r| r.outcome.clone()).collect::<Vec<_>>(), expected);
     c.shutdown(WAIT).await;
 }
 
@@ -108,7 +118,7 @@ async fn fleet_collector_refuses_a_batch_whose_device_is_not_its_topics() {
     assert_eq!(stats.rows_written, 0);
     assert!(intruder.next_ack(Duration::from_millis(500)).await.is_none());
     assert!(victim.next_ack(Duration::from_millis(100)).await.is_none());
-    assert!(read_dataset(dir.path()).unwrap().records.is_empty());
+    assert!(latest(dir.path()).await.records.is_empty());
 
     // The collector goes on: the victim's own batch is stored.
     victim.send(&forged).await;
@@ -168,9 +178,9 @@ async fn fleet_collector_rejects_rows_that_are_not_turn_outcomes_in_the_ack() {
     assert!(ack.rejected[2].reason.contains("propensity"), "{}", ack.rejected[2].reason);
     let stats = c.shutdown(WAIT).await;
     assert_eq!((stats.rows_written, stats.rejected_rows), (1, 3));
-    let ds = read_dataset(dir.path()).unwrap();
-    assert_eq!(ds.records.len(), 1);
-    assert_eq!(ds.records[0].outcome.turn, 0);
+    let read = latest(dir.path()).await;
+    assert_eq!(read.records.len(), 1);
+    assert_eq!(read.records[0].outcome.turn, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -205,19 +215,16 @@ async fn fleet_collector_rejects_rows_made_outside_its_window_so_devices_cannot_
     let days: Vec<String> = std::fs::read_dir(dir.path())
         .unwrap()
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .filter(|name| !name.starts_with('.'))
         .collect();
     assert_eq!(days.len(), 2, "only the two days in the window: {days:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fleet_collectors_in_one_share_group_split_the_batches_without_duplicates() {
+async fn fleet_collectors_in_one_share_group_split_the_batches_into_one_dataset() {
     let broker = MosquittoBroker::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let a_dir = dir.path().join("a");
-    let b_dir = dir.path().join("b");
-    let a = collector(&broker, &a_dir, "collector-a").await;
-    let b = collector(&broker, &b_dir, "collector-b").await;
+    let a = collector(&broker, dir.path(), "collector-a").await;
+    let b = collector(&broker, dir.path(), "collector-b").await;
     let mut device = DeviceClient::connect(broker.port(), "dev-3").await;
     for id in 0..20u32 {
         device.send(&batch("dev-3", u64::from(id), &[outcome("d", id, T0)])).await;
@@ -229,8 +236,34 @@ async fn fleet_collectors_in_one_share_group_split_the_batches_without_duplicate
     let (sa, sb) = (a.shutdown(WAIT).await, b.shutdown(WAIT).await);
     assert_eq!(sa.rows_written + sb.rows_written, 20);
     assert!(sa.rows_written > 0 && sb.rows_written > 0, "{sa:?} {sb:?}");
-    let total = read_dataset(&a_dir).unwrap().records.len() + read_dataset(&b_dir).unwrap().records.len();
-    assert_eq!(total, 20);
+    let read = latest(dir.path()).await;
+    assert_eq!((read.records.len(), read.versions), (20, 20));
+    assert_eq!(read.records.iter().map(|r| r.outcome.turn).collect::<Vec<_>>(), (0..20).collect::<Vec<_>>());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_collectors_that_both_take_every_batch_write_one_dataset_read_once() {
+    // Two collectors in different share groups both receive every batch (a migration, or a
+    // misconfiguration): every row is written twice and still read once.
+    let broker = MosquittoBroker::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let settings = |share: &str| CollectorConfig {
+        window: TimeWindow::UNBOUNDED,
+        ..CollectorConfig::new(ShareGroup::new(share).unwrap(), dir.path())
+    };
+    let a = collector_with(&broker, settings("group-a"), "collector-a").await;
+    let b = collector_with(&broker, settings("group-b"), "collector-b").await;
+    let mut device = DeviceClient::connect(broker.port(), "dev-5").await;
+    let rows: Vec<_> = (0..8).map(|t| outcome("d", t, T0)).collect();
+    device.send(&batch("dev-5", 1, &rows)).await;
+    assert_eq!(device.next_ack(WAIT).await.expect("an ack").accepted.len(), 8);
+    assert_eq!(stats_until(&a, |s| s.rows_written == 8).await.rows_written, 8);
+    assert_eq!(stats_until(&b, |s| s.rows_written == 8).await.rows_written, 8);
+    a.shutdown(WAIT).await;
+    b.shutdown(WAIT).await;
+    let read = latest(dir.path()).await;
+    assert_eq!((read.records.len(), read.versions), (8, 16));
+    assert_eq!(read.records.iter().map(|r| r.outcome.clone()).collect::<Vec<_>>(), rows);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -258,5 +291,5 @@ async fn fleet_collector_refuses_chunked_frames_on_the_outcomes_topic() {
     let ack = device.next_ack(WAIT).await.expect("ack of the whole batch");
     assert_eq!((ack.batch_id, ack.accepted.len()), (3, 2));
     c.shutdown(WAIT).await;
-    assert_eq!(read_dataset(dir.path()).unwrap().records.len(), 2);
+    assert_eq!(latest(dir.path()).await.records.len(), 2);
 }

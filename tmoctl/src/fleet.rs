@@ -248,14 +248,15 @@ pub struct RollbackArgs {
 pub struct CollectArgs {
     #[command(flatten)]
     broker: BrokerArgs,
-    /// The dataset directory (created if missing): DIR/<YYYY-MM-DD>/<device>.jsonl.
+    /// The dataset directory (created if missing): Parquet files in DIR/day=YYYY-MM-DD/; several
+    /// collectors may write one directory.
     #[arg(long)]
     out: PathBuf,
     /// The shared-subscription group: collectors with the same name split the batches.
     #[arg(long, default_value = fleet::DEFAULT_SHARE)]
     share: ShareGroup,
     /// Oldest row taken, in days before its receipt (older rows are rejected with the reason
-    /// and set aside on their device); the collector holds the keys of these days only.
+    /// and set aside on their device), so that devices cannot choose partitions.
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..=3650))]
     max_age_days: u32,
 }
@@ -476,11 +477,10 @@ async fn collect(args: CollectArgs) -> anyhow::Result<()> {
     wait_for_signal().await?;
     let stats = collector.shutdown(Duration::from_secs(10)).await;
     println!(
-        "batches {} rows_written {} duplicates {} rejected_rows {} malformed {} refused_batches {} \
+        "batches {} rows_written {} rejected_rows {} malformed {} refused_batches {} \
          write_groups {} write_errors {} acks {} ack_failures {} dropped_queue_full {}",
         stats.batches,
         stats.rows_written,
-        stats.duplicates,
         stats.rejected_rows,
         stats.malformed,
         stats.refused_batches,

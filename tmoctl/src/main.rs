@@ -53,6 +53,8 @@ fn main() -> anyhow::Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_writer(std::io::stderr)
         .init();
+    // Fail points named in FAILPOINTS (test builds only: release builds have none compiled in).
+    let _fail_points = fail::FailScenario::setup();
     match Cli::parse().command {
         Command::Policy(command) => policy::run(command),
         Command::Model(command) => model::run(command),

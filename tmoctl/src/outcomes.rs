@@ -1,11 +1,13 @@
-//! `tmoctl outcomes ...`: a device's outcome log, or the fleet's collected dataset, as training data.
+//! `tmoctl outcomes ...`: a device's outcome log, or the fleet's collected dataset, as training
+//! data; the fleet's report; converting a dataset of earlier collectors to Parquet.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::{Args, Subcommand, ValueEnum};
-use outcome_log::dataset::{Dataset, read_dataset};
+use fleet_data::report::ReportRow;
+use fleet_data::{LatestRecords, OutcomeStore};
 use outcome_log::{
     ExportRow, ExportSummary, M4a1ExportOptions, OutcomeLog, UnscoredTurns, group_dialogues, m4a1_dialogues,
 };
@@ -22,6 +24,48 @@ pub enum OutcomesCommand {
     /// first missing or unscored turn; each interaction carries a `tmo` object with the logged
     /// propensity, action index, policy version and the rest.
     Export(ExportArgs),
+    /// What a fleet manager looks at, per policy version and per day, on the latest version of
+    /// each row: turns, devices, route mix (local, cloud text only, cloud with attachments),
+    /// fallback rate, forced share, mean score, latency and cost percentiles, and the share of
+    /// turns that went over the budget the policy saw. A table, JSON (--json), and PNG charts
+    /// (--charts DIR: turns, mean score, latency p90, cost per turn, cloud share, fallback rate).
+    Report(ReportArgs),
+    /// Convert a dataset of earlier collectors (JSON lines, `DIR/<YYYY-MM-DD>/<device>.jsonl`)
+    /// into the Parquet dataset (every received version kept, with its time of receipt).
+    Convert(ConvertArgs),
+}
+
+/// Options of `tmoctl outcomes report`.
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// The collected dataset: a directory, or s3://bucket/prefix (credentials, region and
+    /// endpoint from AWS_* variables; AWS_ENDPOINT and AWS_ALLOW_HTTP=true for a local store).
+    #[arg(long)]
+    pub dataset: String,
+    /// Print the rows as JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Draw the charts as PNG files into this directory.
+    #[arg(long)]
+    pub charts: Option<PathBuf>,
+    /// The charts' TrueType font (default: DejaVu Sans or Liberation Sans where the system keeps
+    /// them).
+    #[arg(long, requires = "charts")]
+    pub font: Option<PathBuf>,
+    /// Memory the query engine may hold, MiB; its sorts spill to disk beyond it.
+    #[arg(long, default_value_t = 1024)]
+    pub memory_mib: usize,
+}
+
+/// Options of `tmoctl outcomes convert`.
+#[derive(Debug, Args)]
+pub struct ConvertArgs {
+    /// The JSON-lines dataset directory.
+    #[arg(long)]
+    pub from: PathBuf,
+    /// The Parquet dataset directory (created if missing; may already hold a dataset).
+    #[arg(long)]
+    pub to: PathBuf,
 }
 
 /// Options of `tmoctl outcomes export`.
@@ -30,9 +74,9 @@ pub struct ExportArgs {
     /// The outcome log (SQLite file written by tmod); opened read-only.
     #[arg(long, required_unless_present = "dataset", conflicts_with = "dataset")]
     pub db: Option<PathBuf>,
-    /// A collected dataset directory (`DIR/<YYYY-MM-DD>/<device_id>.jsonl`).
+    /// A collected dataset: a directory of `tmoctl fleet collect`, or s3://bucket/prefix.
     #[arg(long)]
-    pub dataset: Option<PathBuf>,
+    pub dataset: Option<String>,
     /// Output format.
     #[arg(long, value_enum, default_value_t = ExportFormat::M4a1)]
     pub format: ExportFormat,
@@ -70,7 +114,83 @@ pub fn run(command: OutcomesCommand) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        OutcomesCommand::Report(args) => report(&args),
+        OutcomesCommand::Convert(args) => {
+            let conversion = fleet_data::convert::convert_json_lines(&args.from, &args.to)?;
+            for skipped in &conversion.skipped {
+                eprintln!("skipped {}: {}", skipped.path, skipped.reason);
+            }
+            println!(
+                "converted {} records from {} into {} ({} lines skipped)",
+                conversion.records,
+                args.from.display(),
+                args.to.display(),
+                conversion.skipped.len()
+            );
+            Ok(())
+        }
     }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the tokio runtime")
+}
+
+fn report(args: &ReportArgs) -> anyhow::Result<()> {
+    let rows = runtime()?.block_on(async {
+        let store = OutcomeStore::open_with(&args.dataset, args.memory_mib << 20)
+            .await
+            .with_context(|| format!("opening the dataset {}", args.dataset))?;
+        report_torn(&store);
+        fleet_data::report::report(&store).await.context("computing the report")
+    })?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        print!("{}", report_table(&rows));
+    }
+    if let Some(dir) = &args.charts {
+        let font = fleet_data::report::find_font(args.font.as_deref())?;
+        let files = fleet_data::report::draw_charts(&rows, dir, &font)?;
+        eprintln!("charts: {}", files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", "));
+    }
+    Ok(())
+}
+
+fn report_torn(store: &OutcomeStore) {
+    for torn in store.torn_files() {
+        eprintln!("set aside {}: {}", torn.path, torn.reason);
+    }
+}
+
+fn report_table(rows: &[ReportRow]) -> String {
+    let mut table = comfy_table::Table::new();
+    table.load_preset(comfy_table::presets::ASCII_MARKDOWN).set_header([
+        "policy", "day", "turns", "devices", "local", "cloud", "+attach", "fallback", "score", "lat p50",
+        "lat p90", "lat p99", "cost p50", "cost p90", "cost/turn", "over budget",
+    ]);
+    let pct = |v: f64| format!("{:.1}%", v * 100.0);
+    for r in rows {
+        table.add_row([
+            r.policy_version.clone(),
+            r.day.clone(),
+            r.turns.to_string(),
+            r.devices.to_string(),
+            pct(r.local_share),
+            pct(r.cloud_text_share),
+            pct(r.cloud_attach_share),
+            pct(r.fallback_rate),
+            r.mean_score.map_or("-".into(), |s| format!("{s:.3}")),
+            format!("{:.2}s", r.latency_p50_secs),
+            format!("{:.2}s", r.latency_p90_secs),
+            format!("{:.2}s", r.latency_p99_secs),
+            format!("${:.5}", r.cost_p50_usd),
+            format!("${:.5}", r.cost_p90_usd),
+            format!("${:.5}", if r.turns > 0 { r.cost_total_usd / r.turns as f64 } else { 0.0 }),
+            r.budget_exhausted_share.map_or("-".into(), pct),
+        ]);
+    }
+    format!("{table}\n")
 }
 
 /// Runs the export: into `<out>.partial`, synced, then renamed over `out`.
@@ -86,8 +206,8 @@ pub fn export(args: &ExportArgs) -> anyhow::Result<ExportSummary> {
             let log = OutcomeLog::open_read_only(db).with_context(|| format!("opening {}", db.display()))?;
             log.m4a1_dialogues(&options).context("exporting the outcome log")?
         }
-        (None, Some(dir)) => {
-            let dataset = load_dataset(dir)?;
+        (None, Some(location)) => {
+            let dataset = load_dataset(location)?;
             dataset_dialogues(&dataset, &options)?
         }
         _ => anyhow::bail!("give exactly one of --db and --dataset"),
@@ -105,19 +225,20 @@ pub fn export(args: &ExportArgs) -> anyhow::Result<ExportSummary> {
     Ok(summary)
 }
 
-/// Reads a collected dataset; skipped lines (a torn last line, damage) are reported on stderr.
-pub(crate) fn load_dataset(dir: &Path) -> anyhow::Result<Dataset> {
-    let dataset = read_dataset(dir).with_context(|| format!("reading the dataset {}", dir.display()))?;
-    for skipped in &dataset.skipped_lines {
-        eprintln!("skipped {}:{}: {}", skipped.path.display(), skipped.line, skipped.reason);
-    }
-    Ok(dataset)
+/// The latest version of every row of a collected dataset; files set aside (torn, foreign)
+/// are reported on stderr.
+pub(crate) fn load_dataset(location: &str) -> anyhow::Result<LatestRecords> {
+    runtime()?.block_on(async {
+        let store = OutcomeStore::open(location).await.with_context(|| format!("opening the dataset {location}"))?;
+        report_torn(&store);
+        store.latest_records().await.with_context(|| format!("reading the dataset {location}"))
+    })
 }
 
 /// The dataset's dialogues in M4A1, keyed by (device, dialogue id), through the log export's
 /// conversion.
 pub(crate) fn dataset_dialogues(
-    dataset: &Dataset,
+    dataset: &LatestRecords,
     options: &M4a1ExportOptions,
 ) -> anyhow::Result<(Vec<serde_json::Value>, ExportSummary)> {
     let rows = dataset.records.iter().map(|r| {

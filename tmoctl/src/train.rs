@@ -15,7 +15,7 @@ use anyhow::Context;
 use clap::Args;
 use device_profiles::DeviceProfile;
 use indicatif::{ProgressBar, ProgressStyle};
-use outcome_log::dataset::Dataset;
+use fleet_data::LatestRecords;
 use outcome_log::{ExportSummary, M4a1ExportOptions, UnscoredTurns};
 use policy_onnx::m4a1::{self, Dialogue};
 use policy_onnx::train::conditions::{Condition, Network};
@@ -53,10 +53,11 @@ pub struct TrainArgs {
     /// Training dialogues in the M4A1 format.
     #[arg(long, required_unless_present = "outcomes", conflicts_with = "outcomes")]
     pub data: Option<PathBuf>,
-    /// A collected outcome dataset (`DIR/<YYYY-MM-DD>/<device_id>.jsonl`) to train on instead;
-    /// the new policy is then evaluated off-policy on the logged turns.
+    /// A collected outcome dataset (a directory of `tmoctl fleet collect`, or s3://bucket/prefix)
+    /// to train on instead, the latest version of each row; the new policy is then evaluated
+    /// off-policy on the logged turns.
     #[arg(long)]
-    pub outcomes: Option<PathBuf>,
+    pub outcomes: Option<String>,
     /// With --outcomes: the policy that logged the turns, evaluated beside the new one.
     #[arg(long, requires = "outcomes")]
     pub logging_policy: Option<PathBuf>,
@@ -293,7 +294,10 @@ pub struct DatasetCounts {
     pub rows: usize,
     pub devices: usize,
     pub dialogues: usize,
-    pub skipped_lines: usize,
+    /// Stored versions read (rows sent again or rescored are stored again; the latest counts).
+    pub versions: u64,
+    /// Files set aside (not whole Parquet files of the dataset).
+    pub torn_files: usize,
     pub scored_rows: usize,
     /// Rows without a score: left out of training and evaluation.
     pub unscored_rows: usize,
@@ -309,7 +313,7 @@ pub struct DatasetCounts {
 
 impl LoggedOutcomes {
     /// Converts `dataset` for `profile` (its modality count and cost table).
-    pub fn from_dataset(dataset: &Dataset, profile: &DeviceProfile) -> anyhow::Result<Self> {
+    pub fn from_dataset(dataset: &LatestRecords, profile: &DeviceProfile) -> anyhow::Result<Self> {
         let schema = Schema::new(profile.modality_count(), Schema::default().history());
         let costs = CostModel::new(profile, &schema).context("the profile's cost table")?;
         let scale = RewardScale::new(&costs, RewardWeights::default());
@@ -325,7 +329,8 @@ impl LoggedOutcomes {
         let mut devices: HashSet<&str> = HashSet::new();
         let mut counts = DatasetCounts {
             rows: dataset.records.len(),
-            skipped_lines: dataset.skipped_lines.len(),
+            versions: dataset.versions,
+            torn_files: dataset.torn.len(),
             export,
             ..DatasetCounts::default()
         };
@@ -409,13 +414,13 @@ impl LoggedOutcomes {
         let needed = min_turns.max(1);
         anyhow::ensure!(
             c.export.turns >= needed,
-            "too few scored turns to train: the dataset has {} rows from {} devices ({} skipped lines); {} scored, \
+            "too few scored turns to train: the dataset has {} rows from {} devices ({} files set aside); {} scored, \
              {} without a score, {} invalid for this profile; {} turns in {} dialogues can be trained on \
              (each dialogue from turn 0 up to its first missing or unscored turn; {} turns left out), \
              and training needs at least {needed} (--min-turns)",
             c.rows,
             c.devices,
-            c.skipped_lines,
+            c.torn_files,
             c.scored_rows,
             c.unscored_rows,
             c.invalid_rows,
@@ -554,14 +559,14 @@ impl OpeReport {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "off-policy evaluation on {} scored logged turns ({} dialogues, {} devices); left out: {} unscored, {} forced, {} invalid rows, {} skipped lines",
+            "off-policy evaluation on {} scored logged turns ({} dialogues, {} devices); left out: {} unscored, {} forced, {} invalid rows, {} files set aside",
             self.evaluated_turns,
             d.dialogues,
             d.devices,
             d.unscored_rows,
             d.forced_rows,
             d.invalid_rows,
-            d.skipped_lines
+            d.torn_files
         );
         let versions: Vec<String> = self.policy_versions.iter().map(|(v, n)| format!("{v} ({n})")).collect();
         let _ = writeln!(out, "logged by: {}", versions.join(", "));

@@ -109,9 +109,12 @@ fn fleet_rows(dialogues: &[Dialogue], devices: &[&str], unscored_every: usize) -
     rows
 }
 
-/// Writes rows in the collector's layout: `DIR/<day>/<device>.jsonl`.
+/// Writes rows as earlier collectors did (JSON lines, `<day>/<device>.jsonl`) and converts them
+/// with `tmoctl outcomes convert` into the Parquet dataset `dir`.
 fn write_dataset(dir: &Path, rows: &[(String, TurnOutcome)]) {
-    let day = dir.join("2026-11-30");
+    let source = tempfile::tempdir().unwrap();
+    let json_lines = source.path();
+    let day = json_lines.join("2026-11-30");
     std::fs::create_dir_all(&day).unwrap();
     for device in DEVICES {
         let lines: String = rows
@@ -127,6 +130,10 @@ fn write_dataset(dir: &Path, rows: &[(String, TurnOutcome)]) {
             std::fs::write(day.join(format!("{device}.jsonl")), lines).unwrap();
         }
     }
+    let o = tmoctl().args(["outcomes", "convert", "--from"]).arg(json_lines).arg("--to").arg(dir).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let said = String::from_utf8_lossy(&o.stdout);
+    assert!(said.contains(&format!("converted {} records", rows.len())), "{said}");
 }
 
 fn finite_interval(v: &serde_json::Value) -> bool {

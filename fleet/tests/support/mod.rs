@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -13,6 +14,12 @@ use tmo_protocol::link::{Link, LinkConfig, LinkSetup, Message, QoS, Subscription
 use tmo_protocol::{
     DeviceId, Inbox, OutcomeAck, OutcomeBatch, OutcomeKey, OutcomeRow, ReassemblyLimits, Topic,
 };
+
+/// The latest version of every row of the dataset in `dir`.
+pub async fn latest(dir: &Path) -> fleet_data::LatestRecords {
+    let store = fleet_data::OutcomeStore::open(dir.to_str().expect("a UTF-8 path")).await.expect("dataset opens");
+    store.latest_records().await.expect("dataset reads")
+}
 
 /// A realistic row: a 27-float observation, a cloud action with two camera views, a
 /// 300-character answer, a telemetry snapshot and the cloud attempt (about 1.3 KB of JSON).

@@ -1,0 +1,58 @@
+//! The fleet's outcome dataset: Hive-partitioned Parquet that data engines read.
+//!
+//! - [`schema`]: the documented columns, and outcome rows to and from Arrow record batches.
+//! - [`writer`]: the collector's writer: each write group as new files, atomic and fsynced
+//!   before the batches are acknowledged; no key set, so it starts at once and several
+//!   collectors may share one dataset.
+//! - [`read`]: the dataset on the DataFusion engine (a local directory or `s3://`), the latest
+//!   version of each row, torn files set aside and reported.
+//! - [`report`]: what a fleet manager looks at, per policy version and day.
+//! - [`convert`]: a JSON-lines dataset of earlier collectors into Parquet.
+
+use std::path::PathBuf;
+
+pub mod convert;
+pub mod read;
+pub mod report;
+pub mod schema;
+pub mod writer;
+
+pub use read::{LatestRecords, OutcomeStore, TornFile};
+pub use writer::{AppendSummary, DatasetWriter};
+
+/// Errors of the dataset, naming the file, row or query concerned.
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    /// A file system operation failed.
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The dataset path exists and is not a directory.
+    #[error("the dataset path {0} is not a directory")]
+    NotADirectory(PathBuf),
+    /// The dataset's location cannot be used.
+    #[error("dataset location: {0}")]
+    Location(String),
+    /// Writing a Parquet file failed.
+    #[error("writing {path}: {message}")]
+    Parquet { path: PathBuf, message: String },
+    /// A row is not acceptable; nothing of the call was written.
+    #[error("row {index} of device {device_id:?} (dialogue {dialogue_id:?}, turn {turn}) is invalid: {reason}")]
+    InvalidRow { index: usize, device_id: String, dialogue_id: String, turn: u32, reason: String },
+    /// Stored columns are not the dataset's.
+    #[error("dataset schema: {0}")]
+    Schema(String),
+    /// A stored row does not read back as an outcome.
+    #[error("dataset {0}")]
+    Row(String),
+    /// The engine failed.
+    #[error("query engine: {0}")]
+    Engine(String),
+    /// Drawing a chart failed.
+    #[error("chart {path}: {message}")]
+    Chart { path: PathBuf, message: String },
+}

@@ -1,0 +1,348 @@
+//! Reading the dataset with the DataFusion engine, from a local directory or an S3-compatible
+//! object store.
+//!
+//! [`OutcomeStore::open`] lists the dataset's files (`day=*/*.parquet`; temporary files are
+//! skipped), reads each one's footer, and sets aside and reports the files that are not whole
+//! Parquet files of the dataset's schema (torn or foreign). The files it kept are one table,
+//! `outcome_versions` (every received version of every row, plus the column `day`), and the
+//! view `outcomes` keeps the **latest version** of each row, identified by (device, dialogue,
+//! turn): the highest-ranked score source (feedback over judge over the refusal heuristic over
+//! none), then the latest receipt. Queries run streaming under a memory limit, and sorts spill
+//! to disk beyond it, so memory does not grow with the dataset.
+
+use std::sync::Arc;
+
+use datafusion::arrow::array::RecordBatch;
+use datafusion::catalog::MemTable;
+use datafusion::datasource::file_format::parquet::ParquetFormat;
+use datafusion::datasource::listing::{ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl};
+use datafusion::execution::SendableRecordBatchStream;
+use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::arrow::datatypes::Schema;
+use datafusion::parquet::arrow::parquet_to_arrow_schema;
+use datafusion::parquet::file::metadata::ParquetMetaDataReader;
+use datafusion::prelude::{DataFrame, SessionConfig, SessionContext};
+use futures::StreamExt;
+use object_store::{ObjectMeta, ObjectStore, ObjectStoreExt};
+use object_store::path::Path as StorePath;
+use outcome_log::dataset::DatasetRecord;
+use tracing::warn;
+use url::Url;
+
+use crate::DataError;
+use crate::schema::{file_schema, records_from_batch};
+use crate::writer::FILE_SUFFIX;
+
+/// Memory the engine may hold before sorts spill to disk, by default.
+pub const DEFAULT_MEMORY_LIMIT: usize = 1 << 30;
+
+/// The rank of a version's score source, in SQL: the latest version is the highest rank, then
+/// the latest receipt.
+const SCORE_RANK: &str = "CASE score_source WHEN 'feedback' THEN 3 WHEN 'judge' THEN 2 \
+                          WHEN 'refusal_heuristic' THEN 1 ELSE 0 END";
+
+/// A file of the dataset that could not be read, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TornFile {
+    /// The file's location in the store.
+    pub path: String,
+    pub reason: String,
+}
+
+/// Where the dataset is: a local directory, or `s3://bucket/prefix` (credentials, region and
+/// endpoint from the usual `AWS_*` variables; `AWS_ENDPOINT` for S3-compatible stores such as
+/// MinIO, with `AWS_ALLOW_HTTP=true` for plain HTTP).
+#[derive(Debug, Clone)]
+struct Location {
+    /// The store's root URL (`file:///` or `s3://bucket`).
+    root: Url,
+    store: Arc<dyn ObjectStore>,
+    /// The dataset's prefix in the store.
+    prefix: StorePath,
+}
+
+impl Location {
+    fn parse(location: &str) -> Result<Self, DataError> {
+        if let Some(rest) = location.strip_prefix("s3://") {
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            if bucket.is_empty() {
+                return Err(DataError::Location(format!("{location:?} names no bucket")));
+            }
+            let store = object_store::aws::AmazonS3Builder::from_env()
+                .with_bucket_name(bucket)
+                .build()
+                .map_err(|e| DataError::Location(format!("{location}: {e}")))?;
+            let root = Url::parse(&format!("s3://{bucket}")).map_err(|e| DataError::Location(e.to_string()))?;
+            return Ok(Self { root, store: Arc::new(store), prefix: StorePath::from(prefix.trim_end_matches('/')) });
+        }
+        if location.contains("://") && !location.starts_with("file://") {
+            return Err(DataError::Location(format!(
+                "{location:?}: a dataset is a local directory or an s3:// URL"
+            )));
+        }
+        let path = std::path::Path::new(location.strip_prefix("file://").unwrap_or(location));
+        let meta = std::fs::metadata(path).map_err(|source| DataError::Io {
+            what: "opening the dataset",
+            path: path.to_owned(),
+            source,
+        })?;
+        if !meta.is_dir() {
+            return Err(DataError::NotADirectory(path.to_owned()));
+        }
+        let absolute = std::fs::canonicalize(path).map_err(|source| DataError::Io {
+            what: "resolving",
+            path: path.to_owned(),
+            source,
+        })?;
+        let prefix = StorePath::from_absolute_path(&absolute).map_err(|e| DataError::Location(e.to_string()))?;
+        let root = Url::parse("file:///").map_err(|e| DataError::Location(e.to_string()))?;
+        Ok(Self { root, store: Arc::new(object_store::local::LocalFileSystem::new()), prefix })
+    }
+
+    fn url_of(&self, path: &StorePath) -> String {
+        format!("{}{}", self.root.as_str().trim_end_matches('/'), format_args!("/{path}"))
+    }
+}
+
+/// Whether `path` (relative to the dataset) is a data file: `day=YYYY-MM-DD/<name>.parquet`,
+/// not hidden.
+fn is_data_file(relative: &[&str]) -> bool {
+    match relative {
+        [day, name] => {
+            day.strip_prefix("day=").is_some_and(outcome_log::dataset::is_day_name)
+                && name.ends_with(FILE_SUFFIX)
+                && !name.starts_with('.')
+        }
+        _ => false,
+    }
+}
+
+/// The dataset, open for queries.
+pub struct OutcomeStore {
+    ctx: SessionContext,
+    files: usize,
+    bytes: u64,
+    torn: Vec<TornFile>,
+}
+
+impl std::fmt::Debug for OutcomeStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OutcomeStore")
+            .field("session", &self.ctx.session_id())
+            .field("files", &self.files)
+            .field("bytes", &self.bytes)
+            .field("torn", &self.torn)
+            .finish()
+    }
+}
+
+/// The records of the dataset's latest versions, with what was set aside.
+#[derive(Debug, Clone, Default)]
+pub struct LatestRecords {
+    pub records: Vec<DatasetRecord>,
+    /// Stored versions read (at least `records.len()`; more when rows were sent again).
+    pub versions: u64,
+    pub torn: Vec<TornFile>,
+}
+
+impl OutcomeStore {
+    /// Opens the dataset at `location` with the default memory limit.
+    pub async fn open(location: &str) -> Result<Self, DataError> {
+        Self::open_with(location, DEFAULT_MEMORY_LIMIT).await
+    }
+
+    /// Opens the dataset at `location`; queries hold at most `memory_limit` bytes and spill
+    /// sorts to the system's temporary directory beyond it.
+    pub async fn open_with(location: &str, memory_limit: usize) -> Result<Self, DataError> {
+        let location = Location::parse(location)?;
+        let runtime = RuntimeEnvBuilder::new()
+            .with_memory_limit(memory_limit, 1.0)
+            .build_arc()
+            .map_err(|e| DataError::Engine(e.to_string()))?;
+        let mut config = SessionConfig::new().with_information_schema(false);
+        // Plain strings: what the rows and every client expect.
+        config.options_mut().execution.parquet.schema_force_view_types = false;
+        let ctx = SessionContext::new_with_config_rt(config, runtime);
+        ctx.register_object_store(&location.root, location.store.clone());
+
+        let (good, torn, bytes) = list_files(&location).await?;
+        for t in &torn {
+            warn!(file = %t.path, reason = %t.reason, "dataset file set aside");
+        }
+        let schema = file_schema();
+        if good.is_empty() {
+            let empty = MemTable::try_new(schema, vec![vec![]]).map_err(|e| DataError::Engine(e.to_string()))?;
+            ctx.register_table("outcome_files", Arc::new(empty)).map_err(|e| DataError::Engine(e.to_string()))?;
+        } else {
+            let urls = good
+                .iter()
+                .map(|p| ListingTableUrl::parse(location.url_of(p)))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| DataError::Engine(e.to_string()))?;
+            let options = ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(FILE_SUFFIX);
+            let config = ListingTableConfig::new_with_multi_paths(urls).with_listing_options(options).with_schema(schema);
+            let table = ListingTable::try_new(config).map_err(|e| DataError::Engine(e.to_string()))?;
+            ctx.register_table("outcome_files", Arc::new(table)).map_err(|e| DataError::Engine(e.to_string()))?;
+        }
+        let store = Self { ctx, files: good.len(), bytes, torn };
+        store
+            .execute_ddl(
+                "CREATE VIEW outcome_versions AS SELECT *, \
+                 to_char(to_timestamp_millis(created_at_ms), '%Y-%m-%d') AS day FROM outcome_files",
+            )
+            .await?;
+        store
+            .execute_ddl(&format!(
+                "CREATE VIEW outcomes AS SELECT * EXCLUDE (version_rank) FROM (\
+                   SELECT *, row_number() OVER (PARTITION BY device_id, dialogue_id, turn \
+                     ORDER BY {SCORE_RANK} DESC, received_unix_ms DESC) AS version_rank \
+                   FROM outcome_versions) \
+                 WHERE version_rank = 1"
+            ))
+            .await?;
+        Ok(store)
+    }
+
+    async fn execute_ddl(&self, sql: &str) -> Result<(), DataError> {
+        self.ctx.sql(sql).await.map_err(|e| DataError::Engine(format!("{e} (in {sql})")))?;
+        Ok(())
+    }
+
+    /// Data files read.
+    pub fn files(&self) -> usize {
+        self.files
+    }
+
+    /// Bytes of the data files read.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Files set aside: not whole Parquet files of the dataset's schema.
+    pub fn torn_files(&self) -> &[TornFile] {
+        &self.torn
+    }
+
+    /// The engine's session, with the table `outcome_versions` and the view `outcomes`.
+    pub fn context(&self) -> &SessionContext {
+        &self.ctx
+    }
+
+    /// A query's result as a data frame.
+    pub async fn sql(&self, sql: &str) -> Result<DataFrame, DataError> {
+        self.ctx.sql(sql).await.map_err(|e| DataError::Engine(e.to_string()))
+    }
+
+    /// A query's result, all of it.
+    pub async fn collect(&self, sql: &str) -> Result<Vec<RecordBatch>, DataError> {
+        self.sql(sql).await?.collect().await.map_err(|e| DataError::Engine(e.to_string()))
+    }
+
+    /// A query's result as a stream of batches.
+    pub async fn stream(&self, sql: &str) -> Result<SendableRecordBatchStream, DataError> {
+        self.sql(sql).await?.execute_stream().await.map_err(|e| DataError::Engine(e.to_string()))
+    }
+
+    /// Stored versions (rows of every file).
+    pub async fn version_count(&self) -> Result<u64, DataError> {
+        count(&self.collect("SELECT count(*) FROM outcome_versions").await?)
+    }
+
+    /// Rows (their latest versions).
+    pub async fn latest_count(&self) -> Result<u64, DataError> {
+        count(&self.collect("SELECT count(*) FROM outcomes").await?)
+    }
+
+    /// The latest version of every row, in (device, dialogue, turn) order, one batch at a time.
+    pub async fn for_each_latest(
+        &self,
+        mut on_records: impl FnMut(Vec<DatasetRecord>) -> Result<(), DataError>,
+    ) -> Result<(), DataError> {
+        let mut stream = self.stream("SELECT * FROM outcomes ORDER BY device_id, dialogue_id, turn").await?;
+        while let Some(batch) = stream.next().await {
+            let batch = batch.map_err(|e| DataError::Engine(e.to_string()))?;
+            on_records(records_from_batch(&batch)?)?;
+        }
+        Ok(())
+    }
+
+    /// The latest version of every row, all in memory, in (device, dialogue, turn) order.
+    pub async fn latest_records(&self) -> Result<LatestRecords, DataError> {
+        let mut records = Vec::new();
+        self.for_each_latest(|mut batch| {
+            records.append(&mut batch);
+            Ok(())
+        })
+        .await?;
+        Ok(LatestRecords { records, versions: self.version_count().await?, torn: self.torn.clone() })
+    }
+}
+
+fn count(batches: &[RecordBatch]) -> Result<u64, DataError> {
+    use datafusion::arrow::array::AsArray;
+    use datafusion::arrow::datatypes::Int64Type;
+    batches
+        .first()
+        .filter(|b| b.num_rows() == 1)
+        .map(|b| b.column(0).as_primitive::<Int64Type>().value(0) as u64)
+        .ok_or_else(|| DataError::Engine("a count gave no row".into()))
+}
+
+/// The dataset's data files that read as Parquet of its schema, the others with the reason,
+/// and the bytes of the good ones.
+async fn list_files(location: &Location) -> Result<(Vec<StorePath>, Vec<TornFile>, u64), DataError> {
+    let mut listing = location.store.list(Some(&location.prefix));
+    let mut candidates = Vec::new();
+    let prefix_parts = location.prefix.parts().count();
+    while let Some(meta) = listing.next().await {
+        let meta = meta.map_err(|e| DataError::Location(format!("listing the dataset: {e}")))?;
+        let parts: Vec<String> = meta.location.parts().skip(prefix_parts).map(|p| p.as_ref().to_owned()).collect();
+        let parts: Vec<&str> = parts.iter().map(String::as_str).collect();
+        if is_data_file(&parts) {
+            candidates.push(meta);
+        }
+    }
+    candidates.sort_by(|a, b| a.location.cmp(&b.location));
+    let required = file_schema();
+    let (mut good, mut torn, mut bytes) = (Vec::new(), Vec::new(), 0);
+    for meta in candidates {
+        let verdict = match file_schema_of(&*location.store, &meta).await {
+            Ok(schema) => required
+                .fields()
+                .iter()
+                .find(|f| schema.field_with_name(f.name()).is_err())
+                .map(|missing| format!("not a file of the outcome dataset: no column {:?}", missing.name())),
+            Err(reason) => Some(format!("not a whole Parquet file: {reason}")),
+        };
+        match verdict {
+            None => {
+                bytes += meta.size;
+                good.push(meta.location);
+            }
+            Some(reason) => torn.push(TornFile { path: meta.location.to_string(), reason }),
+        }
+    }
+    Ok((good, torn, bytes))
+}
+
+/// The Arrow schema in a Parquet file's footer (the last 8 bytes: the footer's length and the
+/// magic `PAR1`), read with two ranged reads.
+async fn file_schema_of(store: &dyn ObjectStore, meta: &ObjectMeta) -> Result<Schema, String> {
+    const TAIL: u64 = 8;
+    if meta.size < 12 {
+        return Err(format!("{} bytes is shorter than a Parquet file's header and footer", meta.size));
+    }
+    let tail = store.get_range(&meta.location, meta.size - TAIL..meta.size).await.map_err(|e| e.to_string())?;
+    if &tail[4..] != b"PAR1" {
+        return Err("no Parquet footer at the end (a write cut short?)".into());
+    }
+    let footer_len = u64::from(u32::from_le_bytes([tail[0], tail[1], tail[2], tail[3]]));
+    if footer_len + TAIL + 4 > meta.size {
+        return Err(format!("its footer claims {footer_len} bytes of a {}-byte file", meta.size));
+    }
+    let start = meta.size - TAIL - footer_len;
+    let footer = store.get_range(&meta.location, start..meta.size - TAIL).await.map_err(|e| e.to_string())?;
+    let metadata = ParquetMetaDataReader::decode_metadata(&footer).map_err(|e| e.to_string())?;
+    let file = metadata.file_metadata();
+    parquet_to_arrow_schema(file.schema_descr(), file.key_value_metadata()).map_err(|e| e.to_string())
+}
