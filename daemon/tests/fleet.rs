@@ -182,7 +182,8 @@ async fn ask(client: &Client) -> tmod_api::AskResponse {
 
 /// The latest version of every row of the dataset.
 async fn dataset_rows(dir: &Path) -> fleet_data::LatestRecords {
-    let store = fleet_data::OutcomeStore::open(dir.to_str().expect("a UTF-8 path")).await.expect("dataset opens");
+    let store =
+        fleet_data::OutcomeStore::open(dir.to_str().expect("a UTF-8 path")).await.expect("dataset opens");
     store.latest_records().await.expect("dataset reads")
 }
 
@@ -190,7 +191,11 @@ async fn dataset_rows(dir: &Path) -> fleet_data::LatestRecords {
 async fn dataset_keys(dir: &Path) -> Vec<(String, String, u32)> {
     let dataset = dataset_rows(dir).await;
     assert!(dataset.torn.is_empty(), "{:?}", dataset.torn);
-    dataset.records.iter().map(|r| (r.device_id.clone(), r.outcome.dialogue_id.clone(), r.outcome.turn)).collect()
+    dataset
+        .records
+        .iter()
+        .map(|r| (r.device_id.clone(), r.outcome.dialogue_id.clone(), r.outcome.turn))
+        .collect()
 }
 
 async fn wait_rows(dir: &Path, rows: usize) -> Vec<(String, String, u32)> {

@@ -22,7 +22,8 @@ pub struct Conversion {
 
 /// Converts the JSON-lines dataset in `from` into the Parquet dataset in `to`.
 pub fn convert_json_lines(from: &Path, to: &Path) -> Result<Conversion, DataError> {
-    let dataset = read_dataset(from).map_err(|e| DataError::Location(format!("reading {}: {e}", from.display())))?;
+    let dataset =
+        read_dataset(from).map_err(|e| DataError::Location(format!("reading {}: {e}", from.display())))?;
     let mut writer = DatasetWriter::open(to, "converted", TimeWindow::UNBOUNDED)?;
     for chunk in dataset.records.chunks(RECORDS_PER_CALL) {
         writer.append_records(chunk)?;

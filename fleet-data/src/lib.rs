@@ -41,7 +41,9 @@ pub enum DataError {
     #[error("writing {path}: {message}")]
     Parquet { path: PathBuf, message: String },
     /// A row is not acceptable; nothing of the call was written.
-    #[error("row {index} of device {device_id:?} (dialogue {dialogue_id:?}, turn {turn}) is invalid: {reason}")]
+    #[error(
+        "row {index} of device {device_id:?} (dialogue {dialogue_id:?}, turn {turn}) is invalid: {reason}"
+    )]
     InvalidRow { index: usize, device_id: String, dialogue_id: String, turn: u32, reason: String },
     /// Stored columns are not the dataset's.
     #[error("dataset schema: {0}")]

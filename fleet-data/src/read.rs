@@ -13,18 +13,18 @@
 use std::sync::Arc;
 
 use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::datatypes::Schema;
 use datafusion::catalog::MemTable;
 use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::{ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl};
 use datafusion::execution::SendableRecordBatchStream;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
-use datafusion::arrow::datatypes::Schema;
 use datafusion::parquet::arrow::parquet_to_arrow_schema;
 use datafusion::parquet::file::metadata::ParquetMetaDataReader;
 use datafusion::prelude::{DataFrame, SessionConfig, SessionContext};
 use futures::StreamExt;
-use object_store::{ObjectMeta, ObjectStore, ObjectStoreExt};
 use object_store::path::Path as StorePath;
+use object_store::{ObjectMeta, ObjectStore, ObjectStoreExt};
 use outcome_log::dataset::DatasetRecord;
 use tracing::warn;
 use url::Url;
@@ -72,8 +72,13 @@ impl Location {
                 .with_bucket_name(bucket)
                 .build()
                 .map_err(|e| DataError::Location(format!("{location}: {e}")))?;
-            let root = Url::parse(&format!("s3://{bucket}")).map_err(|e| DataError::Location(e.to_string()))?;
-            return Ok(Self { root, store: Arc::new(store), prefix: StorePath::from(prefix.trim_end_matches('/')) });
+            let root =
+                Url::parse(&format!("s3://{bucket}")).map_err(|e| DataError::Location(e.to_string()))?;
+            return Ok(Self {
+                root,
+                store: Arc::new(store),
+                prefix: StorePath::from(prefix.trim_end_matches('/')),
+            });
         }
         if location.contains("://") && !location.starts_with("file://") {
             return Err(DataError::Location(format!(
@@ -94,7 +99,8 @@ impl Location {
             path: path.to_owned(),
             source,
         })?;
-        let prefix = StorePath::from_absolute_path(&absolute).map_err(|e| DataError::Location(e.to_string()))?;
+        let prefix =
+            StorePath::from_absolute_path(&absolute).map_err(|e| DataError::Location(e.to_string()))?;
         let root = Url::parse("file:///").map_err(|e| DataError::Location(e.to_string()))?;
         Ok(Self { root, store: Arc::new(object_store::local::LocalFileSystem::new()), prefix })
     }
@@ -171,18 +177,24 @@ impl OutcomeStore {
         }
         let schema = file_schema();
         if good.is_empty() {
-            let empty = MemTable::try_new(schema, vec![vec![]]).map_err(|e| DataError::Engine(e.to_string()))?;
-            ctx.register_table("outcome_files", Arc::new(empty)).map_err(|e| DataError::Engine(e.to_string()))?;
+            let empty =
+                MemTable::try_new(schema, vec![vec![]]).map_err(|e| DataError::Engine(e.to_string()))?;
+            ctx.register_table("outcome_files", Arc::new(empty))
+                .map_err(|e| DataError::Engine(e.to_string()))?;
         } else {
             let urls = good
                 .iter()
                 .map(|p| ListingTableUrl::parse(location.url_of(p)))
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| DataError::Engine(e.to_string()))?;
-            let options = ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(FILE_SUFFIX);
-            let config = ListingTableConfig::new_with_multi_paths(urls).with_listing_options(options).with_schema(schema);
+            let options =
+                ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(FILE_SUFFIX);
+            let config = ListingTableConfig::new_with_multi_paths(urls)
+                .with_listing_options(options)
+                .with_schema(schema);
             let table = ListingTable::try_new(config).map_err(|e| DataError::Engine(e.to_string()))?;
-            ctx.register_table("outcome_files", Arc::new(table)).map_err(|e| DataError::Engine(e.to_string()))?;
+            ctx.register_table("outcome_files", Arc::new(table))
+                .map_err(|e| DataError::Engine(e.to_string()))?;
         }
         let store = Self { ctx, files: good.len(), bytes, torn };
         store
@@ -296,7 +308,8 @@ async fn list_files(location: &Location) -> Result<(Vec<StorePath>, Vec<TornFile
     let prefix_parts = location.prefix.parts().count();
     while let Some(meta) = listing.next().await {
         let meta = meta.map_err(|e| DataError::Location(format!("listing the dataset: {e}")))?;
-        let parts: Vec<String> = meta.location.parts().skip(prefix_parts).map(|p| p.as_ref().to_owned()).collect();
+        let parts: Vec<String> =
+            meta.location.parts().skip(prefix_parts).map(|p| p.as_ref().to_owned()).collect();
         let parts: Vec<&str> = parts.iter().map(String::as_str).collect();
         if is_data_file(&parts) {
             candidates.push(meta);
@@ -307,11 +320,11 @@ async fn list_files(location: &Location) -> Result<(Vec<StorePath>, Vec<TornFile
     let (mut good, mut torn, mut bytes) = (Vec::new(), Vec::new(), 0);
     for meta in candidates {
         let verdict = match file_schema_of(&*location.store, &meta).await {
-            Ok(schema) => required
-                .fields()
-                .iter()
-                .find(|f| schema.field_with_name(f.name()).is_err())
-                .map(|missing| format!("not a file of the outcome dataset: no column {:?}", missing.name())),
+            Ok(schema) => {
+                required.fields().iter().find(|f| schema.field_with_name(f.name()).is_err()).map(|missing| {
+                    format!("not a file of the outcome dataset: no column {:?}", missing.name())
+                })
+            }
             Err(reason) => Some(format!("not a whole Parquet file: {reason}")),
         };
         match verdict {
@@ -332,7 +345,8 @@ async fn file_schema_of(store: &dyn ObjectStore, meta: &ObjectMeta) -> Result<Sc
     if meta.size < 12 {
         return Err(format!("{} bytes is shorter than a Parquet file's header and footer", meta.size));
     }
-    let tail = store.get_range(&meta.location, meta.size - TAIL..meta.size).await.map_err(|e| e.to_string())?;
+    let tail =
+        store.get_range(&meta.location, meta.size - TAIL..meta.size).await.map_err(|e| e.to_string())?;
     if &tail[4..] != b"PAR1" {
         return Err("no Parquet footer at the end (a write cut short?)".into());
     }

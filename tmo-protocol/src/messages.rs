@@ -504,27 +504,29 @@ pub struct OutcomeKey {
     pub turn: u32,
 }
 
-/// One outcome row: its key and the row itself (outcome-log's `TurnOutcome` as a JSON value).
+/// One outcome row: its key and the row itself: outcome-log's `TurnOutcome`, sent as a JSON
+/// value (`R` = `serde_json::Value`, what devices send and the lenient form a collector falls
+/// back to) or read straight into a typed row by a collector (`R` = `TurnOutcome`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct OutcomeRow {
+pub struct OutcomeRow<R = serde_json::Value> {
     /// The key (with the batch's device).
     pub key: OutcomeKey,
     /// The row.
-    pub row: serde_json::Value,
+    pub row: R,
 }
 
 /// A batch of outcome rows (topic [`Topic::Outcomes`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct OutcomeBatch {
+pub struct OutcomeBatch<R = serde_json::Value> {
     /// The device; must match the topic's.
     pub device_id: DeviceId,
     /// Chosen by the device, echoed in the ack.
     pub batch_id: u64,
     /// The rows, oldest first.
-    pub rows: Vec<OutcomeRow>,
+    pub rows: Vec<OutcomeRow<R>>,
 }
 
-impl CborMessage for OutcomeBatch {
+impl<R: Serialize + serde::de::DeserializeOwned> CborMessage for OutcomeBatch<R> {
     const KIND: MessageKind = MessageKind::OutcomeBatch;
 
     fn validate(&self) -> Result<(), String> {
@@ -634,7 +636,7 @@ mod tests {
         }
         let mut body = vec![0x83, 1, MessageKind::OutcomeBatch as u8];
         ciborium::into_writer(&Evil { device_id: "a/#", batch_id: 1, rows: vec![] }, &mut body).unwrap();
-        assert!(matches!(OutcomeBatch::from_cbor(&body, 1 << 20), Err(DecodeError::Malformed { .. })));
+        assert!(matches!(<OutcomeBatch>::from_cbor(&body, 1 << 20), Err(DecodeError::Malformed { .. })));
     }
 
     #[test]
@@ -669,11 +671,11 @@ mod tests {
                 row: serde_json::json!({"action": 8, "propensity": 0.91, "answer": "ok", "score": null}),
             }],
         };
-        assert_eq!(OutcomeBatch::from_cbor(&batch.to_cbor().unwrap(), 1 << 16).unwrap(), batch);
+        assert_eq!(<OutcomeBatch>::from_cbor(&batch.to_cbor().unwrap(), 1 << 16).unwrap(), batch);
         let mut dup = batch.clone();
         dup.rows.push(dup.rows[0].clone());
         assert_eq!(
-            OutcomeBatch::from_cbor(&dup.to_cbor().unwrap(), 1 << 16).unwrap_err().kind(),
+            <OutcomeBatch>::from_cbor(&dup.to_cbor().unwrap(), 1 << 16).unwrap_err().kind(),
             RejectKind::Invalid
         );
         let ack = OutcomeAck { batch_id: 3, accepted: vec![batch.rows[0].key.clone()], rejected: vec![] };

@@ -269,7 +269,7 @@ async fn bad_payloads_are_refused_and_counted_while_good_ones_flow() {
     while !good.contains(&99) {
         let m = recv(&mut collector).await;
         match reassembler.accept(&m.topic, &m.payload, Instant::now()) {
-            Ok(Some(body)) => match OutcomeBatch::from_cbor(&body, 100_000) {
+            Ok(Some(body)) => match <OutcomeBatch>::from_cbor(&body, 100_000) {
                 Ok(b) => good.push(b.batch_id),
                 Err(e) => decode_refusals.record(e.kind()),
             },

@@ -166,8 +166,22 @@ fn report_torn(store: &OutcomeStore) {
 fn report_table(rows: &[ReportRow]) -> String {
     let mut table = comfy_table::Table::new();
     table.load_preset(comfy_table::presets::ASCII_MARKDOWN).set_header([
-        "policy", "day", "turns", "devices", "local", "cloud", "+attach", "fallback", "score", "lat p50",
-        "lat p90", "lat p99", "cost p50", "cost p90", "cost/turn", "over budget",
+        "policy",
+        "day",
+        "turns",
+        "devices",
+        "local",
+        "cloud",
+        "+attach",
+        "fallback",
+        "score",
+        "lat p50",
+        "lat p90",
+        "lat p99",
+        "cost p50",
+        "cost p90",
+        "cost/turn",
+        "over budget",
     ]);
     let pct = |v: f64| format!("{:.1}%", v * 100.0);
     for r in rows {
@@ -229,7 +243,8 @@ pub fn export(args: &ExportArgs) -> anyhow::Result<ExportSummary> {
 /// are reported on stderr.
 pub(crate) fn load_dataset(location: &str) -> anyhow::Result<LatestRecords> {
     runtime()?.block_on(async {
-        let store = OutcomeStore::open(location).await.with_context(|| format!("opening the dataset {location}"))?;
+        let store =
+            OutcomeStore::open(location).await.with_context(|| format!("opening the dataset {location}"))?;
         report_torn(&store);
         store.latest_records().await.with_context(|| format!("reading the dataset {location}"))
     })

@@ -28,7 +28,12 @@ fn tmoctl() -> Command {
 }
 
 fn checked(o: Output) -> String {
-    assert!(o.status.success(), "{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
     String::from_utf8(o.stdout).unwrap()
 }
 
@@ -45,7 +50,15 @@ impl Drop for Running {
 fn collect(port: u16, dir: &Path, fail_points: Option<&str>) -> Running {
     let mut command = tmoctl();
     command
-        .args(["fleet", "collect", "--broker", &format!("127.0.0.1:{port}"), "--max-age-days", "3650", "--out"])
+        .args([
+            "fleet",
+            "collect",
+            "--broker",
+            &format!("127.0.0.1:{port}"),
+            "--max-age-days",
+            "3650",
+            "--out",
+        ])
         .arg(dir)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -236,7 +249,9 @@ async fn outcomes_survive_a_collector_killed_before_its_ack_and_read_alike_in_tm
         assert_eq!(ours["policy_version"], theirs[0]);
         assert_eq!(ours["day"], theirs[1]);
         assert_eq!(ours["turns"], theirs[2]);
-        let close = |a: &serde_json::Value, b: &serde_json::Value| (a.as_f64().unwrap() - b.as_f64().unwrap()).abs() < 1e-9;
+        let close = |a: &serde_json::Value, b: &serde_json::Value| {
+            (a.as_f64().unwrap() - b.as_f64().unwrap()).abs() < 1e-9
+        };
         assert!(close(&ours["mean_score"], &theirs[3]), "{ours} {theirs}");
         assert!(close(&ours["local_share"], &theirs[4]), "{ours} {theirs}");
         assert!(close(&ours["cost_total_usd"], &theirs[5]), "{ours} {theirs}");
@@ -245,12 +260,22 @@ async fn outcomes_survive_a_collector_killed_before_its_ack_and_read_alike_in_tm
     let expected_mean: f64 = {
         let group: Vec<f64> = rows
             .iter()
-            .filter(|o| o.policy_version == rescored.policy_version && o.created_at_ms == rescored.created_at_ms)
-            .map(|o| if o.turn == rescored.turn && o.dialogue_id == rescored.dialogue_id { 0.0 } else { o.score.unwrap() })
+            .filter(|o| {
+                o.policy_version == rescored.policy_version && o.created_at_ms == rescored.created_at_ms
+            })
+            .map(|o| {
+                if o.turn == rescored.turn && o.dialogue_id == rescored.dialogue_id {
+                    0.0
+                } else {
+                    o.score.unwrap()
+                }
+            })
             .collect();
         group.iter().sum::<f64>() / group.len() as f64
     };
-    let group = report.iter().find(|r| r["policy_version"] == rescored.policy_version.as_str() && r["day"] == "2026-09-21");
+    let group = report
+        .iter()
+        .find(|r| r["policy_version"] == rescored.policy_version.as_str() && r["day"] == "2026-09-21");
     assert!((group.unwrap()["mean_score"].as_f64().unwrap() - expected_mean).abs() < 1e-9);
 
     // The same files in an S3-compatible store: the same report, and the export reads them too.
@@ -260,7 +285,9 @@ async fn outcomes_survive_a_collector_killed_before_its_ack_and_read_alike_in_tm
     assert_eq!(from_s3.as_array().unwrap(), report);
     let exported = dir.path().join("m4a1.json");
     let mut export = tmoctl();
-    export.args(["outcomes", "export", "--dataset", "s3://fleet/outcomes/v1", "--unscored-as-zero", "--out"]).arg(&exported);
+    export
+        .args(["outcomes", "export", "--dataset", "s3://fleet/outcomes/v1", "--unscored-as-zero", "--out"])
+        .arg(&exported);
     for (k, v) in s3.env() {
         export.env(k, v);
     }
@@ -273,19 +300,31 @@ async fn outcomes_survive_a_collector_killed_before_its_ack_and_read_alike_in_tm
 fn outcomes_report_draws_charts_and_refuses_bad_locations_clearly() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("dataset");
-    let mut writer = fleet_data::DatasetWriter::open(&data, "t", outcome_log::dataset::TimeWindow::UNBOUNDED).unwrap();
+    let mut writer =
+        fleet_data::DatasetWriter::open(&data, "t", outcome_log::dataset::TimeWindow::UNBOUNDED).unwrap();
     writer.append_many(&[("kitchen-1".into(), rows())], T0 as u64 + 2 * DAY_MS as u64).unwrap();
     let charts = dir.path().join("charts");
     let table = checked(
         tmoctl()
-            .args(["outcomes", "report", "--dataset", data.to_str().unwrap(), "--charts", charts.to_str().unwrap()])
+            .args([
+                "outcomes",
+                "report",
+                "--dataset",
+                data.to_str().unwrap(),
+                "--charts",
+                charts.to_str().unwrap(),
+            ])
             .output()
             .unwrap(),
     );
-    assert!(table.contains("2026-11-20.1") && table.contains("2026-09-22") && table.contains("over budget"), "{table}");
+    assert!(
+        table.contains("2026-11-20.1") && table.contains("2026-09-22") && table.contains("over budget"),
+        "{table}"
+    );
     assert_eq!(std::fs::read_dir(&charts).unwrap().count(), 6);
 
-    let missing = tmoctl().args(["outcomes", "report", "--dataset", "/nonexistent/dataset"]).output().unwrap();
+    let missing =
+        tmoctl().args(["outcomes", "report", "--dataset", "/nonexistent/dataset"]).output().unwrap();
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr).contains("/nonexistent/dataset"));
     let no_font = tmoctl()
@@ -295,5 +334,9 @@ fn outcomes_report_draws_charts_and_refuses_bad_locations_clearly() {
         .output()
         .unwrap();
     assert!(!no_font.status.success());
-    assert!(String::from_utf8_lossy(&no_font.stderr).contains("font"), "{}", String::from_utf8_lossy(&no_font.stderr));
+    assert!(
+        String::from_utf8_lossy(&no_font.stderr).contains("font"),
+        "{}",
+        String::from_utf8_lossy(&no_font.stderr)
+    );
 }

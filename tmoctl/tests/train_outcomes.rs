@@ -130,7 +130,13 @@ fn write_dataset(dir: &Path, rows: &[(String, TurnOutcome)]) {
             std::fs::write(day.join(format!("{device}.jsonl")), lines).unwrap();
         }
     }
-    let o = tmoctl().args(["outcomes", "convert", "--from"]).arg(json_lines).arg("--to").arg(dir).output().unwrap();
+    let o = tmoctl()
+        .args(["outcomes", "convert", "--from"])
+        .arg(json_lines)
+        .arg("--to")
+        .arg(dir)
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let said = String::from_utf8_lossy(&o.stdout);
     assert!(said.contains(&format!("converted {} records", rows.len())), "{said}");

@@ -17,7 +17,8 @@ use tmo_protocol::{
 
 /// The latest version of every row of the dataset in `dir`.
 pub async fn latest(dir: &Path) -> fleet_data::LatestRecords {
-    let store = fleet_data::OutcomeStore::open(dir.to_str().expect("a UTF-8 path")).await.expect("dataset opens");
+    let store =
+        fleet_data::OutcomeStore::open(dir.to_str().expect("a UTF-8 path")).await.expect("dataset opens");
     store.latest_records().await.expect("dataset reads")
 }
 
@@ -119,9 +120,17 @@ impl DeviceClient {
 
     /// Publishes `batch` on `topic` (one frame, QoS 1), waiting for the PUBACK.
     pub async fn send_to(&self, topic: &str, batch: &OutcomeBatch) {
-        let body = batch.to_cbor().expect("batch encodes");
+        self.send_body_to(topic, &batch.to_cbor().expect("batch encodes")).await;
+    }
+
+    /// Publishes an encoded batch on this device's outcomes topic, waiting for the PUBACK.
+    pub async fn send_body(&self, body: &[u8]) {
+        self.send_body_to(&Topic::Outcomes(self.device.clone()).name(), body).await;
+    }
+
+    async fn send_body_to(&self, topic: &str, body: &[u8]) {
         let template = Message::new(topic, QoS::AtLeastOnce, Bytes::new());
-        let deliveries = self.link.publisher().publish_body(&template, &body).await.expect("publish");
+        let deliveries = self.link.publisher().publish_body(&template, body).await.expect("publish");
         assert_eq!(deliveries.len(), 1, "a batch must fit one frame");
         tmo_protocol::link::Delivery::all_confirmed(deliveries).await.expect("PUBACK");
     }
