@@ -90,7 +90,7 @@ pub struct ObservationParts<'a> {
 pub fn observation_parts(observation: &[f32]) -> ObservationParts<'_> {
     let n = observation.len();
     let split = |modalities: usize| (HISTORY * (modalities + 2), modalities + 2);
-    if n >= 23 && (n - 16) % 7 == 0 {
+    if n >= 23 && (n - 16).is_multiple_of(7) {
         let (history, classes) = split((n - 16) / 7);
         let costs = &observation[history + 2..];
         return ObservationParts {
@@ -98,7 +98,7 @@ pub fn observation_parts(observation: &[f32]) -> ObservationParts<'_> {
             costs: Some((&costs[..classes], &costs[classes..])),
         };
     }
-    if n >= 17 && (n - 12) % 5 == 0 {
+    if n >= 17 && (n - 12).is_multiple_of(5) {
         let (history, _) = split((n - 12) / 5);
         return ObservationParts {
             budgets: Some((observation[history], observation[history + 1])),
