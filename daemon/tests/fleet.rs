@@ -180,22 +180,28 @@ async fn ask(client: &Client) -> tmod_api::AskResponse {
     client.ask(&request, |_| {}).await.expect("ask")
 }
 
-/// The latest version of every row of the dataset.
-async fn dataset_rows(dir: &Path) -> fleet_data::LatestRecords {
-    let store =
-        fleet_data::OutcomeStore::open(dir.to_str().expect("a UTF-8 path")).await.expect("dataset opens");
-    store.latest_records().await.expect("dataset reads")
+/// The latest version of every row of the dataset, as `tmoctl outcomes export --format jsonl`
+/// reads it (its query engine is a fleet manager's, not a dependency of tmod's tests).
+async fn dataset_rows(dir: &Path) -> Vec<outcome_log::dataset::DatasetRecord> {
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let out = scratch.path().join("rows.jsonl");
+    let export = tmoctl()
+        .args(["outcomes", "export", "--format", "jsonl", "--dataset"])
+        .arg(dir)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .expect("tmoctl runs");
+    let stderr = String::from_utf8_lossy(&export.stderr);
+    assert!(export.status.success() && !stderr.contains("set aside"), "{stderr}");
+    let text = std::fs::read_to_string(&out).expect("the export");
+    text.lines().map(|line| serde_json::from_str(line).expect("a dataset record")).collect()
 }
 
 /// Rows in the dataset: their (device, dialogue, turn) keys.
 async fn dataset_keys(dir: &Path) -> Vec<(String, String, u32)> {
-    let dataset = dataset_rows(dir).await;
-    assert!(dataset.torn.is_empty(), "{:?}", dataset.torn);
-    dataset
-        .records
-        .iter()
-        .map(|r| (r.device_id.clone(), r.outcome.dialogue_id.clone(), r.outcome.turn))
-        .collect()
+    let records = dataset_rows(dir).await;
+    records.iter().map(|r| (r.device_id.clone(), r.outcome.dialogue_id.clone(), r.outcome.turn)).collect()
 }
 
 async fn wait_rows(dir: &Path, rows: usize) -> Vec<(String, String, u32)> {
@@ -246,11 +252,10 @@ async fn fleet_uploads_outcomes_and_pushes_verified_policies_to_a_group() {
     let started = Instant::now();
     loop {
         let dataset = dataset_rows(dataset.path()).await;
-        let rated =
-            dataset.records.iter().find(|r| r.outcome.dialogue_id == first_dialogues[0]).expect("row");
+        let rated = dataset.iter().find(|r| r.outcome.dialogue_id == first_dialogues[0]).expect("row");
         if rated.outcome.score == Some(0.8) {
             assert_eq!(rated.outcome.score_source.map(|s| s.as_str()), Some("feedback"));
-            assert_eq!(dataset.records.len(), 3);
+            assert_eq!(dataset.len(), 3);
             break;
         }
         assert!(
@@ -496,9 +501,7 @@ async fn fleet_an_oversized_row_goes_up_cut_and_never_blocks_the_rows_behind_it(
         })
         .await;
     let stored = dataset_rows(dataset.path()).await;
-    let row = |dialogue: &str| {
-        stored.records.iter().find(|r| r.outcome.dialogue_id == dialogue).map(|r| &r.outcome)
-    };
+    let row = |dialogue: &str| stored.iter().find(|r| r.outcome.dialogue_id == dialogue).map(|r| &r.outcome);
     let cut = row(long.as_str()).expect("the long row went up");
     assert!(cut.text_cut_bytes > 0 && cut.answer.len() < 8192, "{} bytes kept", cut.answer.len());
     assert!(answer.starts_with(&cut.answer));

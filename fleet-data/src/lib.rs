@@ -4,21 +4,42 @@
 //! - [`writer`]: the collector's writer: each write group as new files, atomic and fsynced
 //!   before the batches are acknowledged; no key set, so it starts at once and several
 //!   collectors may share one dataset.
-//! - [`read`]: the dataset on the DataFusion engine (a local directory or `s3://`), the latest
-//!   version of each row, torn files set aside and reported.
-//! - [`report`]: what a fleet manager looks at, per policy version and day.
+//! - `read` (feature `query`): the dataset on the DataFusion engine (a local directory or
+//!   `s3://`), the latest version of each row, torn files set aside and reported.
+//! - `report` (feature `query`): what a fleet manager looks at, per policy version and day.
 //! - [`convert`]: a JSON-lines dataset of earlier collectors into Parquet.
 
 use std::path::PathBuf;
 
 pub mod convert;
+#[cfg(feature = "query")]
 pub mod read;
+#[cfg(feature = "query")]
 pub mod report;
 pub mod schema;
 pub mod writer;
 
-pub use read::{LatestRecords, OutcomeStore, TornFile};
+pub use outcome_log::dataset::DatasetRecord;
+#[cfg(feature = "query")]
+pub use read::OutcomeStore;
 pub use writer::{AppendSummary, DatasetWriter};
+
+/// A file of the dataset that could not be read (or a line of a JSON-lines dataset), and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TornFile {
+    /// The file's location in the store.
+    pub path: String,
+    pub reason: String,
+}
+
+/// The records of the dataset's latest versions, with what was set aside.
+#[derive(Debug, Clone, Default)]
+pub struct LatestRecords {
+    pub records: Vec<DatasetRecord>,
+    /// Stored versions read (at least `records.len()`; more when rows were sent again).
+    pub versions: u64,
+    pub torn: Vec<TornFile>,
+}
 
 /// Errors of the dataset, naming the file, row or query concerned.
 #[derive(Debug, thiserror::Error)]

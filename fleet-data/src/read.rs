@@ -29,9 +29,9 @@ use outcome_log::dataset::DatasetRecord;
 use tracing::warn;
 use url::Url;
 
-use crate::DataError;
 use crate::schema::{file_schema, records_from_batch};
 use crate::writer::FILE_SUFFIX;
+use crate::{DataError, LatestRecords, TornFile};
 
 /// Memory the engine may hold before sorts spill to disk, by default.
 pub const DEFAULT_MEMORY_LIMIT: usize = 1 << 30;
@@ -40,14 +40,6 @@ pub const DEFAULT_MEMORY_LIMIT: usize = 1 << 30;
 /// the latest receipt.
 const SCORE_RANK: &str = "CASE score_source WHEN 'feedback' THEN 3 WHEN 'judge' THEN 2 \
                           WHEN 'refusal_heuristic' THEN 1 ELSE 0 END";
-
-/// A file of the dataset that could not be read, and why.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TornFile {
-    /// The file's location in the store.
-    pub path: String,
-    pub reason: String,
-}
 
 /// Where the dataset is: a local directory, or `s3://bucket/prefix` (credentials, region and
 /// endpoint from the usual `AWS_*` variables; `AWS_ENDPOINT` for S3-compatible stores such as
@@ -140,15 +132,6 @@ impl std::fmt::Debug for OutcomeStore {
             .field("torn", &self.torn)
             .finish()
     }
-}
-
-/// The records of the dataset's latest versions, with what was set aside.
-#[derive(Debug, Clone, Default)]
-pub struct LatestRecords {
-    pub records: Vec<DatasetRecord>,
-    /// Stored versions read (at least `records.len()`; more when rows were sent again).
-    pub versions: u64,
-    pub torn: Vec<TornFile>,
 }
 
 impl OutcomeStore {

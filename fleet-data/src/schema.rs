@@ -11,12 +11,12 @@
 
 use std::sync::Arc;
 
-use datafusion::arrow::array::{
+use arrow::array::{
     Array, ArrayRef, AsArray, BooleanBuilder, Float32Builder, Float64Builder, Int64Builder, ListBuilder,
     RecordBatch, StringArray, StringBuilder,
 };
-use datafusion::arrow::compute::cast;
-use datafusion::arrow::datatypes::{DataType, Field, Float32Type, Float64Type, Int64Type, Schema, SchemaRef};
+use arrow::compute::cast;
+use arrow::datatypes::{DataType, Field, Float32Type, Float64Type, Int64Type, Schema, SchemaRef};
 use outcome_log::dataset::DatasetRecord;
 use outcome_log::{CloudAttempt, ScoreSource, TurnOutcome};
 use policy_onnx::schema::{Action, ModalitySet, TaskCategory};

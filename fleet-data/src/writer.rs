@@ -14,11 +14,11 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use datafusion::parquet::arrow::ArrowWriter;
-use datafusion::parquet::basic::Compression;
-use datafusion::parquet::file::properties::WriterProperties;
 use outcome_log::TurnOutcome;
 use outcome_log::dataset::{DatasetRecord, TimeWindow, utc_day};
+use parquet::arrow::ArrowWriter;
+use parquet::basic::Compression;
+use parquet::file::properties::WriterProperties;
 use tracing::{debug, info, warn};
 
 use crate::DataError;
@@ -213,13 +213,9 @@ impl DatasetWriter {
         Ok(())
     }
 
-    fn write_file(
-        &self,
-        temp: &Path,
-        batch: &datafusion::arrow::array::RecordBatch,
-    ) -> Result<(), DataError> {
+    fn write_file(&self, temp: &Path, batch: &arrow::array::RecordBatch) -> Result<(), DataError> {
         let file = File::create_new(temp).map_err(io_error("creating", temp))?;
-        let parquet = |e: datafusion::parquet::errors::ParquetError| DataError::Parquet {
+        let parquet = |e: parquet::errors::ParquetError| DataError::Parquet {
             path: temp.to_owned(),
             message: e.to_string(),
         };

@@ -6,8 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::{Args, Subcommand, ValueEnum};
-use fleet_data::report::ReportRow;
-use fleet_data::{LatestRecords, OutcomeStore};
+use fleet_data::LatestRecords;
 use outcome_log::{
     ExportRow, ExportSummary, M4a1ExportOptions, OutcomeLog, UnscoredTurns, group_dialogues, m4a1_dialogues,
 };
@@ -96,10 +95,18 @@ pub struct ExportArgs {
 pub enum ExportFormat {
     /// M4A1 dialogues (JSON array).
     M4a1,
+    /// The latest version of every row of a dataset (--dataset) as JSON lines,
+    /// `{"device_id", "received_unix_ms", "outcome"}`, in (device, dialogue, turn) order.
+    Jsonl,
 }
 
 pub fn run(command: OutcomesCommand) -> anyhow::Result<()> {
     match command {
+        OutcomesCommand::Export(args) if args.format == ExportFormat::Jsonl => {
+            let rows = export_json_lines(&args)?;
+            eprintln!("wrote {rows} rows to {}", args.out.display());
+            Ok(())
+        }
         OutcomesCommand::Export(args) => {
             let summary = export(&args)?;
             eprintln!(
@@ -114,7 +121,7 @@ pub fn run(command: OutcomesCommand) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        OutcomesCommand::Report(args) => report(&args),
+        OutcomesCommand::Report(args) => query::report(&args),
         OutcomesCommand::Convert(args) => {
             let conversion = fleet_data::convert::convert_json_lines(&args.from, &args.to)?;
             for skipped in &conversion.skipped {
@@ -132,84 +139,9 @@ pub fn run(command: OutcomesCommand) -> anyhow::Result<()> {
     }
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the tokio runtime")
-}
-
-fn report(args: &ReportArgs) -> anyhow::Result<()> {
-    let rows = runtime()?.block_on(async {
-        let store = OutcomeStore::open_with(&args.dataset, args.memory_mib << 20)
-            .await
-            .with_context(|| format!("opening the dataset {}", args.dataset))?;
-        report_torn(&store);
-        fleet_data::report::report(&store).await.context("computing the report")
-    })?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&rows)?);
-    } else {
-        print!("{}", report_table(&rows));
-    }
-    if let Some(dir) = &args.charts {
-        let font = fleet_data::report::find_font(args.font.as_deref())?;
-        let files = fleet_data::report::draw_charts(&rows, dir, &font)?;
-        eprintln!("charts: {}", files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", "));
-    }
-    Ok(())
-}
-
-fn report_torn(store: &OutcomeStore) {
-    for torn in store.torn_files() {
-        eprintln!("set aside {}: {}", torn.path, torn.reason);
-    }
-}
-
-fn report_table(rows: &[ReportRow]) -> String {
-    let mut table = comfy_table::Table::new();
-    table.load_preset(comfy_table::presets::ASCII_MARKDOWN).set_header([
-        "policy",
-        "day",
-        "turns",
-        "devices",
-        "local",
-        "cloud",
-        "+attach",
-        "fallback",
-        "score",
-        "lat p50",
-        "lat p90",
-        "lat p99",
-        "cost p50",
-        "cost p90",
-        "cost/turn",
-        "over budget",
-    ]);
-    let pct = |v: f64| format!("{:.1}%", v * 100.0);
-    for r in rows {
-        table.add_row([
-            r.policy_version.clone(),
-            r.day.clone(),
-            r.turns.to_string(),
-            r.devices.to_string(),
-            pct(r.local_share),
-            pct(r.cloud_text_share),
-            pct(r.cloud_attach_share),
-            pct(r.fallback_rate),
-            r.mean_score.map_or("-".into(), |s| format!("{s:.3}")),
-            format!("{:.2}s", r.latency_p50_secs),
-            format!("{:.2}s", r.latency_p90_secs),
-            format!("{:.2}s", r.latency_p99_secs),
-            format!("${:.5}", r.cost_p50_usd),
-            format!("${:.5}", r.cost_p90_usd),
-            format!("${:.5}", if r.turns > 0 { r.cost_total_usd / r.turns as f64 } else { 0.0 }),
-            r.budget_exhausted_share.map_or("-".into(), pct),
-        ]);
-    }
-    format!("{table}\n")
-}
-
 /// Runs the export: into `<out>.partial`, synced, then renamed over `out`.
 pub fn export(args: &ExportArgs) -> anyhow::Result<ExportSummary> {
-    let ExportFormat::M4a1 = args.format;
+    anyhow::ensure!(args.format == ExportFormat::M4a1, "this export writes M4A1");
     anyhow::ensure!(!args.modalities.is_empty(), "--modalities needs at least one name");
     let options = M4a1ExportOptions {
         modality_names: args.modalities.clone(),
@@ -221,33 +153,30 @@ pub fn export(args: &ExportArgs) -> anyhow::Result<ExportSummary> {
             log.m4a1_dialogues(&options).context("exporting the outcome log")?
         }
         (None, Some(location)) => {
-            let dataset = load_dataset(location)?;
+            let dataset = query::load_dataset(location)?;
             dataset_dialogues(&dataset, &options)?
         }
         _ => anyhow::bail!("give exactly one of --db and --dataset"),
     };
-    let mut partial = args.out.clone().into_os_string();
-    partial.push(".partial");
-    let partial = PathBuf::from(partial);
-    let result = write_export(&dialogues, &partial).map(|()| summary);
-    if result.is_err() {
-        let _ = std::fs::remove_file(&partial);
-    }
-    let summary = result?;
-    std::fs::rename(&partial, &args.out)
-        .with_context(|| format!("renaming {} to {}", partial.display(), args.out.display()))?;
+    write_whole(&args.out, |out| serde_json::to_writer(out, &dialogues).map_err(Into::into))?;
     Ok(summary)
 }
 
-/// The latest version of every row of a collected dataset; files set aside (torn, foreign)
-/// are reported on stderr.
-pub(crate) fn load_dataset(location: &str) -> anyhow::Result<LatestRecords> {
-    runtime()?.block_on(async {
-        let store =
-            OutcomeStore::open(location).await.with_context(|| format!("opening the dataset {location}"))?;
-        report_torn(&store);
-        store.latest_records().await.with_context(|| format!("reading the dataset {location}"))
-    })
+/// Writes the latest version of every row of `--dataset` as JSON lines (into `<out>.partial`,
+/// synced, then renamed over `out`); returns the rows written.
+fn export_json_lines(args: &ExportArgs) -> anyhow::Result<usize> {
+    let Some(location) = &args.dataset else {
+        anyhow::bail!("--format jsonl exports a collected dataset: give --dataset");
+    };
+    let dataset = query::load_dataset(location)?;
+    write_whole(&args.out, |out| {
+        for record in &dataset.records {
+            serde_json::to_writer(&mut *out, record)?;
+            out.write_all(b"\n")?;
+        }
+        Ok(())
+    })?;
+    Ok(dataset.records.len())
 }
 
 /// The dataset's dialogues in M4A1, keyed by (device, dialogue id), through the log export's
@@ -263,13 +192,148 @@ pub(crate) fn dataset_dialogues(
     m4a1_dialogues(group_dialogues(rows), options).context("converting the dataset to M4A1")
 }
 
-fn write_export(dialogues: &[serde_json::Value], path: &Path) -> anyhow::Result<()> {
-    let file = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
-    let mut out = std::io::BufWriter::new(file);
-    serde_json::to_writer(&mut out, dialogues).with_context(|| format!("writing {}", path.display()))?;
-    out.flush().with_context(|| format!("writing {}", path.display()))?;
-    out.get_ref().sync_all().with_context(|| format!("syncing {}", path.display()))?;
-    Ok(())
+/// Writes `path` whole or not at all: into `<path>.partial`, synced, then renamed over it.
+fn write_whole(
+    path: &Path,
+    write: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let mut partial = path.to_owned().into_os_string();
+    partial.push(".partial");
+    let partial = PathBuf::from(partial);
+    let written = (|| {
+        let file =
+            std::fs::File::create(&partial).with_context(|| format!("creating {}", partial.display()))?;
+        let mut out = std::io::BufWriter::new(file);
+        write(&mut out).with_context(|| format!("writing {}", partial.display()))?;
+        out.flush().with_context(|| format!("writing {}", partial.display()))?;
+        out.get_ref().sync_all().with_context(|| format!("syncing {}", partial.display()))
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&partial);
+    }
+    written?;
+    std::fs::rename(&partial, path)
+        .with_context(|| format!("renaming {} to {}", partial.display(), path.display()))
+}
+
+/// The dataset read through the query engine (feature `dataset-query`, on by default; builds
+/// for boards leave it out: DataFusion is most of a fleet manager's tmoctl).
+#[cfg(feature = "dataset-query")]
+pub(crate) mod query {
+    use anyhow::Context;
+    use fleet_data::report::ReportRow;
+    use fleet_data::{LatestRecords, OutcomeStore};
+
+    use super::ReportArgs;
+
+    fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+        tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the tokio runtime")
+    }
+
+    pub(super) fn report(args: &ReportArgs) -> anyhow::Result<()> {
+        let rows = runtime()?.block_on(async {
+            let store = OutcomeStore::open_with(&args.dataset, args.memory_mib << 20)
+                .await
+                .with_context(|| format!("opening the dataset {}", args.dataset))?;
+            report_torn(&store);
+            fleet_data::report::report(&store).await.context("computing the report")
+        })?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&rows)?);
+        } else {
+            print!("{}", report_table(&rows));
+        }
+        if let Some(dir) = &args.charts {
+            let font = fleet_data::report::find_font(args.font.as_deref())?;
+            let files = fleet_data::report::draw_charts(&rows, dir, &font)?;
+            eprintln!(
+                "charts: {}",
+                files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", ")
+            );
+        }
+        Ok(())
+    }
+
+    fn report_torn(store: &OutcomeStore) {
+        for torn in store.torn_files() {
+            eprintln!("set aside {}: {}", torn.path, torn.reason);
+        }
+    }
+
+    fn report_table(rows: &[ReportRow]) -> String {
+        let mut table = comfy_table::Table::new();
+        table.load_preset(comfy_table::presets::ASCII_MARKDOWN).set_header([
+            "policy",
+            "day",
+            "turns",
+            "devices",
+            "local",
+            "cloud",
+            "+attach",
+            "fallback",
+            "score",
+            "lat p50",
+            "lat p90",
+            "lat p99",
+            "cost p50",
+            "cost p90",
+            "cost/turn",
+            "over budget",
+        ]);
+        let pct = |v: f64| format!("{:.1}%", v * 100.0);
+        for r in rows {
+            table.add_row([
+                r.policy_version.clone(),
+                r.day.clone(),
+                r.turns.to_string(),
+                r.devices.to_string(),
+                pct(r.local_share),
+                pct(r.cloud_text_share),
+                pct(r.cloud_attach_share),
+                pct(r.fallback_rate),
+                r.mean_score.map_or("-".into(), |s| format!("{s:.3}")),
+                format!("{:.2}s", r.latency_p50_secs),
+                format!("{:.2}s", r.latency_p90_secs),
+                format!("{:.2}s", r.latency_p99_secs),
+                format!("${:.5}", r.cost_p50_usd),
+                format!("${:.5}", r.cost_p90_usd),
+                format!("${:.5}", if r.turns > 0 { r.cost_total_usd / r.turns as f64 } else { 0.0 }),
+                r.budget_exhausted_share.map_or("-".into(), pct),
+            ]);
+        }
+        format!("{table}\n")
+    }
+
+    /// The latest version of every row of a collected dataset; files set aside (torn, foreign)
+    /// are reported on stderr.
+    pub(crate) fn load_dataset(location: &str) -> anyhow::Result<LatestRecords> {
+        runtime()?.block_on(async {
+            let store = OutcomeStore::open(location)
+                .await
+                .with_context(|| format!("opening the dataset {location}"))?;
+            report_torn(&store);
+            store.latest_records().await.with_context(|| format!("reading the dataset {location}"))
+        })
+    }
+}
+
+#[cfg(not(feature = "dataset-query"))]
+pub(crate) mod query {
+    use fleet_data::LatestRecords;
+
+    use super::ReportArgs;
+
+    fn not_built() -> anyhow::Error {
+        anyhow::anyhow!("this tmoctl was built without the dataset reader (cargo feature `dataset-query`)")
+    }
+
+    pub(super) fn report(_: &ReportArgs) -> anyhow::Result<()> {
+        Err(not_built())
+    }
+
+    pub(crate) fn load_dataset(_: &str) -> anyhow::Result<LatestRecords> {
+        Err(not_built())
+    }
 }
 
 #[cfg(test)]

@@ -153,7 +153,7 @@ pub fn run_train(args: TrainArgs) -> anyhow::Result<()> {
             (dialogues, hash, None)
         }
         (None, Some(dir)) => {
-            let dataset = crate::outcomes::load_dataset(dir)?;
+            let dataset = crate::outcomes::query::load_dataset(dir)?;
             let logged = LoggedOutcomes::from_dataset(&dataset, &profile)?;
             logged.check_trainable(args.min_turns)?;
             (logged.dialogues.clone(), logged.data_hash.clone(), Some(logged))
