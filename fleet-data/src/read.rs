@@ -7,9 +7,16 @@
 //! `outcome_versions` (every received version of every row, plus the column `day`), and the
 //! view `outcomes` keeps the **latest version** of each row, identified by (device, dialogue,
 //! turn): the highest-ranked score source (feedback over judge over the refusal heuristic over
-//! none), then the latest receipt. Queries run streaming under a memory limit, and sorts spill
-//! to disk beyond it, so memory does not grow with the dataset.
+//! none), then the latest receipt.
+//!
+//! Every version of a row lies in the row's own day (the day of its `created_at_ms`, which a
+//! resent row keeps), so our own readers find the latest versions **day by day**
+//! ([`OutcomeStore::select_day`], the views `day_versions` and `day_outcomes`): a query holds
+//! one day's keys, under a memory limit beyond which its sorts spill to disk. The view
+//! `outcomes` over the whole dataset is there for ad-hoc SQL on datasets that fit the limit
+//! (on 10 million rows, 1 GiB does not hold its sort).
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use datafusion::arrow::array::RecordBatch;
@@ -102,16 +109,14 @@ impl Location {
     }
 }
 
-/// Whether `path` (relative to the dataset) is a data file: `day=YYYY-MM-DD/<name>.parquet`,
-/// not hidden.
-fn is_data_file(relative: &[&str]) -> bool {
+/// The day of a data file, `relative` being its path in the dataset:
+/// `day=YYYY-MM-DD/<name>.parquet`, not hidden. Anything else is not data.
+fn data_file_day(relative: &[&str]) -> Option<String> {
     match relative {
-        [day, name] => {
-            day.strip_prefix("day=").is_some_and(outcome_log::dataset::is_day_name)
-                && name.ends_with(FILE_SUFFIX)
-                && !name.starts_with('.')
+        [day, name] if name.ends_with(FILE_SUFFIX) && !name.starts_with('.') => {
+            day.strip_prefix("day=").filter(|d| outcome_log::dataset::is_day_name(d)).map(str::to_owned)
         }
-        _ => false,
+        _ => None,
     }
 }
 
@@ -121,6 +126,8 @@ pub struct OutcomeStore {
     files: usize,
     bytes: u64,
     torn: Vec<TornFile>,
+    /// The data files' URLs by day.
+    days: BTreeMap<String, Vec<String>>,
 }
 
 impl std::fmt::Debug for OutcomeStore {
@@ -158,44 +165,67 @@ impl OutcomeStore {
         for t in &torn {
             warn!(file = %t.path, reason = %t.reason, "dataset file set aside");
         }
-        let schema = file_schema();
-        if good.is_empty() {
-            let empty =
-                MemTable::try_new(schema, vec![vec![]]).map_err(|e| DataError::Engine(e.to_string()))?;
-            ctx.register_table("outcome_files", Arc::new(empty))
-                .map_err(|e| DataError::Engine(e.to_string()))?;
+        let mut days: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (day, path) in &good {
+            days.entry(day.clone()).or_default().push(location.url_of(path));
+        }
+        let store = Self { ctx, files: good.len(), bytes, torn, days };
+        let every_file: Vec<String> = store.days.values().flatten().cloned().collect();
+        store.register_files("outcome_files", &every_file)?;
+        store.register_views("outcome_files", "outcome_versions", "outcomes").await?;
+        Ok(store)
+    }
+
+    /// Registers the table `name` over `urls` (an empty table without any).
+    fn register_files(&self, name: &str, urls: &[String]) -> Result<(), DataError> {
+        let engine = |e: datafusion::error::DataFusionError| DataError::Engine(e.to_string());
+        let table: Arc<dyn datafusion::catalog::TableProvider> = if urls.is_empty() {
+            Arc::new(MemTable::try_new(file_schema(), vec![vec![]]).map_err(engine)?)
         } else {
-            let urls = good
-                .iter()
-                .map(|p| ListingTableUrl::parse(location.url_of(p)))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| DataError::Engine(e.to_string()))?;
+            let urls =
+                urls.iter().map(ListingTableUrl::parse).collect::<Result<Vec<_>, _>>().map_err(engine)?;
             let options =
                 ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(FILE_SUFFIX);
             let config = ListingTableConfig::new_with_multi_paths(urls)
                 .with_listing_options(options)
-                .with_schema(schema);
-            let table = ListingTable::try_new(config).map_err(|e| DataError::Engine(e.to_string()))?;
-            ctx.register_table("outcome_files", Arc::new(table))
-                .map_err(|e| DataError::Engine(e.to_string()))?;
-        }
-        let store = Self { ctx, files: good.len(), bytes, torn };
-        store
-            .execute_ddl(
-                "CREATE VIEW outcome_versions AS SELECT *, \
-                 to_char(to_timestamp_millis(created_at_ms), '%Y-%m-%d') AS day FROM outcome_files",
-            )
-            .await?;
-        store
-            .execute_ddl(&format!(
-                "CREATE VIEW outcomes AS SELECT * EXCLUDE (version_rank) FROM (\
-                   SELECT *, row_number() OVER (PARTITION BY device_id, dialogue_id, turn \
-                     ORDER BY {SCORE_RANK} DESC, received_unix_ms DESC) AS version_rank \
-                   FROM outcome_versions) \
-                 WHERE version_rank = 1"
-            ))
-            .await?;
-        Ok(store)
+                .with_schema(file_schema());
+            Arc::new(ListingTable::try_new(config).map_err(engine)?)
+        };
+        self.ctx.deregister_table(name).map_err(engine)?;
+        self.ctx.register_table(name, table).map_err(engine)?;
+        Ok(())
+    }
+
+    /// The views over the table `files`: every version with its `day`, and the latest versions.
+    async fn register_views(&self, files: &str, versions: &str, latest: &str) -> Result<(), DataError> {
+        self.execute_ddl(&format!(
+            "CREATE OR REPLACE VIEW {versions} AS SELECT *, \
+             to_char(to_timestamp_millis(created_at_ms), '%Y-%m-%d') AS day FROM {files}"
+        ))
+        .await?;
+        self.execute_ddl(&format!(
+            "CREATE OR REPLACE VIEW {latest} AS SELECT * EXCLUDE (version_rank) FROM (\
+               SELECT *, row_number() OVER (PARTITION BY device_id, dialogue_id, turn \
+                 ORDER BY {SCORE_RANK} DESC, received_unix_ms DESC) AS version_rank \
+               FROM {versions}) \
+             WHERE version_rank = 1"
+        ))
+        .await
+    }
+
+    /// The days that hold data files, in order.
+    pub fn days(&self) -> impl Iterator<Item = &str> {
+        self.days.keys().map(String::as_str)
+    }
+
+    /// Points the view `day_outcomes` (the latest versions) and `day_versions` at one day's
+    /// files. All versions of a row share its day (the day of its `created_at_ms`, which a row
+    /// sent again keeps), so the latest version of every row is found day by day, and a query
+    /// holds one day's keys, not the dataset's.
+    pub async fn select_day(&self, day: &str) -> Result<(), DataError> {
+        let urls = self.days.get(day).cloned().unwrap_or_default();
+        self.register_files("day_files", &urls)?;
+        self.register_views("day_files", "day_versions", "day_outcomes").await
     }
 
     async fn execute_ddl(&self, sql: &str) -> Result<(), DataError> {
@@ -243,20 +273,30 @@ impl OutcomeStore {
         count(&self.collect("SELECT count(*) FROM outcome_versions").await?)
     }
 
-    /// Rows (their latest versions).
+    /// Rows (their latest versions), counted day by day.
     pub async fn latest_count(&self) -> Result<u64, DataError> {
-        count(&self.collect("SELECT count(*) FROM outcomes").await?)
+        let mut total = 0;
+        for day in self.days.keys() {
+            self.select_day(day).await?;
+            total += count(&self.collect("SELECT count(*) FROM day_outcomes").await?)?;
+        }
+        Ok(total)
     }
 
-    /// The latest version of every row, in (device, dialogue, turn) order, one batch at a time.
+    /// The latest version of every row, day by day, in (day, device, dialogue, turn) order,
+    /// one batch at a time.
     pub async fn for_each_latest(
         &self,
         mut on_records: impl FnMut(Vec<DatasetRecord>) -> Result<(), DataError>,
     ) -> Result<(), DataError> {
-        let mut stream = self.stream("SELECT * FROM outcomes ORDER BY device_id, dialogue_id, turn").await?;
-        while let Some(batch) = stream.next().await {
-            let batch = batch.map_err(|e| DataError::Engine(e.to_string()))?;
-            on_records(records_from_batch(&batch)?)?;
+        for day in self.days.keys() {
+            self.select_day(day).await?;
+            let mut stream =
+                self.stream("SELECT * FROM day_outcomes ORDER BY device_id, dialogue_id, turn").await?;
+            while let Some(batch) = stream.next().await {
+                let batch = batch.map_err(|e| DataError::Engine(e.to_string()))?;
+                on_records(records_from_batch(&batch)?)?;
+            }
         }
         Ok(())
     }
@@ -269,6 +309,14 @@ impl OutcomeStore {
             Ok(())
         })
         .await?;
+        // A dialogue may cross midnight (UTC): its turns come from two days.
+        records.sort_by(|a, b| {
+            (&a.device_id, &a.outcome.dialogue_id, a.outcome.turn).cmp(&(
+                &b.device_id,
+                &b.outcome.dialogue_id,
+                b.outcome.turn,
+            ))
+        });
         Ok(LatestRecords { records, versions: self.version_count().await?, torn: self.torn.clone() })
     }
 }
@@ -283,9 +331,11 @@ fn count(batches: &[RecordBatch]) -> Result<u64, DataError> {
         .ok_or_else(|| DataError::Engine("a count gave no row".into()))
 }
 
-/// The dataset's data files that read as Parquet of its schema, the others with the reason,
-/// and the bytes of the good ones.
-async fn list_files(location: &Location) -> Result<(Vec<StorePath>, Vec<TornFile>, u64), DataError> {
+/// The dataset's data files that read as Parquet of its schema (with their day), the others
+/// with the reason, and the bytes of the good ones.
+async fn list_files(
+    location: &Location,
+) -> Result<(Vec<(String, StorePath)>, Vec<TornFile>, u64), DataError> {
     let mut listing = location.store.list(Some(&location.prefix));
     let mut candidates = Vec::new();
     let prefix_parts = location.prefix.parts().count();
@@ -294,14 +344,14 @@ async fn list_files(location: &Location) -> Result<(Vec<StorePath>, Vec<TornFile
         let parts: Vec<String> =
             meta.location.parts().skip(prefix_parts).map(|p| p.as_ref().to_owned()).collect();
         let parts: Vec<&str> = parts.iter().map(String::as_str).collect();
-        if is_data_file(&parts) {
-            candidates.push(meta);
+        if let Some(day) = data_file_day(&parts) {
+            candidates.push((day, meta));
         }
     }
-    candidates.sort_by(|a, b| a.location.cmp(&b.location));
+    candidates.sort_by(|a, b| a.1.location.cmp(&b.1.location));
     let required = file_schema();
     let (mut good, mut torn, mut bytes) = (Vec::new(), Vec::new(), 0);
-    for meta in candidates {
+    for (day, meta) in candidates {
         let verdict = match file_schema_of(&*location.store, &meta).await {
             Ok(schema) => {
                 required.fields().iter().find(|f| schema.field_with_name(f.name()).is_err()).map(|missing| {
@@ -313,7 +363,7 @@ async fn list_files(location: &Location) -> Result<(Vec<StorePath>, Vec<TornFile
         match verdict {
             None => {
                 bytes += meta.size;
-                good.push(meta.location);
+                good.push((day, meta.location));
             }
             Some(reason) => torn.push(TornFile { path: meta.location.to_string(), reason }),
         }

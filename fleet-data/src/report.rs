@@ -74,7 +74,7 @@ SELECT policy_version, day,
   avg(CASE WHEN budget_latency_secs IS NULL THEN NULL
            WHEN latency_secs > budget_latency_secs OR cost_usd > budget_usd THEN 1.0 ELSE 0.0 END)
     AS budget_exhausted_share
-FROM outcomes
+FROM day_outcomes
 GROUP BY policy_version, day
 ORDER BY policy_version, day";
 
@@ -100,10 +100,16 @@ fn strings(batch: &RecordBatch, name: &str) -> Result<Vec<String>, DataError> {
     Ok(c.as_string::<i32>().iter().map(|v| v.unwrap_or_default().to_owned()).collect())
 }
 
-/// The report of the dataset's latest versions.
+/// The report of the dataset's latest versions, computed day by day (a query holds one day).
 pub async fn report(store: &OutcomeStore) -> Result<Vec<ReportRow>, DataError> {
+    let mut batches = Vec::new();
+    let days: Vec<String> = store.days().map(str::to_owned).collect();
+    for day in days {
+        store.select_day(&day).await?;
+        batches.extend(store.collect(REPORT_SQL).await?);
+    }
     let mut rows = Vec::new();
-    for batch in store.collect(REPORT_SQL).await? {
+    for batch in batches {
         let version = strings(&batch, "policy_version")?;
         let day = strings(&batch, "day")?;
         let [turns, devices, scored] = ["turns", "devices", "scored"].map(|n| ints(&batch, n));
@@ -145,6 +151,7 @@ pub async fn report(store: &OutcomeStore) -> Result<Vec<ReportRow>, DataError> {
             });
         }
     }
+    rows.sort_by(|a, b| (&a.policy_version, &a.day).cmp(&(&b.policy_version, &b.day)));
     Ok(rows)
 }
 

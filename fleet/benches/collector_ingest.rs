@@ -13,7 +13,8 @@
 //! 2. Start-up and read: `FLEET_BENCH_SCAN_ROWS` rows (default 1,000,000) written straight
 //!    through the dataset writer (10,000 rows a call, over 10 days), then the time a writer
 //!    takes to open on that dataset (it reads none of it), and the time the DataFusion reader
-//!    takes to open it and count the latest version of every row.
+//!    takes to open it and count the latest version of every row. `FLEET_BENCH_KEEP=1` keeps
+//!    that dataset (its directory is printed) for other readers.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -117,7 +118,9 @@ fn scan_bench(runtime: &tokio::runtime::Runtime) {
     if total == 0 {
         return;
     }
-    let dir = tempfile::tempdir_in(bench_dir()).expect("bench directory");
+    let dir = tempfile::tempdir_in(bench_dir()).expect("bench directory").keep();
+    // Kept, with FLEET_BENCH_KEEP, for other readers (`tmoctl outcomes report`, DuckDB).
+    let dir = DropDir(dir, std::env::var_os("FLEET_BENCH_KEEP").is_none());
     let mut writer = DatasetWriter::open(dir.path(), "bench", TimeWindow::UNBOUNDED).unwrap();
     let t0 = t0();
     let started = Instant::now();
@@ -162,6 +165,25 @@ fn scan_bench(runtime: &tokio::runtime::Runtime) {
         read_secs,
         total as f64 / read_secs
     );
+}
+
+/// A dataset directory, removed when dropped unless kept.
+struct DropDir(std::path::PathBuf, bool);
+
+impl DropDir {
+    fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for DropDir {
+    fn drop(&mut self) {
+        if self.1 {
+            let _ = std::fs::remove_dir_all(&self.0);
+        } else {
+            println!("dataset kept in {}", self.0.display());
+        }
+    }
 }
 
 fn walk_bytes(dir: &std::path::Path) -> u64 {
