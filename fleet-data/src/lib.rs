@@ -7,10 +7,13 @@
 //! - `read` (feature `query`): the dataset on the DataFusion engine (a local directory or
 //!   `s3://`), the latest version of each row, torn files set aside and reported.
 //! - `report` (feature `query`): what a fleet manager looks at, per policy version and day.
+//! - `compact` (feature `query`): a day's many small files as one file of its latest rows.
 //! - [`convert`]: a JSON-lines dataset of earlier collectors into Parquet.
 
 use std::path::PathBuf;
 
+#[cfg(feature = "query")]
+pub mod compact;
 pub mod convert;
 #[cfg(feature = "query")]
 pub mod read;

@@ -218,6 +218,17 @@ impl OutcomeStore {
         self.days.keys().map(String::as_str)
     }
 
+    /// Each day's data files as local paths (none for an object store).
+    pub(crate) fn day_files(&self) -> impl Iterator<Item = (&str, Vec<std::path::PathBuf>)> {
+        self.days.iter().map(|(day, urls)| {
+            let paths = urls
+                .iter()
+                .filter_map(|u| Url::parse(u).ok().filter(|u| u.scheme() == "file")?.to_file_path().ok())
+                .collect();
+            (day.as_str(), paths)
+        })
+    }
+
     /// Points the view `day_outcomes` (the latest versions) and `day_versions` at one day's
     /// files. All versions of a row share its day (the day of its `created_at_ms`, which a row
     /// sent again keeps), so the latest version of every row is found day by day, and a query
@@ -321,7 +332,7 @@ impl OutcomeStore {
     }
 }
 
-fn count(batches: &[RecordBatch]) -> Result<u64, DataError> {
+pub(crate) fn count(batches: &[RecordBatch]) -> Result<u64, DataError> {
     use datafusion::arrow::array::AsArray;
     use datafusion::arrow::datatypes::Int64Type;
     batches

@@ -14,6 +14,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
+use arrow::array::RecordBatch;
 use outcome_log::TurnOutcome;
 use outcome_log::dataset::{DatasetRecord, TimeWindow, utc_day};
 use parquet::arrow::ArrowWriter;
@@ -22,7 +23,7 @@ use parquet::file::properties::WriterProperties;
 use tracing::{debug, info, warn};
 
 use crate::DataError;
-use crate::schema::RowsBuilder;
+use crate::schema::{RowsBuilder, file_schema};
 
 /// Name prefix of the dataset's files.
 pub const FILE_PREFIX: &str = "part-";
@@ -180,29 +181,13 @@ impl DatasetWriter {
         let mut created_day_dir = false;
         let mut synced = Vec::new();
         for (day, mut rows) in days {
-            let day_dir = self.dir.join(day_dir_name(&day));
-            if !self.day_dirs.contains(&day) {
-                match std::fs::create_dir(&day_dir) {
-                    Ok(()) => created_day_dir = true,
-                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-                    Err(e) => return Err(io_error("creating", &day_dir)(e)),
-                }
-                self.day_dirs.insert(day.clone());
-            }
-            let stem = format!("{FILE_PREFIX}{}-{received:013}-{:06}", self.name, self.next_seq);
-            self.next_seq += 1;
-            let temp = day_dir.join(format!(".{stem}{FILE_SUFFIX}{TEMP_SUFFIX}"));
-            let path = day_dir.join(format!("{stem}{FILE_SUFFIX}"));
             let count = rows.len();
-            let batch = rows.finish();
-            let result = self.write_file(&temp, &batch);
-            if let Err(e) = result {
-                let _ = std::fs::remove_file(&temp);
-                return Err(e);
-            }
-            std::fs::rename(&temp, &path).map_err(io_error("renaming into place", &path))?;
+            let (mut file, created) = self.begin_file(&day, received)?;
+            created_day_dir |= created;
+            file.write(&rows.finish())?;
+            let path = file.finish_unsynced_dir()?;
             debug!(file = %path.display(), rows = count, "dataset file written");
-            synced.push(day_dir);
+            synced.push(path.parent().map(Path::to_owned).unwrap_or_default());
         }
         for dir in &synced {
             sync_dir(dir)?;
@@ -213,17 +198,88 @@ impl DatasetWriter {
         Ok(())
     }
 
-    fn write_file(&self, temp: &Path, batch: &arrow::array::RecordBatch) -> Result<(), DataError> {
-        let file = File::create_new(temp).map_err(io_error("creating", temp))?;
-        let parquet = |e: parquet::errors::ParquetError| DataError::Parquet {
-            path: temp.to_owned(),
-            message: e.to_string(),
-        };
-        let mut writer =
-            ArrowWriter::try_new(file, batch.schema(), Some(self.props.clone())).map_err(parquet)?;
-        writer.write(batch).map_err(parquet)?;
-        let file = writer.into_inner().map_err(parquet)?;
-        file.sync_all().map_err(io_error("syncing", temp))
+    /// Starts a new file of `day` under its temporary name (with whether the day's directory
+    /// had to be made).
+    fn begin_file(&mut self, day: &str, received: u64) -> Result<(DayFile, bool), DataError> {
+        let day_dir = self.dir.join(day_dir_name(day));
+        let mut created = false;
+        if !self.day_dirs.contains(day) {
+            match std::fs::create_dir(&day_dir) {
+                Ok(()) => created = true,
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(io_error("creating", &day_dir)(e)),
+            }
+            self.day_dirs.insert(day.to_owned());
+        }
+        let stem = format!("{FILE_PREFIX}{}-{received:013}-{:06}", self.name, self.next_seq);
+        self.next_seq += 1;
+        let temp = day_dir.join(format!(".{stem}{FILE_SUFFIX}{TEMP_SUFFIX}"));
+        let path = day_dir.join(format!("{stem}{FILE_SUFFIX}"));
+        let file = File::create_new(&temp).map_err(io_error("creating", &temp))?;
+        let writer = ArrowWriter::try_new(file, file_schema(), Some(self.props.clone()))
+            .map_err(|e| DataError::Parquet { path: temp.clone(), message: e.to_string() })?;
+        Ok((DayFile { writer: Some(writer), temp, path }, created))
+    }
+
+    /// A new file of `day` to which record batches of the file schema are written one after
+    /// the other (a day compacted, say); it appears whole, durably, at [`DayFile::finish`], and
+    /// not at all if dropped before.
+    pub fn day_file(&mut self, day: &str) -> Result<DayFile, DataError> {
+        let now = u64::try_from(outcome_log::now_ms()).unwrap_or(0);
+        let (file, created) = self.begin_file(day, now)?;
+        if created {
+            sync_dir(&self.dir)?;
+        }
+        Ok(file)
+    }
+}
+
+/// A dataset file being written under its temporary name.
+#[derive(Debug)]
+pub struct DayFile {
+    writer: Option<ArrowWriter<File>>,
+    temp: PathBuf,
+    path: PathBuf,
+}
+
+impl DayFile {
+    fn parquet_error(&self) -> impl Fn(parquet::errors::ParquetError) -> DataError + '_ {
+        |e| DataError::Parquet { path: self.temp.clone(), message: e.to_string() }
+    }
+
+    /// Appends a batch of the file schema (columns by position; a batch whose columns are
+    /// nullable where the schema's are not is taken when it holds no nulls there).
+    pub fn write(&mut self, batch: &RecordBatch) -> Result<(), DataError> {
+        let batch = RecordBatch::try_new(file_schema(), batch.columns().to_vec())
+            .map_err(|e| DataError::Schema(format!("a batch that is not of the file schema: {e}")))?;
+        let writer = self.writer.as_mut().expect("a day file writes until it is finished");
+        writer
+            .write(&batch)
+            .map_err(|e| DataError::Parquet { path: self.temp.clone(), message: e.to_string() })
+    }
+
+    /// Closes, fsyncs and renames the file into place and fsyncs its directory; returns its path.
+    pub fn finish(self) -> Result<PathBuf, DataError> {
+        let path = self.finish_unsynced_dir()?;
+        sync_dir(path.parent().unwrap_or(Path::new(".")))?;
+        Ok(path)
+    }
+
+    /// [`DayFile::finish`] without the directory's fsync (the caller syncs it once for many).
+    fn finish_unsynced_dir(mut self) -> Result<PathBuf, DataError> {
+        let writer = self.writer.take().expect("finished once");
+        let file = writer.into_inner().map_err(self.parquet_error())?;
+        file.sync_all().map_err(io_error("syncing", &self.temp))?;
+        std::fs::rename(&self.temp, &self.path).map_err(io_error("renaming into place", &self.path))?;
+        Ok(self.path.clone())
+    }
+}
+
+impl Drop for DayFile {
+    fn drop(&mut self) {
+        if self.writer.is_some() {
+            let _ = std::fs::remove_file(&self.temp);
+        }
     }
 }
 

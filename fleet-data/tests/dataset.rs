@@ -407,3 +407,38 @@ async fn an_empty_or_missing_dataset() {
     let bad = OutcomeStore::open("ftp://host/x").await.unwrap_err();
     assert!(bad.to_string().contains("a local directory or an s3:// URL"), "{bad}");
 }
+
+#[tokio::test]
+async fn compaction_leaves_one_file_a_day_with_the_same_latest_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = writer(dir.path(), "a");
+    let mut b = writer(dir.path(), "b");
+    let t = received(T0);
+    let rows: Vec<TurnOutcome> = (0..5).map(|turn| cloud_row("d", turn, T0)).collect();
+    a.append_many(&[("k1".into(), rows[..3].to_vec())], t).unwrap();
+    b.append_many(&[("k1".into(), rows.clone())], t + 1).unwrap(); // three sent again
+    let rescored =
+        TurnOutcome { score: Some(0.1), score_source: Some(ScoreSource::Feedback), ..rows[1].clone() };
+    a.append_many(&[("k1".into(), vec![rescored.clone()])], t + 2).unwrap();
+    // Another day with one file, and a torn file: both left as they are.
+    a.append_many(&[("k2".into(), vec![local_row("e", 0, T0 + DAY_MS)])], t).unwrap();
+    let torn = dir.path().join("day=2026-09-21/part-torn.parquet");
+    std::fs::write(&torn, b"PAR1 cut short").unwrap();
+    let before = open(dir.path()).await.latest_records().await.unwrap();
+
+    let done = fleet_data::compact::compact(dir.path()).await.unwrap();
+    assert_eq!(done.len(), 1, "{done:?}");
+    assert_eq!(
+        (done[0].day.as_str(), done[0].files, done[0].versions, done[0].rows),
+        ("2026-09-21", 3, 9, 5)
+    );
+    let files = data_files(dir.path());
+    assert_eq!(files.len(), 3, "the compacted file, the other day's, the torn one: {files:?}");
+    assert!(torn.exists());
+    let after = open(dir.path()).await.latest_records().await.unwrap();
+    assert_eq!(after.records, before.records);
+    assert_eq!(after.versions, 6);
+    assert_eq!(after.records[1].outcome, rescored);
+    // Nothing left to do.
+    assert!(fleet_data::compact::compact(dir.path()).await.unwrap().is_empty());
+}

@@ -29,6 +29,10 @@ pub enum OutcomesCommand {
     /// turns that went over the budget the policy saw. A table, JSON (--json), and PNG charts
     /// (--charts DIR: turns, mean score, latency p90, cost per turn, cloud share, fallback rate).
     Report(ReportArgs),
+    /// Rewrite each day of a dataset directory that has more than one file as one file of its
+    /// rows' latest versions (collectors may go on writing meanwhile; readers that listed a
+    /// removed file read again).
+    Compact(CompactArgs),
     /// Convert a dataset of earlier collectors (JSON lines, `DIR/<YYYY-MM-DD>/<device>.jsonl`)
     /// into the Parquet dataset (every received version kept, with its time of receipt).
     Convert(ConvertArgs),
@@ -54,6 +58,14 @@ pub struct ReportArgs {
     /// Memory the query engine may hold, MiB; its sorts spill to disk beyond it.
     #[arg(long, default_value_t = 1024)]
     pub memory_mib: usize,
+}
+
+/// Options of `tmoctl outcomes compact`.
+#[derive(Debug, Args)]
+pub struct CompactArgs {
+    /// The dataset directory.
+    #[arg(long)]
+    pub dataset: PathBuf,
 }
 
 /// Options of `tmoctl outcomes convert`.
@@ -122,6 +134,7 @@ pub fn run(command: OutcomesCommand) -> anyhow::Result<()> {
             Ok(())
         }
         OutcomesCommand::Report(args) => query::report(&args),
+        OutcomesCommand::Compact(args) => query::compact(&args),
         OutcomesCommand::Convert(args) => {
             let conversion = fleet_data::convert::convert_json_lines(&args.from, &args.to)?;
             for skipped in &conversion.skipped {
@@ -224,7 +237,27 @@ pub(crate) mod query {
     use fleet_data::report::ReportRow;
     use fleet_data::{LatestRecords, OutcomeStore};
 
-    use super::ReportArgs;
+    use super::{CompactArgs, ReportArgs};
+
+    pub(super) fn compact(args: &CompactArgs) -> anyhow::Result<()> {
+        let done = runtime()?
+            .block_on(fleet_data::compact::compact(&args.dataset))
+            .with_context(|| format!("compacting {}", args.dataset.display()))?;
+        for day in &done {
+            println!(
+                "{}: {} files ({} versions) -> {} rows in {}",
+                day.day,
+                day.files,
+                day.versions,
+                day.rows,
+                day.file.display()
+            );
+        }
+        if done.is_empty() {
+            println!("nothing to compact: no day has more than one file");
+        }
+        Ok(())
+    }
 
     fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the tokio runtime")
@@ -321,13 +354,17 @@ pub(crate) mod query {
 pub(crate) mod query {
     use fleet_data::LatestRecords;
 
-    use super::ReportArgs;
+    use super::{CompactArgs, ReportArgs};
 
     fn not_built() -> anyhow::Error {
         anyhow::anyhow!("this tmoctl was built without the dataset reader (cargo feature `dataset-query`)")
     }
 
     pub(super) fn report(_: &ReportArgs) -> anyhow::Result<()> {
+        Err(not_built())
+    }
+
+    pub(super) fn compact(_: &CompactArgs) -> anyhow::Result<()> {
         Err(not_built())
     }
 

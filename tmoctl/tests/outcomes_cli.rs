@@ -323,6 +323,16 @@ fn outcomes_report_draws_charts_and_refuses_bad_locations_clearly() {
     );
     assert_eq!(std::fs::read_dir(&charts).unwrap().count(), 6);
 
+    // The same rows again (resent): two files a day, compacted to one, the report unchanged.
+    writer.append_many(&[("kitchen-1".into(), rows())], T0 as u64 + 3 * DAY_MS as u64).unwrap();
+    let compacted = checked(
+        tmoctl().args(["outcomes", "compact", "--dataset", data.to_str().unwrap()]).output().unwrap(),
+    );
+    assert!(compacted.contains("2026-09-21: 2 files (24 versions) -> 12 rows"), "{compacted}");
+    let again =
+        checked(tmoctl().args(["outcomes", "report", "--dataset", data.to_str().unwrap()]).output().unwrap());
+    assert_eq!(again, table);
+
     let missing =
         tmoctl().args(["outcomes", "report", "--dataset", "/nonexistent/dataset"]).output().unwrap();
     assert!(!missing.status.success());
