@@ -232,7 +232,8 @@ impl OutcomeStore {
     /// Points the view `day_outcomes` (the latest versions) and `day_versions` at one day's
     /// files. All versions of a row share its day (the day of its `created_at_ms`, which a row
     /// sent again keeps), so the latest version of every row is found day by day, and a query
-    /// holds one day's keys, not the dataset's.
+    /// holds one day's keys, not the dataset's. One day at a time per store: the views are
+    /// the session's, so queries of two days at once need two stores.
     pub async fn select_day(&self, day: &str) -> Result<(), DataError> {
         let urls = self.days.get(day).cloned().unwrap_or_default();
         self.register_files("day_files", &urls)?;
