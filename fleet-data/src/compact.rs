@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use futures::StreamExt;
 use outcome_log::dataset::TimeWindow;
 
-use crate::{DataError, DatasetWriter, OutcomeStore};
+use crate::{DataError, DatasetWriter, OutcomeStore, io_error, sync_dir};
 
 /// What compaction did to one day.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,7 +38,7 @@ pub async fn compact(dir: &Path) -> Result<Vec<DayCompaction>, DataError> {
     let days: Vec<(String, Vec<PathBuf>)> = store
         .day_files()
         .filter(|(_, files)| files.len() > 1)
-        .map(|(day, files)| (day.to_owned(), files.to_vec()))
+        .map(|(day, files)| (day.to_owned(), files))
         .collect();
     let mut done = Vec::new();
     for (day, files) in days {
@@ -50,24 +50,16 @@ pub async fn compact(dir: &Path) -> Result<Vec<DayCompaction>, DataError> {
             .stream("SELECT * EXCLUDE (day) FROM day_outcomes ORDER BY device_id, dialogue_id, turn")
             .await?;
         while let Some(batch) = stream.next().await {
-            let batch = batch.map_err(|e| DataError::Engine(e.to_string()))?;
+            let batch = batch?;
             rows += batch.num_rows() as u64;
             out.write(&batch)?;
         }
         let file = out.finish()?;
         for old in &files {
-            std::fs::remove_file(old).map_err(|source| DataError::Io {
-                what: "removing a compacted file",
-                path: old.clone(),
-                source,
-            })?;
+            std::fs::remove_file(old).map_err(io_error("removing a compacted file", old))?;
         }
         if let Some(parent) = file.parent() {
-            std::fs::File::open(parent).and_then(|d| d.sync_all()).map_err(|source| DataError::Io {
-                what: "syncing directory",
-                path: parent.to_owned(),
-                source,
-            })?;
+            sync_dir(parent)?;
         }
         done.push(DayCompaction { day, files: files.len(), versions, rows, file });
     }

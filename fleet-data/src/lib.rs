@@ -10,7 +10,8 @@
 //! - `compact` (feature `query`): a day's many small files as one file of its latest rows.
 //! - [`convert`]: a JSON-lines dataset of earlier collectors into Parquet.
 
-use std::path::PathBuf;
+use std::fs::File;
+use std::path::{Path, PathBuf};
 
 #[cfg(feature = "query")]
 pub mod compact;
@@ -42,6 +43,24 @@ pub struct LatestRecords {
     /// Stored versions read (at least `records.len()`; more when rows were sent again).
     pub versions: u64,
     pub torn: Vec<TornFile>,
+}
+
+/// Maps an I/O error of `what` on `path` to [`DataError::Io`].
+pub(crate) fn io_error(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> DataError {
+    let path = path.to_owned();
+    move |source| DataError::Io { what, path, source }
+}
+
+/// Makes the entries of `dir` (a file renamed or removed in it) durable.
+pub(crate) fn sync_dir(dir: &Path) -> Result<(), DataError> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io_error("syncing directory", dir))
+}
+
+#[cfg(feature = "query")]
+impl From<datafusion::error::DataFusionError> for DataError {
+    fn from(e: datafusion::error::DataFusionError) -> Self {
+        DataError::Engine(e.to_string())
+    }
 }
 
 /// Errors of the dataset, naming the file, row or query concerned.

@@ -38,7 +38,7 @@ use url::Url;
 
 use crate::schema::{file_schema, records_from_batch};
 use crate::writer::FILE_SUFFIX;
-use crate::{DataError, LatestRecords, TornFile};
+use crate::{DataError, LatestRecords, TornFile, io_error};
 
 /// Memory the engine may hold before sorts spill to disk, by default.
 pub const DEFAULT_MEMORY_LIMIT: usize = 1 << 30;
@@ -85,19 +85,11 @@ impl Location {
             )));
         }
         let path = std::path::Path::new(location.strip_prefix("file://").unwrap_or(location));
-        let meta = std::fs::metadata(path).map_err(|source| DataError::Io {
-            what: "opening the dataset",
-            path: path.to_owned(),
-            source,
-        })?;
+        let meta = std::fs::metadata(path).map_err(io_error("opening the dataset", path))?;
         if !meta.is_dir() {
             return Err(DataError::NotADirectory(path.to_owned()));
         }
-        let absolute = std::fs::canonicalize(path).map_err(|source| DataError::Io {
-            what: "resolving",
-            path: path.to_owned(),
-            source,
-        })?;
+        let absolute = std::fs::canonicalize(path).map_err(io_error("resolving", path))?;
         let prefix =
             StorePath::from_absolute_path(&absolute).map_err(|e| DataError::Location(e.to_string()))?;
         let root = Url::parse("file:///").map_err(|e| DataError::Location(e.to_string()))?;
@@ -105,7 +97,7 @@ impl Location {
     }
 
     fn url_of(&self, path: &StorePath) -> String {
-        format!("{}{}", self.root.as_str().trim_end_matches('/'), format_args!("/{path}"))
+        format!("{}/{path}", self.root.as_str().trim_end_matches('/'))
     }
 }
 
@@ -151,10 +143,7 @@ impl OutcomeStore {
     /// sorts to the system's temporary directory beyond it.
     pub async fn open_with(location: &str, memory_limit: usize) -> Result<Self, DataError> {
         let location = Location::parse(location)?;
-        let runtime = RuntimeEnvBuilder::new()
-            .with_memory_limit(memory_limit, 1.0)
-            .build_arc()
-            .map_err(|e| DataError::Engine(e.to_string()))?;
+        let runtime = RuntimeEnvBuilder::new().with_memory_limit(memory_limit, 1.0).build_arc()?;
         let mut config = SessionConfig::new().with_information_schema(false);
         // Plain strings: what the rows and every client expect.
         config.options_mut().execution.parquet.schema_force_view_types = false;
@@ -178,21 +167,19 @@ impl OutcomeStore {
 
     /// Registers the table `name` over `urls` (an empty table without any).
     fn register_files(&self, name: &str, urls: &[String]) -> Result<(), DataError> {
-        let engine = |e: datafusion::error::DataFusionError| DataError::Engine(e.to_string());
         let table: Arc<dyn datafusion::catalog::TableProvider> = if urls.is_empty() {
-            Arc::new(MemTable::try_new(file_schema(), vec![vec![]]).map_err(engine)?)
+            Arc::new(MemTable::try_new(file_schema(), vec![vec![]])?)
         } else {
-            let urls =
-                urls.iter().map(ListingTableUrl::parse).collect::<Result<Vec<_>, _>>().map_err(engine)?;
+            let urls = urls.iter().map(ListingTableUrl::parse).collect::<Result<Vec<_>, _>>()?;
             let options =
                 ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(FILE_SUFFIX);
             let config = ListingTableConfig::new_with_multi_paths(urls)
                 .with_listing_options(options)
                 .with_schema(file_schema());
-            Arc::new(ListingTable::try_new(config).map_err(engine)?)
+            Arc::new(ListingTable::try_new(config)?)
         };
-        self.ctx.deregister_table(name).map_err(engine)?;
-        self.ctx.register_table(name, table).map_err(engine)?;
+        self.ctx.deregister_table(name)?;
+        self.ctx.register_table(name, table)?;
         Ok(())
     }
 
@@ -267,17 +254,17 @@ impl OutcomeStore {
 
     /// A query's result as a data frame.
     pub async fn sql(&self, sql: &str) -> Result<DataFrame, DataError> {
-        self.ctx.sql(sql).await.map_err(|e| DataError::Engine(e.to_string()))
+        Ok(self.ctx.sql(sql).await?)
     }
 
     /// A query's result, all of it.
     pub async fn collect(&self, sql: &str) -> Result<Vec<RecordBatch>, DataError> {
-        self.sql(sql).await?.collect().await.map_err(|e| DataError::Engine(e.to_string()))
+        Ok(self.sql(sql).await?.collect().await?)
     }
 
     /// A query's result as a stream of batches.
     pub async fn stream(&self, sql: &str) -> Result<SendableRecordBatchStream, DataError> {
-        self.sql(sql).await?.execute_stream().await.map_err(|e| DataError::Engine(e.to_string()))
+        Ok(self.sql(sql).await?.execute_stream().await?)
     }
 
     /// Stored versions (rows of every file).
@@ -306,8 +293,7 @@ impl OutcomeStore {
             let mut stream =
                 self.stream("SELECT * FROM day_outcomes ORDER BY device_id, dialogue_id, turn").await?;
             while let Some(batch) = stream.next().await {
-                let batch = batch.map_err(|e| DataError::Engine(e.to_string()))?;
-                on_records(records_from_batch(&batch)?)?;
+                on_records(records_from_batch(&batch?)?)?;
             }
         }
         Ok(())

@@ -5,12 +5,10 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use datafusion::arrow::array::{Array, AsArray, RecordBatch};
-use datafusion::arrow::compute::cast;
-use datafusion::arrow::datatypes::{DataType, Float64Type, Int64Type};
 use plotters::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use crate::schema::Columns;
 use crate::{DataError, OutcomeStore};
 
 /// One policy version on one day.
@@ -78,28 +76,6 @@ FROM day_outcomes
 GROUP BY policy_version, day
 ORDER BY policy_version, day";
 
-fn column<'a>(batch: &'a RecordBatch, name: &str) -> Result<&'a dyn Array, DataError> {
-    batch
-        .column_by_name(name)
-        .map(|c| c.as_ref())
-        .ok_or_else(|| DataError::Schema(format!("the report has no column {name:?}")))
-}
-
-fn floats(batch: &RecordBatch, name: &str) -> Result<Vec<Option<f64>>, DataError> {
-    let c = cast(column(batch, name)?, &DataType::Float64).map_err(|e| DataError::Engine(e.to_string()))?;
-    Ok(c.as_primitive::<Float64Type>().iter().collect())
-}
-
-fn ints(batch: &RecordBatch, name: &str) -> Result<Vec<u64>, DataError> {
-    let c = cast(column(batch, name)?, &DataType::Int64).map_err(|e| DataError::Engine(e.to_string()))?;
-    Ok(c.as_primitive::<Int64Type>().iter().map(|v| v.unwrap_or(0).max(0) as u64).collect())
-}
-
-fn strings(batch: &RecordBatch, name: &str) -> Result<Vec<String>, DataError> {
-    let c = cast(column(batch, name)?, &DataType::Utf8).map_err(|e| DataError::Engine(e.to_string()))?;
-    Ok(c.as_string::<i32>().iter().map(|v| v.unwrap_or_default().to_owned()).collect())
-}
-
 /// The report of the dataset's latest versions, computed day by day (a query holds one day).
 pub async fn report(store: &OutcomeStore) -> Result<Vec<ReportRow>, DataError> {
     let mut batches = Vec::new();
@@ -110,11 +86,13 @@ pub async fn report(store: &OutcomeStore) -> Result<Vec<ReportRow>, DataError> {
     }
     let mut rows = Vec::new();
     for batch in batches {
-        let version = strings(&batch, "policy_version")?;
-        let day = strings(&batch, "day")?;
-        let [turns, devices, scored] = ["turns", "devices", "scored"].map(|n| ints(&batch, n));
-        let (turns, devices, scored) = (turns?, devices?, scored?);
-        let f = |name: &str| floats(&batch, name);
+        let c = Columns::new(&batch);
+        let (version, day) = (c.strings("policy_version")?, c.strings("day")?);
+        let count = |name: &str| -> Result<Vec<u64>, DataError> {
+            Ok(c.ints(name)?.into_iter().map(|v| v.unwrap_or(0).max(0) as u64).collect())
+        };
+        let (turns, devices, scored) = (count("turns")?, count("devices")?, count("scored")?);
+        let f = |name: &str| c.floats(name);
         let (local, text, attach, fallback, forced) = (
             f("local_share")?,
             f("cloud_text_share")?,
@@ -129,8 +107,8 @@ pub async fn report(store: &OutcomeStore) -> Result<Vec<ReportRow>, DataError> {
         for i in 0..batch.num_rows() {
             let v = |c: &[Option<f64>]| c[i].unwrap_or(0.0);
             rows.push(ReportRow {
-                policy_version: version[i].clone(),
-                day: day[i].clone(),
+                policy_version: version.value(i).to_owned(),
+                day: day.value(i).to_owned(),
                 turns: turns[i],
                 devices: devices[i],
                 local_share: v(&local),
@@ -205,19 +183,11 @@ pub fn draw_charts(rows: &[ReportRow], dir: &Path, font: &Path) -> Result<Vec<Pa
         let path = path.to_owned();
         move |e: String| DataError::Chart { path: path.clone(), message: e }
     };
-    let bytes = std::fs::read(font).map_err(|source| DataError::Io {
-        what: "reading the font",
-        path: font.into(),
-        source,
-    })?;
+    let bytes = std::fs::read(font).map_err(crate::io_error("reading the font", font))?;
     // plotters keeps registered fonts for the process's life.
     plotters::style::register_font("sans-serif", FontStyle::Normal, Box::leak(bytes.into_boxed_slice()))
         .map_err(|_| chart_error(font)(format!("{} is not a TrueType font", font.display())))?;
-    std::fs::create_dir_all(dir).map_err(|source| DataError::Io {
-        what: "creating",
-        path: dir.into(),
-        source,
-    })?;
+    std::fs::create_dir_all(dir).map_err(crate::io_error("creating", dir))?;
 
     let days: Vec<&str> = {
         let mut days: Vec<&str> = rows.iter().map(|r| r.day.as_str()).collect();

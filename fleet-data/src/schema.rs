@@ -322,30 +322,35 @@ impl RowsBuilder {
     }
 }
 
-/// The columns of a batch read back, by name and in the types rows need. Engines may hand
-/// strings back as views or large strings; they are cast to plain strings first.
-struct Columns<'a> {
+/// The columns of a batch read back (rows, the report's figures), by name and in the types
+/// wanted. Engines may hand strings back as views or large strings; they are cast to plain
+/// strings first.
+pub(crate) struct Columns<'a> {
     batch: &'a RecordBatch,
 }
 
-impl Columns<'_> {
+impl<'a> Columns<'a> {
+    pub(crate) fn new(batch: &'a RecordBatch) -> Self {
+        Self { batch }
+    }
+
     fn get(&self, name: &str) -> Result<&ArrayRef, DataError> {
         self.batch.column_by_name(name).ok_or_else(|| DataError::Schema(format!("no column {name:?}")))
     }
 
-    fn strings(&self, name: &str) -> Result<StringArray, DataError> {
+    pub(crate) fn strings(&self, name: &str) -> Result<StringArray, DataError> {
         let column = cast(self.get(name)?, &DataType::Utf8)
             .map_err(|e| DataError::Schema(format!("column {name:?} is not text: {e}")))?;
         Ok(column.as_string::<i32>().clone())
     }
 
-    fn ints(&self, name: &str) -> Result<Vec<Option<i64>>, DataError> {
+    pub(crate) fn ints(&self, name: &str) -> Result<Vec<Option<i64>>, DataError> {
         let column = cast(self.get(name)?, &DataType::Int64)
             .map_err(|e| DataError::Schema(format!("column {name:?} is not an integer: {e}")))?;
         Ok(column.as_primitive::<Int64Type>().iter().collect())
     }
 
-    fn floats(&self, name: &str) -> Result<Vec<Option<f64>>, DataError> {
+    pub(crate) fn floats(&self, name: &str) -> Result<Vec<Option<f64>>, DataError> {
         let column = cast(self.get(name)?, &DataType::Float64)
             .map_err(|e| DataError::Schema(format!("column {name:?} is not a number: {e}")))?;
         Ok(column.as_primitive::<Float64Type>().iter().collect())
@@ -376,7 +381,7 @@ impl Columns<'_> {
 /// A row whose stored values are not an outcome (a task, action or score source unknown to
 /// this version, a required value missing) is an error naming the row.
 pub fn records_from_batch(batch: &RecordBatch) -> Result<Vec<DatasetRecord>, DataError> {
-    let c = Columns { batch };
+    let c = Columns::new(batch);
     let device_id = c.strings("device_id")?;
     let dialogue_id = c.strings("dialogue_id")?;
     let turn = c.ints("turn")?;

@@ -22,8 +22,8 @@ use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
 use tracing::{debug, info, warn};
 
-use crate::DataError;
 use crate::schema::{RowsBuilder, file_schema};
+use crate::{DataError, io_error, sync_dir};
 
 /// Name prefix of the dataset's files.
 pub const FILE_PREFIX: &str = "part-";
@@ -41,13 +41,9 @@ pub fn day_dir_name(day: &str) -> String {
     format!("day={day}")
 }
 
-fn io_error(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> DataError {
-    let path = path.to_owned();
-    move |source| DataError::Io { what, path, source }
-}
-
-fn sync_dir(dir: &Path) -> Result<(), DataError> {
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io_error("syncing directory", dir))
+/// Maps a Parquet error while writing `path` to [`DataError::Parquet`].
+fn parquet_error(path: &Path) -> impl FnOnce(parquet::errors::ParquetError) -> DataError + '_ {
+    move |e| DataError::Parquet { path: path.to_owned(), message: e.to_string() }
 }
 
 /// What one batch of an [`DatasetWriter::append_many`] call wrote.
@@ -217,7 +213,7 @@ impl DatasetWriter {
         let path = day_dir.join(format!("{stem}{FILE_SUFFIX}"));
         let file = File::create_new(&temp).map_err(io_error("creating", &temp))?;
         let writer = ArrowWriter::try_new(file, file_schema(), Some(self.props.clone()))
-            .map_err(|e| DataError::Parquet { path: temp.clone(), message: e.to_string() })?;
+            .map_err(parquet_error(&temp))?;
         Ok((DayFile { writer: Some(writer), temp, path }, created))
     }
 
@@ -243,19 +239,13 @@ pub struct DayFile {
 }
 
 impl DayFile {
-    fn parquet_error(&self) -> impl Fn(parquet::errors::ParquetError) -> DataError + '_ {
-        |e| DataError::Parquet { path: self.temp.clone(), message: e.to_string() }
-    }
-
     /// Appends a batch of the file schema (columns by position; a batch whose columns are
     /// nullable where the schema's are not is taken when it holds no nulls there).
     pub fn write(&mut self, batch: &RecordBatch) -> Result<(), DataError> {
         let batch = RecordBatch::try_new(file_schema(), batch.columns().to_vec())
             .map_err(|e| DataError::Schema(format!("a batch that is not of the file schema: {e}")))?;
         let writer = self.writer.as_mut().expect("a day file writes until it is finished");
-        writer
-            .write(&batch)
-            .map_err(|e| DataError::Parquet { path: self.temp.clone(), message: e.to_string() })
+        writer.write(&batch).map_err(parquet_error(&self.temp))
     }
 
     /// Closes, fsyncs and renames the file into place and fsyncs its directory; returns its path.
@@ -268,7 +258,7 @@ impl DayFile {
     /// [`DayFile::finish`] without the directory's fsync (the caller syncs it once for many).
     fn finish_unsynced_dir(mut self) -> Result<PathBuf, DataError> {
         let writer = self.writer.take().expect("finished once");
-        let file = writer.into_inner().map_err(self.parquet_error())?;
+        let file = writer.into_inner().map_err(parquet_error(&self.temp))?;
         file.sync_all().map_err(io_error("syncing", &self.temp))?;
         std::fs::rename(&self.temp, &self.path).map_err(io_error("renaming into place", &self.path))?;
         Ok(self.path.clone())

@@ -4,7 +4,7 @@
 //! Three stages:
 //! 1. a tokio task forwards received publishes from the link to
 //! 2. the writer thread (`fleet-collector`), which takes every publish waiting at that moment
-//!    (up to a group limit), decodes them (frames, CBOR, each row's JSON as a `TurnOutcome`),
+//!    (up to a group limit), decodes them (frames, CBOR, each row straight into a `TurnOutcome`),
 //!    writes the whole group as one Parquet file per day it touches (`fleet_data::writer`:
 //!    atomic, fsynced), and only then hands the acks to
 //! 3. a tokio task that publishes each ack (CBOR, QoS 1) on the device's ack topic.
@@ -12,8 +12,8 @@
 //! Batches that arrive together share one file and one fsync, which is what makes the
 //! throughput: the cost of durability is per group, not per batch. The collector keeps no
 //! keys: a batch sent again is written again, and readers keep each row's latest version, so
-//! it starts at once and several collectors may write one dataset. Refusals never stop the collector: a
-//! malformed payload is counted and logged; a batch whose device differs from its topic's is
+//! it starts at once and several collectors may write one dataset. Refusals never stop the
+//! collector: a malformed payload is counted and logged; a batch whose device differs from its topic's is
 //! counted and not acknowledged; a row that is not a `TurnOutcome`, disagrees with its key or
 //! fails validation is listed with its reason in the ack's `rejected`. A write error is logged
 //! and counted and the group is not acknowledged: the devices send it again.

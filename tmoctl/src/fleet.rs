@@ -276,15 +276,11 @@ pub struct StatusArgs {
 pub fn run(command: FleetCommand) -> anyhow::Result<()> {
     match command {
         FleetCommand::Keygen { out } => keygen(&out),
-        FleetCommand::Push(args) => runtime()?.block_on(push(*args)),
-        FleetCommand::Rollback(args) => runtime()?.block_on(rollback(args)),
-        FleetCommand::Collect(args) => runtime()?.block_on(collect(args)),
-        FleetCommand::Status(args) => runtime()?.block_on(status(args)),
+        FleetCommand::Push(args) => crate::runtime()?.block_on(push(*args)),
+        FleetCommand::Rollback(args) => crate::runtime()?.block_on(rollback(args)),
+        FleetCommand::Collect(args) => crate::runtime()?.block_on(collect(args)),
+        FleetCommand::Status(args) => crate::runtime()?.block_on(status(args)),
     }
-}
-
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the tokio runtime")
 }
 
 fn keygen(out: &std::path::Path) -> anyhow::Result<()> {

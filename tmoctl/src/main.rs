@@ -47,6 +47,12 @@ enum Command {
     Fleet(fleet::FleetCommand),
 }
 
+/// The multi-threaded tokio runtime of the commands that talk to a broker or read a dataset.
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    use anyhow::Context;
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the tokio runtime")
+}
+
 fn main() -> anyhow::Result<()> {
     device_profiles::cpu::exit_unless_supported("tmoctl");
     tracing_subscriber::fmt()

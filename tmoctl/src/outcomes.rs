@@ -238,6 +238,7 @@ pub(crate) mod query {
     use fleet_data::{LatestRecords, OutcomeStore};
 
     use super::{CompactArgs, ReportArgs};
+    use crate::runtime;
 
     pub(super) fn compact(args: &CompactArgs) -> anyhow::Result<()> {
         let done = runtime()?
@@ -257,10 +258,6 @@ pub(crate) mod query {
             println!("nothing to compact: no day has more than one file");
         }
         Ok(())
-    }
-
-    fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-        tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the tokio runtime")
     }
 
     pub(super) fn report(args: &ReportArgs) -> anyhow::Result<()> {
